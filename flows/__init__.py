@@ -1,0 +1,1 @@
+"""Prefect flows that chain the stages; they hold no stage logic."""

@@ -1,0 +1,255 @@
+"""Arrow schemas of every table a stage writes, each with a name and a version.
+
+Every Parquet file carries its schema's name and version in its metadata. ``write_table`` checks a
+table against its schema before the file appears; ``read_table`` checks the file against the schema
+the reader expects. A mismatch raises ``SchemaError`` naming the table, the column, the expected
+and the found type, so a stage never silently reads a table of another shape or version.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+META_KEY = b"splsm.schema"
+
+
+class SchemaError(ValueError):
+    """A table does not match the schema its reader or writer expects."""
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    name: str
+    version: int
+    schema: pa.Schema
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}/v{self.version}"
+
+    def with_metadata(self) -> pa.Schema:
+        return self.schema.with_metadata({META_KEY: self.tag.encode()})
+
+    def empty(self) -> pa.Table:
+        return self.with_metadata().empty_table()
+
+
+def _f(name: str, typ: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, typ, nullable=nullable)
+
+
+TRANSCRIPTS = TableSchema(
+    "transcripts",
+    1,
+    pa.schema(
+        [
+            _f("utt_id", pa.string()),
+            _f("corpus", pa.string()),
+            _f("split", pa.string()),
+            _f("audio_path", pa.string()),  # absolute path, confined to the declared corpus root
+            _f("offset_s", pa.float64()),  # segment start inside the file
+            _f("duration_s", pa.float64()),
+            _f("sample_rate_hz", pa.int32()),  # of the file on disk; loaders resample to 16 kHz
+            _f("text_raw", pa.string()),  # the corpus's own transcript, byte for byte
+            _f("text", pa.string()),  # readable form given to the LLM (casing and spacing repaired)
+            _f("text_norm", pa.string()),  # Whisper's English normalizer, for WER and dedup
+            _f("speaker", pa.string(), nullable=True),
+            _f("text_source", pa.string()),  # "corpus" or "whisper:<checkpoint sha256>"
+        ]
+    ),
+)
+
+REJECTS = TableSchema(
+    "rejects",
+    1,
+    pa.schema(
+        [
+            _f("corpus", pa.string()),
+            _f("source", pa.string()),  # file and line (or file) the bad row came from
+            _f("utt_id", pa.string(), nullable=True),
+            _f("field", pa.string()),  # which field was bad: audio, text, utt_id
+            _f("reason", pa.string()),  # short machine-readable reason, counted at the end of a run
+            _f("detail", pa.string()),
+        ]
+    ),
+)
+
+RESPONSES = TableSchema(
+    "responses",
+    1,
+    pa.schema(
+        [
+            _f("utt_id", pa.string()),
+            _f("task", pa.string()),
+            _f("instruction_id", pa.string()),
+            _f("instruction", pa.string()),
+            _f("prompt", pa.string()),
+            _f("answer", pa.string()),
+            _f("model", pa.string()),
+            _f("finish_reason", pa.string()),
+            _f("prompt_tokens", pa.int32()),
+            _f("completion_tokens", pa.int32()),
+            _f("request_key", pa.string()),  # cache key: sha256 of model, prompt and sampling parameters
+            _f("sampling", pa.string()),  # JSON of the sampling parameters sent
+        ]
+    ),
+)
+
+EXAMPLES = TableSchema(
+    "examples",
+    1,
+    pa.schema(
+        [
+            _f("example_id", pa.string()),
+            _f("utt_id", pa.string()),
+            _f("split", pa.string()),  # train / dev / test, or a corpus-defined eval split name
+            _f("task", pa.string()),
+            _f("instruction", pa.string()),
+            _f("prefix", pa.string()),  # text before the speech tokens
+            _f("suffix", pa.string()),  # text between the speech tokens and the answer
+            _f("answer", pa.string()),  # target; the loss covers it and the end-of-sequence token only
+            _f("transcript", pa.string()),
+            _f("audio_path", pa.string()),
+            _f("offset_s", pa.float64()),
+            _f("duration_s", pa.float64()),
+            _f("speaker", pa.string(), nullable=True),
+        ]
+    ),
+)
+
+PREDICTIONS = TableSchema(
+    "predictions",
+    1,
+    pa.schema(
+        [
+            _f("example_id", pa.string()),
+            _f("utt_id", pa.string()),
+            _f("eval_set", pa.string()),
+            _f("task", pa.string()),
+            _f("reference", pa.string()),
+            _f("hypothesis", pa.string()),
+            _f("reference_norm", pa.string()),
+            _f("hypothesis_norm", pa.string()),
+            _f("ref_words", pa.int32()),
+            _f("errors", pa.int32()),
+            _f("duration_s", pa.float64()),
+        ]
+    ),
+)
+
+METRICS = TableSchema(
+    "metrics",
+    1,
+    pa.schema(
+        [
+            _f("eval_set", pa.string()),
+            _f("task", pa.string()),
+            _f("n_utterances", pa.int32()),
+            _f("n_ref_words", pa.int32()),
+            _f("substitutions", pa.int32()),
+            _f("deletions", pa.int32()),
+            _f("insertions", pa.int32()),
+            _f("hits", pa.int32()),
+            _f("wer", pa.float64()),
+            _f("empty_references", pa.int32()),  # filtered out of the WER and counted here
+        ]
+    ),
+)
+
+ALL = {s.name: s for s in (TRANSCRIPTS, REJECTS, RESPONSES, EXAMPLES, PREDICTIONS, METRICS)}
+
+
+def check(table: pa.Table | pa.Schema, expected: TableSchema, where: str = "") -> None:
+    """Raise SchemaError unless ``table`` has exactly the columns and types of ``expected``."""
+    found = table if isinstance(table, pa.Schema) else table.schema
+    at = f" in {where}" if where else ""
+    for field in expected.schema:
+        idx = found.get_field_index(field.name)
+        if idx < 0:
+            raise SchemaError(
+                f"table {expected.tag}{at}: column {field.name!r} expected {field.type}, found no such column"
+            )
+        got = found.field(idx).type
+        if got != field.type:
+            raise SchemaError(f"table {expected.tag}{at}: column {field.name!r} expected {field.type}, found {got}")
+    extra = [n for n in found.names if expected.schema.get_field_index(n) < 0]
+    if extra:
+        raise SchemaError(f"table {expected.tag}{at}: column {extra[0]!r} expected no such column, found {found.field(extra[0]).type}")
+    tag = (found.metadata or {}).get(META_KEY)
+    if tag is not None and tag.decode() != expected.tag:
+        raise SchemaError(f"table {expected.tag}{at}: schema version expected {expected.tag}, found {tag.decode()}")
+    if isinstance(table, pa.Table):
+        for field in expected.schema:
+            if not field.nullable and table.column(field.name).null_count:
+                col = table.column(field.name)
+                row = next(i for i, v in enumerate(col.is_null().to_pylist()) if v)
+                raise SchemaError(
+                    f"table {expected.tag}{at}: column {field.name!r} expected non-null {field.type}, found null at row {row}"
+                )
+
+
+def to_table(rows: list[dict], expected: TableSchema) -> pa.Table:
+    """Build a table from row dicts, in the schema's column order; unknown keys are an error."""
+    if not rows:
+        return expected.empty()
+    names = expected.schema.names
+    for i, row in enumerate(rows):
+        extra = set(row) - set(names)
+        if extra:
+            raise SchemaError(f"table {expected.tag}: row {i} has unknown column {sorted(extra)[0]!r}")
+    cols = {}
+    for field in expected.schema:
+        values = [row.get(field.name) for row in rows]
+        try:
+            cols[field.name] = pa.array(values, type=field.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            bad = next((i for i, v in enumerate(values) if not _fits(v, field.type)), 0)
+            raise SchemaError(
+                f"table {expected.tag}: column {field.name!r} expected {field.type}, found "
+                f"{type(values[bad]).__name__} at row {bad} ({e})"
+            ) from e
+    return pa.table(cols, schema=expected.with_metadata())
+
+
+def _fits(value, typ: pa.DataType) -> bool:
+    try:
+        pa.array([value], type=typ)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+
+
+def write_table(table: pa.Table, path: str | os.PathLike, expected: TableSchema, row_group_size: int = 2048) -> Path:
+    """Check ``table`` and write it as Parquet, whole or not at all (write aside, then rename)."""
+    path = Path(path)
+    check(table, expected, str(path))
+    table = table.select(expected.schema.names).cast(expected.with_metadata())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_table(path: str | os.PathLike, expected: TableSchema) -> pa.Table:
+    """Read a Parquet table and check it against the schema the caller expects."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"table {expected.tag}: {path} does not exist")
+    found = pq.read_schema(path)
+    tag = (found.metadata or {}).get(META_KEY)
+    if tag is None:
+        raise SchemaError(f"table {expected.tag} in {path}: schema version expected {expected.tag}, found none")
+    check(found, expected, str(path))
+    table = pq.read_table(path)
+    check(table, expected, str(path))
+    return table
