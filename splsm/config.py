@@ -181,3 +181,10 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
     models = cfg.models.model_copy(update={"whisper": res(cfg.models.whisper), "llm": res(cfg.models.llm)})
     gen = cfg.generate.model_copy(update={"catalog": res(cfg.generate.catalog)})
     return cfg.model_copy(update={"corpora": corpora, "models": models, "generate": gen})
+
+
+def model_dirs(cfg: ExperimentConfig, workdir: Path) -> tuple[Path, Path]:
+    """The Whisper and LLM directories a config points at (tiny ones live under WORKDIR/models)."""
+    if cfg.models.tiny is not None:
+        return Path(workdir).resolve() / "models" / "whisper", Path(workdir).resolve() / "models" / "llm"
+    return cfg.models.whisper, cfg.models.llm

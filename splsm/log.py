@@ -5,7 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=False, soft_wrap=True)
+console = Console(soft_wrap=True)
+if not console.is_terminal:  # logs and CI: do not cut lineage paths at 80 columns
+    console = Console(soft_wrap=True, width=160)
 
 
 def progress() -> Progress:
