@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up everything the project needs, on a fresh machine or a laptop: a virtualenv in .venv with
+# PyTorch and this project installed (editable, with the test tools). Safe to rerun: it only installs
+# what is missing.
+#   PYTHON=python3.11     the interpreter to build the virtualenv from (3.10 or newer)
+#   TORCH_SPEC=...        the PyTorch requirement; default torch==2.13.0 (on a GPU cluster, the CUDA build
+#                         you want, e.g. TORCH_SPEC="torch==2.13.0" with PIP_INDEX_URL at a CUDA wheel index)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+# torch first, so that the project's "torch>=2.4" is already satisfied and pip pulls no other build
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v '^WARNING: Location' || true
+fi
+.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -c "import torch, transformers, prefect, duckdb; print(f'setup ok: torch {torch.__version__}, transformers {transformers.__version__}, prefect {prefect.__version__}, duckdb {duckdb.__version__}')"

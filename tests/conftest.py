@@ -1,0 +1,58 @@
+"""Shared fixtures: the bundled demo data, the demo config, tiny models built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo"
+LIBRISPEECH = DEMO / "LibriSpeech"
+
+# Tests never reach a model hub; anything that tries fails loudly instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def demo_config():
+    from splsm.config import load_config
+
+    return load_config(REPO / "configs" / "demo.yaml")
+
+
+@pytest.fixture(scope="session")
+def harvested(tmp_path_factory, demo_config) -> Path:
+    """The demo corpora harvested once: WORKDIR/harvest/{transcripts,rejects}.parquet."""
+    from stages import harvest
+
+    work = tmp_path_factory.mktemp("harvested")
+    harvest.run(demo_config, work)
+    return work
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory, harvested, demo_config) -> Path:
+    """Tiny Whisper + Llama (tokenizer trained on the demo transcripts), as saved by save_pretrained."""
+    from stages.tiny_models import build_tiny_models, corpus_texts
+
+    out = tmp_path_factory.mktemp("tiny")
+    build_tiny_models(corpus_texts(harvested / "harvest" / "transcripts.parquet"), out, demo_config.models.tiny)
+    return out
+
+
+def copy_librispeech(dst: Path, utts: list[str]) -> Path:
+    """A LibriSpeech-layout corpus with the given real utterances (and their real transcript lines)."""
+    for utt in utts:
+        spk, chap, _ = utt.split("-")
+        src_dir = LIBRISPEECH / "dev-clean-2" / spk / chap
+        d = dst / "dev-clean-2" / spk / chap
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src_dir / f"{utt}.flac", d / f"{utt}.flac")
+        lines = [ln for ln in (src_dir / f"{spk}-{chap}.trans.txt").read_text().splitlines() if ln.startswith(utt + " ")]
+        with open(d / f"{spk}-{chap}.trans.txt", "a") as f:
+            f.write("\n".join(lines) + "\n")
+    return dst
