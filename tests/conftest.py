@@ -56,3 +56,18 @@ def copy_librispeech(dst: Path, utts: list[str]) -> Path:
         with open(d / f"{spk}-{chap}.trans.txt", "a") as f:
             f.write("\n".join(lines) + "\n")
     return dst
+
+
+GEN_TASKS = ["repeat", "translation"]
+
+
+@pytest.fixture(scope="session")
+def generated(tmp_path_factory, harvested, tiny_models_dir):
+    """Answers of the tiny Llama (through a transformers serve process) for two tasks: (out_dir, config, summary)."""
+    from splsm.config import GenerateConfig
+    from stages.generate import generate
+
+    out = tmp_path_factory.mktemp("gen")
+    g = GenerateConfig(tasks=GEN_TASKS, max_new_tokens=8, concurrency=4)
+    summary = generate(harvested / "harvest" / "transcripts.parquet", out, g, tiny_models_dir / "llm")
+    return out, g, summary
