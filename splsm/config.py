@@ -119,6 +119,7 @@ class TrainConfig(Strict):
     lr: float = 2e-5
     weight_decay: float = 0.05
     warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "linear"] = "cosine"  # decay after warm-up, to 0 at max_steps
     grad_clip: float = 1.0
     bf16: bool = False
     seed: int = 1

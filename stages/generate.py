@@ -65,7 +65,7 @@ def plan_requests(transcripts: Path, catalog: Catalog, tasks: list[str], seed: i
                   sampling: dict) -> list[Request]:
     table = read_table(transcripts, TRANSCRIPTS)
     reqs = []
-    for utt_id, text in zip(table.column("utt_id").to_pylist(), table.column("text").to_pylist()):
+    for utt_id, text in zip(table.column("utt_id").to_pylist(), table.column("text").to_pylist(), strict=True):
         for task in tasks:
             ins = catalog.draw(task, utt_id, seed)
             prompt = text_prompt(ins.text, text)

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from schemas import REJECTS, TRANSCRIPTS, to_table, write_table
@@ -190,7 +191,8 @@ def harvest(corpora: list[CorpusConfig], out_dir: Path, max_duration_s: float = 
             cands = [c for c in found if isinstance(c, Candidate)]
             rejects.extend(r for r in found if isinstance(r, Reject))
             bar.advance(task, len(found) - len(cands))
-            for c, result in zip(cands, pool.map(lambda c: _check(c, corpus.root, max_duration_s, min_duration_s), cands)):
+            check = partial(_check, root=corpus.root, max_s=max_duration_s, min_s=min_duration_s)
+            for c, result in zip(cands, pool.map(check, cands), strict=True):
                 bar.advance(task)
                 if isinstance(result, Reject):
                     rejects.append(result)
