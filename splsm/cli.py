@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from splsm.config import DEMO_CONFIG, ConfigError, TinyModels, load_config, model_dirs
+from splsm.lineage import LineageStore, lineage_path
 from splsm.log import console
 
 workdir_opt = click.option("--workdir", type=click.Path(path_type=Path), default=Path("work"), show_default=True,
@@ -179,9 +180,7 @@ def lineage() -> None:
 def _print_lineage(workdir: Path, path: Path, direction: str) -> None:
     from rich.tree import Tree
 
-    from splsm.lineage import LineageStore
-
-    db = workdir / "lineage.duckdb"
+    db = lineage_path(workdir)
     if not db.exists():
         raise click.ClickException(f"no lineage store at {db}")
     store = LineageStore(db)
@@ -226,9 +225,7 @@ def lineage_runs(workdir: Path, limit: int) -> None:
     """The most recent stage runs."""
     from rich.table import Table
 
-    from splsm.lineage import LineageStore
-
-    store = LineageStore(workdir / "lineage.duckdb")
+    store = LineageStore(lineage_path(workdir))
     t = Table("run", "stage", "status", "started", "seconds", "flow run", "code")
     for run_id, stage, status, started, ended, frid, code in store.query(
         "SELECT run_id, stage, status, started_at, ended_at, flow_run_id, code_version FROM runs "

@@ -76,6 +76,11 @@ class DatasetRef:
     row_count: int | None = None
 
 
+def lineage_path(workdir: str | os.PathLike) -> Path:
+    """WORKDIR/lineage.duckdb, unless SPLSM_LINEAGE_DB puts the store elsewhere (a volume shared by containers)."""
+    return Path(os.environ.get("SPLSM_LINEAGE_DB") or Path(workdir) / "lineage.duckdb")
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from schemas import META_KEY
 from splsm import __version__
-from splsm.lineage import DatasetRef, LineageStore
+from splsm.lineage import DatasetRef, LineageStore, lineage_path
 from splsm.log import console
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def run_stage(
             return StageResult(stage, True, done.get("run_id"), out_paths, time.monotonic() - t0,
                                done.get("summary", {}))
 
-    store = LineageStore(workdir / "lineage.duckdb")
+    store = LineageStore(lineage_path(workdir))
     run_id = store.start_run(stage, params, code_version(), flow_run_id(), os.environ.get("SPLSM_IMAGE"))
     console.rule(f"[bold]{stage}[/] (run {run_id[:8]})")
     try:
