@@ -113,8 +113,8 @@ class QFormerConfig(Strict):
 class TrainConfig(Strict):
     nproc_per_node: int = 2
     backend: Literal["gloo", "nccl"] = "gloo"
-    max_steps: int = 10
-    batch_size: int = 2  # per process
+    max_steps: int = Field(10, ge=1)
+    batch_size: int = Field(2, ge=1)  # per process
     grad_accum: int = 1
     lr: float = 2e-5
     weight_decay: float = 0.05

@@ -2,12 +2,11 @@
 
 import pytest
 
+from conftest import GEN_TASKS as TASKS
 from schemas import RESPONSES, TRANSCRIPTS, read_table
 from stages.generate import generate, transformers_server
 from stages.instructions import load_catalog
 from stages.prompts import VICUNA_V11_SYSTEM, text_prompt
-
-from conftest import GEN_TASKS as TASKS
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,164 @@
+"""The LSM: assembly from pretrained parts, save/load, the sequence layout, labels and padding."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers_lsm import TINY_QFORMER, build_models, demo_rows
+
+from splsm import audio
+from stages.model import Collator, LSMForConditionalGeneration, check_checkpoint
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp("lsm-models"))
+
+
+@pytest.fixture(scope="module")
+def model(parts):
+    torch.manual_seed(0)
+    return LSMForConditionalGeneration.from_parts(*parts, TINY_QFORMER).eval()
+
+
+@pytest.fixture(scope="module")
+def eval_rows():
+    # The three test-clean clips (6.6 s, 16.7 s, 4.8 s): different lengths, so batches need padding.
+    rows = [r for r in demo_rows() if r["split"] == "test-clean"]
+    clips = [audio.load(r["audio_path"], r["offset_s"], r["duration_s"]) for r in rows]
+    return rows, clips
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lsm-ckpt") / "checkpoint"
+    model.save_pretrained(out)
+    return out
+
+
+def test_from_parts_keeps_pretrained_weights_and_freezes_encoder(model, parts):
+    from transformers import AutoModelForCausalLM, WhisperModel
+
+    whisper_dir, llm_dir = parts
+    enc = WhisperModel.from_pretrained(whisper_dir).encoder.state_dict()
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir).state_dict()
+    assert enc.keys() == model.encoder.state_dict().keys()
+    assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in enc.items())
+    assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in llm.items())
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert all(p.requires_grad for p in model.llm.parameters())
+    assert model.query_tokens.requires_grad and model.query_tokens.abs().sum() > 0  # initialized, not zeros
+    # The reference's windows: 17 of Whisper's 1500 frames, 88 windows per 30 s, cross-attention everywhere.
+    assert (model.kernel, model.stride, model.num_windows) == (17, 17, 88)
+    assert model.config.qformer_config.cross_attention_frequency == 1
+    assert model.config.llm_config.model_type == "llama"
+
+
+def test_save_load_round_trip_gives_identical_logits(model, saved, eval_rows):
+    from transformers import AutoTokenizer, WhisperFeatureExtractor
+
+    check_checkpoint(saved)
+    assert (saved / "model.safetensors").is_file() and not list(saved.glob("*.bin"))
+    loaded = LSMForConditionalGeneration.from_pretrained(saved).eval()
+    tok = AutoTokenizer.from_pretrained(saved)
+    fe = WhisperFeatureExtractor.from_pretrained(saved)
+    assert tok.get_vocab() == model.tokenizer.get_vocab()
+    assert fe.to_dict() == model.feature_extractor.to_dict()
+    assert loaded.config.window_s == model.config.window_s and loaded.num_windows == model.num_windows
+    assert not any(p.requires_grad for p in loaded.encoder.parameters())
+
+    rows, clips = eval_rows
+    batch = Collator(tok, fe)(rows, clips, with_answer=True)
+    with torch.no_grad():
+        a = model(**batch.kwargs())
+        b = loaded(**batch.kwargs())
+    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.loss, b.loss)
+
+
+def test_incomplete_checkpoint_names_what_is_missing(saved, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    (broken / "preprocessor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="feature extractor"):
+        LSMForConditionalGeneration.from_pretrained(broken)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_checkpoint(tmp_path / "nowhere")
+
+
+def test_speech_token_count_follows_duration(model):
+    # A window is kept when it holds at least one encoder frame (50 Hz) of real audio.
+    assert model.num_speech_tokens(3.32) == math.ceil(3.32 * 50 / 17) == 10
+    assert model.num_speech_tokens(0.01) == 1
+    assert model.num_speech_tokens(0.34) == 1 and model.num_speech_tokens(0.35) == 2
+    assert model.num_speech_tokens(30.0) == 88 and model.num_speech_tokens(45.0) == 88
+    speech = model.encode_speech(torch.zeros(2, 80, 3000))
+    assert speech.shape == (2, 88, model.config.llm_config.hidden_size)
+
+
+def test_layout_labels_cover_answer_and_eos_only(model, eval_rows):
+    rows, clips = eval_rows
+    tok = model.tokenizer
+    batch = Collator(tok, model.feature_extractor)(rows, clips, with_answer=True)
+    with torch.no_grad():
+        speech = model.encode_speech(batch.input_features)
+        embeds, mask, labels = model.assemble(
+            speech, batch.durations_s, batch.prefix_ids, batch.suffix_ids, batch.answer_ids, "right"
+        )
+    embed = model.llm.get_input_embeddings()
+    for i, r in enumerate(rows):
+        p, s, a = batch.prefix_ids[i], batch.suffix_ids[i], batch.answer_ids[i]
+        n = model.num_speech_tokens(float(batch.durations_s[i]))
+        assert n == math.ceil(r["duration_s"] * 50 / 17)
+        length = len(p) + n + len(s) + len(a)
+        # right padding: real tokens first, then padding that nothing attends to and no loss covers
+        assert mask[i].tolist() == [1] * length + [0] * (mask.shape[1] - length)
+        assert p[0] == tok.bos_token_id and a[-1] == tok.eos_token_id
+        assert a[:-1] == tok(r["answer"], add_special_tokens=False)["input_ids"]
+        expected = [-100] * (len(p) + n + len(s)) + a + [-100] * (mask.shape[1] - length)
+        assert labels[i].tolist() == expected
+        # [prefix][speech tokens of the valid windows only][suffix][answer]
+        assert torch.equal(embeds[i, : len(p)], embed(torch.tensor(p)))
+        assert torch.equal(embeds[i, len(p) : len(p) + n], speech[i, :n])
+        assert torch.equal(embeds[i, len(p) + n : len(p) + n + len(s)], embed(torch.tensor(s)))
+
+    # The model's loss is the mean cross-entropy over exactly those positions.
+    with torch.no_grad():
+        out = model(**batch.kwargs())
+    logits, targets = out.logits[:, :-1], labels[:, 1:]
+    keep = targets != -100
+    assert keep.sum() == sum(len(a) for a in batch.answer_ids)
+    manual = F.cross_entropy(logits[keep].float(), targets[keep])
+    assert torch.allclose(out.loss, manual, atol=1e-5)
+
+
+def test_left_padded_batch_decodes_like_one_at_a_time(model, eval_rows):
+    rows, clips = eval_rows
+    collate = Collator(model.tokenizer, model.feature_extractor)
+    batch = collate(rows, clips, with_answer=False)
+    together = model.generate(
+        batch.input_features, batch.durations_s, batch.prefix_ids, batch.suffix_ids, max_new_tokens=12
+    )
+    with torch.no_grad():
+        speech = model.encode_speech(batch.input_features)
+        embeds, mask, _ = model.assemble(
+            speech, batch.durations_s, batch.prefix_ids, batch.suffix_ids, None, "left"
+        )
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        last = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[:, -1]
+    assert mask[:, -1].all() and not mask[:, 0].all()  # left padding: every row ends in the last column
+    for i in range(len(rows)):
+        one = collate([rows[i]], [clips[i]], with_answer=False)
+        alone = model.generate(
+            one.input_features, one.durations_s, one.prefix_ids, one.suffix_ids, max_new_tokens=12
+        )
+        assert together[i] == alone[0]
+        with torch.no_grad():
+            s1 = model.encode_speech(one.input_features)
+            e1, m1, _ = model.assemble(s1, one.durations_s, one.prefix_ids, one.suffix_ids, None, "left")
+            l1 = model.llm(inputs_embeds=e1, attention_mask=m1).logits[:, -1]
+        assert torch.allclose(last[i], l1[0], atol=1e-4)

@@ -1,0 +1,115 @@
+"""The train stage: torchrun with 2 gloo processes, metrics, a checkpoint that loads, reuse, failures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers_lsm import build_models, demo_rows, experiment, write_examples
+
+from splsm.config import TrainConfig
+from splsm.lineage import LineageStore
+from stages import train
+from stages.model import LSMForConditionalGeneration
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("SPLSM_FLOW_RUN_ID", "flow-run-for-test")
+    work = tmp_path_factory.mktemp("lsm-train")
+    whisper_dir, llm_dir = build_models(work / "models")
+    examples = write_examples(work / "examples.parquet")
+    # 2 processes x batch 2 x accumulation 2 = 8 samples a step: 3 steps = 24 > 20 train rows, so the
+    # run crosses into a second epoch and exercises the no-sync accumulation path.
+    cfg = experiment(max_steps=STEPS, grad_accum=2, warmup_steps=1)
+    result = train.run(cfg, work, whisper_dir, llm_dir, examples)
+    return dict(work=work, whisper=whisper_dir, llm=llm_dir, examples=examples, cfg=cfg, result=result)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.mark.slow
+def test_train_stage_writes_metrics_and_a_loadable_checkpoint(trained):
+    work, cfg, result = trained["work"], trained["cfg"], trained["result"]
+    assert not result.reused
+    assert result.outputs["checkpoint"] == work / "train" / "checkpoint"
+
+    lines = [json.loads(x) for x in (work / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    for m in lines:
+        assert math.isfinite(m["loss"]) and m["loss"] > 0
+        assert math.isfinite(m["grad_norm"]) and m["samples_per_s"] > 0
+        assert m["lr"] == pytest.approx(train.lr_at(m["step"] - 1, cfg.train))
+    assert lines[-1]["samples"] == STEPS * 2 * 2 * 2 and lines[-1]["epoch"] == 1
+
+    s = result.summary
+    assert s["steps"] == STEPS and s["world_size"] == 2 and math.isfinite(s["final_loss"])
+    assert s["train_rows"] == 20 and s["skipped_audio"] == 0
+    assert s["flow_run_id"] == "flow-run-for-test"  # passed through torchrun to the workers unchanged
+
+    ckpt = work / "train" / "checkpoint"
+    model = LSMForConditionalGeneration.from_pretrained(ckpt).eval()
+    assert not list((work / "train").glob(".checkpoint*"))  # no temp dirs left behind
+    # Training moved the connector and the LLM but not the frozen encoder.
+    fresh = LSMForConditionalGeneration.from_parts(trained["whisper"], trained["llm"], cfg.train.qformer)
+    assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in fresh.encoder.state_dict().items())
+    assert not torch.equal(fresh.proj.weight, model.proj.weight)
+    assert not torch.equal(fresh.llm.lm_head.weight, model.llm.lm_head.weight)
+
+    store = LineageStore(work / "lineage.duckdb")
+    rows = store.query("SELECT status, flow_run_id FROM runs WHERE stage = 'train'")
+    assert rows == [("succeeded", "flow-run-for-test")]
+    up = store.upstream(str(ckpt.resolve()))
+    assert {e["role"] for e in up} == {"examples", "whisper", "llm"}
+
+
+@pytest.mark.slow
+def test_rerun_is_reused(trained):
+    again = train.run(
+        trained["cfg"], trained["work"], trained["whisper"], trained["llm"], trained["examples"]
+    )
+    assert again.reused and again.run_id == trained["result"].run_id
+
+
+@pytest.mark.slow
+def test_worker_failure_raises_with_the_tail_of_its_output(trained, tmp_path):
+    no_train = write_examples(
+        tmp_path / "examples.parquet", [r for r in demo_rows() if r["split"] != "train"]
+    )
+    cfg = experiment(max_steps=1).train
+    with pytest.raises(train.TrainError, match=r"(?s)exited with status .*no rows with split == 'train'"):
+        train.train(cfg, trained["whisper"], trained["llm"], no_train, tmp_path / "out")
+
+
+def test_shards_are_disjoint_equal_and_reshuffled_per_epoch():
+    n, world = 11, 2
+    e0 = [train.shard_indices(n, 0, seed=1, rank=r, world=world) for r in range(world)]
+    assert len(e0[0]) == len(e0[1]) == 6  # wrapped to a multiple of the world size: same steps on every rank
+    assert set(e0[0]) | set(e0[1]) == set(range(n))
+    assert len(set(e0[0]) & set(e0[1])) == 1  # only the one wrapped-around row is shared
+    assert e0 == [
+        train.shard_indices(n, 0, seed=1, rank=r, world=world) for r in range(world)
+    ]  # deterministic
+    assert e0 != [train.shard_indices(n, 1, seed=1, rank=r, world=world) for r in range(world)]  # new epoch
+    tiny = train.shard_indices(1, 0, seed=1, rank=1, world=4)  # fewer rows than processes still works
+    assert tiny == [0]
+
+
+def test_lr_warms_up_then_decays_to_zero():
+    for schedule in ("cosine", "linear"):
+        cfg = TrainConfig(lr=1e-3, warmup_steps=4, max_steps=20, lr_schedule=schedule)
+        lrs = [train.lr_at(s, cfg) for s in range(cfg.max_steps + 1)]
+        assert lrs[:5] == sorted(lrs[:5]) and lrs[0] > 0
+        assert max(lrs) == pytest.approx(1e-3)
+        assert lrs[4:] == sorted(lrs[4:], reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    mid = TrainConfig(lr=1.0, warmup_steps=0, max_steps=10, lr_schedule="cosine")
+    assert train.lr_at(5, mid) == pytest.approx(0.5)
