@@ -177,13 +177,19 @@ def check(table: pa.Table | pa.Schema, expected: TableSchema, where: str = "") -
             )
         got = found.field(idx).type
         if got != field.type:
-            raise SchemaError(f"table {expected.tag}{at}: column {field.name!r} expected {field.type}, found {got}")
+            raise SchemaError(
+                f"table {expected.tag}{at}: column {field.name!r} expected {field.type}, found {got}"
+            )
     extra = [n for n in found.names if expected.schema.get_field_index(n) < 0]
     if extra:
-        raise SchemaError(f"table {expected.tag}{at}: column {extra[0]!r} expected no such column, found {found.field(extra[0]).type}")
+        raise SchemaError(
+            f"table {expected.tag}{at}: column {extra[0]!r} expected no such column, found {found.field(extra[0]).type}"
+        )
     tag = (found.metadata or {}).get(META_KEY)
     if tag is not None and tag.decode() != expected.tag:
-        raise SchemaError(f"table {expected.tag}{at}: schema version expected {expected.tag}, found {tag.decode()}")
+        raise SchemaError(
+            f"table {expected.tag}{at}: schema version expected {expected.tag}, found {tag.decode()}"
+        )
     if isinstance(table, pa.Table):
         for field in expected.schema:
             if not field.nullable and table.column(field.name).null_count:
@@ -225,7 +231,9 @@ def _fits(value, typ: pa.DataType) -> bool:
         return False
 
 
-def write_table(table: pa.Table, path: str | os.PathLike, expected: TableSchema, row_group_size: int = 2048) -> Path:
+def write_table(
+    table: pa.Table, path: str | os.PathLike, expected: TableSchema, row_group_size: int = 2048
+) -> Path:
     """Check ``table`` and write it as Parquet, whole or not at all (write aside, then rename)."""
     path = Path(path)
     check(table, expected, str(path))
@@ -248,7 +256,9 @@ def read_table(path: str | os.PathLike, expected: TableSchema) -> pa.Table:
     found = pq.read_schema(path)
     tag = (found.metadata or {}).get(META_KEY)
     if tag is None:
-        raise SchemaError(f"table {expected.tag} in {path}: schema version expected {expected.tag}, found none")
+        raise SchemaError(
+            f"table {expected.tag} in {path}: schema version expected {expected.tag}, found none"
+        )
     check(found, expected, str(path))
     table = pq.read_table(path)
     check(table, expected, str(path))

@@ -50,7 +50,9 @@ def probe(path: str | Path) -> AudioInfo:
     return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels))
 
 
-def load(path: str | Path, offset_s: float = 0.0, duration_s: float | None = None, sr: int = TARGET_SR) -> np.ndarray:
+def load(
+    path: str | Path, offset_s: float = 0.0, duration_s: float | None = None, sr: int = TARGET_SR
+) -> np.ndarray:
     """Mono float32 samples at ``sr``, from ``offset_s`` for ``duration_s`` seconds (to the end if None)."""
     path = Path(path)
     if not path.is_file():

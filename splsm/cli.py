@@ -14,10 +14,20 @@ from splsm.config import DEMO_CONFIG, ConfigError, TinyModels, load_config, mode
 from splsm.lineage import LineageStore, lineage_path
 from splsm.log import console
 
-workdir_opt = click.option("--workdir", type=click.Path(path_type=Path), default=Path("work"), show_default=True,
-                           help="Where outputs and the lineage database (WORKDIR/lineage.duckdb) live.")
-config_opt = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                          required=True, help="Experiment config (YAML).")
+workdir_opt = click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("work"),
+    show_default=True,
+    help="Where outputs and the lineage database (WORKDIR/lineage.duckdb) live.",
+)
+config_opt = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Experiment config (YAML).",
+)
 force_opt = click.option("--force", is_flag=True, help="Run even if the outputs are up to date.")
 
 
@@ -110,16 +120,26 @@ def train(config_path: Path, workdir: Path, force: bool) -> None:
     cfg = _cfg(config_path)
     whisper, llm = model_dirs(cfg, workdir)
     examples = _need(workdir / "build" / "examples.parquet", "examples", "build")
-    stage.run(cfg, workdir, _need(whisper, "Whisper directory", "models tiny"), _need(llm, "LLM directory", "models tiny"),
-              examples, force)
+    stage.run(
+        cfg,
+        workdir,
+        _need(whisper, "Whisper directory", "models tiny"),
+        _need(llm, "LLM directory", "models tiny"),
+        examples,
+        force,
+    )
 
 
 @main.command()
 @config_opt
 @workdir_opt
 @force_opt
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="Checkpoint directory (default WORKDIR/train/checkpoint).")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Checkpoint directory (default WORKDIR/train/checkpoint).",
+)
 def evaluate(config_path: Path, workdir: Path, force: bool, checkpoint: Path | None) -> None:
     """Decode the eval sets and write WER to WORKDIR/evaluate/{predictions,metrics}.parquet."""
     from stages import evaluate as stage
@@ -133,7 +153,9 @@ def _run_flow(config_path: Path, workdir: Path, force: bool) -> dict:
     from flows.pipeline import self_powered_pipeline
 
     _cfg(config_path)  # a bad config fails here, before Prefect starts
-    return self_powered_pipeline(config=str(config_path.resolve()), workdir=str(workdir.resolve()), force=force)
+    return self_powered_pipeline(
+        config=str(config_path.resolve()), workdir=str(workdir.resolve()), force=force
+    )
 
 
 @main.command()
@@ -164,8 +186,16 @@ def _show_results(workdir: Path) -> None:
     if metrics.exists():
         t = Table("eval set", "task", "utterances", "ref words", "S", "D", "I", "WER %", title="WER")
         for m in read_table(metrics, METRICS).to_pylist():
-            t.add_row(m["eval_set"], m["task"], str(m["n_utterances"]), str(m["n_ref_words"]), str(m["substitutions"]),
-                      str(m["deletions"]), str(m["insertions"]), f"{100 * m['wer']:.1f}")
+            t.add_row(
+                m["eval_set"],
+                m["task"],
+                str(m["n_utterances"]),
+                str(m["n_ref_words"]),
+                str(m["substitutions"]),
+                str(m["deletions"]),
+                str(m["insertions"]),
+                f"{100 * m['wer']:.1f}",
+            )
         console.print(t)
     ckpt = workdir / "train" / "checkpoint"
     if ckpt.exists():
@@ -196,8 +226,10 @@ def _print_lineage(workdir: Path, path: Path, direction: str) -> None:
         while stack[-1][0] >= e["depth"]:
             stack.pop()
         rows = f", {e['row_count']} rows" if e["row_count"] is not None else ""
-        label = (f"[bold]{e['role']}[/] {e['location']} ({e['kind']}{rows}, {e['content_hash'][:19]}) "
-                 f"[dim]{edge} [cyan]{e['via_stage']}[/cyan] run {e['via_run'][:8]} at {e['started_at']:%Y-%m-%d %H:%M:%S}[/]")
+        label = (
+            f"[bold]{e['role']}[/] {e['location']} ({e['kind']}{rows}, {e['content_hash'][:19]}) "
+            f"[dim]{edge} [cyan]{e['via_stage']}[/cyan] run {e['via_run'][:8]}[/]"
+        )
         stack.append((e["depth"], stack[-1][1].add(label)))
     console.print(root)
 
@@ -229,9 +261,19 @@ def lineage_runs(workdir: Path, limit: int) -> None:
     t = Table("run", "stage", "status", "started", "seconds", "flow run", "code")
     for run_id, stage, status, started, ended, frid, code in store.query(
         "SELECT run_id, stage, status, started_at, ended_at, flow_run_id, code_version FROM runs "
-        "ORDER BY started_at DESC LIMIT ?", [limit]):
+        "ORDER BY started_at DESC LIMIT ?",
+        [limit],
+    ):
         secs = f"{(ended - started).total_seconds():.1f}" if ended else ""
-        t.add_row(run_id[:8], stage, status, f"{started:%Y-%m-%d %H:%M:%S}", secs, (frid or "")[:8], (code or "")[:12])
+        t.add_row(
+            run_id[:8],
+            stage,
+            status,
+            f"{started:%Y-%m-%d %H:%M:%S}",
+            secs,
+            (frid or "")[:8],
+            (code or "")[:12],
+        )
     console.print(t)
 
 

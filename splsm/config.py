@@ -94,7 +94,9 @@ class GenerateConfig(Strict):
 
 class BuildConfig(Strict):
     tasks: list[str] = Field(default_factory=lambda: list(TASKS))
-    eval_splits: list[str] = Field(default_factory=lambda: ["dev-clean", "dev-other", "test-clean", "test-other"])
+    eval_splits: list[str] = Field(
+        default_factory=lambda: ["dev-clean", "dev-other", "test-clean", "test-other"]
+    )
     dev_fraction: float = 0.0
     test_fraction: float = 0.0
     seed: int = 1

@@ -114,20 +114,40 @@ class LineageStore:
 
     # ----- writing -----
 
-    def start_run(self, stage: str, params: dict, code_version: str, flow_run_id: str | None = None,
-                  image: str | None = None) -> str:
+    def start_run(
+        self,
+        stage: str,
+        params: dict,
+        code_version: str,
+        flow_run_id: str | None = None,
+        image: str | None = None,
+    ) -> str:
         run_id = uuid.uuid4().hex
         with self._connect() as con:
             con.execute(
                 "INSERT INTO runs (run_id, stage, params, code_version, status, started_at, flow_run_id, host, image)"
                 " VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)",
-                [run_id, stage, json.dumps(params, sort_keys=True, default=str), code_version, _now(),
-                 flow_run_id, os.uname().nodename, image],
+                [
+                    run_id,
+                    stage,
+                    json.dumps(params, sort_keys=True, default=str),
+                    code_version,
+                    _now(),
+                    flow_run_id,
+                    os.uname().nodename,
+                    image,
+                ],
             )
         return run_id
 
-    def finish_run(self, run_id: str, inputs: list[DatasetRef], outputs: list[DatasetRef],
-                   status: str = "succeeded", error: str | None = None) -> None:
+    def finish_run(
+        self,
+        run_id: str,
+        inputs: list[DatasetRef],
+        outputs: list[DatasetRef],
+        status: str = "succeeded",
+        error: str | None = None,
+    ) -> None:
         with self._connect() as con:
             con.execute("BEGIN TRANSACTION")
             try:
@@ -158,8 +178,16 @@ class LineageStore:
         dataset_id = uuid.uuid4().hex
         con.execute(
             "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [dataset_id, ref.location, ref.kind, ref.content_hash, ref.schema_name, ref.schema_version,
-             ref.row_count, _now()],
+            [
+                dataset_id,
+                ref.location,
+                ref.kind,
+                ref.content_hash,
+                ref.schema_name,
+                ref.schema_version,
+                ref.row_count,
+                _now(),
+            ],
         )
         return dataset_id
 
@@ -210,9 +238,20 @@ class LineageStore:
                 [run_id],
             )
             for did, loc, kind, chash, rows, role in inputs:
-                out.append(dict(depth=depth, location=loc, kind=kind, content_hash=chash, row_count=rows,
-                                role=role, via_stage=stage, via_run=run_id, started_at=started_at,
-                                code_version=code_version))
+                out.append(
+                    dict(
+                        depth=depth,
+                        location=loc,
+                        kind=kind,
+                        content_hash=chash,
+                        row_count=rows,
+                        role=role,
+                        via_stage=stage,
+                        via_run=run_id,
+                        started_at=started_at,
+                        code_version=code_version,
+                    )
+                )
                 walk(did, depth + 1)
 
         walk(start[0], 1)
@@ -244,8 +283,19 @@ class LineageStore:
                     [run_id],
                 )
                 for did, loc, kind, chash, rows, role in outputs:
-                    out.append(dict(depth=depth, location=loc, kind=kind, content_hash=chash, row_count=rows,
-                                    role=role, via_stage=stage, via_run=run_id, started_at=started_at))
+                    out.append(
+                        dict(
+                            depth=depth,
+                            location=loc,
+                            kind=kind,
+                            content_hash=chash,
+                            row_count=rows,
+                            role=role,
+                            via_stage=stage,
+                            via_run=run_id,
+                            started_at=started_at,
+                        )
+                    )
                     walk(did, depth + 1)
 
         for (did,) in roots:

@@ -55,10 +55,19 @@ def fingerprint_dir(path: Path) -> str:
 def code_version() -> str:
     """The git commit of the project (with ``-dirty`` for uncommitted changes), else the package version."""
     try:
-        sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return f"splsm-{__version__}"
@@ -107,8 +116,9 @@ class Artifact:
             meta = pq.read_metadata(path)
             tag = (meta.schema.to_arrow_schema().metadata or {}).get(META_KEY, b"").decode()
             name, _, ver = tag.partition("/v")
-            return DatasetRef(str(path), self.kind, chash, self.role, name or None, int(ver) if ver else None,
-                              meta.num_rows)
+            return DatasetRef(
+                str(path), self.kind, chash, self.role, name or None, int(ver) if ver else None, meta.num_rows
+            )
         return DatasetRef(str(path), self.kind, chash, self.role)
 
 
@@ -142,9 +152,14 @@ def run_stage(
     in_refs = [a.ref() for a in inputs]
     key = hashlib.sha256(
         json.dumps(
-            {"stage": stage, "params": params, "code": code_hash(code_files),
-             "inputs": [(r.role, r.location, r.content_hash) for r in in_refs]},
-            sort_keys=True, default=str,
+            {
+                "stage": stage,
+                "params": params,
+                "code": code_hash(code_files),
+                "inputs": [(r.role, r.location, r.content_hash) for r in in_refs],
+            },
+            sort_keys=True,
+            default=str,
         ).encode()
     ).hexdigest()
     out_paths = {a.role: Path(a.path) for a in outputs}
@@ -153,8 +168,9 @@ def run_stage(
         done = json.loads(marker.read_text())
         if done.get("key") == key and _outputs_unchanged(outputs, done.get("outputs", {})):
             console.print(f"[green]{stage}[/]: inputs, parameters and code unchanged; reused {marker.parent}")
-            return StageResult(stage, True, done.get("run_id"), out_paths, time.monotonic() - t0,
-                               done.get("summary", {}))
+            return StageResult(
+                stage, True, done.get("run_id"), out_paths, time.monotonic() - t0, done.get("summary", {})
+            )
 
     store = LineageStore(lineage_path(workdir))
     run_id = store.start_run(stage, params, code_version(), flow_run_id(), os.environ.get("SPLSM_IMAGE"))
@@ -163,14 +179,29 @@ def run_stage(
         summary = body() or {}
         out_refs = [a.ref() for a in outputs]
     except BaseException as e:
-        store.finish_run(run_id, in_refs, [], status="failed",
-                         error="".join(traceback.format_exception_only(type(e), e)).strip())
+        store.finish_run(
+            run_id,
+            in_refs,
+            [],
+            status="failed",
+            error="".join(traceback.format_exception_only(type(e), e)).strip(),
+        )
         raise
     store.finish_run(run_id, in_refs, out_refs)
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "run_id": run_id, "summary": summary,
-                               "outputs": {r.role: r.content_hash for r in out_refs}}, indent=2, default=str))
+    tmp.write_text(
+        json.dumps(
+            {
+                "key": key,
+                "run_id": run_id,
+                "summary": summary,
+                "outputs": {r.role: r.content_hash for r in out_refs},
+            },
+            indent=2,
+            default=str,
+        )
+    )
     os.replace(tmp, marker)
     return StageResult(stage, False, run_id, out_paths, time.monotonic() - t0, summary)
 

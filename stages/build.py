@@ -52,8 +52,14 @@ class BuildSummary:
     missing_answers: int
 
 
-def build(transcripts: Path, responses: Path | None, out_dir: Path, b: BuildConfig, catalog: Catalog,
-          prompt_format: str = "vicuna_v1.1") -> BuildSummary:
+def build(
+    transcripts: Path,
+    responses: Path | None,
+    out_dir: Path,
+    b: BuildConfig,
+    catalog: Catalog,
+    prompt_format: str = "vicuna_v1.1",
+) -> BuildSummary:
     """Write ``out_dir/examples.parquet``: one example per (utterance, task) that has an answer."""
     tr = read_table(transcripts, TRANSCRIPTS).to_pylist()
     answers: dict[tuple[str, str], dict] = {}
@@ -74,12 +80,23 @@ def build(transcripts: Path, responses: Path | None, out_dir: Path, b: BuildConf
                 missing += 1
                 continue
             p = speech_prompt(ins, prompt_format)
-            rows.append(dict(
-                example_id=hashlib.sha256(f"{t['utt_id']}\0{task}".encode()).hexdigest()[:20], utt_id=t["utt_id"],
-                split=split, task=task, instruction=ins, prefix=p.prefix, suffix=p.suffix, answer=answer,
-                transcript=t["text"], audio_path=t["audio_path"], offset_s=t["offset_s"], duration_s=t["duration_s"],
-                speaker=t["speaker"],
-            ))
+            rows.append(
+                dict(
+                    example_id=hashlib.sha256(f"{t['utt_id']}\0{task}".encode()).hexdigest()[:20],
+                    utt_id=t["utt_id"],
+                    split=split,
+                    task=task,
+                    instruction=ins,
+                    prefix=p.prefix,
+                    suffix=p.suffix,
+                    answer=answer,
+                    transcript=t["text"],
+                    audio_path=t["audio_path"],
+                    offset_s=t["offset_s"],
+                    duration_s=t["duration_s"],
+                    speaker=t["speaker"],
+                )
+            )
     write_table(to_table(rows, EXAMPLES), out_dir / "examples.parquet", EXAMPLES)
     counts = Counter(f"{r['split']}/{r['task']}" for r in rows)
     return BuildSummary(len(rows), dict(sorted(counts.items())), missing)
@@ -93,7 +110,9 @@ def print_summary(s: BuildSummary) -> None:
         t.add_row(k, str(n))
     console.print(t)
     if s.missing_answers:
-        console.print(f"[yellow]build: {s.missing_answers} (utterance, task) pairs have no answer and were left out[/]")
+        console.print(
+            f"[yellow]build: {s.missing_answers} (utterance, task) pairs have no answer and were left out[/]"
+        )
 
 
 def run(cfg: ExperimentConfig, workdir: Path, force: bool = False) -> StageResult:
@@ -108,10 +127,20 @@ def run(cfg: ExperimentConfig, workdir: Path, force: bool = False) -> StageResul
         inputs.append(Artifact("responses", responses, "table"))
 
     def body() -> dict:
-        s = build(transcripts, responses if needs_llm else None, out, cfg.build, catalog, cfg.generate.prompt_format)
+        s = build(
+            transcripts, responses if needs_llm else None, out, cfg.build, catalog, cfg.generate.prompt_format
+        )
         print_summary(s)
         return s.__dict__
 
     params = {**cfg.build.model_dump(), "prompt_format": cfg.generate.prompt_format}
-    return run_stage("build", workdir, params, inputs, [Artifact("examples", out / "examples.parquet", "table")],
-                     body, CODE_FILES, force)
+    return run_stage(
+        "build",
+        workdir,
+        params,
+        inputs,
+        [Artifact("examples", out / "examples.parquet", "table")],
+        body,
+        CODE_FILES,
+        force,
+    )

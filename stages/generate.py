@@ -57,19 +57,34 @@ def sampling_params(g: GenerateConfig) -> dict:
 
 
 def request_key(model: str, revision: str, prompt: str, sampling: dict) -> str:
-    blob = json.dumps({"model": model, "revision": revision, "prompt": prompt, "sampling": sampling}, sort_keys=True)
+    blob = json.dumps(
+        {"model": model, "revision": revision, "prompt": prompt, "sampling": sampling}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def plan_requests(transcripts: Path, catalog: Catalog, tasks: list[str], seed: int, model: str, revision: str,
-                  sampling: dict) -> list[Request]:
+def plan_requests(
+    transcripts: Path,
+    catalog: Catalog,
+    tasks: list[str],
+    seed: int,
+    model: str,
+    revision: str,
+    sampling: dict,
+) -> list[Request]:
     table = read_table(transcripts, TRANSCRIPTS)
     reqs = []
-    for utt_id, text in zip(table.column("utt_id").to_pylist(), table.column("text").to_pylist(), strict=True):
+    for utt_id, text in zip(
+        table.column("utt_id").to_pylist(), table.column("text").to_pylist(), strict=True
+    ):
         for task in tasks:
             ins = catalog.draw(task, utt_id, seed)
             prompt = text_prompt(ins.text, text)
-            reqs.append(Request(utt_id, task, ins.id, ins.text, prompt, request_key(model, revision, prompt, sampling)))
+            reqs.append(
+                Request(
+                    utt_id, task, ins.id, ins.text, prompt, request_key(model, revision, prompt, sampling)
+                )
+            )
     return reqs
 
 
@@ -98,22 +113,36 @@ class AnswerCache:
         with self.con:
             self.con.execute(
                 "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [key, model, prompt, json.dumps(sampling, sort_keys=True), a.text, a.finish_reason, a.prompt_tokens,
-                 a.completion_tokens, time.time()],
+                [
+                    key,
+                    model,
+                    prompt,
+                    json.dumps(sampling, sort_keys=True),
+                    a.text,
+                    a.finish_reason,
+                    a.prompt_tokens,
+                    a.completion_tokens,
+                    time.time(),
+                ],
             )
 
     def close(self) -> None:
         self.con.close()
 
 
-async def _request_all(todo: list[Request], base_url: str, model: str, g: GenerateConfig, cache: AnswerCache,
-                       sampling: dict) -> int:
+async def _request_all(
+    todo: list[Request], base_url: str, model: str, g: GenerateConfig, cache: AnswerCache, sampling: dict
+) -> int:
     """Send every request with at most ``g.concurrency`` in flight; the client retries 429/5xx/connection
     errors with exponential backoff. Each answer is cached as soon as it arrives."""
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=base_url, api_key=os.environ.get(g.api_key_env, "EMPTY"),
-                         timeout=g.request_timeout_s, max_retries=g.max_retries)
+    client = AsyncOpenAI(
+        base_url=base_url,
+        api_key=os.environ.get(g.api_key_env, "EMPTY"),
+        timeout=g.request_timeout_s,
+        max_retries=g.max_retries,
+    )
     gate = asyncio.Semaphore(g.concurrency)
     state = {"in_flight": 0, "tokens": 0, "t0": time.monotonic()}
 
@@ -124,14 +153,23 @@ async def _request_all(todo: list[Request], base_url: str, model: str, g: Genera
             async with gate:
                 state["in_flight"] += 1
                 try:
-                    resp = await client.completions.create(model=model, prompt=r.prompt, max_tokens=g.max_new_tokens,
-                                                           temperature=g.temperature, seed=g.seed)
+                    resp = await client.completions.create(
+                        model=model,
+                        prompt=r.prompt,
+                        max_tokens=g.max_new_tokens,
+                        temperature=g.temperature,
+                        seed=g.seed,
+                    )
                 finally:
                     state["in_flight"] -= 1
             choice = resp.choices[0]
             usage = resp.usage
-            a = Answer(choice.text.strip(), choice.finish_reason or "",
-                       usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+            a = Answer(
+                choice.text.strip(),
+                choice.finish_reason or "",
+                usage.prompt_tokens if usage else 0,
+                usage.completion_tokens if usage else 0,
+            )
             cache.put(r.key, model, r.prompt, sampling, a)
             state["tokens"] += a.completion_tokens
             rate = state["tokens"] / max(time.monotonic() - state["t0"], 1e-6)
@@ -157,8 +195,19 @@ def transformers_server(model_dir: Path, log_path: Path, timeout_s: float = 300.
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")
     exe = Path(sys.executable).with_name("transformers")
-    cmd = [str(exe) if exe.exists() else "transformers", "serve", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--device", device, "--log-level", "warning"]
+    cmd = [
+        str(exe) if exe.exists() else "transformers",
+        "serve",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        device,
+        "--log-level",
+        "warning",
+    ]
     console.print(f"starting transformers serve for {model_dir} on port {port} (log: {log_path})")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -166,7 +215,9 @@ def transformers_server(model_dir: Path, log_path: Path, timeout_s: float = 300.
         while True:
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"transformers serve exited with code {proc.returncode} before it was ready:\n{tail}")
+                raise RuntimeError(
+                    f"transformers serve exited with code {proc.returncode} before it was ready:\n{tail}"
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                     if r.status == 200:
@@ -208,8 +259,10 @@ def generate(transcripts: Path, out_dir: Path, g: GenerateConfig, llm_dir: Path 
     try:
         done = cache.get_many([r.key for r in reqs])
         todo = list({r.key: r for r in reqs if r.key not in done}.values())  # one request per distinct prompt
-        console.print(f"generate: {len(reqs)} (utterance, task) pairs, {len(reqs) - len(todo)} answered from the "
-                      f"cache, {len(todo)} to request from {model}")
+        console.print(
+            f"generate: {len(reqs)} (utterance, task) pairs, {len(reqs) - len(todo)} answered from the "
+            f"cache, {len(todo)} to request from {model}"
+        )
         tokens = 0
         if todo:
             if g.backend == "openai":
@@ -222,14 +275,28 @@ def generate(transcripts: Path, out_dir: Path, g: GenerateConfig, llm_dir: Path 
         cache.close()
     missing = [r for r in reqs if r.key not in answers]
     if missing:
-        raise RuntimeError(f"generate: {len(missing)} requests have no answer (first: {missing[0].utt_id}/{missing[0].task})")
+        raise RuntimeError(
+            f"generate: {len(missing)} requests have no answer (first: {missing[0].utt_id}/{missing[0].task})"
+        )
     rows = []
     for r in reqs:
         a = answers[r.key]
-        rows.append(dict(utt_id=r.utt_id, task=r.task, instruction_id=r.instruction_id, instruction=r.instruction,
-                         prompt=r.prompt, answer=a.text, model=model, finish_reason=a.finish_reason,
-                         prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens, request_key=r.key,
-                         sampling=json.dumps(sampling, sort_keys=True)))
+        rows.append(
+            dict(
+                utt_id=r.utt_id,
+                task=r.task,
+                instruction_id=r.instruction_id,
+                instruction=r.instruction,
+                prompt=r.prompt,
+                answer=a.text,
+                model=model,
+                finish_reason=a.finish_reason,
+                prompt_tokens=a.prompt_tokens,
+                completion_tokens=a.completion_tokens,
+                request_key=r.key,
+                sampling=json.dumps(sampling, sort_keys=True),
+            )
+        )
     write_table(to_table(rows, RESPONSES), out_dir / "responses.parquet", RESPONSES)
     return GenerateSummary(len(reqs), len(reqs) - len(todo), len(todo), tokens, time.monotonic() - t0)
 
@@ -246,10 +313,20 @@ def run(cfg: ExperimentConfig, workdir: Path, llm_dir: Path | None, force: bool 
 
     def body() -> dict:
         s = generate(transcripts, out, g, llm_dir)
-        console.print(f"generate: {s.requests} answers ({s.requested} requested, {s.cached} cached, "
-                      f"{s.completion_tokens} new tokens) in {s.seconds:.1f}s")
+        console.print(
+            f"generate: {s.requests} answers ({s.requested} requested, {s.cached} cached, "
+            f"{s.completion_tokens} new tokens) in {s.seconds:.1f}s"
+        )
         return s.__dict__
 
     params = g.model_dump(mode="json", exclude={"request_timeout_s", "server_start_timeout_s", "concurrency"})
-    return run_stage("generate", workdir, params, inputs, [Artifact("responses", out / "responses.parquet", "table")],
-                     body, CODE_FILES, force)
+    return run_stage(
+        "generate",
+        workdir,
+        params,
+        inputs,
+        [Artifact("responses", out / "responses.parquet", "table")],
+        body,
+        CODE_FILES,
+        force,
+    )

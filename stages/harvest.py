@@ -66,7 +66,9 @@ def read_librispeech(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
     """LibriSpeech: ``SUBSET/SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt`` next to ``*.flac``."""
     root = corpus.root
     if not root.is_dir():
-        yield Reject(corpus.name, str(root), None, "root", "missing_corpus_root", f"{root} is not a directory")
+        yield Reject(
+            corpus.name, str(root), None, "root", "missing_corpus_root", f"{root} is not a directory"
+        )
         return
     for trans in sorted(root.rglob("*.trans.txt")):
         chapter_dir = trans.parent
@@ -86,8 +88,14 @@ def read_librispeech(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
             yield Candidate(utt_id, corpus.name, split, chapter_dir / f"{utt_id}.flac", text, speaker, source)
         for flac in sorted(chapter_dir.glob("*.flac")):
             if flac.stem not in listed:
-                yield Reject(corpus.name, str(flac), flac.stem, "text", "no_transcript",
-                             f"{flac.name} has no line in {trans.name}")
+                yield Reject(
+                    corpus.name,
+                    str(flac),
+                    flac.stem,
+                    "text",
+                    "no_transcript",
+                    f"{flac.name} has no line in {trans.name}",
+                )
 
 
 def _parse_audio_field(value: str) -> tuple[str, tuple[int, int] | None]:
@@ -105,7 +113,9 @@ def read_jsonl(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
     """
     manifest = corpus.manifest
     if not manifest.is_file():
-        yield Reject(corpus.name, str(manifest), None, "manifest", "missing_manifest", f"{manifest} does not exist")
+        yield Reject(
+            corpus.name, str(manifest), None, "manifest", "missing_manifest", f"{manifest} does not exist"
+        )
         return
     split = corpus.split or manifest.stem
     for lineno, raw in enumerate(manifest.read_bytes().splitlines(), start=1):
@@ -128,10 +138,14 @@ def read_jsonl(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
         text = obj.get("text")
         utt_id = obj.get("id") or Path(path).stem + (f"_{frames[0]}" if frames else "")
         if not isinstance(text, str):
-            yield Reject(corpus.name, source, utt_id, "text", "empty_transcript", "no 'text' string in the row")
+            yield Reject(
+                corpus.name, source, utt_id, "text", "empty_transcript", "no 'text' string in the row"
+            )
             continue
         audio_path = Path(path) if Path(path).is_absolute() else corpus.root / path
-        yield Candidate(utt_id, corpus.name, split, audio_path, text, obj.get("speaker"), source, frames=frames)
+        yield Candidate(
+            utt_id, corpus.name, split, audio_path, text, obj.get("speaker"), source, frames=frames
+        )
 
 
 READERS = {"librispeech": read_librispeech, "jsonl": read_jsonl}
@@ -139,6 +153,7 @@ READERS = {"librispeech": read_librispeech, "jsonl": read_jsonl}
 
 def _check(c: Candidate, root: Path, max_s: float, min_s: float) -> dict | Reject:
     """Probe one candidate's audio and text; a reject carries the reason."""
+
     def reject(field: str, reason: str, detail: str) -> Reject:
         return Reject(c.corpus, c.source, c.utt_id, field, reason, detail)
 
@@ -158,16 +173,31 @@ def _check(c: Candidate, root: Path, max_s: float, min_s: float) -> dict | Rejec
     if duration is None:
         duration = info.duration_s - offset
     if offset + duration > info.duration_s + 1e-3:
-        return reject("audio", "segment_out_of_range", f"segment ends at {offset + duration:.3f}s, file is {info.duration_s:.3f}s")
+        return reject(
+            "audio",
+            "segment_out_of_range",
+            f"segment ends at {offset + duration:.3f}s, file is {info.duration_s:.3f}s",
+        )
     if duration <= 0:
         return reject("audio", "empty_audio", f"{resolved} has no samples")
     if duration > max_s:
         return reject("audio", "too_long", f"{duration:.2f}s is longer than the {max_s}s bound")
     if duration < min_s:
         return reject("audio", "too_short", f"{duration:.2f}s is shorter than the {min_s}s bound")
-    return dict(utt_id=c.utt_id, corpus=c.corpus, split=c.split, audio_path=str(resolved), offset_s=offset,
-                duration_s=duration, sample_rate_hz=info.sample_rate_hz, text_raw=c.text_raw, text=readable(text),
-                text_norm=normalize(text), speaker=c.speaker, text_source="corpus")
+    return dict(
+        utt_id=c.utt_id,
+        corpus=c.corpus,
+        split=c.split,
+        audio_path=str(resolved),
+        offset_s=offset,
+        duration_s=duration,
+        sample_rate_hz=info.sample_rate_hz,
+        text_raw=c.text_raw,
+        text=readable(text),
+        text_norm=normalize(text),
+        speaker=c.speaker,
+        text_source="corpus",
+    )
 
 
 @dataclass
@@ -178,8 +208,13 @@ class HarvestSummary:
     hours: float
 
 
-def harvest(corpora: list[CorpusConfig], out_dir: Path, max_duration_s: float = 30.0, min_duration_s: float = 0.0,
-            workers: int = 8) -> HarvestSummary:
+def harvest(
+    corpora: list[CorpusConfig],
+    out_dir: Path,
+    max_duration_s: float = 30.0,
+    min_duration_s: float = 0.0,
+    workers: int = 8,
+) -> HarvestSummary:
     """Read every corpus, probe every file, write ``transcripts.parquet`` and ``rejects.parquet``."""
     rows: list[dict] = []
     rejects: list[Reject] = []
@@ -197,8 +232,16 @@ def harvest(corpora: list[CorpusConfig], out_dir: Path, max_duration_s: float = 
                 if isinstance(result, Reject):
                     rejects.append(result)
                 elif c.utt_id in seen:
-                    rejects.append(Reject(c.corpus, c.source, c.utt_id, "utt_id", "duplicate_utt_id",
-                                          f"{c.utt_id} already came from {seen[c.utt_id]}"))
+                    rejects.append(
+                        Reject(
+                            c.corpus,
+                            c.source,
+                            c.utt_id,
+                            "utt_id",
+                            "duplicate_utt_id",
+                            f"{c.utt_id} already came from {seen[c.utt_id]}",
+                        )
+                    )
                 else:
                     seen[c.utt_id] = c.source
                     rows.append(result)
@@ -211,7 +254,9 @@ def harvest(corpora: list[CorpusConfig], out_dir: Path, max_duration_s: float = 
 def print_summary(s: HarvestSummary) -> None:
     from rich.table import Table
 
-    console.print(f"harvest: {s.transcripts} transcripts ({s.hours * 60:.1f} min of audio), {s.rejects} rejects")
+    console.print(
+        f"harvest: {s.transcripts} transcripts ({s.hours * 60:.1f} min of audio), {s.rejects} rejects"
+    )
     if s.reject_counts:
         t = Table("reject reason", "rows", title="rejects by reason")
         for reason, n in s.reject_counts.items():
@@ -230,7 +275,16 @@ def run(cfg: ExperimentConfig, workdir: Path, force: bool = False) -> StageResul
         return s.__dict__
 
     params = {"corpora": [c.model_dump(mode="json") for c in cfg.corpora], **cfg.harvest.model_dump()}
-    return run_stage("harvest", workdir, params, inputs,
-                     [Artifact("transcripts", out / "transcripts.parquet", "table"),
-                      Artifact("rejects", out / "rejects.parquet", "table")],
-                     body, CODE_FILES, force)
+    return run_stage(
+        "harvest",
+        workdir,
+        params,
+        inputs,
+        [
+            Artifact("transcripts", out / "transcripts.parquet", "table"),
+            Artifact("rejects", out / "rejects.parquet", "table"),
+        ],
+        body,
+        CODE_FILES,
+        force,
+    )

@@ -61,5 +61,7 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
         if source not in ("llm", "transcript"):
             raise CatalogError(f"catalog {path}: category {name!r} answer_source must be llm or transcript")
         settings = {k: v for k, v in body.items() if k not in ("instructions", "answer_source")}
-        cats[name] = Category(name, source, [Instruction(f"{name}/{i}", t.strip()) for i, t in enumerate(texts)], settings)
+        cats[name] = Category(
+            name, source, [Instruction(f"{name}/{i}", t.strip()) for i, t in enumerate(texts)], settings
+        )
     return Catalog(path, int(raw.get("version", 0)), "sha256:" + hashlib.sha256(raw_bytes).hexdigest(), cats)

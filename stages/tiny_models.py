@@ -36,13 +36,25 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=2048, padding_side="left")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=2048,
+        padding_side="left",
+    )
 
 
 def build_tiny_models(texts: list[str], out_dir: Path, tiny: TinyModels, seed: int = 1) -> tuple[Path, Path]:
@@ -62,24 +74,42 @@ def build_tiny_models(texts: list[str], out_dir: Path, tiny: TinyModels, seed: i
     stage = out_dir / f".tmp-{uuid.uuid4().hex}"
     try:
         wcfg = WhisperConfig(
-            vocab_size=512, num_mel_bins=80, d_model=tiny.whisper_d_model, encoder_layers=tiny.whisper_layers,
-            encoder_attention_heads=4, encoder_ffn_dim=tiny.whisper_d_model * 2, decoder_layers=1,
-            decoder_attention_heads=4, decoder_ffn_dim=tiny.whisper_d_model * 2, max_source_positions=1500,
-            max_target_positions=64, decoder_start_token_id=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            vocab_size=512,
+            num_mel_bins=80,
+            d_model=tiny.whisper_d_model,
+            encoder_layers=tiny.whisper_layers,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=tiny.whisper_d_model * 2,
+            decoder_layers=1,
+            decoder_attention_heads=4,
+            decoder_ffn_dim=tiny.whisper_d_model * 2,
+            max_source_positions=1500,
+            max_target_positions=64,
+            decoder_start_token_id=1,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         )
         WhisperForConditionalGeneration(wcfg).save_pretrained(stage / "whisper")
         WhisperFeatureExtractor(feature_size=80).save_pretrained(stage / "whisper")
 
         tok = train_tokenizer(texts, tiny.vocab_size)
         lcfg = LlamaConfig(
-            vocab_size=len(tok), hidden_size=tiny.llm_hidden, intermediate_size=tiny.llm_hidden * 2,
-            num_hidden_layers=tiny.llm_layers, num_attention_heads=tiny.llm_heads,
-            num_key_value_heads=tiny.llm_heads, max_position_embeddings=2048, tie_word_embeddings=False,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            vocab_size=len(tok),
+            hidden_size=tiny.llm_hidden,
+            intermediate_size=tiny.llm_hidden * 2,
+            num_hidden_layers=tiny.llm_layers,
+            num_attention_heads=tiny.llm_heads,
+            num_key_value_heads=tiny.llm_heads,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
         )
         llm = LlamaForCausalLM(lcfg)
-        llm.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                                 do_sample=False, max_new_tokens=225)
+        llm.generation_config = GenerationConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, do_sample=False, max_new_tokens=225
+        )
         llm.save_pretrained(stage / "llm")
         tok.save_pretrained(stage / "llm")
         for name in ("whisper", "llm"):
@@ -88,8 +118,10 @@ def build_tiny_models(texts: list[str], out_dir: Path, tiny: TinyModels, seed: i
             os.replace(stage / name, out_dir / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    console.print(f"tiny models: whisper d_model={tiny.whisper_d_model}, llm hidden={tiny.llm_hidden}, "
-                  f"vocab={len(tok)} in {out_dir}")
+    console.print(
+        f"tiny models: whisper d_model={tiny.whisper_d_model}, llm hidden={tiny.llm_hidden}, "
+        f"vocab={len(tok)} in {out_dir}"
+    )
     return out_dir / "whisper", out_dir / "llm"
 
 
@@ -112,8 +144,14 @@ def run(cfg: ExperimentConfig, workdir: Path, force: bool = False) -> tuple[Path
         build_tiny_models(corpus_texts(transcripts, cfg.generate.catalog), out, cfg.models.tiny, cfg.seed)
         return {}
 
-    res = run_stage("models", workdir, {"tiny": cfg.models.tiny.model_dump(), "seed": cfg.seed},
-                    [Artifact("transcripts", transcripts, "table")],
-                    [Artifact("whisper", out / "whisper", "model"), Artifact("llm", out / "llm", "model")],
-                    body, CODE_FILES + ["stages/prompts.py"], force)
+    res = run_stage(
+        "models",
+        workdir,
+        {"tiny": cfg.models.tiny.model_dump(), "seed": cfg.seed},
+        [Artifact("transcripts", transcripts, "table")],
+        [Artifact("whisper", out / "whisper", "model"), Artifact("llm", out / "llm", "model")],
+        body,
+        CODE_FILES + ["stages/prompts.py"],
+        force,
+    )
     return out / "whisper", out / "llm", res

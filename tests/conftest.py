@@ -40,7 +40,9 @@ def tiny_models_dir(tmp_path_factory, harvested, demo_config) -> Path:
     from stages.tiny_models import build_tiny_models, corpus_texts
 
     out = tmp_path_factory.mktemp("tiny")
-    build_tiny_models(corpus_texts(harvested / "harvest" / "transcripts.parquet"), out, demo_config.models.tiny)
+    build_tiny_models(
+        corpus_texts(harvested / "harvest" / "transcripts.parquet"), out, demo_config.models.tiny
+    )
     return out
 
 
@@ -52,7 +54,11 @@ def copy_librispeech(dst: Path, utts: list[str]) -> Path:
         d = dst / "dev-clean-2" / spk / chap
         d.mkdir(parents=True, exist_ok=True)
         shutil.copy(src_dir / f"{utt}.flac", d / f"{utt}.flac")
-        lines = [ln for ln in (src_dir / f"{spk}-{chap}.trans.txt").read_text().splitlines() if ln.startswith(utt + " ")]
+        lines = [
+            ln
+            for ln in (src_dir / f"{spk}-{chap}.trans.txt").read_text().splitlines()
+            if ln.startswith(utt + " ")
+        ]
         with open(d / f"{spk}-{chap}.trans.txt", "a") as f:
             f.write("\n".join(lines) + "\n")
     return dst

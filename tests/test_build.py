@@ -14,7 +14,9 @@ def test_examples_join_transcripts_and_answers_in_the_training_layout(harvested,
     s = build(transcripts, gen_dir / "responses.parquet", tmp_path, b, load_catalog())
     ex = read_table(tmp_path / "examples.parquet", EXAMPLES).to_pylist()
     tr = {t["utt_id"]: t for t in read_table(transcripts, TRANSCRIPTS).to_pylist()}
-    resp = {(r["utt_id"], r["task"]): r for r in read_table(gen_dir / "responses.parquet", RESPONSES).to_pylist()}
+    resp = {
+        (r["utt_id"], r["task"]): r for r in read_table(gen_dir / "responses.parquet", RESPONSES).to_pylist()
+    }
 
     # exactly one example per (utterance, task)
     assert Counter((e["utt_id"], e["task"]) for e in ex) == Counter((u, t) for u in tr for t in b.tasks)
@@ -22,7 +24,10 @@ def test_examples_join_transcripts_and_answers_in_the_training_layout(harvested,
     for e in ex:
         p = speech_prompt(e["instruction"])
         assert (e["prefix"], e["suffix"]) == (p.prefix, p.suffix)
-        assert e["audio_path"] == tr[e["utt_id"]]["audio_path"] and e["duration_s"] == tr[e["utt_id"]]["duration_s"]
+        assert (
+            e["audio_path"] == tr[e["utt_id"]]["audio_path"]
+            and e["duration_s"] == tr[e["utt_id"]]["duration_s"]
+        )
         if e["task"] == "asr":
             assert e["answer"] == tr[e["utt_id"]]["text"]
         else:
@@ -31,14 +36,24 @@ def test_examples_join_transcripts_and_answers_in_the_training_layout(harvested,
             # the speech prompt is the text prompt with the transcript replaced by speech
             assert r["prompt"] == text_prompt(e["instruction"], tr[e["utt_id"]]["text"])
     splits = {e["utt_id"]: e["split"] for e in ex}
-    assert {u for u, sp in splits.items() if sp == "test-clean"} == {u for u, t in tr.items() if t["split"] == "test-clean"}
+    assert {u for u, sp in splits.items() if sp == "test-clean"} == {
+        u for u, t in tr.items() if t["split"] == "test-clean"
+    }
     assert set(splits.values()) == {"train", "test-clean"}
 
 
 def test_missing_answers_are_counted_not_silent(harvested, generated, tmp_path):
     gen_dir, g, _ = generated
-    b = BuildConfig(tasks=["asr", "repeat", "sentiment"], eval_splits=["test-clean"])  # sentiment was not generated
-    s = build(harvested / "harvest" / "transcripts.parquet", gen_dir / "responses.parquet", tmp_path, b, load_catalog())
+    b = BuildConfig(
+        tasks=["asr", "repeat", "sentiment"], eval_splits=["test-clean"]
+    )  # sentiment was not generated
+    s = build(
+        harvested / "harvest" / "transcripts.parquet",
+        gen_dir / "responses.parquet",
+        tmp_path,
+        b,
+        load_catalog(),
+    )
     n_utts = read_table(harvested / "harvest" / "transcripts.parquet", TRANSCRIPTS).num_rows
     assert s.missing_answers == n_utts and s.examples == 2 * n_utts
 

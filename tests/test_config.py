@@ -13,9 +13,21 @@ def test_bundled_configs_validate(name):
 def test_paper_config_carries_the_reference_settings():
     cfg = load_config(REPO / "configs" / "paper.yaml")
     t = cfg.train
-    assert (t.lr, t.weight_decay, t.warmup_steps, t.grad_clip, t.bf16, t.seed) == (2e-5, 0.05, 100, 1.0, True, 1)
+    assert (t.lr, t.weight_decay, t.warmup_steps, t.grad_clip, t.bf16, t.seed) == (
+        2e-5,
+        0.05,
+        100,
+        1.0,
+        True,
+        1,
+    )
     assert t.batch_size * t.grad_accum * t.nproc_per_node == 384
-    assert (t.qformer.window_s, t.qformer.num_queries, t.qformer.num_layers, t.qformer.hidden_size) == (0.33333, 1, 2, 768)
+    assert (t.qformer.window_s, t.qformer.num_queries, t.qformer.num_layers, t.qformer.hidden_size) == (
+        0.33333,
+        1,
+        2,
+        768,
+    )
     assert cfg.generate.max_new_tokens == 225 and cfg.generate.temperature == 0.0
     assert cfg.generate.prompt_format == "vicuna_v1.1"
 

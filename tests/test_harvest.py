@@ -22,15 +22,30 @@ def test_librispeech_layout_on_real_clips(tmp_path):
         assert rows[utt]["duration_s"] == pytest.approx(samples / 16000)
         assert rows[utt]["sample_rate_hz"] == 16000
     r = rows["1988-24833-0002"]
-    assert r["text_raw"] == "SHE DOESN'T PICK THEM UP BUT JUST HAVING THEM IN THE ROOM SURE DOESN'T GIVE HER ASTHMA"
-    assert r["text"] == "she doesn't pick them up but just having them in the room sure doesn't give her asthma"
-    assert r["text_norm"] == "she does not pick them up but just having them in the room sure does not give her asthma"
-    assert (r["speaker"], r["split"], r["corpus"], r["text_source"]) == ("1988", "dev-clean-2", "ls", "corpus")
+    assert (
+        r["text_raw"]
+        == "SHE DOESN'T PICK THEM UP BUT JUST HAVING THEM IN THE ROOM SURE DOESN'T GIVE HER ASTHMA"
+    )
+    assert (
+        r["text"] == "she doesn't pick them up but just having them in the room sure doesn't give her asthma"
+    )
+    assert (
+        r["text_norm"]
+        == "she does not pick them up but just having them in the room sure does not give her asthma"
+    )
+    assert (r["speaker"], r["split"], r["corpus"], r["text_source"]) == (
+        "1988",
+        "dev-clean-2",
+        "ls",
+        "corpus",
+    )
     assert Path(r["audio_path"]).is_file()
 
 
 def test_reference_jsonl_manifest_on_real_clips(tmp_path):
-    corpus = CorpusConfig(name="tc", kind="jsonl", root=DEMO, manifest=DEMO / "test-clean.jsonl", split="test-clean")
+    corpus = CorpusConfig(
+        name="tc", kind="jsonl", root=DEMO, manifest=DEMO / "test-clean.jsonl", split="test-clean"
+    )
     harvest([corpus], tmp_path)
     rows = read_table(tmp_path / "transcripts.parquet", TRANSCRIPTS).to_pylist()
     assert [r["utt_id"] for r in rows] == ["1089-134686-0001", "1221-135766-0001", "1221-135766-0002"]
@@ -51,8 +66,9 @@ def test_seed_manifest_rows_with_missing_audio_are_rejects_not_crashes(tmp_path)
 
 
 def test_bad_input_becomes_reject_rows_with_reasons(tmp_path):
-    root = copy_librispeech(tmp_path / "corpus", ["1988-24833-0000", "1988-24833-0001", "3752-4944-0000",
-                                                   "3752-4944-0001"])
+    root = copy_librispeech(
+        tmp_path / "corpus", ["1988-24833-0000", "1988-24833-0001", "3752-4944-0000", "3752-4944-0001"]
+    )
     chap = root / "dev-clean-2" / "1988" / "24833"
     trans = chap / "1988-24833.trans.txt"
     # a transcript line with no audio, an empty transcript, a corrupt file, audio with no transcript line
@@ -60,7 +76,9 @@ def test_bad_input_becomes_reject_rows_with_reasons(tmp_path):
         f.write("1988-24833-0009 THIS LINE HAS NO AUDIO\n")
         f.write("1988-24833-0001\n")
     shutil.copy(chap / "1988-24833-0001.flac", chap / "1988-24833-0007.flac")  # no transcript line
-    trans.write_text(trans.read_text().replace("1988-24833-0001 ", "1988-24833-0006 ", 1))  # line now without audio
+    trans.write_text(
+        trans.read_text().replace("1988-24833-0001 ", "1988-24833-0006 ", 1)
+    )  # line now without audio
     (chap / "1988-24833-0005.flac").write_bytes(b"fLaC" + bytes(range(256)) * 4)  # corrupt
     with open(trans, "a") as f:
         f.write("1988-24833-0005 A CORRUPT FILE\n")
@@ -73,14 +91,21 @@ def test_bad_input_becomes_reject_rows_with_reasons(tmp_path):
     # a manifest with a bad JSON line, a path escaping the root, a duplicate id, a missing text field
     manifest = tmp_path / "m.jsonl"
     good = spk2 / "3752-4944-0000.flac"
-    manifest.write_text("\n".join([
-        json.dumps({"audio": str(good.relative_to(root)), "text": "CAPTAIN FRERE"}),
-        "{not json",
-        json.dumps({"audio": "../../../etc/passwd", "text": "escape"}),
-        json.dumps({"audio": str(good.relative_to(root))}),
-    ]) + "\n")
-    corpora = [CorpusConfig(name="ls", kind="librispeech", root=root),
-               CorpusConfig(name="m", kind="jsonl", root=root, manifest=manifest)]
+    manifest.write_text(
+        "\n".join(
+            [
+                json.dumps({"audio": str(good.relative_to(root)), "text": "CAPTAIN FRERE"}),
+                "{not json",
+                json.dumps({"audio": "../../../etc/passwd", "text": "escape"}),
+                json.dumps({"audio": str(good.relative_to(root))}),
+            ]
+        )
+        + "\n"
+    )
+    corpora = [
+        CorpusConfig(name="ls", kind="librispeech", root=root),
+        CorpusConfig(name="m", kind="jsonl", root=root, manifest=manifest),
+    ]
     s = harvest(corpora, tmp_path / "out", max_duration_s=5.0)
 
     rejects = read_table(tmp_path / "out" / "rejects.parquet", REJECTS).to_pylist()
@@ -91,13 +116,18 @@ def test_bad_input_becomes_reject_rows_with_reasons(tmp_path):
     assert ("1988-24833-0005", "corrupt_audio") in by_utt
     assert ("1988-24833-0007", "no_transcript") in by_utt
     assert ("3752-4944-0008", "corrupt_audio") in by_utt or ("3752-4944-0008", "empty_audio") in by_utt
-    assert any(r["reason"] == "non_utf8_transcript" and r["source"].endswith("3752-4944.trans.txt:4") for r in rejects)
+    assert any(
+        r["reason"] == "non_utf8_transcript" and r["source"].endswith("3752-4944.trans.txt:4")
+        for r in rejects
+    )
     assert any(r["reason"] == "bad_json" and r["source"] == f"{manifest}:2" for r in rejects)
     assert any(r["reason"] == "outside_root" and r["source"] == f"{manifest}:3" for r in rejects)
     assert ("3752-4944-0000", "duplicate_utt_id") in by_utt
     assert any(r["reason"] == "empty_transcript" and r["source"] == f"{manifest}:4" for r in rejects)
     # every candidate is either a transcript or a reject: nothing lost, nothing twice
-    kept = [r["utt_id"] for r in read_table(tmp_path / "out" / "transcripts.parquet", TRANSCRIPTS).to_pylist()]
+    kept = [
+        r["utt_id"] for r in read_table(tmp_path / "out" / "transcripts.parquet", TRANSCRIPTS).to_pylist()
+    ]
     assert sorted(kept) == ["1988-24833-0000", "3752-4944-0000", "3752-4944-0001"]
     assert s.rejects == len(rejects) == sum(s.reject_counts.values())
     for r in rejects:
@@ -108,7 +138,9 @@ def test_too_long_audio_is_rejected_with_the_bound(tmp_path):
     root = copy_librispeech(tmp_path / "c", ["2412-153948-0000", "3752-4944-0002"])  # 11.66 s and 3.2 s
     s = harvest([CorpusConfig(name="ls", kind="librispeech", root=root)], tmp_path / "o", max_duration_s=10.0)
     rejects = read_table(tmp_path / "o" / "rejects.parquet", REJECTS).to_pylist()
-    assert s.transcripts == 1 and [(r["utt_id"], r["reason"]) for r in rejects] == [("2412-153948-0000", "too_long")]
+    assert s.transcripts == 1 and [(r["utt_id"], r["reason"]) for r in rejects] == [
+        ("2412-153948-0000", "too_long")
+    ]
     assert "11.66s" in rejects[0]["detail"]
 
 

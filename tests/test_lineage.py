@@ -17,7 +17,15 @@ def _copy_stage(work: Path, name: str, src: Path, dst: Path, extra: str = ""):
         dst.write_text(src.read_text() + extra)
         return {"bytes": dst.stat().st_size}
 
-    return run_stage(name, work, {"extra": extra}, [Artifact("in", src, "file")], [Artifact("out", dst, "file")], body, CODE)
+    return run_stage(
+        name,
+        work,
+        {"extra": extra},
+        [Artifact("in", src, "file")],
+        [Artifact("out", dst, "file")],
+        body,
+        CODE,
+    )
 
 
 def test_upstream_and_downstream_walk_the_chain(tmp_path):
@@ -33,10 +41,16 @@ def test_upstream_and_downstream_walk_the_chain(tmp_path):
 
     up = store.upstream(str(c.resolve()))
     assert [(e["depth"], Path(e["location"]).name, e["via_stage"]) for e in up] == [
-        (1, "b.out", "three"), (2, "a.out", "two"), (3, "a.txt", "one")]
+        (1, "b.out", "three"),
+        (2, "a.out", "two"),
+        (3, "a.txt", "one"),
+    ]
     down = store.downstream(str(src.resolve()))
     assert [(e["depth"], Path(e["location"]).name, e["via_stage"]) for e in down] == [
-        (1, "a.out", "one"), (2, "b.out", "two"), (3, "c.out", "three")]
+        (1, "a.out", "one"),
+        (2, "b.out", "two"),
+        (3, "c.out", "three"),
+    ]
     with pytest.raises(KeyError):
         store.upstream(str(tmp_path / "nothing"))
 
@@ -65,9 +79,17 @@ def test_a_failed_run_is_recorded_with_its_error(tmp_path):
         raise ValueError("bad row 7")
 
     with pytest.raises(ValueError):
-        run_stage("broken", tmp_path, {}, [Artifact("in", src, "file")], [Artifact("out", tmp_path / "o", "file")], body, CODE)
+        run_stage(
+            "broken",
+            tmp_path,
+            {},
+            [Artifact("in", src, "file")],
+            [Artifact("out", tmp_path / "o", "file")],
+            body,
+            CODE,
+        )
     store = LineageStore(tmp_path / "lineage.duckdb")
-    (status, error, ended), = store.query("SELECT status, error, ended_at FROM runs WHERE stage = 'broken'")
+    ((status, error, ended),) = store.query("SELECT status, error, ended_at FROM runs WHERE stage = 'broken'")
     assert status == "failed" and "bad row 7" in error and ended is not None
 
 
@@ -77,7 +99,9 @@ def _writer(db: str, n: int, tag: int) -> None:
     store = LineageStore(db)
     for i in range(n):
         rid = store.start_run("w", {"i": i, "tag": tag}, "test")
-        store.finish_run(rid, [DatasetRef("/in", "file", "h")], [DatasetRef(f"/out/{tag}/{i}", "file", f"h{i}")])
+        store.finish_run(
+            rid, [DatasetRef("/in", "file", "h")], [DatasetRef(f"/out/{tag}/{i}", "file", f"h{i}")]
+        )
 
 
 def test_concurrent_writers_lose_nothing(tmp_path):

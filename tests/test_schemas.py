@@ -6,9 +6,20 @@ from schemas import ALL, METRICS, TRANSCRIPTS, SchemaError, read_table, to_table
 
 
 def _row(**over):
-    row = dict(utt_id="u1", corpus="c", split="train", audio_path="/a.flac", offset_s=0.0, duration_s=1.5,
-               sample_rate_hz=16000, text_raw="HELLO", text="hello", text_norm="hello", speaker=None,
-               text_source="corpus")
+    row = dict(
+        utt_id="u1",
+        corpus="c",
+        split="train",
+        audio_path="/a.flac",
+        offset_s=0.0,
+        duration_s=1.5,
+        sample_rate_hz=16000,
+        text_raw="HELLO",
+        text="hello",
+        text_norm="hello",
+        speaker=None,
+        text_source="corpus",
+    )
     row.update(over)
     return row
 
@@ -20,7 +31,9 @@ def test_every_table_a_stage_writes_has_a_versioned_schema():
 
 
 def test_round_trip_keeps_rows_and_tags_the_file(tmp_path):
-    p = write_table(to_table([_row(), _row(utt_id="u2", speaker="s")], TRANSCRIPTS), tmp_path / "t.parquet", TRANSCRIPTS)
+    p = write_table(
+        to_table([_row(), _row(utt_id="u2", speaker="s")], TRANSCRIPTS), tmp_path / "t.parquet", TRANSCRIPTS
+    )
     t = read_table(p, TRANSCRIPTS)
     assert t.column("utt_id").to_pylist() == ["u1", "u2"]
     assert pq.read_schema(p).metadata[b"splsm.schema"] == b"transcripts/v1"
@@ -63,8 +76,10 @@ def test_read_rejects_another_table_or_version(tmp_path):
 def test_null_in_required_column_is_an_error(tmp_path):
     table = to_table([_row()], TRANSCRIPTS)
     schema = table.schema.set(0, pa.field("utt_id", pa.string(), nullable=True))
-    bad = pa.table({n: table.column(n) if n != "utt_id" else pa.array([None], pa.string()) for n in table.column_names},
-                   schema=schema)
+    bad = pa.table(
+        {n: table.column(n) if n != "utt_id" else pa.array([None], pa.string()) for n in table.column_names},
+        schema=schema,
+    )
     with pytest.raises(SchemaError, match=r"'utt_id' expected non-null string, found null at row 0"):
         write_table(bad, tmp_path / "t.parquet", TRANSCRIPTS)
 
