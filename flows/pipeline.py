@@ -1,66 +1,85 @@
-"""The whole DAG as one Prefect flow: harvest, (tiny models), generate, build, train, evaluate.
+"""The flows: the whole DAG, incremental dataset regeneration, training with evaluation, evaluation alone.
 
-Flows hold no stage logic: each task calls a stage's ``run``, which reuses its outputs when its
-inputs, parameters and code are unchanged and records the run in the lineage store.
+Flows hold no stage logic. Each task runs a stage's CLI in the mode ``execution`` picks (in-process,
+subprocess, or the stage's container image); the stage reuses its outputs when its inputs, parameters
+and code are unchanged and records the run, with this flow run's id, in the lineage store.
+Parameters are typed; Prefect validates them (and a deployment's) before the run starts, and the
+config file is validated before any stage runs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
+from flows.tasks import build_task, evaluate_task, generate_task, harvest_task, tiny_models_task, train_task
 from splsm.config import load_config, model_dirs
-from stages import build, evaluate, generate, harvest, tiny_models, train
+from splsm.containers import ExecutionConfig
 
 
-@task(name="harvest", cache_policy=NO_CACHE, retries=1)
-def harvest_task(config: str, workdir: str, force: bool = False) -> dict:
-    return harvest.run(load_config(config), Path(workdir), force).summary
-
-
-@task(name="tiny-models", cache_policy=NO_CACHE)
-def tiny_models_task(config: str, workdir: str, force: bool = False) -> None:
-    tiny_models.run(load_config(config), Path(workdir), force)
-
-
-@task(name="generate", cache_policy=NO_CACHE, retries=1)
-def generate_task(config: str, workdir: str, force: bool = False) -> dict:
-    cfg = load_config(config)
-    _, llm = model_dirs(cfg, Path(workdir))
-    return generate.run(cfg, Path(workdir), llm, force).summary
-
-
-@task(name="build", cache_policy=NO_CACHE)
-def build_task(config: str, workdir: str, force: bool = False) -> dict:
-    return build.run(load_config(config), Path(workdir), force).summary
-
-
-@task(name="train", cache_policy=NO_CACHE, tags=["gpu"])
-def train_task(config: str, workdir: str, force: bool = False) -> str:
-    cfg = load_config(config)
-    whisper, llm = model_dirs(cfg, Path(workdir))
-    examples = Path(workdir) / "build" / "examples.parquet"
-    res = train.run(cfg, Path(workdir), whisper, llm, examples, force)
-    return str(res.outputs["checkpoint"])
-
-
-@task(name="evaluate", cache_policy=NO_CACHE, tags=["gpu"])
-def evaluate_task(config: str, workdir: str, checkpoint: str, force: bool = False) -> dict:
-    examples = Path(workdir) / "build" / "examples.parquet"
-    return evaluate.run(load_config(config), Path(workdir), Path(checkpoint), examples, force).summary
+def _prepare(config: str, workdir: str):
+    cfg = load_config(config)  # a bad config fails here, before any stage runs
+    return cfg, str(Path(config).resolve()), str(Path(workdir).resolve())
 
 
 @flow(name="self_powered_pipeline", log_prints=True)
-def self_powered_pipeline(config: str, workdir: str = "work", force: bool = False) -> dict:
+def self_powered_pipeline(
+    config: str, workdir: str = "work", force: bool = False, execution: ExecutionConfig | None = None
+) -> dict:
     """Run every stage of the recipe on one experiment config; returns the evaluation summary."""
-    cfg = load_config(config)  # validate before any stage runs
-    workdir = str(Path(workdir).resolve())
-    harvest_task(config, workdir, force)
+    execution = execution or ExecutionConfig()
+    cfg, config, workdir = _prepare(config, workdir)
+    harvest_task(config, workdir, force, execution)
     if cfg.models.tiny is not None:
-        tiny_models_task(config, workdir, force)
-    generate_task(config, workdir, force)
-    build_task(config, workdir, force)
-    checkpoint = train_task(config, workdir, force)
-    return evaluate_task(config, workdir, checkpoint, force)
+        tiny_models_task(config, workdir, force, execution)
+    generate_task(config, workdir, force, execution)
+    build_task(config, workdir, force, execution)
+    checkpoint = train_task(config, workdir, force, execution)
+    return evaluate_task(config, workdir, checkpoint, force, execution)
+
+
+@flow(name="regenerate_dataset", log_prints=True)
+def regenerate_dataset(
+    config: str, workdir: str = "work", force: bool = False, execution: ExecutionConfig | None = None
+) -> dict:
+    """Harvest the corpora again, ask the LLM only what its answer cache lacks, rebuild the examples.
+
+    Meant for a schedule: new utterances in the corpora get answers, the rest come from the cache.
+    The LLM is kept as it is: tiny demo models are built once, when missing, not rebuilt on new
+    transcripts (that would change the LLM and invalidate every cached answer).
+    """
+    execution = execution or ExecutionConfig()
+    cfg, config, workdir = _prepare(config, workdir)
+    harvested = harvest_task(config, workdir, force, execution)
+    if cfg.models.tiny is not None and not model_dirs(cfg, Path(workdir))[1].exists():
+        tiny_models_task(config, workdir, force, execution)
+    generated = generate_task(config, workdir, force, execution)
+    built = build_task(config, workdir, force, execution)
+    return {"harvest": harvested, "generate": generated, "build": built}
+
+
+@flow(name="train_and_evaluate", log_prints=True)
+def train_and_evaluate(
+    config: str, workdir: str = "work", force: bool = False, execution: ExecutionConfig | None = None
+) -> dict:
+    """Train on WORKDIR/build/examples.parquet, then evaluate the checkpoint; returns the evaluation summary."""
+    execution = execution or ExecutionConfig()
+    _, config, workdir = _prepare(config, workdir)
+    checkpoint = train_task(config, workdir, force, execution)
+    return evaluate_task(config, workdir, checkpoint, force, execution)
+
+
+@flow(name="evaluate_checkpoint", log_prints=True)
+def evaluate_checkpoint(
+    config: str,
+    workdir: str = "work",
+    checkpoint: str | None = None,
+    force: bool = False,
+    execution: ExecutionConfig | None = None,
+) -> dict:
+    """Evaluate a checkpoint (default WORKDIR/train/checkpoint) on the config's eval sets."""
+    execution = execution or ExecutionConfig()
+    _, config, workdir = _prepare(config, workdir)
+    checkpoint = str(Path(checkpoint or Path(workdir) / "train" / "checkpoint").resolve())
+    return evaluate_task(config, workdir, checkpoint, force, execution)

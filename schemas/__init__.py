@@ -46,7 +46,7 @@ def _f(name: str, typ: pa.DataType, nullable: bool = False) -> pa.Field:
 
 TRANSCRIPTS = TableSchema(
     "transcripts",
-    1,
+    2,
     pa.schema(
         [
             _f("utt_id", pa.string()),
@@ -61,13 +61,18 @@ TRANSCRIPTS = TableSchema(
             _f("text_norm", pa.string()),  # Whisper's English normalizer, for WER and dedup
             _f("speaker", pa.string(), nullable=True),
             _f("text_source", pa.string()),  # "corpus" or "whisper:<checkpoint sha256>"
+            # The audio file as probed: a rerun probes it again only if these changed. Null in tables
+            # that another tool wrote.
+            _f("file_size", pa.int64(), nullable=True),
+            _f("file_mtime_ns", pa.int64(), nullable=True),
+            _f("file_sha256", pa.string(), nullable=True),  # null when harvest.content_hash is off
         ]
     ),
 )
 
 REJECTS = TableSchema(
     "rejects",
-    1,
+    2,
     pa.schema(
         [
             _f("corpus", pa.string()),
@@ -76,13 +81,18 @@ REJECTS = TableSchema(
             _f("field", pa.string()),  # which field was bad: audio, text, utt_id
             _f("reason", pa.string()),  # short machine-readable reason, counted at the end of a run
             _f("detail", pa.string()),
+            _f("audio_path", pa.string(), nullable=True),  # resolved audio file, when the row named one
+            # of that file, for audio rejects: a rerun reuses the reject while these are unchanged
+            _f("file_size", pa.int64(), nullable=True),
+            _f("file_mtime_ns", pa.int64(), nullable=True),
+            _f("file_sha256", pa.string(), nullable=True),
         ]
     ),
 )
 
 RESPONSES = TableSchema(
     "responses",
-    1,
+    2,
     pa.schema(
         [
             _f("utt_id", pa.string()),
@@ -97,6 +107,23 @@ RESPONSES = TableSchema(
             _f("completion_tokens", pa.int32()),
             _f("request_key", pa.string()),  # cache key: sha256 of model, prompt and sampling parameters
             _f("sampling", pa.string()),  # JSON of the sampling parameters sent
+            # v2: the first filter the answer failed (stages/generation/filters.py); null: kept for training.
+            # Every (utterance, task) has exactly one row, kept or not, so nothing is dropped silently.
+            _f("rejected_by", pa.string(), nullable=True),
+        ]
+    ),
+)
+
+GENERATE_STATS = TableSchema(
+    "generate_stats",
+    1,
+    pa.schema(
+        [
+            _f("task", pa.string()),
+            _f("filter", pa.string()),
+            _f("applied", pa.int64()),  # answers of this task the filter judged
+            _f("failed", pa.int64()),  # answers that failed it (an answer may fail several)
+            _f("rejected", pa.int64()),  # answers whose rejected_by is this filter (the first failed)
         ]
     ),
 )
@@ -123,9 +150,25 @@ EXAMPLES = TableSchema(
     ),
 )
 
+SHARDS = TableSchema(
+    "shards",
+    1,
+    pa.schema(
+        [
+            _f("file", pa.string()),  # shard file name, relative to the manifest's folder
+            _f("split", pa.string()),  # every row of a shard has this split
+            _f("rows", pa.int64()),
+            _f("row_groups", pa.int32()),
+            _f("bytes", pa.int64()),
+            _f("sha256", pa.string()),
+            _f("audio_s", pa.float64()),  # total audio duration of the shard's rows
+        ]
+    ),
+)
+
 PREDICTIONS = TableSchema(
     "predictions",
-    1,
+    2,
     pa.schema(
         [
             _f("example_id", pa.string()),
@@ -137,6 +180,9 @@ PREDICTIONS = TableSchema(
             _f("reference_norm", pa.string()),
             _f("hypothesis_norm", pa.string()),
             _f("ref_words", pa.int32()),
+            _f("substitutions", pa.int32()),
+            _f("deletions", pa.int32()),
+            _f("insertions", pa.int32()),
             _f("errors", pa.int32()),
             _f("duration_s", pa.float64()),
         ]
@@ -145,7 +191,7 @@ PREDICTIONS = TableSchema(
 
 METRICS = TableSchema(
     "metrics",
-    1,
+    2,
     pa.schema(
         [
             _f("eval_set", pa.string()),
@@ -158,11 +204,104 @@ METRICS = TableSchema(
             _f("hits", pa.int32()),
             _f("wer", pa.float64()),
             _f("empty_references", pa.int32()),  # filtered out of the WER and counted here
+            _f("rejected", pa.int32()),  # eval rows whose audio could not be loaded (in rejects.parquet)
+            _f("audio_s", pa.float64()),  # seconds of audio decoded
+            _f("decode_s", pa.float64()),  # wall seconds of features + encoder + generate
+            _f("rtfx", pa.float64()),  # audio_s / decode_s
+            _f("num_beams", pa.int32()),
         ]
     ),
 )
 
-ALL = {s.name: s for s in (TRANSCRIPTS, REJECTS, RESPONSES, EXAMPLES, PREDICTIONS, METRICS)}
+PROBE = TableSchema(
+    "probe",
+    1,
+    pa.schema(
+        [
+            _f("utt_id", pa.string()),
+            _f("eval_set", pa.string()),
+            _f("category", pa.string()),  # a non-ASR task of the instruction catalog
+            _f("instruction", pa.string()),
+            _f("transcript", pa.string()),
+            _f("llm_answer", pa.string()),  # the LLM's own answer to the same instruction on the transcript
+            _f("answer", pa.string()),  # the speech model's answer to (speech, instruction)
+            _f("wer_vs_transcript", pa.float64()),  # WER of the answer against the transcript, normalized
+            _f("anchored", pa.bool_()),  # wer_vs_transcript below the threshold: the answer is the transcript
+            _f("chrf", pa.float64()),  # sentence chrF (0-100) of the answer against the LLM's answer
+        ]
+    ),
+)
+
+PROBE_METRICS = TableSchema(
+    "probe_metrics",
+    1,
+    pa.schema(
+        [
+            _f("eval_set", pa.string()),
+            _f("category", pa.string()),
+            _f("n_items", pa.int32()),
+            _f("n_anchored", pa.int32()),
+            _f("anchor_rate", pa.float64()),
+            _f("anchor_wer_threshold", pa.float64()),
+            _f("self_consistency_chrf", pa.float64()),  # corpus chrF (0-100) against the LLM's answers
+            _f("empty_transcripts", pa.int32()),  # items left out: no words to anchor to
+            _f("rejected", pa.int32()),  # items whose audio could not be loaded
+        ]
+    ),
+)
+
+QA = TableSchema(
+    "qa",
+    1,
+    pa.schema(
+        [
+            _f("qa_id", pa.string()),
+            _f("utt_id", pa.string()),
+            _f("eval_set", pa.string()),
+            _f("question", pa.string()),
+            _f("reference", pa.bool_()),
+            _f("answer", pa.string()),  # the speech model's free-form answer
+            _f("parsed", pa.string(), nullable=True),  # "yes" / "no", or null when it says neither
+            _f("correct", pa.bool_()),
+        ]
+    ),
+)
+
+QA_METRICS = TableSchema(
+    "qa_metrics",
+    1,
+    pa.schema(
+        [
+            _f("eval_set", pa.string()),
+            _f("source", pa.string()),  # the question file, or "generated:word-presence-v1"
+            _f("n_questions", pa.int32()),
+            _f("n_correct", pa.int32()),
+            _f("n_unparsed", pa.int32()),  # answers with neither yes nor no: counted as wrong
+            _f("accuracy", pa.float64()),
+            _f(
+                "rejected", pa.int32()
+            ),  # questions on audio that could not be loaded or on unknown utterances
+        ]
+    ),
+)
+
+ALL = {
+    s.name: s
+    for s in (
+        TRANSCRIPTS,
+        REJECTS,
+        RESPONSES,
+        GENERATE_STATS,
+        EXAMPLES,
+        SHARDS,
+        PREDICTIONS,
+        METRICS,
+        PROBE,
+        PROBE_METRICS,
+        QA,
+        QA_METRICS,
+    )
+}
 
 
 def check(table: pa.Table | pa.Schema, expected: TableSchema, where: str = "") -> None:

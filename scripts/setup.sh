@@ -18,4 +18,14 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v '^WARNING: Location' || true
 fi
 .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+# Debian packages: espeak-ng synthesizes the speech of the learning check (bench/learning.py);
+# docker-compose (1.29) checks the compose file in the tests. The container tests set up podman themselves.
+missing=""
+command -v espeak-ng >/dev/null 2>&1 || missing="$missing espeak-ng"
+command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
+if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null; } \
+    || echo "setup: could not install$missing with apt-get" >&2
+fi
 .venv/bin/python -c "import torch, transformers, prefect, duckdb; print(f'setup ok: torch {torch.__version__}, transformers {transformers.__version__}, prefect {prefect.__version__}, duckdb {duckdb.__version__}')"

@@ -81,20 +81,56 @@ def models_tiny(config_path: Path, workdir: Path, force: bool) -> None:
     tiny_models.run(cfg, workdir, force)
 
 
+@main.group("model")
+def model_group() -> None:
+    """The speech-text model."""
+
+
+@model_group.command("init")
+@click.option("--whisper", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--llm", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The model directory to write.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Take the Q-Former sizes and what trains from this config's train section (default: the reference's).",
+)
+def model_init(whisper: Path, llm: Path, out: Path, config_path: Path | None) -> None:
+    """Assemble one Hugging Face model directory from a Whisper directory and an LLM directory."""
+    from stages.model import init_model
+
+    path = init_model(whisper, llm, out, _cfg(config_path).train if config_path else None)
+    console.print(f"model: wrote {path}")
+
+
 @main.command()
 @config_opt
 @workdir_opt
 @force_opt
-def generate(config_path: Path, workdir: Path, force: bool) -> None:
+@click.option("--worker", default=0, show_default=True, help="This worker's index, 0..WORKERS-1.")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    help="How many workers split the utterances (by hash); the last one to finish merges.",
+)
+def generate(config_path: Path, workdir: Path, force: bool, worker: int, workers: int) -> None:
     """Ask the LLM each (utterance, task) instruction; write WORKDIR/generate/responses.parquet."""
     from stages import generate as stage
 
     cfg = _cfg(config_path)
+    if not 0 <= worker < workers:
+        raise click.ClickException(f"--worker must be in 0..{workers - 1}")
     _need(workdir / "harvest" / "transcripts.parquet", "transcripts", "harvest")
     _, llm = model_dirs(cfg, workdir)
-    if cfg.generate.backend == "transformers-serve":
+    if cfg.generate.backend != "openai":
         _need(llm, "LLM directory", "models tiny")
-    stage.run(cfg, workdir, llm if llm and llm.exists() else None, force)
+    try:
+        stage.run(cfg, workdir, llm if llm and llm.exists() else None, force, worker, workers)
+    except stage.GenerateError as e:
+        raise click.ClickException(str(e)) from e
 
 
 @main.command()
@@ -102,11 +138,30 @@ def generate(config_path: Path, workdir: Path, force: bool) -> None:
 @workdir_opt
 @force_opt
 def build(config_path: Path, workdir: Path, force: bool) -> None:
-    """Join transcripts and answers into WORKDIR/build/examples.parquet."""
+    """Join transcripts and answers into WORKDIR/build/examples.parquet and the loader's WORKDIR/build/shards/."""
     from stages import build as stage
 
     _need(workdir / "harvest" / "transcripts.parquet", "transcripts", "harvest")
     stage.run(_cfg(config_path), workdir, force)
+
+
+@main.command("import-reference")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Corpus root the manifest's audio paths are relative to (and confined to).",
+)
+@config_opt
+@workdir_opt
+@force_opt
+def import_reference(manifest: Path, root: Path, config_path: Path, workdir: Path, force: bool) -> None:
+    """Import the reference's {instruction, audio, text} answers into WORKDIR/import/; build then uses them."""
+    from stages import build as stage
+
+    _need(workdir / "harvest" / "transcripts.parquet", "transcripts", "harvest")
+    stage.run_import(_cfg(config_path), workdir, manifest, root, force)
 
 
 @main.command()
@@ -141,12 +196,45 @@ def train(config_path: Path, workdir: Path, force: bool) -> None:
     help="Checkpoint directory (default WORKDIR/train/checkpoint).",
 )
 def evaluate(config_path: Path, workdir: Path, force: bool, checkpoint: Path | None) -> None:
-    """Decode the eval sets and write WER to WORKDIR/evaluate/{predictions,metrics}.parquet."""
+    """Decode the eval sets: WER, the speech-anchor-bias probe, spoken QA; report in WORKDIR/evaluate."""
     from stages import evaluate as stage
 
     ckpt = _need(checkpoint or workdir / "train" / "checkpoint", "checkpoint", "train")
     examples = _need(workdir / "build" / "examples.parquet", "examples", "build")
-    stage.run(_cfg(config_path), workdir, ckpt, examples, force)
+    from schemas import SchemaError
+    from stages.evaluation.qa import QAFileError
+
+    try:
+        stage.run(_cfg(config_path), workdir, ckpt, examples, force)
+    except (FileNotFoundError, stage.EvaluateInputError, QAFileError, SchemaError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.command()
+@click.argument("workdir_a", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("workdir_b", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write compare.md and anchor_rate.png to this directory.",
+)
+def compare(workdir_a: Path, workdir_b: Path, out: Path | None) -> None:
+    """Compare two evaluated workdirs side by side: WER, anchor rate and chrF per category, QA accuracy.
+
+    Typically A is the ASR-only baseline (configs/demo-asr-only.yaml), B the self-powered model.
+    """
+    from schemas import SchemaError
+    from stages.evaluation import compare as cmp
+
+    try:
+        c = cmp.compare(workdir_a, workdir_b)
+    except (FileNotFoundError, SchemaError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(cmp.markdown(c, workdir_a.name, workdir_b.name))
+    if out is not None:
+        for path in cmp.write(c, out, workdir_a.name, workdir_b.name):
+            console.print(f"wrote {path}")
 
 
 def _run_flow(config_path: Path, workdir: Path, force: bool) -> dict:
@@ -275,6 +363,21 @@ def lineage_runs(workdir: Path, limit: int) -> None:
             (code or "")[:12],
         )
     console.print(t)
+
+
+@lineage.command("export-openlineage")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@workdir_opt
+@click.option("--namespace", default="splsm", show_default=True, help="OpenLineage job namespace.")
+def lineage_export_openlineage(out: Path, workdir: Path, namespace: str) -> None:
+    """Write every recorded run as OpenLineage run events (JSON lines) to OUT, for Marquez and the like."""
+    from splsm.lineage import export_openlineage
+
+    db = lineage_path(workdir)
+    if not db.exists():
+        raise click.ClickException(f"no lineage store at {db}")
+    n = export_openlineage(LineageStore(db), out, namespace)
+    console.print(f"{n} OpenLineage events written to {out}")
 
 
 if __name__ == "__main__":

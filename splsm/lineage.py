@@ -10,12 +10,18 @@ is the same version, and a changed file is a new one. Queries walk these edges: 
 checkpoint back to the corpus and the LLM it came from, ``downstream`` from a dataset to everything
 made from it.
 
-DuckDB allows one writing process per file. Stages open the store only for short transactions and
-retry while another process holds the lock, so several stage processes can share one store.
+DuckDB allows one process at a time to hold a file open for writing, and fails (rather than waits)
+when another holds it. Stages therefore take an advisory lock on a sidecar file (``lineage.duckdb.lock``,
+exclusive to write, shared to read) around each short transaction, so concurrent stage processes, also
+in containers sharing the volume, queue instead of failing; a retry loop covers processes that do not
+take the lock (a user's DuckDB shell).
+
+``export_openlineage`` writes the store as OpenLineage run events (JSON lines) for Marquez and similar.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -42,6 +48,11 @@ CREATE TABLE IF NOT EXISTS runs (
     host VARCHAR,
     image VARCHAR
 );
+-- added after the first release: stores made before it gain them on open
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS git_commit VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS image_digest VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS task_run_id VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS flow_name VARCHAR;
 CREATE TABLE IF NOT EXISTS datasets (
     dataset_id VARCHAR PRIMARY KEY,
     location VARCHAR NOT NULL,
@@ -85,32 +96,65 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """Where a stage run came from, beyond its parameters: what the runs table records about it."""
+
+    code_version: str
+    git_commit: str | None = None
+    flow_run_id: str | None = None
+    flow_name: str | None = None
+    task_run_id: str | None = None
+    image: str | None = None
+    image_digest: str | None = None
+
+
 class LineageStore:
-    def __init__(self, path: str | os.PathLike, lock_timeout_s: float = 120.0):
+    def __init__(self, path: str | os.PathLike, lock_timeout_s: float = 300.0):
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.execute(SCHEMA_SQL)
+        self._schema_ready = False
+
+    @contextmanager
+    def _file_lock(self, exclusive: bool):
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            if exclusive:
+                raise
+            yield  # a store on a read-only mount: nobody writes it, so reading needs no lock
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     @contextmanager
     def _connect(self, read_only: bool = False):
-        """Open the file, retrying while another process holds DuckDB's write lock."""
-        deadline = time.monotonic() + self.lock_timeout_s
-        delay = 0.02
-        while True:
+        """Open the file under the sidecar lock, retrying while a process without it holds DuckDB's lock."""
+        read_only = read_only and self.path.exists()
+        with self._file_lock(exclusive=not read_only):
+            deadline = time.monotonic() + self.lock_timeout_s
+            delay = 0.02
+            while True:
+                try:
+                    con = duckdb.connect(str(self.path), read_only=read_only)
+                    break
+                except duckdb.IOException as e:
+                    if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                        raise
+                    time.sleep(delay * (1 + random.random()))
+                    delay = min(delay * 2, 0.5)
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only and self.path.exists())
-                break
-            except duckdb.IOException as e:
-                if "lock" not in str(e).lower() or time.monotonic() > deadline:
-                    raise
-                time.sleep(delay * (1 + random.random()))
-                delay = min(delay * 2, 0.5)
-        try:
-            yield con
-        finally:
-            con.close()
+                if not read_only and not self._schema_ready:
+                    con.execute(SCHEMA_SQL)
+                    self._schema_ready = True
+                yield con
+            finally:
+                con.close()
 
     # ----- writing -----
 
@@ -118,24 +162,35 @@ class LineageStore:
         self,
         stage: str,
         params: dict,
-        code_version: str,
+        code_version: str | RunContext,
         flow_run_id: str | None = None,
         image: str | None = None,
     ) -> str:
+        """Record a run as ``running``; ``code_version`` may be a full RunContext (then the rest is unused)."""
+        ctx = (
+            code_version
+            if isinstance(code_version, RunContext)
+            else RunContext(code_version, flow_run_id=flow_run_id, image=image)
+        )
         run_id = uuid.uuid4().hex
         with self._connect() as con:
             con.execute(
-                "INSERT INTO runs (run_id, stage, params, code_version, status, started_at, flow_run_id, host, image)"
-                " VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)",
+                "INSERT INTO runs (run_id, stage, params, code_version, status, started_at, flow_run_id, host,"
+                " image, git_commit, image_digest, task_run_id, flow_name)"
+                " VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     run_id,
                     stage,
                     json.dumps(params, sort_keys=True, default=str),
-                    code_version,
+                    ctx.code_version,
                     _now(),
-                    flow_run_id,
+                    ctx.flow_run_id,
                     os.uname().nodename,
-                    image,
+                    ctx.image,
+                    ctx.git_commit,
+                    ctx.image_digest,
+                    ctx.task_run_id,
+                    ctx.flow_name,
                 ],
             )
         return run_id
@@ -194,8 +249,20 @@ class LineageStore:
     # ----- reading -----
 
     def query(self, sql: str, params: list | None = None) -> list[tuple]:
+        if not self.path.exists():
+            with self._connect():  # a store nobody wrote yet: create its tables, then read them
+                pass
         with self._connect(read_only=True) as con:
             return con.execute(sql, params or []).fetchall()
+
+    def dicts(self, sql: str, params: list | None = None) -> list[dict]:
+        if not self.path.exists():
+            with self._connect():
+                pass
+        with self._connect(read_only=True) as con:
+            cur = con.execute(sql, params or [])
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
     def latest_dataset(self, location: str) -> tuple | None:
         """The most recently written version of the dataset at ``location``."""
@@ -301,3 +368,136 @@ class LineageStore:
         for (did,) in roots:
             walk(did, 1)
         return out
+
+
+# ----- OpenLineage -----
+
+OPENLINEAGE_SCHEMA_URL = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/definitions/RunEvent"
+PRODUCER = "https://github.com/splsm/splsm"
+_FACET_SCHEMA = "https://openlineage.io/spec/facets/{}/{}.json#/$defs/{}"
+
+
+def _ol_uuid(hex_id: str) -> str:
+    """OpenLineage run ids are UUIDs; ours are UUID hex strings, Prefect's are UUIDs already."""
+    return str(uuid.UUID(hex_id))
+
+
+def _ol_dataset(row: dict, output: bool) -> dict:
+    facets: dict = {
+        "splsm_dataset": {
+            "_producer": PRODUCER,
+            "_schemaURL": PRODUCER + "/facets/splsm_dataset.json",
+            "kind": row["kind"],
+            "role": row["role"],
+            "contentHash": row["content_hash"],
+            "schemaName": row["schema_name"],
+            "schemaVersion": row["schema_version"],
+        }
+    }
+    ds = {"namespace": "file", "name": row["location"], "facets": facets}
+    if output and row["row_count"] is not None:
+        ds["outputFacets"] = {
+            "outputStatistics": {
+                "_producer": PRODUCER,
+                "_schemaURL": _FACET_SCHEMA.format(
+                    "1-0-2", "OutputStatisticsOutputDatasetFacet", "OutputStatisticsOutputDatasetFacet"
+                ),
+                "rowCount": row["row_count"],
+            }
+        }
+    elif not output and row["row_count"] is not None:
+        facets["splsm_dataset"]["rowCount"] = row["row_count"]
+    return ds
+
+
+def openlineage_events(store: LineageStore, namespace: str = "splsm") -> list[dict]:
+    """Every recorded run as OpenLineage events: START, then COMPLETE or FAIL (none yet while running).
+
+    Stage runs under a Prefect flow run carry it as their ``parent`` run, so Marquez groups them.
+    """
+    runs = store.dicts("SELECT * FROM runs ORDER BY started_at, run_id")
+    io = store.dicts(
+        """SELECT io.run_id, io.direction, io.role, d.location, d.kind, d.content_hash, d.schema_name,
+                  d.schema_version, d.row_count
+           FROM run_io io JOIN datasets d USING (dataset_id) ORDER BY d.location"""
+    )
+    by_run: dict[str, dict[str, list[dict]]] = {}
+    for row in io:
+        by_run.setdefault(row["run_id"], {"input": [], "output": []})[row["direction"]].append(row)
+    events = []
+    for r in runs:
+        run_facets: dict = {
+            "splsm_run": {
+                "_producer": PRODUCER,
+                "_schemaURL": PRODUCER + "/facets/splsm_run.json",
+                "params": json.loads(r["params"]) if r["params"] else {},
+                "codeVersion": r["code_version"],
+                "gitCommit": r["git_commit"],
+                "image": r["image"],
+                "imageDigest": r["image_digest"],
+                "host": r["host"],
+                "prefectFlowRunId": r["flow_run_id"],
+                "prefectTaskRunId": r["task_run_id"],
+            }
+        }
+        if r["flow_run_id"]:
+            try:
+                parent_id = _ol_uuid(r["flow_run_id"])
+            except ValueError:
+                parent_id = None
+            if parent_id:
+                run_facets["parent"] = {
+                    "_producer": PRODUCER,
+                    "_schemaURL": _FACET_SCHEMA.format("1-0-1", "ParentRunFacet", "ParentRunFacet"),
+                    "run": {"runId": parent_id},
+                    "job": {"namespace": namespace, "name": r["flow_name"] or "prefect-flow"},
+                }
+        ios = by_run.get(r["run_id"], {"input": [], "output": []})
+        base = {
+            "run": {"runId": _ol_uuid(r["run_id"]), "facets": run_facets},
+            "job": {"namespace": namespace, "name": r["stage"], "facets": {}},
+            "producer": PRODUCER,
+            "schemaURL": OPENLINEAGE_SCHEMA_URL,
+        }
+        events.append(
+            {
+                "eventType": "START",
+                "eventTime": r["started_at"].isoformat(),
+                **base,
+                "inputs": [_ol_dataset(d, False) for d in ios["input"]],
+                "outputs": [],
+            }
+        )
+        if r["status"] == "running":
+            continue
+        end = {**base, "run": {"runId": base["run"]["runId"], "facets": dict(run_facets)}}
+        if r["status"] == "failed":
+            end["run"]["facets"]["errorMessage"] = {
+                "_producer": PRODUCER,
+                "_schemaURL": _FACET_SCHEMA.format("1-0-1", "ErrorMessageRunFacet", "ErrorMessageRunFacet"),
+                "message": r["error"] or "",
+                "programmingLanguage": "python",
+            }
+        events.append(
+            {
+                "eventType": "COMPLETE" if r["status"] == "succeeded" else "FAIL",
+                "eventTime": (r["ended_at"] or r["started_at"]).isoformat(),
+                **end,
+                "inputs": [_ol_dataset(d, False) for d in ios["input"]],
+                "outputs": [_ol_dataset(d, True) for d in ios["output"]],
+            }
+        )
+    return events
+
+
+def export_openlineage(store: LineageStore, out: str | os.PathLike, namespace: str = "splsm") -> int:
+    """Write ``openlineage_events`` to ``out`` as JSON lines (whole or not at all); returns the event count."""
+    out = Path(out)
+    events = openlineage_events(store, namespace)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w") as f:
+        for e in events:
+            f.write(json.dumps(e, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, out)
+    return len(events)

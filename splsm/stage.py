@@ -8,6 +8,7 @@ output is hashed, and the run with its inputs and outputs lands in the lineage s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 
 from schemas import META_KEY
 from splsm import __version__
-from splsm.lineage import DatasetRef, LineageStore, lineage_path
+from splsm.lineage import DatasetRef, LineageStore, RunContext, lineage_path
 from splsm.log import console
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +53,12 @@ def fingerprint_dir(path: Path) -> str:
     return "listing:" + h.hexdigest()
 
 
-def code_version() -> str:
-    """The git commit of the project (with ``-dirty`` for uncommitted changes), else the package version."""
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The project's git commit (``-dirty`` with uncommitted changes): SPLSM_GIT_COMMIT where set (images
+    have no .git; the build or the flow passes it), else asked of git, else None."""
+    if os.environ.get("SPLSM_GIT_COMMIT"):
+        return os.environ["SPLSM_GIT_COMMIT"]
     try:
         sha = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
@@ -70,7 +75,12 @@ def code_version() -> str:
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return f"splsm-{__version__}"
+        return None
+
+
+def code_version() -> str:
+    """The git commit of the project, else the package version."""
+    return git_commit() or f"splsm-{__version__}"
 
 
 def code_hash(files: list[str]) -> str:
@@ -93,6 +103,29 @@ def flow_run_id() -> str | None:
         return str(rid) if rid else None
     except Exception:
         return None
+
+
+def run_context() -> RunContext:
+    """What the lineage row says about where this run came from: code, Prefect runs, image."""
+    flow_name = os.environ.get("SPLSM_FLOW_NAME")
+    task_run_id = os.environ.get("SPLSM_TASK_RUN_ID")
+    if not (flow_name and task_run_id):
+        try:
+            from prefect.runtime import flow_run, task_run
+
+            flow_name = flow_name or (str(flow_run.flow_name) if flow_run.id else None)
+            task_run_id = task_run_id or (str(task_run.id) if task_run.id else None)
+        except Exception:
+            pass
+    return RunContext(
+        code_version=code_version(),
+        git_commit=git_commit(),
+        flow_run_id=flow_run_id(),
+        flow_name=flow_name,
+        task_run_id=task_run_id,
+        image=os.environ.get("SPLSM_IMAGE"),
+        image_digest=os.environ.get("SPLSM_IMAGE_DIGEST"),
+    )
 
 
 @dataclass(frozen=True)
@@ -173,7 +206,7 @@ def run_stage(
             )
 
     store = LineageStore(lineage_path(workdir))
-    run_id = store.start_run(stage, params, code_version(), flow_run_id(), os.environ.get("SPLSM_IMAGE"))
+    run_id = store.start_run(stage, params, run_context())
     console.rule(f"[bold]{stage}[/] (run {run_id[:8]})")
     try:
         summary = body() or {}

@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
 from functools import lru_cache
 
 # GigaSpeech-style spacing before punctuation (" ," and the ideographic full stop used as a period).
 _SPACED_PUNCT = re.compile(r"\s+([,.;:!?])")
 
+# GigaSpeech writes punctuation as tags in its text_tn field.
+GIGASPEECH_PUNCTUATION = {
+    "<COMMA>": ",",
+    "<PERIOD>": ".",
+    "<QUESTIONMARK>": "?",
+    "<EXCLAMATIONPOINT>": "!",
+}
+# GigaSpeech dev/test label non-speech stretches with these instead of words; its authors say to drop them.
+GIGASPEECH_GARBAGE = ("<SIL>", "<MUSIC>", "<NOISE>", "<OTHER>")
+_GIGA_TAG = re.compile("|".join(re.escape(t) for t in GIGASPEECH_PUNCTUATION))
+
 
 @lru_cache(maxsize=1)
 def _normalizer():
+    if "whisper.normalizers" not in sys.modules:
+        # Importing ``whisper.normalizers`` runs ``whisper/__init__``, which imports torch (seconds per
+        # process); harvest workers only need the pure-Python normalizer, so load that package alone.
+        spec = importlib.util.find_spec("whisper")
+        if spec is not None and spec.submodule_search_locations:
+            pkg_dir = spec.submodule_search_locations[0] + "/normalizers"
+            name = "_splsm_whisper_normalizers"
+            if name not in sys.modules:
+                sub = importlib.util.spec_from_file_location(
+                    name, pkg_dir + "/__init__.py", submodule_search_locations=[pkg_dir]
+                )
+                mod = importlib.util.module_from_spec(sub)
+                sys.modules[name] = mod
+                sub.loader.exec_module(mod)
+            return sys.modules[name].EnglishTextNormalizer()
     from whisper.normalizers import EnglishTextNormalizer
 
     return EnglishTextNormalizer()
@@ -21,9 +49,18 @@ def normalize(text: str) -> str:
     return _normalizer()(text)
 
 
+def gigaspeech_tags_to_punctuation(text: str) -> str:
+    """``HELLO <COMMA> WORLD <PERIOD>`` -> ``HELLO , WORLD .`` (spacing is repaired by ``readable``)."""
+    return _GIGA_TAG.sub(lambda m: GIGASPEECH_PUNCTUATION[m.group(0)], text)
+
+
+def garbage_tags(text: str) -> list[str]:
+    return [t for t in GIGASPEECH_GARBAGE if t in text]
+
+
 def readable(text: str) -> str:
     """The transcript as the LLM should read it: all-caps corpora lower-cased, spacing repaired."""
-    t = " ".join(text.replace("\u3002", ".").split())
+    t = " ".join(gigaspeech_tags_to_punctuation(text).replace("\u3002", ".").split())
     if t.isupper():
         t = t.lower()
     return _SPACED_PUNCT.sub(r"\1", t)

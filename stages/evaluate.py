@@ -1,153 +1,212 @@
-"""Evaluate: greedy decoding of the eval sets' ASR examples with a trained checkpoint, and WER.
+"""Evaluate: decode the eval sets with a trained checkpoint; WER, the speech-anchor-bias probe, spoken QA.
 
-WER is computed as the reference does it: openai-whisper's English text normalizer on both the
-reference transcript and the hypothesis, then word alignment with jiwer. It is corpus-level per eval
-set (all errors over all reference words), with substitutions, deletions, insertions and hits.
-Utterances whose reference is empty after normalization have no defined WER: they are decoded and
-kept in the predictions, but left out of the metrics and counted in ``empty_references``. An eval row
-whose audio cannot be loaded is a reject (warned about, written to ``rejects.parquet`` and counted in
-the report), never a silent drop.
+- ASR: every eval-set row of the examples table with task ``asr`` is decoded (greedy, or beam search
+  with ``num_beams``) under a length bound from its duration, and scored as ``stages.evaluation.wer``
+  says: Whisper's English normalizer on both sides, corpus-level WER per eval set with S/D/I. RTFx
+  (audio seconds per decoding second) is measured per set.
+- Probe (``stages.evaluation.probe``): the generate stage's (utterance, non-ASR instruction) pairs on
+  the eval utterances, asked with the speech instead of the transcript: anchor rate and
+  self-consistency per category. It reads ``WORKDIR/generate/responses.parquet``, which exists for an
+  ASR-only build as well, so both kinds of model are probed with the same items.
+- QA (``stages.evaluation.qa``): yes/no questions on the eval speech, scored by accuracy.
 
-Outputs in ``WORKDIR/evaluate``: ``predictions.parquet`` (schemas.PREDICTIONS), ``metrics.parquet``
-(schemas.METRICS), ``rejects.parquet`` (schemas.REJECTS) and ``report.md``.
+Bad input never yields a report on partial data without saying so: a checkpoint that is incomplete or
+not a speech-text checkpoint is an error before anything loads; a row whose audio cannot be loaded is a
+reject (``rejects.parquet``), counted per set in every table and flagged at the top of the report.
+
+Outputs in ``WORKDIR/evaluate``: predictions, metrics, probe, probe_metrics, qa, qa_metrics and rejects
+(Parquet, schemas in ``schemas``), qa_questions.jsonl (the question set asked), report.md, report.html
+and the report's PNG plots. ``publish_artifacts`` makes Prefect artifacts of them (the flow calls it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
 
-from schemas import EXAMPLES, METRICS, PREDICTIONS, REJECTS, read_table, to_table, write_table
+from schemas import (
+    EXAMPLES,
+    METRICS,
+    PREDICTIONS,
+    PROBE,
+    PROBE_METRICS,
+    QA,
+    QA_METRICS,
+    REJECTS,
+    RESPONSES,
+    read_table,
+    to_table,
+    write_table,
+)
 from splsm.config import EvaluateConfig, ExperimentConfig
-from splsm.log import console, progress
-from splsm.stage import Artifact, StageResult, run_stage
+from splsm.log import console
+from splsm.stage import Artifact, StageResult, run_stage, sha256_file
 from splsm.text import normalize
+from stages.evaluation import decoding, probe, qa, report
+from stages.evaluation.wer import corpus_metrics, word_errors
+
+__all__ = [
+    "evaluate",
+    "run",
+    "publish_artifacts",
+    "check_lsm_checkpoint",
+    "EvaluateInputError",
+    "corpus_metrics",
+    "word_errors",
+]
 
 CODE_FILES = [
     "stages/evaluate.py",
+    "stages/evaluation/decoding.py",
+    "stages/evaluation/wer.py",
+    "stages/evaluation/probe.py",
+    "stages/evaluation/qa.py",
+    "stages/evaluation/report.py",
     "stages/model.py",
+    "stages/prompts.py",
     "splsm/audio.py",
     "splsm/text.py",
     "schemas/__init__.py",
 ]
 TASK = "asr"
+TABLES = {
+    "predictions": PREDICTIONS,
+    "metrics": METRICS,
+    "probe": PROBE,
+    "probe_metrics": PROBE_METRICS,
+    "qa": QA,
+    "qa_metrics": QA_METRICS,
+    "rejects": REJECTS,
+}
+FILES = {
+    "report": "report.md",
+    "report_html": "report.html",
+    "qa_questions": "qa_questions.jsonl",
+    **report.PLOTS,
+}
 
 
-def word_errors(reference_norm: str, hypothesis_norm: str) -> dict:
-    """Alignment counts of one utterance (normalized texts); an empty reference has only insertions."""
-    import jiwer
-
-    if not reference_norm.split():
-        return dict(substitutions=0, deletions=0, insertions=len(hypothesis_norm.split()), hits=0)
-    o = jiwer.process_words(reference_norm, hypothesis_norm)
-    return dict(substitutions=o.substitutions, deletions=o.deletions, insertions=o.insertions, hits=o.hits)
+class EvaluateInputError(ValueError):
+    """An input the stage cannot evaluate: a checkpoint of another kind, no eval rows."""
 
 
-def corpus_metrics(eval_set: str, preds: list[dict]) -> dict:
-    """One METRICS row: errors summed over the set's utterances with a non-empty reference."""
-    scored = [p for p in preds if p["ref_words"] > 0]
-    tot = Counter()
-    for p in scored:
-        tot.update(p["_counts"])
-    n_ref = tot["substitutions"] + tot["deletions"] + tot["hits"]
-    errors = tot["substitutions"] + tot["deletions"] + tot["insertions"]
-    return dict(
-        eval_set=eval_set,
-        task=TASK,
-        n_utterances=len(scored),
-        n_ref_words=n_ref,
-        substitutions=tot["substitutions"],
-        deletions=tot["deletions"],
-        insertions=tot["insertions"],
-        hits=tot["hits"],
-        wer=errors / n_ref if n_ref else float("nan"),
-        empty_references=len(preds) - len(scored),
-    )
+def check_lsm_checkpoint(path: str | Path) -> Path:
+    """A clear error, before any loading, for a checkpoint that is missing, incomplete or of another kind."""
+    from stages.model import LSMConfig, check_checkpoint
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if cfg_file.is_file():
+        try:
+            model_type = json.loads(cfg_file.read_text()).get("model_type")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise EvaluateInputError(f"checkpoint {path}: config.json is not a JSON object ({e})") from e
+        if model_type != LSMConfig.model_type:
+            raise EvaluateInputError(
+                f"checkpoint {path}: config.json has model_type {model_type!r}, not {LSMConfig.model_type!r}: "
+                "this is not a speech-text checkpoint written by the train stage (a plain LLM or Whisper "
+                "directory?)"
+            )
+    return check_checkpoint(path)
 
 
-def evaluate(
-    checkpoint: Path, examples: Path, out_dir: Path, cfg: EvaluateConfig, device: str | None = None
-) -> dict:
-    """Decode, score and write the outputs; returns a summary dict (WER per set, rejects)."""
-    import torch
-
-    from splsm import audio
-    from stages.model import Collator, LSMForConditionalGeneration, check_checkpoint
-
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    check_checkpoint(checkpoint)  # a clear error naming what is missing, before any loading
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+def _load_model(checkpoint: Path, device: str):
     from transformers.utils import logging as hf_logging
+
+    from stages.model import LSMForConditionalGeneration
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
     try:
-        model = LSMForConditionalGeneration.from_pretrained(str(checkpoint)).to(device).eval()
+        return LSMForConditionalGeneration.from_pretrained(str(checkpoint)).to(device).eval()
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    collate = Collator(model.tokenizer, model.feature_extractor)
+
+
+def _reject(part: str, eval_set: str, path: str, utt_id: str, err) -> dict:
+    return dict(
+        corpus=eval_set,
+        source=path,
+        utt_id=utt_id,
+        field="audio",
+        reason=err.reason,
+        detail=f"{part}: {err.detail}",
+    )
+
+
+def evaluate(
+    checkpoint: Path,
+    examples: Path,
+    out_dir: Path,
+    cfg: EvaluateConfig,
+    responses: Path | None = None,
+    qa_file: Path | None = None,
+    baseline: Path | None = None,
+    prompt_format: str = "vicuna_v1.1",
+    device: str | None = None,
+) -> dict:
+    """Decode, score and write the outputs; returns a summary dict (WER, anchor rate, QA accuracy, rejects)."""
+    import torch
+
+    from stages.model import Collator
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    check_lsm_checkpoint(checkpoint)
+    base_rows = None
+    if baseline is not None:
+        base_file = Path(baseline) / "evaluate" / "probe_metrics.parquet"
+        base_rows = read_table(base_file, PROBE_METRICS).to_pylist()
+    questions, qa_source = None, qa.GENERATED
+    if cfg.qa and qa_file is not None:
+        questions, qa_source = qa.load_questions(qa_file), str(qa_file)  # a bad file fails before decoding
 
     table = read_table(examples, EXAMPLES)
     rows = [r for r in table.to_pylist() if r["split"] in cfg.eval_sets and r["task"] == TASK]
     found = Counter(r["split"] for r in rows)
-    for s in cfg.eval_sets:
-        if not found[s]:
-            console.print(f"[yellow]evaluate: warning: eval set {s!r} has no {TASK} rows in {examples}[/]")
+    missing_sets = [s for s in cfg.eval_sets if not found[s]]
+    for s in missing_sets:
+        console.print(f"[yellow]evaluate: warning: eval set {s!r} has no {TASK} rows in {examples}[/]")
     if not rows:
-        raise ValueError(f"evaluate: {examples} has no {TASK} rows in the eval sets {cfg.eval_sets}")
+        raise EvaluateInputError(f"evaluate: {examples} has no {TASK} rows in the eval sets {cfg.eval_sets}")
 
-    # Batches of similar duration pad less; the predictions keep the table's order.
-    order = sorted(range(len(rows)), key=lambda i: (rows[i]["split"], -rows[i]["duration_s"]))
-    hyps: dict[int, str] = {}
-    rejects: list[dict] = []
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = _load_model(checkpoint, device)
+    collate = Collator(model.tokenizer, model.feature_extractor)
     t0 = time.time()
-    with progress() as bar:
-        task = bar.add_task("evaluate", total=len(rows), status="")
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            kept, clips = [], []
-            for i in idx:
-                r = rows[i]
-                try:
-                    clips.append(audio.load(r["audio_path"], r["offset_s"], r["duration_s"]))
-                    kept.append(i)
-                except audio.AudioError as e:
-                    console.print(
-                        f"[yellow]evaluate: warning: rejected {r['example_id']} ({r['split']}): {e}[/]"
-                    )
-                    rejects.append(
-                        dict(
-                            corpus=r["split"],
-                            source=r["audio_path"],
-                            utt_id=r["utt_id"],
-                            field="audio",
-                            reason=e.reason,
-                            detail=e.detail,
-                        )
-                    )
-            if kept:
-                batch = collate([rows[i] for i in kept], clips, with_answer=False).to(device)
-                out = model.generate(
-                    batch.input_features,
-                    batch.durations_s,
-                    batch.prefix_ids,
-                    batch.suffix_ids,
-                    max_new_tokens=cfg.max_new_tokens,
-                )
-                for i, ids in zip(kept, out, strict=True):
-                    hyps[i] = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            bar.update(task, advance=len(idx), status=f"{len(rejects)} rejected" if rejects else "")
 
+    # ----- ASR and WER -----
+    asr_items = [
+        decoding.Item(
+            f"asr/{i}",
+            r["split"],
+            r["audio_path"],
+            r["offset_s"],
+            r["duration_s"],
+            r["prefix"],
+            r["suffix"],
+            decoding.length_bound(r["duration_s"], cfg.tokens_per_s, cfg.length_slack, cfg.max_new_tokens),
+            r["utt_id"],
+        )
+        for i, r in enumerate(rows)
+    ]
+    dec = decoding.decode(model, collate, asr_items, cfg.batch_size, cfg.num_beams, "evaluate asr")
+    rejects = [
+        _reject("asr", r["split"], r["audio_path"], r["utt_id"], dec.failed[f"asr/{i}"])
+        for i, r in enumerate(rows)
+        if f"asr/{i}" in dec.failed
+    ]
     preds = []
     for i, r in enumerate(rows):
-        if i not in hyps:
+        if f"asr/{i}" not in dec.texts:
             continue
-        ref_norm, hyp_norm = normalize(r["transcript"]), normalize(hyps[i])
-        counts = word_errors(ref_norm, hyp_norm)
+        hyp = dec.texts[f"asr/{i}"]
+        ref_norm, hyp_norm = normalize(r["transcript"]), normalize(hyp)
+        c = word_errors(ref_norm, hyp_norm)
         preds.append(
             dict(
                 example_id=r["example_id"],
@@ -155,86 +214,145 @@ def evaluate(
                 eval_set=r["split"],
                 task=r["task"],
                 reference=r["transcript"],
-                hypothesis=hyps[i],
+                hypothesis=hyp,
                 reference_norm=ref_norm,
                 hypothesis_norm=hyp_norm,
                 ref_words=len(ref_norm.split()),
-                errors=counts["substitutions"] + counts["deletions"] + counts["insertions"],
+                substitutions=c["substitutions"],
+                deletions=c["deletions"],
+                insertions=c["insertions"],
+                hits=c["hits"],
+                errors=c["substitutions"] + c["deletions"] + c["insertions"],
                 duration_s=r["duration_s"],
-                _counts=counts,
             )
         )
-    metrics = [corpus_metrics(s, [p for p in preds if p["eval_set"] == s]) for s in cfg.eval_sets]
-    reject_counts = Counter(rj["corpus"] for rj in rejects)
+    rejected = Counter(rj["corpus"] for rj in rejects)
+    metrics = []
+    for s in cfg.eval_sets:
+        m = corpus_metrics(s, [p for p in preds if p["eval_set"] == s], TASK)
+        audio_s, decode_s = dec.audio_s.get(s, 0.0), dec.decode_s.get(s, 0.0)
+        m.update(
+            rejected=rejected[s],
+            audio_s=audio_s,
+            decode_s=decode_s,
+            rtfx=audio_s / decode_s if decode_s else float("nan"),
+            num_beams=cfg.num_beams,
+        )
+        metrics.append(m)
 
-    write_table(
-        to_table([{k: v for k, v in p.items() if k != "_counts"} for p in preds], PREDICTIONS),
-        out_dir / "predictions.parquet",
-        PREDICTIONS,
+    # ----- probe and QA: one decoding pass over both -----
+    p_items, p_meta, probe_note = [], {}, ""
+    if not cfg.probe:
+        probe_note = "evaluate.probe is off"
+    elif responses is None or not Path(responses).exists():
+        probe_note = "no responses table from the generate stage"
+    else:
+        resp = read_table(responses, RESPONSES).to_pylist()
+        p_items, p_meta = probe.probe_items(
+            rows, resp, cfg.probe_tasks, cfg.probe_max_new_tokens, prompt_format
+        )
+        if not p_items:
+            probe_note = f"{responses} has no non-ASR answers on the eval utterances"
+    q_items, q_meta, unknown, qa_note = [], {}, [], ""
+    if not cfg.qa:
+        qa_note = "evaluate.qa is off"
+    else:
+        questions = questions if questions is not None else qa.word_presence_questions(rows)
+        q_items, q_meta, unknown = qa.qa_items(questions, rows, cfg.qa_max_new_tokens, prompt_format)
+        if not q_items:
+            qa_note = "no question is about an eval utterance"
+    # The question set as asked, so that a generated set can be read, kept and supplied again.
+    _write_text(out_dir / FILES["qa_questions"], "".join(json.dumps(q) + "\n" for q in questions or []))
+    rejects += [
+        dict(
+            corpus="qa",
+            source=qa_source,
+            utt_id=q["utt_id"],
+            field="utt_id",
+            reason="unknown_utt_id",
+            detail=f"qa: question {q['id']!r} is about an utterance in none of the eval sets {cfg.eval_sets}",
+        )
+        for q in unknown
+    ]
+    extra = decoding.decode(
+        model, collate, p_items + q_items, cfg.batch_size, cfg.num_beams, "evaluate probe+qa"
     )
-    write_table(to_table(metrics, METRICS), out_dir / "metrics.parquet", METRICS)
-    write_table(to_table(rejects, REJECTS), out_dir / "rejects.parquet", REJECTS)
-    _write_text(out_dir / "report.md", report_markdown(checkpoint, metrics, reject_counts, rejects, preds))
-    print_table(metrics, reject_counts)
+    for it in p_items + q_items:
+        if it.key in extra.failed:
+            part = (
+                "probe " + p_meta[it.key]["category"] if it.key in p_meta else f"qa {q_meta[it.key]['qa_id']}"
+            )
+            rejects.append(_reject(part, it.group, it.audio_path, it.utt_id, extra.failed[it.key]))
+    probe_rows = [
+        r
+        for k, m in p_meta.items()
+        if k in extra.texts
+        and (r := probe.score_item(m, extra.texts[k], cfg.anchor_wer_threshold)) is not None
+    ]
+    probe_m = probe.probe_metrics(probe_rows, p_meta, set(extra.failed), cfg.anchor_wer_threshold)
+    qa_rows = [qa.score(m, extra.texts[k]) for k, m in q_meta.items() if k in extra.texts]
+    qa_m = qa.qa_metrics(qa_rows, q_meta, set(extra.failed), qa_source)
+
+    # ----- outputs -----
+    tables = dict(
+        predictions=preds,
+        metrics=metrics,
+        probe=probe_rows,
+        probe_metrics=probe_m,
+        qa=qa_rows,
+        qa_metrics=qa_m,
+        rejects=rejects,
+    )
+    for name, schema in TABLES.items():
+        keep = schema.schema.names
+        write_table(
+            to_table([{k: r[k] for k in keep if k in r} for r in tables[name]], schema),
+            out_dir / f"{name}.parquet",
+            schema,
+        )
+    worst = report.worst_utterances(preds, cfg.worst_n)
+    report.write_plots(out_dir, metrics, probe_m, base_rows, worst)
+    settings = (
+        ("greedy" if cfg.num_beams == 1 else f"beam search, {cfg.num_beams} beams")
+        + f", batch {cfg.batch_size}, ASR answers at most min({cfg.max_new_tokens}, "
+        f"{cfg.tokens_per_s:g}/s x duration + {cfg.length_slack}) tokens, on {device}"
+    )
+    md = report.report_markdown(
+        dict(
+            checkpoint=checkpoint,
+            examples=examples,
+            examples_hash="sha256:" + sha256_file(Path(examples)),
+            settings=settings,
+            metrics=metrics,
+            preds=preds,
+            probe=probe_m,
+            probe_note=probe_note,
+            qa=qa_m,
+            qa_note=qa_note,
+            rejects=rejects,
+            missing_sets=missing_sets,
+            baseline=base_rows,
+            baseline_name=Path(baseline).name if baseline is not None else "",
+            worst=worst,
+        )
+    )
+    _write_text(out_dir / FILES["report"], md)
+    _write_text(out_dir / FILES["report_html"], report.report_html(md))
+    print_table(metrics, probe_m, qa_m)
     return {
         "wer": {m["eval_set"]: m["wer"] for m in metrics},
+        "rtfx": {m["eval_set"]: m["rtfx"] for m in metrics},
+        "anchor_rate": {f"{r['eval_set']}/{r['category']}": r["anchor_rate"] for r in probe_m},
+        "qa_accuracy": {r["eval_set"]: r["accuracy"] for r in qa_m},
         "predictions": len(preds),
         "rejects": len(rejects),
         "empty_references": sum(m["empty_references"] for m in metrics),
+        "partial": bool(rejects or missing_sets),
         "seconds": time.time() - t0,
     }
 
 
-def _fmt_wer(wer: float) -> str:
-    return "n/a" if wer != wer else f"{100 * wer:.2f}"
-
-
-def report_markdown(
-    checkpoint: Path,
-    metrics: list[dict],
-    reject_counts: Counter,
-    rejects: list[dict],
-    preds: list[dict],
-    n_samples: int = 5,
-) -> str:
-    lines = [
-        "# Evaluation report",
-        "",
-        f"Checkpoint: `{checkpoint}`",
-        "",
-        "WER (%) after openai-whisper's English text normalizer on both sides, corpus-level per eval set.",
-        "",
-        "| eval set | task | utterances | ref words | sub | del | ins | hits | WER % | empty refs | "
-        "rejected (audio) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for m in metrics:
-        lines.append(
-            f"| {m['eval_set']} | {m['task']} | {m['n_utterances']} | {m['n_ref_words']} | "
-            f"{m['substitutions']} | {m['deletions']} | {m['insertions']} | {m['hits']} | "
-            f"{_fmt_wer(m['wer'])} | {m['empty_references']} | {reject_counts.get(m['eval_set'], 0)} |"
-        )
-    lines += [
-        "",
-        f"{len(rejects)} eval rows rejected because their audio could not be loaded"
-        + (":" if rejects else "."),
-    ]
-    lines += [f"- `{rj['utt_id']}` ({rj['corpus']}): {rj['reason']}: {rj['detail']}" for rj in rejects]
-    if preds:
-        lines += [
-            "",
-            "## Sample predictions",
-            "",
-            "| utterance | reference (normalized) | hypothesis (normalized) |",
-            "|---|---|---|",
-        ]
-        for p in preds[:n_samples]:
-            ref, hyp = (p[k].replace("|", "\\|") for k in ("reference_norm", "hypothesis_norm"))
-            lines.append(f"| {p['utt_id']} | {ref} | {hyp} |")
-    return "\n".join(lines) + "\n"
-
-
-def print_table(metrics: list[dict], reject_counts: Counter) -> None:
+def print_table(metrics: list[dict], probe_m: list[dict], qa_m: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(
@@ -247,6 +365,7 @@ def print_table(metrics: list[dict], reject_counts: Counter) -> None:
         "WER %",
         "empty refs",
         "rejected",
+        "RTFx",
         title="WER per eval set",
     )
     for m in metrics:
@@ -257,11 +376,27 @@ def print_table(metrics: list[dict], reject_counts: Counter) -> None:
             str(m["substitutions"]),
             str(m["deletions"]),
             str(m["insertions"]),
-            _fmt_wer(m["wer"]),
+            report.pct(m["wer"]),
             str(m["empty_references"]),
-            str(reject_counts.get(m["eval_set"], 0)),
+            str(m["rejected"]),
+            report.num(m["rtfx"], 2),
         )
     console.print(t)
+    if probe_m:
+        t = Table("eval set", "category", "items", "anchor rate %", "chrF", title="Speech-anchor-bias probe")
+        for r in probe_m:
+            t.add_row(
+                r["eval_set"],
+                r["category"],
+                str(r["n_items"]),
+                report.pct(r["anchor_rate"]),
+                report.num(r["self_consistency_chrf"]),
+            )
+        console.print(t)
+    for r in qa_m:
+        console.print(
+            f"spoken QA ({r['eval_set']}): {report.pct(r['accuracy'])}% of {r['n_questions']} questions"
+        )
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -274,29 +409,60 @@ def _write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def run(
-    cfg: ExperimentConfig, workdir: Path, checkpoint: Path, examples: Path, force: bool = False
-) -> StageResult:
-    from stages.model import check_checkpoint
+def _resolve(p: Path | None, cfg: ExperimentConfig) -> Path | None:
+    # Paths in a config are relative to the config file, like every other path there.
+    if p is None or p.is_absolute():
+        return p
+    return ((cfg.source.parent if cfg.source else Path.cwd()) / p).resolve()
 
-    out = Path(workdir) / "evaluate"
-    check_checkpoint(checkpoint)  # before the lineage store hashes it: name what is missing
+
+def run(
+    cfg: ExperimentConfig,
+    workdir: Path,
+    checkpoint: Path,
+    examples: Path,
+    force: bool = False,
+    responses: Path | None = None,
+) -> StageResult:
+    """The stage: ``responses`` defaults to WORKDIR/generate/responses.parquet when it exists."""
+    workdir = Path(workdir)
+    out = workdir / "evaluate"
+    check_lsm_checkpoint(checkpoint)  # before the lineage store hashes it: name what is wrong
+    e = cfg.evaluate
+    qa_file, baseline = _resolve(e.qa_file, cfg), _resolve(e.baseline, cfg)
+    if responses is None and (workdir / "generate" / "responses.parquet").exists():
+        responses = workdir / "generate" / "responses.parquet"
+    inputs = [Artifact("checkpoint", checkpoint, "checkpoint"), Artifact("examples", examples, "table")]
+    if e.probe and responses is not None:
+        inputs.append(Artifact("responses", responses, "table"))
+    if e.qa and qa_file is not None:
+        inputs.append(Artifact("qa_questions", qa_file, "file"))
+    if baseline is not None:
+        inputs.append(Artifact("baseline_probe", baseline / "evaluate" / "probe_metrics.parquet", "table"))
 
     def body() -> dict:
-        return evaluate(checkpoint, examples, out, cfg.evaluate)
+        return evaluate(
+            checkpoint,
+            examples,
+            out,
+            e,
+            responses if e.probe else None,
+            qa_file,
+            baseline,
+            cfg.generate.prompt_format,
+        )
 
-    return run_stage(
-        "evaluate",
-        workdir,
-        cfg.evaluate.model_dump(mode="json"),
-        inputs=[Artifact("checkpoint", checkpoint, "checkpoint"), Artifact("examples", examples, "table")],
-        outputs=[
-            Artifact("predictions", out / "predictions.parquet", "table"),
-            Artifact("metrics", out / "metrics.parquet", "table"),
-            Artifact("rejects", out / "rejects.parquet", "table"),
-            Artifact("report", out / "report.md", "file"),
-        ],
-        body=body,
-        code_files=CODE_FILES,
-        force=force,
-    )
+    params = {
+        **e.model_dump(mode="json"),
+        "qa_file": str(qa_file) if qa_file else None,
+        "baseline": str(baseline) if baseline else None,
+        "prompt_format": cfg.generate.prompt_format,
+    }
+    outputs = [Artifact(name, out / f"{name}.parquet", "table") for name in TABLES]
+    outputs += [Artifact(role, out / name, "file") for role, name in FILES.items()]
+    return run_stage("evaluate", workdir, params, inputs, outputs, body, CODE_FILES, force)
+
+
+def publish_artifacts(workdir: Path) -> bool:
+    """The finished evaluation in WORKDIR as Prefect artifacts, when called inside a flow or task run."""
+    return report.publish_artifacts(Path(workdir) / "evaluate")

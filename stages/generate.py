@@ -1,307 +1,424 @@
 """Generate: the LLM answers an instruction about each transcript; its answers become training targets.
 
 For each (utterance, task) an instruction is drawn from the catalog, the prompt is formatted by
-``stages.prompts`` (the same function training uses) and sent to an OpenAI-compatible completions
-endpoint: a vLLM server in production, or a ``transformers serve`` process that this stage starts
-and stops itself on a laptop. Every answer goes into an on-disk cache keyed by (model, revision,
-prompt, sampling parameters) the moment it arrives, so a crash or a rerun never pays for it twice.
+``stages.prompts`` (the same function training uses) and answered by a backend
+(``stages.generation.backends``): OpenAI-compatible servers (vLLM in production, a ``transformers
+serve`` this stage starts on a laptop), vLLM's offline engine, or transformers in this process.
+
+Crash safety comes in two layers. Every answer is committed to an on-disk cache
+(``stages.generation.cache``) the moment it arrives, keyed by (model, revision, prompt, sampling),
+so nothing finished is ever requested again. A worker's (utterance, task) pairs are cut into shards
+of ``shard_size`` in plan order; a shard is written (atomically) once all its answers are in, and
+a shard file whose name, a digest of its requests, matches the plan is reused as it is. When every
+shard of every worker is there, they are merged into ``responses.parquet``: exactly one row per
+(utterance, task), checked, with the filters' verdict in ``rejected_by`` and their counts in
+``stats.parquet``.
+
+Scale-out: an utterance belongs to worker ``sha256(utt_id) mod N``, so N workers (``--worker i
+--workers N``) split a corpus with no coordination and no overlap; whichever finishes last merges.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import os
-import socket
-import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas import RESPONSES, TRANSCRIPTS, read_table, to_table, write_table
+from schemas import GENERATE_STATS, RESPONSES, TRANSCRIPTS, read_table, to_table, write_table
 from splsm.config import ExperimentConfig, GenerateConfig
 from splsm.log import console, progress
 from splsm.stage import Artifact, StageResult, fingerprint_dir, run_stage
+from stages.generation.backends import (
+    BackendError,
+    Meter,
+    OpenAIBackend,
+    Request,
+    ServerProcess,
+    TransformersBackend,
+    VLLMBackend,
+)
+from stages.generation.cache import Answer, AnswerCache, request_key
+from stages.generation.filters import FILTERS, FilterSettings, failures
 from stages.instructions import Catalog, load_catalog
 from stages.prompts import text_prompt
 
-CODE_FILES = ["stages/generate.py", "stages/prompts.py", "stages/instructions.py", "schemas/__init__.py"]
+CODE_FILES = [
+    "stages/generate.py",
+    "stages/generation/__init__.py",
+    "stages/generation/backends.py",
+    "stages/generation/cache.py",
+    "stages/generation/filters.py",
+    "stages/prompts.py",
+    "stages/instructions.py",
+    "schemas/__init__.py",
+]
+# Settings that change how fast answers come, not what they are: left out of the reuse key.
+OPERATIONAL = {
+    "backend",
+    "base_url",
+    "base_urls",
+    "api_key_env",
+    "concurrency",
+    "request_timeout_s",
+    "max_retries",
+    "retry_backoff_s",
+    "retry_backoff_max_s",
+    "server_start_timeout_s",
+    "serve_continuous_batching",
+    "transformers_batching",
+    "batch_size",
+    "device",
+    "shard_size",
+    "vllm_args",
+}
+NOT_REQUESTED = "not_requested"  # finish_reason of a prompt rejected before it was sent
 
 
-@dataclass(frozen=True)
-class Request:
-    utt_id: str
-    task: str
-    instruction_id: str
-    instruction: str
-    prompt: str
-    key: str
+class GenerateError(RuntimeError):
+    pass
 
 
-@dataclass(frozen=True)
-class Answer:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
+def sampling_params(g: GenerateConfig, budget: int | None = None) -> dict:
+    """What the backend is asked for; part of every cache key and recorded in every row."""
+    max_tokens = min(g.max_new_tokens, budget) if budget else g.max_new_tokens
+    return {"max_tokens": max_tokens, "temperature": g.temperature, "top_p": g.top_p, "seed": g.seed}
 
 
-def sampling_params(g: GenerateConfig) -> dict:
-    """What the server is asked for; part of every cache key."""
-    return {"max_tokens": g.max_new_tokens, "temperature": g.temperature, "seed": g.seed}
+def worker_of(utt_id: str, workers: int) -> int:
+    return int.from_bytes(hashlib.sha256(utt_id.encode()).digest()[:8], "big") % workers
 
 
-def request_key(model: str, revision: str, prompt: str, sampling: dict) -> str:
-    blob = json.dumps(
-        {"model": model, "revision": revision, "prompt": prompt, "sampling": sampling}, sort_keys=True
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
+def _local_tokenizer(llm_dir: Path | None):
+    if llm_dir is None or not (Path(llm_dir) / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=False)
 
 
 def plan_requests(
-    transcripts: Path,
-    catalog: Catalog,
-    tasks: list[str],
-    seed: int,
-    model: str,
-    revision: str,
-    sampling: dict,
+    transcripts: Path, catalog: Catalog, g: GenerateConfig, model: str, revision: str, tokenizer=None
 ) -> list[Request]:
+    """One request per (utterance, task), in transcript order then task order."""
     table = read_table(transcripts, TRANSCRIPTS)
     reqs = []
     for utt_id, text in zip(
         table.column("utt_id").to_pylist(), table.column("text").to_pylist(), strict=True
     ):
-        for task in tasks:
-            ins = catalog.draw(task, utt_id, seed)
-            prompt = text_prompt(ins.text, text)
-            reqs.append(
-                Request(
-                    utt_id, task, ins.id, ins.text, prompt, request_key(model, revision, prompt, sampling)
-                )
-            )
+        for task in g.tasks:
+            ins = catalog.draw(task, utt_id, g.seed)
+            prompt = text_prompt(ins.text, text, g.prompt_format, tokenizer)
+            sampling = sampling_params(g, catalog.categories[task].max_new_tokens)
+            key = request_key(model, revision, prompt, sampling)
+            reqs.append(Request(utt_id, task, ins.id, ins.text, prompt, key, sampling))
     return reqs
 
 
-class AnswerCache:
-    """Answers on disk by request key (SQLite: one committed row per answer, safe under a crash)."""
+def _applies(g: GenerateConfig, catalog: Catalog, task: str) -> tuple[str, ...]:
+    return tuple(f for f in catalog.categories[task].filters if f not in g.skip_filters)
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.con = sqlite3.connect(path, timeout=60)
-        self.con.execute("PRAGMA journal_mode=WAL")
-        self.con.execute(
-            "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, model TEXT, prompt TEXT, sampling TEXT,"
-            " answer TEXT, finish_reason TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, created REAL)"
+
+def count_prompt_tokens(reqs: list[Request], tokenizer) -> dict[str, int]:
+    """Prompt lengths by request key, as the server will count them (special tokens included)."""
+    prompts = list({r.key: r.prompt for r in reqs}.items())
+    out = {}
+    for i in range(0, len(prompts), 1024):
+        chunk = prompts[i : i + 1024]
+        for (k, _), ids in zip(chunk, tokenizer([p for _, p in chunk]).input_ids, strict=True):
+            out[k] = len(ids)
+    return out
+
+
+@dataclass
+class Shard:
+    name: str
+    reqs: list[Request]
+    skipped: set[str] = field(default_factory=set)  # keys rejected by prompt length before sending
+
+
+def shard_plan(
+    reqs: list[Request], worker: int, workers: int, shard_size: int, skipped: set[str]
+) -> list[Shard]:
+    """The worker's requests cut into shards; a shard's name carries a digest of exactly what it asks."""
+    mine = [r for r in reqs if worker_of(r.utt_id, workers) == worker]
+    shards = []
+    for k, i in enumerate(range(0, len(mine), shard_size)):
+        part = mine[i : i + shard_size]
+        h = hashlib.sha256()
+        for r in part:
+            h.update(f"{r.utt_id}\0{r.task}\0{r.instruction_id}\0{r.key}\0{r.key in skipped}\n".encode())
+        shards.append(
+            Shard(f"shard-{k:05d}-{h.hexdigest()[:16]}.parquet", part, {r.key for r in part} & skipped)
         )
-
-    def get_many(self, keys: list[str]) -> dict[str, Answer]:
-        found = {}
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            q = f"SELECT key, answer, finish_reason, prompt_tokens, completion_tokens FROM answers WHERE key IN ({','.join('?' * len(chunk))})"
-            for k, *rest in self.con.execute(q, chunk):
-                found[k] = Answer(*rest)
-        return found
-
-    def put(self, key: str, model: str, prompt: str, sampling: dict, a: Answer) -> None:
-        with self.con:
-            self.con.execute(
-                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    key,
-                    model,
-                    prompt,
-                    json.dumps(sampling, sort_keys=True),
-                    a.text,
-                    a.finish_reason,
-                    a.prompt_tokens,
-                    a.completion_tokens,
-                    time.time(),
-                ],
-            )
-
-    def close(self) -> None:
-        self.con.close()
+    return shards
 
 
-async def _request_all(
-    todo: list[Request], base_url: str, model: str, g: GenerateConfig, cache: AnswerCache, sampling: dict
-) -> int:
-    """Send every request with at most ``g.concurrency`` in flight; the client retries 429/5xx/connection
-    errors with exponential backoff. Each answer is cached as soon as it arrives."""
-    from openai import AsyncOpenAI
+def part_dir(out_dir: Path, worker: int, workers: int) -> Path:
+    return out_dir / "parts" / f"of-{workers:04d}" / f"worker-{worker:04d}"
 
-    client = AsyncOpenAI(
-        base_url=base_url,
-        api_key=os.environ.get(g.api_key_env, "EMPTY"),
-        timeout=g.request_timeout_s,
-        max_retries=g.max_retries,
+
+def cache_path(out_dir: Path, worker: int, workers: int) -> Path:
+    return out_dir / ("cache.sqlite" if workers == 1 else f"cache-{worker:04d}-of-{workers:04d}.sqlite")
+
+
+def _row(r: Request, a: Answer, model: str) -> dict:
+    return dict(
+        utt_id=r.utt_id,
+        task=r.task,
+        instruction_id=r.instruction_id,
+        instruction=r.instruction,
+        prompt=r.prompt,
+        answer=a.text,
+        model=model,
+        finish_reason=a.finish_reason,
+        prompt_tokens=a.prompt_tokens,
+        completion_tokens=a.completion_tokens,
+        request_key=r.key,
+        sampling=json.dumps(r.sampling, sort_keys=True),
+        rejected_by=None,  # decided at merge, so tuning a filter needs no new answers
     )
-    gate = asyncio.Semaphore(g.concurrency)
-    state = {"in_flight": 0, "tokens": 0, "t0": time.monotonic()}
-
-    with progress() as bar:
-        task = bar.add_task("generate", total=len(todo), status="")
-
-        async def one(r: Request) -> None:
-            async with gate:
-                state["in_flight"] += 1
-                try:
-                    resp = await client.completions.create(
-                        model=model,
-                        prompt=r.prompt,
-                        max_tokens=g.max_new_tokens,
-                        temperature=g.temperature,
-                        seed=g.seed,
-                    )
-                finally:
-                    state["in_flight"] -= 1
-            choice = resp.choices[0]
-            usage = resp.usage
-            a = Answer(
-                choice.text.strip(),
-                choice.finish_reason or "",
-                usage.prompt_tokens if usage else 0,
-                usage.completion_tokens if usage else 0,
-            )
-            cache.put(r.key, model, r.prompt, sampling, a)
-            state["tokens"] += a.completion_tokens
-            rate = state["tokens"] / max(time.monotonic() - state["t0"], 1e-6)
-            bar.update(task, advance=1, status=f"{rate:.0f} tok/s, {state['in_flight']} in flight")
-
-        try:
-            await asyncio.gather(*(one(r) for r in todo))
-        finally:
-            await client.close()
-    return state["tokens"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def transformers_server(model_dir: Path, log_path: Path, timeout_s: float = 300.0, device: str = "auto"):
-    """Start ``transformers serve`` on a free loopback port for the duration of the block; yields its base URL."""
-    port = _free_port()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "ab")
-    exe = Path(sys.executable).with_name("transformers")
-    cmd = [
-        str(exe) if exe.exists() else "transformers",
-        "serve",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--device",
-        device,
-        "--log-level",
-        "warning",
-    ]
-    console.print(f"starting transformers serve for {model_dir} on port {port} (log: {log_path})")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(
-                    f"transformers serve exited with code {proc.returncode} before it was ready:\n{tail}"
-                )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"transformers serve was not ready after {timeout_s}s (log: {log_path})")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def make_backend(g: GenerateConfig, llm_dir: Path | None, model: str, server_log: Path):
+    """The backend and, for transformers-serve, the server process to run it against."""
+    if g.backend == "openai":
+        return OpenAIBackend(g.urls, model, g), None
+    if llm_dir is None:
+        raise GenerateError(f"generate.backend {g.backend} needs the LLM directory")
+    if g.backend == "transformers-serve":
+        server = ServerProcess(
+            llm_dir, server_log, None, g.server_start_timeout_s, g.device, g.serve_continuous_batching
+        )
+        return OpenAIBackend([server.url], model, g), server
+    if g.backend == "vllm":
+        return VLLMBackend(llm_dir, g), None
+    return TransformersBackend(llm_dir, g), None
 
 
 @dataclass
 class GenerateSummary:
-    requests: int
-    cached: int
-    requested: int
-    completion_tokens: int
-    seconds: float
+    requests: int  # (utterance, task) pairs of this worker
+    cached: int  # answered from the cache or from committed shards
+    requested: int  # distinct prompts sent to the backend in this run
+    too_long: int = 0  # rejected by prompt length before sending (counted with a local tokenizer)
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    worker: int = 0
+    workers: int = 1
+    merged: bool = False
+    kept: int = 0
+    rejected: dict = field(default_factory=dict)
 
 
-def generate(transcripts: Path, out_dir: Path, g: GenerateConfig, llm_dir: Path | None) -> GenerateSummary:
-    """Answer every (utterance, task) and write ``out_dir/responses.parquet`` (one row per pair)."""
+def generate(
+    transcripts: Path,
+    out_dir: Path,
+    g: GenerateConfig,
+    llm_dir: Path | None,
+    worker: int = 0,
+    workers: int = 1,
+) -> GenerateSummary:
+    """Answer this worker's (utterance, task) pairs; merge into ``out_dir/responses.parquet`` when every
+    worker's shards are there."""
+    if not 0 <= worker < workers:
+        raise ValueError(f"generate: worker {worker} is not in 0..{workers - 1}")
     t0 = time.monotonic()
+    out_dir = Path(out_dir)
     catalog = load_catalog(g.catalog)
+    if not g.served_model and llm_dir is None:
+        raise GenerateError("generate: give the LLM directory or generate.served_model")
     model = g.served_model or str(llm_dir)
     revision = fingerprint_dir(llm_dir) if llm_dir else ""
-    sampling = sampling_params(g)
-    reqs = plan_requests(transcripts, catalog, g.tasks, g.seed, model, revision, sampling)
-    cache = AnswerCache(out_dir / "cache.sqlite")
+    tok = _local_tokenizer(llm_dir)
+    reqs = plan_requests(transcripts, catalog, g, model, revision, tok)
+    skipped: set[str] = set()
+    n_tokens: dict[str, int] = {}
+    if tok is not None:  # without a local tokenizer the server's count decides, after the answer
+        limited = [r for r in reqs if "prompt_too_long" in _applies(g, catalog, r.task)]
+        n_tokens = count_prompt_tokens(limited, tok)
+        skipped = {k for k, n in n_tokens.items() if n >= g.max_prompt_tokens}
+
+    shards = shard_plan(reqs, worker, workers, g.shard_size, skipped)
+    pdir = part_dir(out_dir, worker, workers)
+    pdir.mkdir(parents=True, exist_ok=True)
+    pending = [s for s in shards if not (pdir / s.name).exists()]
+    mine = sum(len(s.reqs) for s in shards)
+    cache = AnswerCache(cache_path(out_dir, worker, workers), sorted(out_dir.glob("cache*.sqlite")))
     try:
-        done = cache.get_many([r.key for r in reqs])
-        todo = list({r.key: r for r in reqs if r.key not in done}.values())  # one request per distinct prompt
+        answers = cache.get_many([r.key for s in pending for r in s.reqs if r.key not in skipped])
+        for k in skipped:
+            answers[k] = Answer("", NOT_REQUESTED, n_tokens[k], 0)
+        remaining: dict[str, int] = {}
+        waiting: dict[str, list[Shard]] = {}
+        todo: dict[str, Request] = {}  # one request per distinct prompt
+        for s in pending:
+            missing = [r for r in s.reqs if r.key not in answers]
+            remaining[s.name] = len(missing)
+            for r in missing:
+                todo.setdefault(r.key, r)
+                waiting.setdefault(r.key, []).append(s)
+
+        def commit(s: Shard) -> None:
+            write_table(
+                to_table([_row(r, answers[r.key], model) for r in s.reqs], RESPONSES),
+                pdir / s.name,
+                RESPONSES,
+            )
+
+        def sink(r: Request, a: Answer) -> None:
+            cache.put(r.key, model, r.prompt, r.sampling, a)
+            answers[r.key] = a
+            for s in waiting.pop(r.key, []):
+                remaining[s.name] -= 1
+                if remaining[s.name] == 0:
+                    commit(s)
+
+        for s in pending:
+            if remaining[s.name] == 0:
+                commit(s)
         console.print(
-            f"generate: {len(reqs)} (utterance, task) pairs, {len(reqs) - len(todo)} answered from the "
-            f"cache, {len(todo)} to request from {model}"
+            f"generate: worker {worker}/{workers}: {mine} (utterance, task) pairs in {len(shards)} shards, "
+            f"{len(shards) - len(pending)} shards committed before, {len(skipped)} prompts too long, "
+            f"{len(todo)} prompts to request from {model} ({g.backend})"
         )
-        tokens = 0
+        meter = Meter()
         if todo:
-            if g.backend == "openai":
-                tokens = asyncio.run(_request_all(todo, g.base_url, model, g, cache, sampling))
-            else:
-                with transformers_server(llm_dir, out_dir / "server.log", g.server_start_timeout_s) as url:
-                    tokens = asyncio.run(_request_all(todo, url, model, g, cache, sampling))
-        answers = cache.get_many([r.key for r in reqs])
+            groups: dict[str, list[Request]] = {}
+            for r in todo.values():  # keep shard order, so early shards complete (and commit) first
+                groups.setdefault(waiting[r.key][0].name, []).append(r)
+            backend, server = make_backend(g, llm_dir, model, out_dir / "server.log")
+            try:
+                if server is not None:
+                    server.start()
+                with progress() as bar:
+                    meter = Meter(bar, bar.add_task("generate", total=len(todo), status=""))
+                    backend.run(list(groups.values()), sink, meter)
+            except BackendError as e:
+                done = sum(len(s.reqs) - remaining.get(s.name, 0) for s in shards)
+                raise GenerateError(
+                    f"generate: {e}.\n{done} of {mine} answers of worker {worker}/{workers} are done and kept in "
+                    f"{cache.path}; run the same command again to resume: finished answers are not requested twice"
+                ) from e
+            finally:
+                if server is not None:
+                    server.stop()
+        left = [s.name for s in shards if not (pdir / s.name).exists()]
+        if left:
+            raise GenerateError(
+                f"generate: {len(left)} shards have unanswered requests (first: {pdir / left[0]})"
+            )
     finally:
         cache.close()
-    missing = [r for r in reqs if r.key not in answers]
-    if missing:
-        raise RuntimeError(
-            f"generate: {len(missing)} requests have no answer (first: {missing[0].utt_id}/{missing[0].task})"
+    for stale in pdir.glob("shard-*.parquet"):  # shards of an older plan (transcripts or catalog changed)
+        if stale.name not in {s.name for s in shards}:
+            stale.unlink()
+
+    too_long = sum(len(s.skipped) for s in shards)
+    summary = GenerateSummary(
+        mine, mine - len(todo) - too_long, len(todo), too_long, meter.tokens, worker=worker, workers=workers
+    )
+    plans = [shard_plan(reqs, w, workers, g.shard_size, skipped) for w in range(workers)]
+    if all((part_dir(out_dir, w, workers) / s.name).exists() for w, p in enumerate(plans) for s in p):
+        kept, rejected = merge(reqs, plans, out_dir, g, catalog, workers)
+        summary.merged, summary.kept, summary.rejected = True, kept, rejected
+    else:
+        console.print(
+            f"generate: worker {worker}/{workers} done; waiting for the other workers' shards to merge"
         )
-    rows = []
-    for r in reqs:
-        a = answers[r.key]
-        rows.append(
-            dict(
-                utt_id=r.utt_id,
-                task=r.task,
-                instruction_id=r.instruction_id,
-                instruction=r.instruction,
-                prompt=r.prompt,
-                answer=a.text,
-                model=model,
-                finish_reason=a.finish_reason,
-                prompt_tokens=a.prompt_tokens,
-                completion_tokens=a.completion_tokens,
-                request_key=r.key,
-                sampling=json.dumps(sampling, sort_keys=True),
-            )
-        )
-    write_table(to_table(rows, RESPONSES), out_dir / "responses.parquet", RESPONSES)
-    return GenerateSummary(len(reqs), len(reqs) - len(todo), len(todo), tokens, time.monotonic() - t0)
+    summary.seconds = time.monotonic() - t0
+    return summary
 
 
-def run(cfg: ExperimentConfig, workdir: Path, llm_dir: Path | None, force: bool = False) -> StageResult:
+def merge(
+    reqs: list[Request],
+    plans: list[list[Shard]],
+    out_dir: Path,
+    g: GenerateConfig,
+    catalog: Catalog,
+    workers: int,
+) -> tuple[int, dict]:
+    """All workers' shards into ``responses.parquet`` (plan order) and ``stats.parquet``; checks that every
+    (utterance, task) has exactly one answer."""
+    rows: dict[tuple[str, str], dict] = {}
+    for w, plan in enumerate(plans):
+        for s in plan:
+            path = part_dir(out_dir, w, workers) / s.name
+            for row in read_table(path, RESPONSES).to_pylist():
+                pair = (row["utt_id"], row["task"])
+                if pair in rows:
+                    raise GenerateError(f"generate: {pair[0]}/{pair[1]} answered twice ({path})")
+                rows[pair] = row
+    expected = [(r.utt_id, r.task) for r in reqs]
+    if len(rows) != len(expected) or any(p not in rows for p in expected):
+        lost = next((p for p in expected if p not in rows), None)
+        raise GenerateError(f"generate: merged shards do not match the plan (first missing: {lost})")
+
+    settings = FilterSettings(g.max_prompt_tokens, g.min_script_fraction)
+    applied, failed, first = Counter(), Counter(), Counter()
+    out = []
+    for pair in expected:
+        row = rows[pair]
+        task = row["task"]
+        applies = _applies(g, catalog, task)
+        if row["finish_reason"] == NOT_REQUESTED:
+            applies = ("prompt_too_long",)
+        bad = failures(
+            row["answer"],
+            row["finish_reason"],
+            row["prompt_tokens"],
+            applies,
+            catalog.categories[task].target_language,
+            settings,
+        )
+        for f in applies:
+            applied[task, f] += 1
+        for f in bad:
+            failed[task, f] += 1
+        row["rejected_by"] = bad[0] if bad else None
+        if bad:
+            first[task, bad[0]] += 1
+        out.append(row)
+    write_table(to_table(out, RESPONSES), out_dir / "responses.parquet", RESPONSES)
+    stats = [
+        dict(task=t, filter=f, applied=applied[t, f], failed=failed[t, f], rejected=first[t, f])
+        for t in g.tasks
+        for f in FILTERS
+        if applied[t, f]
+    ]
+    write_table(to_table(stats, GENERATE_STATS), out_dir / "stats.parquet", GENERATE_STATS)
+    print_stats(stats, g.tasks, Counter(r["task"] for r in out))
+    kept = sum(r["rejected_by"] is None for r in out)
+    return kept, {f: sum(first[t, f] for t in g.tasks) for f in FILTERS if any(first[t, f] for t in g.tasks)}
+
+
+def print_stats(stats: list[dict], tasks: list[str], totals: Counter) -> None:
+    from rich.table import Table
+
+    t = Table(
+        "task", "answers", "kept", *FILTERS, title="generate: answers rejected by each filter (first failed)"
+    )
+    for task in tasks:
+        rej = {s["filter"]: s["rejected"] for s in stats if s["task"] == task}
+        t.add_row(
+            task,
+            str(totals[task]),
+            str(totals[task] - sum(rej.values())),
+            *(str(rej.get(f, "-")) for f in FILTERS),
+        )
+    console.print(t)
+
+
+def run(
+    cfg: ExperimentConfig,
+    workdir: Path,
+    llm_dir: Path | None,
+    force: bool = False,
+    worker: int = 0,
+    workers: int = 1,
+) -> StageResult:
     workdir = Path(workdir)
     out = workdir / "generate"
     transcripts = workdir / "harvest" / "transcripts.parquet"
@@ -310,23 +427,42 @@ def run(cfg: ExperimentConfig, workdir: Path, llm_dir: Path | None, force: bool 
     inputs = [Artifact("transcripts", transcripts, "table"), Artifact("catalog", catalog.path, "file")]
     if llm_dir is not None:
         inputs.append(Artifact("llm", llm_dir, "model"))
+    params = {**g.model_dump(mode="json", exclude=OPERATIONAL), "catalog_hash": catalog.content_hash}
+    results = [
+        Artifact("responses", out / "responses.parquet", "table"),
+        Artifact("stats", out / "stats.parquet", "table"),
+    ]
 
     def body() -> dict:
-        s = generate(transcripts, out, g, llm_dir)
+        s = generate(transcripts, out, g, llm_dir, worker, workers)
         console.print(
             f"generate: {s.requests} answers ({s.requested} requested, {s.cached} cached, "
             f"{s.completion_tokens} new tokens) in {s.seconds:.1f}s"
+            + (f"; {s.kept} kept, rejected: {s.rejected}" if s.merged else "")
         )
         return s.__dict__
 
-    params = g.model_dump(mode="json", exclude={"request_timeout_s", "server_start_timeout_s", "concurrency"})
-    return run_stage(
-        "generate",
+    if workers == 1:
+        return run_stage("generate", workdir, params, inputs, results, body, CODE_FILES, force)
+    res = run_stage(
+        f"generate-worker-{worker:04d}-of-{workers:04d}",
         workdir,
-        params,
+        {**params, "worker": worker, "workers": workers},
         inputs,
-        [Artifact("responses", out / "responses.parquet", "table")],
+        [Artifact("shards", part_dir(out, worker, workers), "table-shards")],
         body,
         CODE_FILES,
         force,
     )
+    if res.summary.get("merged"):  # this worker finished last: record the merged tables as the stage's output
+        return run_stage(
+            "generate",
+            workdir,
+            {**params, "workers": workers},
+            inputs,
+            results,
+            lambda: res.summary,
+            CODE_FILES,
+            True,
+        )
+    return res

@@ -1,4 +1,10 @@
-"""The instruction catalog: categories of tasks, several wordings each, one drawn per utterance."""
+"""The instruction catalog: categories of tasks, several wordings each, one drawn per utterance.
+
+A catalog is a versioned YAML file: ``version``, optional ``defaults`` (settings every category
+inherits) and ``categories``, each with its ``instructions`` and settings: ``max_new_tokens`` (the
+answer token budget), ``filters`` (which of ``stages.generation.filters.FILTERS`` judge its answers)
+and ``target_language`` (translation: the language, hence the script, the answer must be in).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,18 @@ class Category:
     instructions: list[Instruction]
     settings: dict = field(default_factory=dict)
 
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.settings.get("max_new_tokens")
+
+    @property
+    def filters(self) -> tuple[str, ...]:
+        return tuple(self.settings.get("filters", ()))
+
+    @property
+    def target_language(self) -> str | None:
+        return self.settings.get("target_language")
+
 
 @dataclass(frozen=True)
 class Catalog:
@@ -46,12 +64,42 @@ class CatalogError(ValueError):
     pass
 
 
+SETTINGS = ("max_new_tokens", "filters", "target_language", "max_words")
+
+
+def _check_settings(path: Path, where: str, settings: dict) -> None:
+    from stages.generation.filters import FILTERS, SCRIPTS
+
+    for k, v in settings.items():
+        if k not in SETTINGS:
+            raise CatalogError(
+                f"catalog {path}: {where}: unknown setting {k!r}; known: {', '.join(SETTINGS)}"
+            )
+        if k in ("max_new_tokens", "max_words") and not (isinstance(v, int) and v > 0):
+            raise CatalogError(f"catalog {path}: {where}: {k} must be a positive integer, found {v!r}")
+        if k == "filters":
+            if not isinstance(v, list) or any(f not in FILTERS for f in v):
+                raise CatalogError(
+                    f"catalog {path}: {where}: filters must be a list of {', '.join(FILTERS)}, found {v!r}"
+                )
+        if k == "target_language" and v not in SCRIPTS:
+            raise CatalogError(
+                f"catalog {path}: {where}: target_language {v!r} has no known script; known: {', '.join(sorted(SCRIPTS))}"
+            )
+
+
 def load_catalog(path: str | Path | None = None) -> Catalog:
     path = Path(path) if path else DEFAULT_CATALOG
     raw_bytes = path.read_bytes()
     raw = yaml.safe_load(raw_bytes)
     if not isinstance(raw, dict) or not isinstance(raw.get("categories"), dict):
         raise CatalogError(f"catalog {path}: expected a mapping with 'version' and 'categories'")
+    if not isinstance(raw.get("version"), int):
+        raise CatalogError(f"catalog {path}: 'version' must be an integer")
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise CatalogError(f"catalog {path}: 'defaults' must be a mapping")
+    _check_settings(path, "defaults", defaults)
     cats = {}
     for name, body in raw["categories"].items():
         texts = (body or {}).get("instructions") or []
@@ -60,8 +108,10 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
         source = body.get("answer_source", "llm")
         if source not in ("llm", "transcript"):
             raise CatalogError(f"catalog {path}: category {name!r} answer_source must be llm or transcript")
-        settings = {k: v for k, v in body.items() if k not in ("instructions", "answer_source")}
+        own = {k: v for k, v in body.items() if k not in ("instructions", "answer_source")}
+        _check_settings(path, f"category {name!r}", own)
+        settings = {**defaults, **own}
         cats[name] = Category(
             name, source, [Instruction(f"{name}/{i}", t.strip()) for i, t in enumerate(texts)], settings
         )
-    return Catalog(path, int(raw.get("version", 0)), "sha256:" + hashlib.sha256(raw_bytes).hexdigest(), cats)
+    return Catalog(path, raw["version"], "sha256:" + hashlib.sha256(raw_bytes).hexdigest(), cats)

@@ -3,13 +3,15 @@
 As in the reference (SALMONN's connector, used by the self-powered paper):
 
   log-mel (80 x 3000, 30 s)  --WhisperEncoder (frozen)-->  1500 frames x d_model (50 Hz)
+  (a tiny Whisper may take a shorter chunk: its max_source_positions / 50 seconds, its feature extractor's
+  chunk_length; the windows follow)
   --LayerNorm-->  unfold into windows of ``window_s`` with stride ``stride_s`` (17 frames for 0.33333 s)
   --Q-Former (``num_queries`` learned queries per window, cross-attention in every layer)-->
   --Linear-->  speech tokens in the LLM's embedding space (about 3 per second)
 
 Each sample becomes ``[prefix tokens][speech tokens][suffix tokens][answer tokens + eos]``. Speech
 tokens of windows that lie wholly after the end of the clip are dropped (the Whisper input is padded
-to 30 s, so most of them are silence); the LLM never attends to them. Training batches are padded on
+to its chunk, 30 s, so most of them are silence); the LLM never attends to them. Training batches are padded on
 the right with labels -100 everywhere but the answer and eos; generation batches are padded on the
 left so that every row's next token sits in the last column.
 
@@ -42,10 +44,13 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from splsm.config import QFormerConfig
+from splsm.config import QFormerConfig, TrainConfig
 
 SAMPLE_RATE = 16_000
-CHUNK_S = 30.0  # Whisper's fixed input length: features are always padded to 30 s (3000 mel frames)
+CHUNK_S = 30.0  # Whisper's input length: features are padded to 30 s (3000 mel frames, 1500 encoder frames)
+# Whisper's encoder runs at 50 frames a second (100 mel frames/s, halved by its second convolution) whatever
+# its input length; a tiny Whisper may take shorter chunks (max_source_positions / 50 seconds).
+ENCODER_FRAMES_PER_S = 50.0
 
 # What a loadable checkpoint directory must hold (one of each group).
 REQUIRED_FILES = {
@@ -74,7 +79,10 @@ class LSMConfig(PretrainedConfig):
     stride_s: float = 0.33333
     num_queries: int = 1
     freeze_encoder: bool = True
+    freeze_qformer: bool = False
+    freeze_proj: bool = False
     freeze_llm: bool = False
+    lora: dict | None = None  # peft LoraConfig keyword arguments; the LLM then trains through adapters only
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -146,14 +154,24 @@ class LSMForConditionalGeneration(PreTrainedModel):
         )
         self.qformer = Blip2QFormerModel(config.qformer_config)
         self.llm = llm if llm is not None else AutoModelForCausalLM.from_config(config.llm_config)
+        if config.lora:
+            from peft import LoraConfig, get_peft_model
+
+            self.llm = get_peft_model(self.llm, LoraConfig(task_type="CAUSAL_LM", **config.lora))
+            if llm is not None:  # peft initialized the adapters (B = 0, so no change yet): keep them so
+                for m in self.llm.modules():
+                    m._is_hf_initialized = True
+                for t in self.llm.parameters():
+                    t._is_hf_initialized = True
         self.proj = nn.Linear(config.qformer_config.hidden_size, config.llm_config.hidden_size)
 
         frames = config.encoder_config.max_source_positions  # 1500 encoder frames per 30 s
-        self.frames_per_s = frames / CHUNK_S
-        self.kernel = max(1, round(frames * config.window_s / CHUNK_S))
-        self.stride = max(1, round(frames * config.stride_s / CHUNK_S))
+        self.frames_per_s = ENCODER_FRAMES_PER_S
+        self.chunk_s = frames / ENCODER_FRAMES_PER_S
+        self.kernel = max(1, round(self.frames_per_s * config.window_s))
+        self.stride = max(1, round(self.frames_per_s * config.stride_s))
         if self.kernel > frames:
-            raise ValueError(f"window_s={config.window_s} is longer than Whisper's {CHUNK_S} s input")
+            raise ValueError(f"window_s={config.window_s} is longer than Whisper's {self.chunk_s} s input")
         self.num_windows = (frames - self.kernel) // self.stride + 1
         self.post_init()
         self._apply_freezing()
@@ -169,8 +187,17 @@ class LSMForConditionalGeneration(PreTrainedModel):
         freeze_encoder: bool = True,
         freeze_llm: bool = False,
         dtype: torch.dtype = torch.float32,
+        freeze_qformer: bool = False,
+        freeze_proj: bool = False,
+        lora: dict | None = None,
     ) -> LSMForConditionalGeneration:
-        """A fresh LSM from a Whisper directory and a causal-LM directory; connector randomly initialized."""
+        """A fresh LSM from a Whisper directory and a causal-LM directory; connector randomly initialized.
+
+        The ``freeze_*`` flags say which parts train; ``lora`` (peft ``LoraConfig`` arguments such as
+        ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``) trains the LLM through adapters only.
+        """
+        if lora and freeze_llm:
+            raise ValueError("from_parts: lora trains the LLM through adapters; it cannot go with freeze_llm")
         qformer = qformer or QFormerConfig()
         encoder = WhisperModel.from_pretrained(str(whisper_dir), dtype=dtype).encoder
         llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype)
@@ -188,6 +215,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
             encoder_hidden_size=encoder.config.d_model,
             cross_attention_frequency=1,
             use_qformer_text_input=False,
+            initializer_range=qformer.init_std,
         )
         # A composite config sets its attention implementation on every sub-config, and these sub-configs are
         # the very objects the loaded modules read: hand their own implementations back, or the LLM would run
@@ -204,7 +232,10 @@ class LSMForConditionalGeneration(PreTrainedModel):
             stride_s=qformer.stride_s,
             num_queries=qformer.num_queries,
             freeze_encoder=freeze_encoder,
+            freeze_qformer=freeze_qformer,
+            freeze_proj=freeze_proj,
             freeze_llm=freeze_llm,
+            lora=dict(lora) if lora else None,
             attn_implementation=attn,
         )
         model = cls(config, encoder=encoder, llm=llm)
@@ -252,20 +283,32 @@ class LSMForConditionalGeneration(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
 
+    def _frozen_parts(self) -> list[nn.Module]:
+        c = self.config
+        parts = [self.encoder] if c.freeze_encoder else []
+        if c.freeze_qformer:
+            parts += [self.qformer, self.ln_speech]
+        if c.freeze_proj:
+            parts.append(self.proj)
+        if c.freeze_llm:
+            parts.append(self.llm)
+        return parts
+
     def _apply_freezing(self) -> None:
-        if self.config.freeze_encoder:
-            self.encoder.requires_grad_(False)
-        if self.config.freeze_llm:
-            self.llm.requires_grad_(False)
+        for part in self._frozen_parts():
+            part.requires_grad_(False)
+        if self.config.freeze_qformer:
+            self.query_tokens.requires_grad_(False)
+        if self.config.lora:  # peft already froze the base LLM; only the adapters train
+            for name, p in self.llm.named_parameters():
+                p.requires_grad_("lora_" in name)
         self.train(self.training)
 
     def train(self, mode: bool = True):
         # A frozen part stays in eval mode: its dropout would only add noise that nothing can learn from.
         super().train(mode)
-        if self.config.freeze_encoder:
-            self.encoder.eval()
-        if self.config.freeze_llm:
-            self.llm.eval()
+        for part in self._frozen_parts():
+            part.eval()
         return self
 
     def get_input_embeddings(self):
@@ -275,14 +318,21 @@ class LSMForConditionalGeneration(PreTrainedModel):
 
     def num_speech_tokens(self, duration_s: float) -> int:
         """Speech tokens kept for a clip: the windows that hold at least one encoder frame of real audio."""
-        frames = math.ceil(min(duration_s, CHUNK_S) * self.frames_per_s - 1e-6)
+        frames = math.ceil(min(duration_s, self.chunk_s) * self.frames_per_s - 1e-6)
         windows = min(max(1, math.ceil(frames / self.stride)), self.num_windows)
         return windows * self.config.num_queries
 
     def encode_speech(self, input_features: torch.Tensor) -> torch.Tensor:
-        """[B, n_mels, 3000] log-mels -> [B, num_windows * num_queries, llm hidden] speech embeddings."""
+        """[B, n_mels, frames] log-mels -> [B, num_windows * num_queries, llm hidden] speech embeddings."""
+        return self.connect(self.encode_frames(input_features))
+
+    def encode_frames(self, input_features: torch.Tensor) -> torch.Tensor:
+        """The Whisper encoder: [B, n_mels, 2 * F] log-mels -> [B, F, d_model] frames (F = 1500 for 30 s)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
-            frames = self.encoder(input_features.to(self.encoder.dtype)).last_hidden_state  # [B, 1500, d]
+            return self.encoder(input_features.to(self.encoder.dtype)).last_hidden_state
+
+    def connect(self, frames: torch.Tensor) -> torch.Tensor:
+        """LayerNorm, windows, Q-Former and projection: [B, F, d_model] -> [B, W * Q, llm hidden]."""
         frames = self.ln_speech(frames.to(self.ln_speech.weight.dtype))
         b, _, d = frames.shape
         # Windows of `kernel` frames every `stride` frames: [B, W, kernel, d], then one Q-Former row per window.
@@ -410,14 +460,18 @@ class Collator:
     tokenizer: object
     feature_extractor: WhisperFeatureExtractor
 
+    @property
+    def chunk_samples(self) -> int:
+        return int(self.feature_extractor.n_samples)
+
     def features(self, clips: list[np.ndarray]) -> torch.Tensor:
-        # HF's WhisperEncoder insists on exactly 30 s (3000 frames), as Whisper itself was trained.
-        clips = [c[: int(CHUNK_S * SAMPLE_RATE)] for c in clips]
+        # HF's WhisperEncoder insists on exactly its chunk (30 s, 3000 frames), as Whisper itself was trained.
+        clips = [c[: self.chunk_samples] for c in clips]
         feats = self.feature_extractor(
             clips,
             sampling_rate=SAMPLE_RATE,
             padding="max_length",
-            max_length=int(CHUNK_S * SAMPLE_RATE),
+            max_length=self.chunk_samples,
             return_tensors="pt",
         )
         return feats.input_features
@@ -431,8 +485,55 @@ class Collator:
             answer = [
                 tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in rows
             ]
-        durations = torch.tensor([min(len(c) / SAMPLE_RATE, CHUNK_S) for c in clips], dtype=torch.float32)
+        durations = torch.tensor(
+            [min(len(c), self.chunk_samples) / SAMPLE_RATE for c in clips], dtype=torch.float32
+        )
         return SpeechBatch(self.features(clips), durations, prefix, suffix, answer)
+
+
+def part_flags(train: TrainConfig) -> dict:
+    """``from_parts`` keyword flags (what trains, LoRA) from a config's train section."""
+    lora = None
+    if train.lora is not None:
+        lora = dict(
+            r=train.lora.r,
+            lora_alpha=train.lora.alpha,
+            lora_dropout=train.lora.dropout,
+            target_modules=list(train.lora.target_modules),
+        )
+    return dict(
+        freeze_encoder=train.freeze_encoder,
+        freeze_qformer=train.freeze_qformer,
+        freeze_proj=train.freeze_proj,
+        freeze_llm=train.freeze_llm,
+        lora=lora,
+    )
+
+
+def init_model(
+    whisper_dir: str | Path, llm_dir: str | Path, out_dir: str | Path, train: TrainConfig | None = None
+) -> Path:
+    """``splsm model init``: one Hugging Face directory (config, safetensors, tokenizer, feature extractor)
+    assembled from a Whisper directory and an LLM directory, connector and flags from ``train``; it appears
+    whole or not at all and loads back with one ``from_pretrained``."""
+    import os
+    import shutil
+    import uuid
+
+    train = train or TrainConfig()
+    out_dir = Path(out_dir)
+    torch.manual_seed(train.seed)
+    model = LSMForConditionalGeneration.from_parts(whisper_dir, llm_dir, train.qformer, **part_flags(train))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        model.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
 def check_checkpoint(path: str | Path) -> Path:

@@ -1,16 +1,44 @@
+import json
+import shutil
 from collections import Counter
 
-from schemas import EXAMPLES, RESPONSES, TRANSCRIPTS, read_table
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from conftest import DEMO, REPO
+from schemas import EXAMPLES, REJECTS, RESPONSES, SHARDS, TRANSCRIPTS, read_table, to_table, write_table
+from splsm.cli import main
 from splsm.config import BuildConfig
-from stages.build import assign_split, build
+from splsm.lineage import LineageStore, lineage_path
+from splsm.stage import sha256_file
+from stages.build import InstructionMapper, assign_split, build, import_reference
 from stages.instructions import load_catalog
 from stages.prompts import speech_prompt, text_prompt
+
+FIXTURE = REPO / "tests" / "fixtures" / "self_powered_sample.jsonl"
+
+
+def _transcripts(harvested):
+    return harvested / "harvest" / "transcripts.parquet"
+
+
+def _shard_rows(out):
+    manifest = read_table(out / "shards" / "manifest.parquet", SHARDS).to_pylist()
+    rows = []
+    for m in manifest:
+        rows += [
+            dict(r, _file=m["file"]) for r in read_table(out / "shards" / m["file"], EXAMPLES).to_pylist()
+        ]
+    return manifest, rows
 
 
 def test_examples_join_transcripts_and_answers_in_the_training_layout(harvested, generated, tmp_path):
     gen_dir, g, _ = generated
-    transcripts = harvested / "harvest" / "transcripts.parquet"
-    b = BuildConfig(tasks=["asr", *g.tasks], eval_splits=["test-clean"])
+    transcripts = _transcripts(harvested)
+    b = BuildConfig(
+        tasks=["asr", *g.tasks], eval_splits=["test-clean"], near_dup_threshold=None, rows_per_shard=10
+    )
     s = build(transcripts, gen_dir / "responses.parquet", tmp_path, b, load_catalog())
     ex = read_table(tmp_path / "examples.parquet", EXAMPLES).to_pylist()
     tr = {t["utt_id"]: t for t in read_table(transcripts, TRANSCRIPTS).to_pylist()}
@@ -21,6 +49,7 @@ def test_examples_join_transcripts_and_answers_in_the_training_layout(harvested,
     # exactly one example per (utterance, task)
     assert Counter((e["utt_id"], e["task"]) for e in ex) == Counter((u, t) for u in tr for t in b.tasks)
     assert s.examples == len(ex) and s.missing_answers == 0
+    assert read_table(tmp_path / "rejects.parquet", REJECTS).num_rows == 0
     for e in ex:
         p = speech_prompt(e["instruction"])
         assert (e["prefix"], e["suffix"]) == (p.prefix, p.suffix)
@@ -41,21 +70,30 @@ def test_examples_join_transcripts_and_answers_in_the_training_layout(harvested,
     }
     assert set(splits.values()) == {"train", "test-clean"}
 
+    # the shards hold the same examples, each once, in shards of one split; the manifest tells the truth
+    manifest, rows = _shard_rows(tmp_path)
+    assert sorted(r["example_id"] for r in rows) == sorted(e["example_id"] for e in ex)
+    assert all(r["_file"].startswith(r["split"] + "-") for r in rows)
+    for m in manifest:
+        f = tmp_path / "shards" / m["file"]
+        md = pq.ParquetFile(f).metadata
+        assert m["sha256"] == sha256_file(f) and m["rows"] == md.num_rows <= 10
+        assert m["row_groups"] == md.num_row_groups
+    assert s.shards == len(manifest) == 6  # train: 14 x 3 = 42 rows in 5 shards; test-clean: 9 rows in 1
+
 
 def test_missing_answers_are_counted_not_silent(harvested, generated, tmp_path):
     gen_dir, g, _ = generated
     b = BuildConfig(
-        tasks=["asr", "repeat", "sentiment"], eval_splits=["test-clean"]
+        tasks=["asr", "repeat", "sentiment"], eval_splits=["test-clean"], near_dup_threshold=None
     )  # sentiment was not generated
-    s = build(
-        harvested / "harvest" / "transcripts.parquet",
-        gen_dir / "responses.parquet",
-        tmp_path,
-        b,
-        load_catalog(),
-    )
-    n_utts = read_table(harvested / "harvest" / "transcripts.parquet", TRANSCRIPTS).num_rows
-    assert s.missing_answers == n_utts and s.examples == 2 * n_utts
+    s = build(_transcripts(harvested), gen_dir / "responses.parquet", tmp_path, b, load_catalog())
+    tr = read_table(_transcripts(harvested), TRANSCRIPTS).to_pylist()
+    assert s.missing_answers == len(tr) and s.examples == 2 * len(tr)
+    rejects = read_table(tmp_path / "rejects.parquet", REJECTS).to_pylist()
+    assert Counter(r["reason"] for r in rejects) == {"missing_answer": len(tr)}
+    assert {r["utt_id"] for r in rejects} == {t["utt_id"] for t in tr}
+    assert all("sentiment" in r["detail"] and r["field"] == "answer" for r in rejects)
 
 
 def test_splits_follow_the_speaker_and_are_stable():
@@ -68,3 +106,275 @@ def test_splits_follow_the_speaker_and_are_stable():
     assert 40 < counts["test"] < 120 and 40 < counts["dev"] < 120
     assert assign_split("test-clean", "spk1", "u", b) == "test-clean"
     assert assign_split("x", None, "utt-a", b) == assign_split("x", None, "utt-a", b)
+
+
+def test_splits_survive_an_incremental_addition(harvested, tmp_path):
+    rows = read_table(_transcripts(harvested), TRANSCRIPTS).to_pylist()
+    b = BuildConfig(tasks=["asr"], eval_splits=["test-clean"], dev_fraction=0.3, test_fraction=0.3, seed=5)
+    few = tmp_path / "few.parquet"
+    write_table(to_table(rows[:9], TRANSCRIPTS), few, TRANSCRIPTS)
+    build(few, None, tmp_path / "a", b, load_catalog())
+    build(_transcripts(harvested), None, tmp_path / "b", b, load_catalog())
+    before = {
+        e["utt_id"]: e["split"] for e in read_table(tmp_path / "a" / "examples.parquet", EXAMPLES).to_pylist()
+    }
+    after = {
+        e["utt_id"]: e["split"] for e in read_table(tmp_path / "b" / "examples.parquet", EXAMPLES).to_pylist()
+    }
+    assert len(after) == len(rows) and all(after[u] == sp for u, sp in before.items())
+    assert {"train", "dev", "test"} <= set(after.values())
+
+
+def test_exact_duplicates_keep_the_eval_copy_and_are_counted(harvested, tmp_path):
+    rows = read_table(_transcripts(harvested), TRANSCRIPTS).to_pylist()
+    test_row = next(r for r in rows if r["split"] == "test-clean")
+    train_row = next(r for r in rows if r["split"] == "train")
+    copy = tmp_path / "copy.wav"
+    shutil.copy(test_row["audio_path"], copy)  # the same bytes under another name, in the training data
+    dup = dict(test_row, utt_id="zz-copy", split="train", audio_path=str(copy), corpus="other")
+    other_text = dict(train_row, utt_id="zz-other-text", text_norm=train_row["text_norm"] + " again")
+    transcripts = tmp_path / "t.parquet"
+    write_table(to_table([*rows, dup, other_text], TRANSCRIPTS), transcripts, TRANSCRIPTS)
+    s = build(
+        transcripts,
+        None,
+        tmp_path / "out",
+        BuildConfig(tasks=["asr"], eval_splits=["test-clean"]),
+        load_catalog(),
+    )
+    ex = {e["utt_id"]: e for e in read_table(tmp_path / "out" / "examples.parquet", EXAMPLES).to_pylist()}
+    assert "zz-copy" not in ex and ex[test_row["utt_id"]]["split"] == "test-clean"
+    assert "zz-other-text" in ex  # same audio, other transcript: not a duplicate
+    assert s.duplicate_utterances == 1 and s.examples == len(rows) + 1
+    (rej,) = read_table(tmp_path / "out" / "rejects.parquet", REJECTS).to_pylist()
+    assert rej["reason"] == "duplicate_utterance" and rej["utt_id"] == "zz-copy"
+    assert test_row["utt_id"] in rej["detail"]
+
+
+def _responses(pairs: list[tuple[str, str, str]]) -> list[dict]:
+    return [
+        dict(
+            utt_id=u,
+            task=task,
+            instruction_id=f"{task}/0",
+            instruction="Restate the passage",
+            prompt="p",
+            answer=a,
+            model="m",
+            finish_reason="stop",
+            prompt_tokens=1,
+            completion_tokens=1,
+            request_key=f"{u}/{task}",
+            sampling="{}",
+        )
+        for u, task, a in pairs
+    ]
+
+
+def test_near_duplicate_answers_are_dropped_and_counted(harvested, tmp_path):
+    tr = [t for t in read_table(_transcripts(harvested), TRANSCRIPTS).to_pylist() if t["split"] == "train"]
+    long = " ".join(t["text"] for t in tr[:3])  # a long real answer
+    answers = [(t["utt_id"], "repeat", f"{t['text']} said {t['utt_id']}") for t in tr]
+    answers[0] = (tr[0]["utt_id"], "repeat", long + " indeed")
+    answers[1] = (tr[1]["utt_id"], "repeat", long + " truly")  # one word apart from the first
+    answers[2] = (tr[2]["utt_id"], "repeat", " ".join(reversed(long.split())))  # same words, other order
+    resp = tmp_path / "r.parquet"
+    write_table(to_table(_responses(answers), RESPONSES), resp, RESPONSES)
+    b = BuildConfig(tasks=["asr", "repeat"], eval_splits=["test-clean"], near_dup_threshold=0.9)
+    s = build(_transcripts(harvested), resp, tmp_path / "out", b, load_catalog())
+    ex = read_table(tmp_path / "out" / "examples.parquet", EXAMPLES).to_pylist()
+    kept = {e["utt_id"] for e in ex if e["task"] == "repeat"}
+    assert s.near_duplicate_answers == 1 and len(kept & {tr[0]["utt_id"], tr[1]["utt_id"]}) == 1
+    assert tr[2]["utt_id"] in kept and len(kept) == len(tr) - 1
+    rejects = [r for r in read_table(tmp_path / "out" / "rejects.parquet", REJECTS).to_pylist()]
+    assert [r["reason"] for r in rejects if r["reason"] != "missing_answer"] == ["near_duplicate_answer"]
+    assert sum(e["task"] == "asr" for e in ex) == len(read_table(_transcripts(harvested), TRANSCRIPTS))
+
+
+def test_mixing_meets_the_target_shares_deterministically(harvested, generated, tmp_path):
+    gen_dir, g, _ = generated
+    base = dict(tasks=["asr", *g.tasks], eval_splits=["test-clean"], near_dup_threshold=None, seed=7)
+    full = build(
+        _transcripts(harvested),
+        gen_dir / "responses.parquet",
+        tmp_path / "all",
+        BuildConfig(**base),
+        load_catalog(),
+    )
+    mix = {"asr": 2.0, "repeat": 1.0, "translation": 1.0}
+    runs = [
+        build(
+            _transcripts(harvested),
+            gen_dir / "responses.parquet",
+            tmp_path / d,
+            BuildConfig(**base, mix=mix),
+            load_catalog(),
+        )
+        for d in ("m1", "m2")
+    ]
+    avail = {t: full.by_split_task[f"train/{t}"] for t in mix}
+    n = min(avail[t] / (v / 4) for t, v in mix.items())
+    s = runs[0]
+    for t, v in mix.items():
+        assert s.by_split_task[f"train/{t}"] == int(n * v / 4)
+        assert s.mix_realized["train"][t] == pytest.approx(v / 4, abs=0.02)
+    assert s.mix_target == {"asr": 0.5, "repeat": 0.25, "translation": 0.25}
+    assert sum(s.left_out_by_mix.values()) == sum(avail.values()) - sum(int(n * v / 4) for v in mix.values())
+    # eval splits are kept as they are
+    assert all(s.by_split_task[f"test-clean/{t}"] == full.by_split_task[f"test-clean/{t}"] for t in mix)
+    ids = [
+        sorted(e["example_id"] for e in read_table(tmp_path / d / "examples.parquet", EXAMPLES).to_pylist())
+        for d in ("m1", "m2")
+    ]
+    assert ids[0] == ids[1]
+
+
+# ----- import of the reference's data -----
+
+# What each instruction of the reference's sample asks for, read by a person.
+SAMPLE_TASKS = {
+    "Please write a coherent": "continuation",
+    "Rephrase the text": "repeat",
+    "Determine the sentiment": "sentiment",
+    "Craft a coherent": "continuation",
+    "Analyze the overall mood": "sentiment",
+    "Determine the primary purpose": "intent",
+    "Identify the main intent": "intent",
+    "Identify and list": "keywords",
+    "Extract the most frequently": "keywords",
+    "Echo the content": "repeat",
+    "Ascertain the fundamental": "intent",
+    "Compose a logical": "continuation",
+    "Develop a consistent": "continuation",
+    "Evaluate the emotional": "sentiment",
+    "Assess the sentiment": "sentiment",
+    "Identify the feeling": "sentiment",
+    "Extract significant words": "keywords",
+    "Paraphrase the provided": "repeat",
+}
+
+
+def _label(instruction: str) -> str:
+    (task,) = [t for k, t in SAMPLE_TASKS.items() if instruction.startswith(k)]
+    return task
+
+
+def test_reference_instructions_map_to_their_categories():
+    m = InstructionMapper(load_catalog())
+    lines = [json.loads(ln) for ln in FIXTURE.read_text().splitlines()]
+    assert [m.category(r["instruction"])[0] for r in lines] == [_label(r["instruction"]) for r in lines]
+    # unseen wordings go by similarity; nonsense is not forced into a category
+    assert m.category("Please translate this passage into Chinese")[0] == "translation"
+    assert m.category("Continue the story in under 50 words")[0] == "continuation"
+    assert m.category("Blorp the zibble")[0] is None
+
+
+def test_importing_the_reference_sample_counts_every_missing_clip(harvested, tmp_path):
+    s = import_reference(
+        FIXTURE, tmp_path / "corpora", _transcripts(harvested), tmp_path / "imp", load_catalog()
+    )
+    assert (s.lines, s.answers, s.rejects) == (25, 0, 25) and s.reject_counts == {"missing_audio": 25}
+    rejects = read_table(tmp_path / "imp" / "rejects.parquet", REJECTS).to_pylist()
+    assert [r["source"] for r in rejects] == [f"{FIXTURE}:{i}" for i in range(1, 26)]
+    assert all(r["field"] == "audio" and "LibriSpeech" in r["detail"] for r in rejects)
+    assert read_table(tmp_path / "imp" / "responses.parquet", RESPONSES).num_rows == 0
+
+
+def test_imported_answers_become_examples_and_bad_lines_rejects(harvested, demo_config, tmp_path):
+    from stages import build as stage
+
+    tr = read_table(_transcripts(harvested), TRANSCRIPTS).to_pylist()
+    libri = [t for t in tr if "/LibriSpeech/" in t["audio_path"]][:3]
+    sample = [json.loads(ln) for ln in FIXTURE.read_text().splitlines()]
+    lines = [
+        json.dumps(
+            {
+                "instruction": r["instruction"],
+                "audio": t["audio_path"].split(str(DEMO) + "/")[1],
+                "text": r["text"],
+            }
+        )
+        for r, t in zip(sample[:3], libri, strict=True)
+    ]
+    lines += [
+        json.dumps({"instruction": "Blorp the zibble", "audio": "LibriSpeech/x.flac", "text": "t"}),
+        json.dumps({"instruction": sample[0]["instruction"], "audio": "../../etc/passwd", "text": "t"}),
+        json.dumps({"instruction": sample[0]["instruction"], "audio": "test-clean/1089-134686-0001.wav"}),
+        "{not json",
+    ]
+    manifest = tmp_path / "ref.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    work = tmp_path / "work"
+    (work / "harvest").mkdir(parents=True)
+    shutil.copy(_transcripts(harvested), work / "harvest" / "transcripts.parquet")
+    out = CliRunner().invoke(
+        main,
+        [
+            "import-reference",
+            str(manifest),
+            "--root",
+            str(DEMO),
+            "--config",
+            str(demo_config.source),
+            "--workdir",
+            str(work),
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    resp = read_table(work / "import" / "responses.parquet", RESPONSES).to_pylist()
+    assert [(r["utt_id"], r["task"], r["answer"]) for r in resp] == [
+        (t["utt_id"], _label(r["instruction"]), r["text"].strip())
+        for r, t in zip(sample[:3], libri, strict=True)
+    ]
+    assert all(
+        r["prompt"] == text_prompt(r["instruction"], t["text"]) for r, t in zip(resp, libri, strict=True)
+    )
+    rejects = read_table(work / "import" / "rejects.parquet", REJECTS).to_pylist()
+    assert [(r["source"].rsplit(":", 1)[1], r["reason"]) for r in rejects] == [
+        ("4", "unknown_instruction"),
+        ("5", "outside_root"),
+        ("6", "missing_text"),
+        ("7", "bad_json"),
+    ]
+
+    # build takes the imported answers as examples of their task, with the reference's own instruction
+    cfg = demo_config.model_copy(
+        update={
+            "build": BuildConfig(
+                tasks=["asr", "continuation", "repeat", "sentiment"], eval_splits=["test-clean"]
+            )
+        }
+    )
+    (work / "generate").mkdir()
+    write_table(to_table([], RESPONSES), work / "generate" / "responses.parquet", RESPONSES)
+    res = stage.run(cfg, work)
+    ex = read_table(work / "build" / "examples.parquet", EXAMPLES).to_pylist()
+    imported = [e for e in ex if e["task"] != "asr"]
+    assert res.summary["imported_answers"] == 3
+    assert sorted((e["utt_id"], e["instruction"]) for e in imported) == sorted(
+        (t["utt_id"], r["instruction"]) for r, t in zip(sample[:3], libri, strict=True)
+    )
+    assert all(e["prefix"] == speech_prompt(e["instruction"]).prefix for e in imported)
+
+    # the run, its inputs and the shard manifest are in lineage; a rerun reuses the outputs
+    store = LineageStore(lineage_path(work))
+    roles = dict(
+        store.query(
+            "SELECT io.role, d.row_count FROM run_io io JOIN datasets d USING (dataset_id) WHERE io.run_id = ?",
+            [res.run_id],
+        )
+    )
+    manifest_rows = read_table(work / "build" / "shards" / "manifest.parquet", SHARDS).num_rows
+    assert roles["shard_manifest"] == manifest_rows and "imported_responses" in roles and "shards" in roles
+    assert stage.run(cfg, work).reused
+
+
+def test_build_config_rejects_a_mix_it_cannot_meet():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="build.mix: task 'sentiment' is not in build.tasks"):
+        BuildConfig(tasks=["asr", "repeat"], mix={"asr": 1, "sentiment": 1})
+    with pytest.raises(ValidationError, match="unknown task 'summary'"):
+        BuildConfig(tasks=["asr", "summary"])
+    with pytest.raises(ValidationError, match="not all 0"):
+        BuildConfig(tasks=["asr"], mix={"asr": 0})

@@ -306,3 +306,29 @@ def test_vicuna_template_multi_turn_and_system_override():
     assert _render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]) == (
         "Be brief. USER: hi ASSISTANT:"
     )
+
+
+# (6) -------------------------------------------------------------------------------------------
+
+
+def test_prefect_yaml_deploys_every_flow_with_parameters_its_flow_accepts():
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    flows = set()
+    for d in spec["deployments"]:
+        flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
+        flows.add(flow.name)
+        flow.validate_parameters(d.get("parameters") or {})  # raises on a wrong name or type
+        assert d["work_pool"]["name"] == "splsm"
+    assert flows == {
+        "self_powered_pipeline",
+        "regenerate_dataset",
+        "train_and_evaluate",
+        "evaluate_checkpoint",
+    }
+    (regen,) = [d for d in spec["deployments"] if d["entrypoint"].endswith(":regenerate_dataset")]
+    assert [s["cron"] for s in regen["schedules"]] == ["0 3 * * *"]
+    bad = dict(spec["deployments"][0]["parameters"], execution={"mode": "kubernetes"})
+    with pytest.raises(Exception, match="execution"):
+        load_flow_from_entrypoint(str(ROOT / spec["deployments"][0]["entrypoint"])).validate_parameters(bad)

@@ -3,8 +3,9 @@
 import pytest
 
 from conftest import GEN_TASKS as TASKS
-from schemas import RESPONSES, TRANSCRIPTS, read_table
-from stages.generate import generate, transformers_server
+from schemas import GENERATE_STATS, RESPONSES, TRANSCRIPTS, read_table
+from stages.generate import NOT_REQUESTED, generate
+from stages.generation.backends import ServerProcess
 from stages.instructions import load_catalog
 from stages.prompts import VICUNA_V11_SYSTEM, text_prompt
 
@@ -14,56 +15,100 @@ def first_run(generated):
     return generated
 
 
-def test_one_answer_per_utterance_and_task_through_a_started_server(first_run, harvested):
+def test_one_answer_per_utterance_and_task_through_a_started_server(first_run, harvested, tiny_models_dir):
+    from transformers import AutoTokenizer
+
     out, g, summary = first_run
     utts = read_table(harvested / "harvest" / "transcripts.parquet", TRANSCRIPTS).to_pylist()
     rows = read_table(out / "responses.parquet", RESPONSES).to_pylist()
     assert sorted((r["utt_id"], r["task"]) for r in rows) == sorted(
         (u["utt_id"], t) for u in utts for t in TASKS
     )
-    assert summary.requested == len(rows) and summary.cached == 0
     catalog = load_catalog()
+    tok = AutoTokenizer.from_pretrained(tiny_models_dir / "llm")
     text = {u["utt_id"]: u["text"] for u in utts}
+    sent = [r for r in rows if r["finish_reason"] != NOT_REQUESTED]
+    too_long = [r for r in rows if r["finish_reason"] == NOT_REQUESTED]
+    assert summary.requested == len(sent) and summary.cached == 0 and summary.too_long == len(too_long)
     for r in rows:
         assert r["prompt"] == text_prompt(r["instruction"], text[r["utt_id"]])
         assert r["prompt"].startswith(VICUNA_V11_SYSTEM + " USER: ") and r["prompt"].endswith(" ASSISTANT:")
         assert r["instruction"] in [i.text for i in catalog.categories[r["task"]].instructions]
-        assert 0 < r["completion_tokens"] <= 8 and r["prompt_tokens"] > 20
-        assert r["finish_reason"] in ("length", "stop")
+        n_prompt = len(tok(r["prompt"]).input_ids)
+        if r in too_long:  # the reference's prompt filter, applied before paying for an answer
+            assert (
+                n_prompt >= g.max_prompt_tokens
+                and r["rejected_by"] == "prompt_too_long"
+                and r["answer"] == ""
+            )
+        else:
+            assert (
+                n_prompt < g.max_prompt_tokens and r["prompt_tokens"] == n_prompt
+            )  # the server counts alike
+            assert 0 < r["completion_tokens"] <= 8 and r["finish_reason"] in ("length", "stop")
+            assert (r["rejected_by"] == "truncated") == (r["finish_reason"] == "length")
+    assert too_long, "the demo data has transcripts long enough to hit the 150-token prompt filter"
     assert (out / "server.log").exists()
+
+
+def test_stats_count_every_rejection_of_every_filter(first_run):
+    out, g, _ = first_run
+    rows = read_table(out / "responses.parquet", RESPONSES).to_pylist()
+    stats = read_table(out / "stats.parquet", GENERATE_STATS).to_pylist()
+    catalog = load_catalog()
+    for task in TASKS:
+        mine = [r for r in rows if r["task"] == task]
+        by_filter = {s["filter"]: s for s in stats if s["task"] == task}
+        assert set(by_filter) == set(catalog.categories[task].filters)
+        for f, s in by_filter.items():
+            assert s["rejected"] == sum(r["rejected_by"] == f for r in mine)
+            assert s["rejected"] <= s["failed"] <= s["applied"] <= len(mine)
+        # every row is either kept or rejected by a counted filter
+        kept = sum(r["rejected_by"] is None for r in mine)
+        assert kept + sum(s["rejected"] for s in by_filter.values()) == len(mine)
 
 
 def test_rerun_requests_nothing_and_gives_the_same_answers(first_run, harvested, tiny_models_dir):
     out, g, _ = first_run
     before = read_table(out / "responses.parquet", RESPONSES).to_pylist()
     again = generate(harvested / "harvest" / "transcripts.parquet", out, g, tiny_models_dir / "llm")
-    assert again.requested == 0 and again.cached == len(before)
+    assert again.requested == 0 and again.cached + again.too_long == len(before)
     assert read_table(out / "responses.parquet", RESPONSES).to_pylist() == before
 
 
-def test_user_given_base_url_gives_the_same_greedy_answers(first_run, harvested, tiny_models_dir, tmp_path):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_in_process_backend_gives_the_servers_greedy_answers(
+    first_run, harvested, tiny_models_dir, tmp_path, batching
+):
     out, g, _ = first_run
-    llm = tiny_models_dir / "llm"
-    with transformers_server(llm, tmp_path / "server.log") as url:
-        g2 = g.model_copy(update={"backend": "openai", "base_url": url, "served_model": str(llm)})
-        s = generate(harvested / "harvest" / "transcripts.parquet", tmp_path / "gen", g2, llm)
-    assert s.requested > 0
-    a = {
-        (r["utt_id"], r["task"]): r["answer"]
-        for r in read_table(out / "responses.parquet", RESPONSES).to_pylist()
-    }
-    b = {
-        (r["utt_id"], r["task"]): r["answer"]
-        for r in read_table(tmp_path / "gen" / "responses.parquet", RESPONSES).to_pylist()
-    }
-    assert a == b
+    # continuous batching is slow on CPU: one task is enough to compare it
+    tasks = TASKS if batching == "static" else TASKS[:1]
+    g2 = g.model_copy(
+        update={"backend": "transformers", "transformers_batching": batching, "batch_size": 5, "tasks": tasks}
+    )
+    s = generate(harvested / "harvest" / "transcripts.parquet", tmp_path / "gen", g2, tiny_models_dir / "llm")
+    assert s.requested > 0 and s.cached == 0
+
+    def answers(d):
+        return {
+            (r["utt_id"], r["task"]): (
+                r["answer"],
+                r["finish_reason"],
+                r["completion_tokens"],
+                r["request_key"],
+            )
+            for r in read_table(d / "responses.parquet", RESPONSES).to_pylist()
+        }
+
+    served = {k: v for k, v in answers(out).items() if k[1] in tasks}
+    assert served == answers(tmp_path / "gen")
 
 
 def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
     bad = tmp_path / "not-a-model"
     bad.mkdir()
     with pytest.raises(RuntimeError, match="transformers serve exited"):
-        with transformers_server(bad, tmp_path / "server.log", timeout_s=120):
+        with ServerProcess(bad, tmp_path / "server.log", timeout_s=120):
             pass
 
 
@@ -79,7 +124,10 @@ def test_catalog_has_seven_categories_of_five_and_draws_deterministically():
         "translation",
     }
     assert all(len(cat.instructions) >= 5 for cat in c.categories.values())
-    assert c.categories["translation"].settings["target_language"] == "zh"
+    assert c.categories["translation"].target_language == "zh"
+    assert "wrong_script" in c.categories["translation"].filters
+    assert "wrong_script" not in c.categories["repeat"].filters
+    assert all(cat.max_new_tokens == 225 for cat in c.categories.values())
     picks = [c.draw("sentiment", f"utt{i}", 1).id for i in range(200)]
     assert picks == [c.draw("sentiment", f"utt{i}", 1).id for i in range(200)]
     assert len(set(picks)) == 5  # every wording gets used

@@ -1,13 +1,16 @@
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 from conftest import DEMO, LIBRISPEECH, copy_librispeech
 from schemas import REJECTS, TRANSCRIPTS, read_table
 from splsm.config import CorpusConfig
-from stages.harvest import harvest
+from stages.harvest import harvest, print_summary
 
 # Durations and sample counts of the LibriSpeech fixture, from its own README (not computed by us).
 FIXTURE_SAMPLES = {"1988-24833-0000": 53120, "2412-153948-0000": 186560, "3752-4944-0002": 51600}
@@ -65,7 +68,7 @@ def test_seed_manifest_rows_with_missing_audio_are_rejects_not_crashes(tmp_path)
     assert set(s.reject_counts) <= {"missing_audio", "duplicate_utt_id", "empty_transcript"}
 
 
-def test_bad_input_becomes_reject_rows_with_reasons(tmp_path):
+def test_bad_input_becomes_reject_rows_with_reasons(tmp_path, capsys):
     root = copy_librispeech(
         tmp_path / "corpus", ["1988-24833-0000", "1988-24833-0001", "3752-4944-0000", "3752-4944-0001"]
     )
@@ -98,15 +101,24 @@ def test_bad_input_becomes_reject_rows_with_reasons(tmp_path):
                 "{not json",
                 json.dumps({"audio": "../../../etc/passwd", "text": "escape"}),
                 json.dumps({"audio": str(good.relative_to(root))}),
+                json.dumps({"id": "no-text", "audio": str(good.relative_to(root))}),
+                json.dumps(
+                    {"id": "via-link", "audio": "dev-clean-2/link.flac", "text": "a link out of the root"}
+                ),
+                json.dumps({"id": "silence", "audio": "dev-clean-2/silence.wav", "text": "nothing said"}),
             ]
         )
         + "\n"
     )
+    outside = tmp_path / "outside.flac"
+    shutil.copy(good, outside)
+    (root / "dev-clean-2" / "link.flac").symlink_to(outside)  # exists, but resolves outside the root
+    sf.write(str(root / "dev-clean-2" / "silence.wav"), np.zeros(0, dtype="int16"), 16000)
     corpora = [
         CorpusConfig(name="ls", kind="librispeech", root=root),
         CorpusConfig(name="m", kind="jsonl", root=root, manifest=manifest),
     ]
-    s = harvest(corpora, tmp_path / "out", max_duration_s=5.0)
+    s = harvest(corpora, tmp_path / "out", max_duration_s=5.0, min_duration_s=0.0)
 
     rejects = read_table(tmp_path / "out" / "rejects.parquet", REJECTS).to_pylist()
     by_utt = {(r["utt_id"], r["reason"]) for r in rejects}
@@ -115,23 +127,38 @@ def test_bad_input_becomes_reject_rows_with_reasons(tmp_path):
     assert ("1988-24833-0001", "empty_transcript") in by_utt
     assert ("1988-24833-0005", "corrupt_audio") in by_utt
     assert ("1988-24833-0007", "no_transcript") in by_utt
-    assert ("3752-4944-0008", "corrupt_audio") in by_utt or ("3752-4944-0008", "empty_audio") in by_utt
+    assert ("3752-4944-0008", "empty_audio") in by_utt  # a zero-length file
+    assert ("silence", "empty_audio") in by_utt  # a valid header over no samples
+    assert ("via-link", "outside_root") in by_utt
     assert any(
         r["reason"] == "non_utf8_transcript" and r["source"].endswith("3752-4944.trans.txt:4")
         for r in rejects
     )
     assert any(r["reason"] == "bad_json" and r["source"] == f"{manifest}:2" for r in rejects)
     assert any(r["reason"] == "outside_root" and r["source"] == f"{manifest}:3" for r in rejects)
-    assert ("3752-4944-0000", "duplicate_utt_id") in by_utt
-    assert any(r["reason"] == "empty_transcript" and r["source"] == f"{manifest}:4" for r in rejects)
+    assert any(
+        (r["utt_id"], r["reason"], r["source"]) == ("3752-4944-0000", "duplicate_utt_id", f"{manifest}:4")
+        for r in rejects
+    )
+    assert any(
+        (r["utt_id"], r["reason"], r["source"]) == ("no-text", "no_transcript", f"{manifest}:5")
+        for r in rejects
+    )
     # every candidate is either a transcript or a reject: nothing lost, nothing twice
     kept = [
         r["utt_id"] for r in read_table(tmp_path / "out" / "transcripts.parquet", TRANSCRIPTS).to_pylist()
     ]
     assert sorted(kept) == ["1988-24833-0000", "3752-4944-0000", "3752-4944-0001"]
     assert s.rejects == len(rejects) == sum(s.reject_counts.values())
+    assert s.reject_counts == dict(Counter(r["reason"] for r in rejects))
     for r in rejects:
         assert r["detail"] and r["field"]
+    # the run ends with the count by reason
+    print_summary(s)
+    printed = capsys.readouterr().out
+    assert "rejects by reason" in printed
+    for reason, n in s.reject_counts.items():
+        assert any(reason in line and line.rstrip(" │|").endswith(str(n)) for line in printed.splitlines())
 
 
 def test_too_long_audio_is_rejected_with_the_bound(tmp_path):

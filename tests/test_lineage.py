@@ -93,27 +93,153 @@ def test_a_failed_run_is_recorded_with_its_error(tmp_path):
     assert status == "failed" and "bad row 7" in error and ended is not None
 
 
-def _writer(db: str, n: int, tag: int) -> None:
-    from splsm.lineage import DatasetRef
+def _stage_runs(db: str, root: str, n: int, tag: int) -> None:
+    """``n`` real stage runs through run_stage, each reading a shared input and writing its own output."""
+    import os
 
-    store = LineageStore(db)
+    os.environ["SPLSM_LINEAGE_DB"] = db  # every process shares one store, as containers on a volume do
+    os.environ["SPLSM_FLOW_RUN_ID"] = f"flow-{tag}"
+    src = Path(root) / "shared.txt"
     for i in range(n):
-        rid = store.start_run("w", {"i": i, "tag": tag}, "test")
-        store.finish_run(
-            rid, [DatasetRef("/in", "file", "h")], [DatasetRef(f"/out/{tag}/{i}", "file", f"h{i}")]
+        out = Path(root) / f"p{tag}" / f"{i}.txt"
+
+        def body(out=out, i=i):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(f"{tag}:{i}")
+
+        run_stage(
+            f"s{tag}",
+            Path(root) / f"w{tag}-{i}",
+            {"i": i},
+            [Artifact("in", src, "file")],
+            [Artifact("out", out, "file")],
+            body,
+            CODE,
         )
 
 
-def test_concurrent_writers_lose_nothing(tmp_path):
-    db = str(tmp_path / "lineage.duckdb")
-    LineageStore(db)
-    procs = [mp.get_context("spawn").Process(target=_writer, args=(db, 15, t)) for t in range(3)]
+@pytest.mark.slow
+def test_four_processes_of_a_hundred_stage_runs_lose_nothing(tmp_path):
+    db = str(tmp_path / "store" / "lineage.duckdb")
+    (tmp_path / "shared.txt").write_text("input")
+    procs = [
+        mp.get_context("spawn").Process(target=_stage_runs, args=(db, str(tmp_path), 100, t))
+        for t in range(4)
+    ]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(600)
         assert p.exitcode == 0
     store = LineageStore(db)
-    assert store.query("SELECT count(*) FROM runs WHERE status = 'succeeded'")[0][0] == 45
-    assert store.query("SELECT count(*) FROM run_io WHERE direction = 'output'")[0][0] == 45
-    assert store.query("SELECT count(*) FROM datasets WHERE location = '/in'")[0][0] == 1
+    per = store.query(
+        "SELECT flow_run_id, count(*), count(DISTINCT params) FROM runs "
+        "WHERE status = 'succeeded' GROUP BY 1 ORDER BY 1"
+    )
+    assert per == [(f"flow-{t}", 100, 100) for t in range(4)]
+    assert store.query("SELECT count(*) FROM runs WHERE status <> 'succeeded'")[0][0] == 0
+    outs = store.query(
+        "SELECT d.location, count(*) FROM run_io io JOIN datasets d USING (dataset_id) "
+        "WHERE direction = 'output' GROUP BY 1"
+    )
+    assert len(outs) == 400 and {n for _, n in outs} == {1}
+    # the shared input is one dataset version, read by all 400 runs
+    assert (
+        store.query(
+            "SELECT count(*) FROM datasets WHERE location = ?", [str((tmp_path / "shared.txt").resolve())]
+        )[0][0]
+        == 1
+    )
+    assert store.query("SELECT count(*) FROM run_io WHERE direction = 'input'")[0][0] == 400
+
+
+def test_runs_record_the_git_commit_image_and_digest(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLSM_IMAGE", "splsm:cpu")
+    monkeypatch.setenv("SPLSM_IMAGE_DIGEST", "sha256:" + "ab" * 32)
+    monkeypatch.setenv("SPLSM_FLOW_NAME", "self_powered_pipeline")
+    src = tmp_path / "in.txt"
+    src.write_text("x")
+    _copy_stage(tmp_path, "s", src, tmp_path / "out.txt")
+    (row,) = LineageStore(tmp_path / "lineage.duckdb").dicts(
+        "SELECT git_commit, code_version, image, image_digest, flow_name FROM runs"
+    )
+    from splsm.stage import git_commit
+
+    assert row["git_commit"] == git_commit() and row["code_version"]
+    assert row["image"] == "splsm:cpu" and row["image_digest"] == "sha256:" + "ab" * 32
+    assert row["flow_name"] == "self_powered_pipeline"
+
+
+def test_a_store_from_before_the_new_columns_gains_them(tmp_path):
+    import duckdb
+
+    db = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute(
+        "CREATE TABLE runs (run_id VARCHAR PRIMARY KEY, stage VARCHAR NOT NULL, params JSON, code_version VARCHAR,"
+        " status VARCHAR NOT NULL, started_at TIMESTAMPTZ NOT NULL, ended_at TIMESTAMPTZ, flow_run_id VARCHAR,"
+        " error VARCHAR, host VARCHAR, image VARCHAR)"
+    )
+    con.execute(
+        "INSERT INTO runs VALUES ('r1', 'old', '{}', 'v', 'succeeded', now(), now(), NULL, NULL, 'h', NULL)"
+    )
+    con.close()
+    store = LineageStore(db)
+    store.start_run("new", {}, "v")
+    rows = store.dicts("SELECT stage, git_commit FROM runs ORDER BY stage")
+    assert [r["stage"] for r in rows] == ["new", "old"]
+
+
+def test_openlineage_export_has_a_start_and_an_end_event_per_run(tmp_path):
+    import json
+    import uuid
+
+    from click.testing import CliRunner
+
+    from splsm.cli import main
+
+    src, mid, out = tmp_path / "in.txt", tmp_path / "mid.txt", tmp_path / "out.txt"
+    src.write_text("x")
+    ok1 = _copy_stage(tmp_path, "one", src, mid)
+    ok2 = _copy_stage(tmp_path, "two", mid, out)
+
+    def body():
+        raise ValueError("bad row 7")
+
+    with pytest.raises(ValueError):
+        run_stage(
+            "broken",
+            tmp_path,
+            {},
+            [Artifact("in", mid, "file")],
+            [Artifact("o", tmp_path / "o", "file")],
+            body,
+            CODE,
+        )
+
+    path = tmp_path / "ol" / "events.jsonl"
+    res = CliRunner().invoke(main, ["lineage", "export-openlineage", str(path), "--workdir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(e["job"]["name"], e["eventType"]) for e in events] == [
+        ("one", "START"),
+        ("one", "COMPLETE"),
+        ("two", "START"),
+        ("two", "COMPLETE"),
+        ("broken", "START"),
+        ("broken", "FAIL"),
+    ]
+    for e in events:
+        assert {"eventType", "eventTime", "run", "job", "inputs", "outputs", "producer", "schemaURL"} <= set(
+            e
+        )
+        uuid.UUID(e["run"]["runId"])
+        assert e["job"]["namespace"] == "splsm"
+    end_one, end_two = events[1], events[3]
+    assert end_one["run"]["runId"] == str(uuid.UUID(ok1.run_id))
+    # the dataset one wrote is the dataset two read: same namespace and name join them in Marquez
+    assert end_one["outputs"][0]["name"] == end_two["inputs"][0]["name"] == str(mid.resolve())
+    assert end_one["outputs"][0]["facets"]["splsm_dataset"]["contentHash"].startswith("sha256:")
+    assert end_two["run"]["runId"] == str(uuid.UUID(ok2.run_id))
+    assert "bad row 7" in events[5]["run"]["facets"]["errorMessage"]["message"]
+    assert events[5]["outputs"] == []

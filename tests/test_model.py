@@ -162,3 +162,90 @@ def test_left_padded_batch_decodes_like_one_at_a_time(model, eval_rows):
             e1, m1, _ = model.assemble(s1, one.durations_s, one.prefix_ids, one.suffix_ids, None, "left")
             l1 = model.llm(inputs_embeds=e1, attention_mask=m1).logits[:, -1]
         assert torch.allclose(last[i], l1[0], atol=1e-4)
+
+
+LORA = dict(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])
+
+
+def test_flags_say_what_trains(parts):
+    torch.manual_seed(0)
+    m = LSMForConditionalGeneration.from_parts(
+        *parts, TINY_QFORMER, freeze_encoder=False, freeze_qformer=True, freeze_proj=True
+    )
+    trainable = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"encoder", "llm"}
+    m.train()
+    assert m.encoder.training and not m.qformer.training  # a frozen part keeps its dropout off
+    with pytest.raises(ValueError, match="lora"):
+        LSMForConditionalGeneration.from_parts(*parts, TINY_QFORMER, freeze_llm=True, lora=LORA)
+
+
+def test_lora_trains_adapters_only_and_round_trips(parts, eval_rows, tmp_path):
+    torch.manual_seed(0)
+    m = LSMForConditionalGeneration.from_parts(*parts, TINY_QFORMER, lora=LORA).eval()
+    llm_trainable = [n for n, p in m.llm.named_parameters() if p.requires_grad]
+    assert llm_trainable and all("lora_" in n for n in llm_trainable)
+    assert {n.rsplit(".", 3)[0].rsplit(".", 1)[1] for n in llm_trainable} == {"q_proj", "v_proj"}
+    assert m.proj.weight.requires_grad and not any(p.requires_grad for p in m.encoder.parameters())
+
+    rows, clips = eval_rows
+    batch = Collator(m.tokenizer, m.feature_extractor)(rows, clips, with_answer=True)
+    with torch.no_grad():
+        with_lora = m(**batch.kwargs())
+        with m.llm.disable_adapter():
+            without = m(**batch.kwargs())
+    # peft starts B at zero: the adapters change nothing until they train
+    assert torch.allclose(with_lora.logits, without.logits, atol=1e-6)
+
+    with torch.no_grad():  # give the adapters weight so that the round trip has something to carry
+        for n, p in m.llm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+        changed = m(**batch.kwargs())
+    assert not torch.allclose(changed.logits, without.logits, atol=1e-3)
+    m.save_pretrained(tmp_path / "lora")
+    loaded = LSMForConditionalGeneration.from_pretrained(tmp_path / "lora").eval()
+    with torch.no_grad():
+        again = loaded(**batch.kwargs())
+    assert torch.equal(changed.logits, again.logits)
+    assert all("lora_" in n for n, p in loaded.llm.named_parameters() if p.requires_grad)
+    out = loaded.generate(
+        batch.input_features, batch.durations_s, batch.prefix_ids, batch.suffix_ids, max_new_tokens=4
+    )
+    assert len(out) == len(rows)
+
+
+def test_model_init_writes_one_directory_that_loads_back(parts, tmp_path):
+    from click.testing import CliRunner
+
+    from splsm.cli import main
+    from splsm.stage import REPO_ROOT
+
+    whisper_dir, llm_dir = parts
+    out = tmp_path / "lsm"
+    res = CliRunner().invoke(
+        main,
+        [
+            "model",
+            "init",
+            "--whisper",
+            str(whisper_dir),
+            "--llm",
+            str(llm_dir),
+            "--out",
+            str(out),
+            "--config",
+            str(REPO_ROOT / "configs" / "demo.yaml"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    check_checkpoint(out)
+    model = LSMForConditionalGeneration.from_pretrained(out)
+    assert model.config.qformer_config.hidden_size == 64  # the demo config's connector, not the default 768
+    assert model.config.qformer_config.num_hidden_layers == 2 and model.num_windows == 88
+    assert model.tokenizer("one two")["input_ids"] and model.feature_extractor.feature_size == 80
+    assert not list(tmp_path.glob(".lsm.tmp-*"))
+    res = CliRunner().invoke(
+        main, ["model", "init", "--whisper", str(tmp_path / "no"), "--llm", str(llm_dir)]
+    )
+    assert res.exit_code != 0 and "--whisper" in res.output

@@ -1,0 +1,203 @@
+"""Benchmark of the generate stage's backends against the reference's generation loop.
+
+Same prompts (the demo transcripts under the catalog's instructions, Vicuna v1.1 format), same tiny
+Llama, greedy decoding, in one run, side by side:
+
+- reference: the reference's loop: one process, HF ``generate`` on static batches of 32 in corpus
+  order, left padding, greedy, waiting for each batch before the next;
+- transformers/static: the in-process backend, length-sorted large batches;
+- transformers/continuous: the in-process backend on transformers' continuous batching;
+- transformers-serve: the HTTP backend against ``transformers serve`` (with and without
+  ``--continuous-batching``), many requests in flight.
+
+The reference and the best backend run ``--runs`` times, the slower ones ``--slow-runs`` times, interleaved with the others so that load on the machine hits
+them alike; the table quotes medians. Output is compared answer by answer with the reference's.
+Ends with one line per goal. Usage: ``.venv/bin/python bench/generate.py [--runs 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from splsm.config import DEMO_CONFIG, LLM_TASKS, GenerateConfig, load_config  # noqa: E402
+from splsm.log import console  # noqa: E402
+from stages.generate import count_prompt_tokens, plan_requests  # noqa: E402
+from stages.generation.backends import (  # noqa: E402
+    Meter,
+    OpenAIBackend,
+    ServerProcess,
+    TransformersBackend,
+)
+from stages.instructions import load_catalog  # noqa: E402
+
+
+def reference_loop(llm_dir: Path, prompts: list[str], max_new_tokens: int, batch: int = 32):
+    """The reference's generation loop, as its release runs it on each GPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+
+    def run() -> tuple[list[str], int]:
+        texts, tokens = [], 0
+        for i in range(0, len(prompts), batch):
+            enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True)
+            with torch.inference_mode():
+                out = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                )
+            for row in out[:, enc.input_ids.shape[1] :].tolist():
+                n = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+                tokens += n
+                texts.append(tok.decode(row[:n], skip_special_tokens=True).strip())
+        return texts, tokens
+
+    return run
+
+
+def backend_runner(backend, reqs):
+    def run() -> tuple[list[str], int]:
+        got = {}
+        backend.run([reqs], lambda r, a: got.__setitem__(r.key, a), Meter())
+        return [got[r.key].text for r in reqs], sum(got[r.key].completion_tokens for r in reqs)
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="runs of the reference and of transformers/static")
+    ap.add_argument(
+        "--slow-runs",
+        type=int,
+        default=1,
+        help="runs of the backends 3-20x slower than the reference on CPU (continuous batching, HTTP)",
+    )
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=96, help="at most this many prompts")
+    ap.add_argument("--batch-size", type=int, default=128, help="transformers/static batch size")
+    ap.add_argument("--concurrency", type=int, default=32, help="HTTP requests in flight")
+    ap.add_argument(
+        "--skip", default="", help="comma-separated backends to leave out (e.g. transformers-serve)"
+    )
+    args = ap.parse_args()
+
+    from stages import harvest
+    from stages.tiny_models import build_tiny_models, corpus_texts
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    cfg = load_config(DEMO_CONFIG)
+    harvest.run(cfg, tmp)
+    transcripts = tmp / "harvest" / "transcripts.parquet"
+    _, llm = build_tiny_models(corpus_texts(transcripts), tmp / "models", cfg.models.tiny)
+
+    g = GenerateConfig(
+        backend="transformers",
+        tasks=list(LLM_TASKS),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        transformers_batching="static",
+    )
+    from transformers import AutoTokenizer
+
+    reqs = plan_requests(
+        transcripts, load_catalog(), g, str(llm), "bench", AutoTokenizer.from_pretrained(llm)
+    )
+    n_tok = count_prompt_tokens(reqs, AutoTokenizer.from_pretrained(llm))
+    reqs = [r for r in {r.key: r for r in reqs}.values() if n_tok[r.key] < g.max_prompt_tokens][
+        : args.prompts
+    ]
+    prompts = [r.prompt for r in reqs]
+    console.print(
+        f"bench: {len(reqs)} prompts ({min(n_tok[r.key] for r in reqs)}-{max(n_tok[r.key] for r in reqs)} "
+        f"tokens), greedy, at most {args.max_new_tokens} new tokens, tiny Llama {llm}, {args.runs} runs each"
+    )
+
+    runners = {"reference (HF generate, batch 32)": reference_loop(llm, prompts, args.max_new_tokens)}
+    runners["transformers/static"] = backend_runner(TransformersBackend(llm, g), reqs)
+    cont = g.model_copy(update={"transformers_batching": "continuous"})
+    runners["transformers/continuous"] = backend_runner(TransformersBackend(llm, cont), reqs)
+    skip = set(filter(None, args.skip.split(",")))
+    servers = []
+    for name, cb in (("transformers-serve", False), ("transformers-serve/continuous", True)):
+        if name in skip:
+            continue
+        srv = ServerProcess(llm, tmp / f"{name.replace('/', '-')}.log", continuous_batching=cb)
+        t0 = time.monotonic()
+        srv.start()
+        console.print(f"{name}: ready in {time.monotonic() - t0:.1f}s")
+        servers.append(srv)
+        runners[name] = backend_runner(OpenAIBackend([srv.url], str(llm), g), reqs)
+    runners = {k: v for k, v in runners.items() if k not in skip}
+    ref_name = next(iter(runners))
+
+    rates: dict[str, list[float]] = {k: [] for k in runners}
+    outputs: dict[str, list[str]] = {}
+    try:
+        for i in range(args.runs):
+            for name, run in runners.items():  # interleaved: load on the machine hits every backend alike
+                if name not in (ref_name, "transformers/static") and i >= args.slow_runs:
+                    continue
+                t0 = time.perf_counter()
+                texts, tokens = run()
+                dt = time.perf_counter() - t0
+                rates[name].append(tokens / dt)
+                outputs.setdefault(name, texts)
+                console.print(f"run {i + 1}: {name}: {tokens} tokens in {dt:.2f}s = {tokens / dt:.1f} tok/s")
+    finally:
+        for srv in servers:
+            srv.stop()
+
+    from rich.table import Table
+
+    ref_out = outputs[ref_name]
+    t = Table(
+        "backend",
+        "median tok/s",
+        "runs (tok/s)",
+        "vs reference (median of paired runs)",
+        "answers equal to reference",
+        title="generate",
+    )
+
+    def speedup(name: str) -> float:
+        # paired with the reference's run of the same round: load on the machine drifts between rounds
+        return statistics.median(r / ref for r, ref in zip(rates[name], rates[ref_name], strict=False))
+
+    for name in runners:
+        med = statistics.median(rates[name])
+        same = sum(a == b for a, b in zip(outputs[name], ref_out, strict=True))
+        t.add_row(
+            name,
+            f"{med:.1f}",
+            " ".join(f"{r:.0f}" for r in rates[name]),
+            f"{speedup(name):.2f}x",
+            f"{same}/{len(ref_out)}",
+        )
+    console.print(t)
+    best = max((n for n in runners if n != ref_name), key=speedup)
+    gain = speedup(best)
+    equal = sum(a == b for a, b in zip(outputs[best], ref_out, strict=True)) / len(ref_out)
+    print(
+        f"goal best_backend_speedup: {gain:.2f}x with {best} (target 2x) {'met' if gain >= 2 else 'not met'}"
+    )
+    print(
+        f"goal equal_output: {equal:.3f} of answers equal to the reference's (target 1.000) {'met' if equal == 1 else 'not met'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

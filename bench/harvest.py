@@ -1,0 +1,217 @@
+"""Harvest at corpus scale: a LibriSpeech-layout tree of short FLAC files, harvested cold, then again after
+adding 1% new files.
+
+    .venv/bin/python bench/harvest.py                 # 100,000 files, 3 runs (about 5 minutes on 2 cores)
+    .venv/bin/python bench/harvest.py --files 20000 --runs 1
+
+Each harvest runs in its own process (as the stage does), so imports, worker start-up and memory are
+counted. Peak RSS is sampled over that process and every process under it (the probing workers).
+The baseline the issue names is the cold run itself: the incremental rerun must cost at most 5% of it.
+The files are real speech: slices of the bundled LibriSpeech clips, with their real transcripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LIBRISPEECH = REPO / "data" / "demo" / "LibriSpeech" / "dev-clean-2"
+UTTS_PER_CHAPTER = 100
+CHAPTERS_PER_SPEAKER = 4
+
+
+def _templates(seconds: float) -> list[tuple[bytes, str]]:
+    """Short FLAC encodings of the start of each real clip, with that clip's transcript."""
+    import io
+
+    import soundfile as sf
+
+    out = []
+    for trans in sorted(LIBRISPEECH.rglob("*.trans.txt")):
+        for line in trans.read_text().splitlines():
+            utt, _, text = line.partition(" ")
+            x, sr = sf.read(str(trans.parent / f"{utt}.flac"), dtype="int16")
+            buf = io.BytesIO()
+            sf.write(buf, x[: int(seconds * sr)], sr, format="FLAC")
+            out.append((buf.getvalue(), text))
+    return out
+
+
+def make_tree(root: Path, n_files: int, templates, first_speaker: int = 0) -> int:
+    """SUBSET/SPEAKER/CHAPTER/*.flac + SPEAKER-CHAPTER.trans.txt; returns the number of files written."""
+    written = 0
+    per_speaker = UTTS_PER_CHAPTER * CHAPTERS_PER_SPEAKER
+    for s in range(first_speaker, first_speaker + (n_files + per_speaker - 1) // per_speaker):
+        for c in range(CHAPTERS_PER_SPEAKER):
+            if written >= n_files:
+                return written
+            d = root / "train-bench" / str(10000 + s) / str(c)
+            d.mkdir(parents=True, exist_ok=True)
+            lines = []
+            for u in range(min(UTTS_PER_CHAPTER, n_files - written)):
+                utt = f"{10000 + s}-{c}-{u:04d}"
+                data, text = templates[(s * 7 + c * 3 + u) % len(templates)]
+                (d / f"{utt}.flac").write_bytes(data)
+                lines.append(f"{utt} {text}")
+                written += 1
+            (d / f"{10000 + s}-{c}.trans.txt").write_text("\n".join(lines) + "\n")
+    return written
+
+
+def _tree_sample(pid: int, cpu: dict[int, float]) -> int:
+    """RSS of a process and all its descendants now; records each one's CPU seconds so far in ``cpu``."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        procs = [p, *p.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for q in procs:
+        try:
+            with q.oneshot():
+                total += q.memory_info().rss
+                t = q.cpu_times()
+                cpu[q.pid] = t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def timed_harvest(root: Path, out: Path) -> dict:
+    """Run one harvest in a fresh process; wall time, rows, and peak RSS of its process tree."""
+    code = (
+        "import json, sys, time; t = time.monotonic();"
+        "from pathlib import Path; from splsm.config import CorpusConfig; from stages.harvest import harvest;"
+        f"s = harvest([CorpusConfig(name='bench', kind='librispeech', root=Path({str(root)!r}))], Path({str(out)!r}));"
+        "print(json.dumps({'seconds': time.monotonic() - t, **s.__dict__}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    peak = 0
+    cpu: dict[int, float] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _tree_sample(proc.pid, cpu))
+            stop.wait(0.1)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    stdout, stderr = proc.communicate()
+    stop.set()
+    th.join()
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"harvest failed:\n{stderr[-4000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    # CPU seconds of the whole tree (sampled every 0.1 s: the last moments of a process are missed)
+    return {**result, "wall_s": wall, "peak_rss": peak, "cpu_s": sum(cpu.values())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--added", type=float, default=0.01, help="fraction of new files before the rerun")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=0.5, help="length of each clip")
+    ap.add_argument("--dir", type=Path, default=None, help="where to build the tree (default: a temp dir)")
+    args = ap.parse_args()
+
+    base = Path(args.dir or tempfile.mkdtemp(prefix="bench-harvest-"))
+    root = base / "LibriSpeech"
+    shutil.rmtree(root, ignore_errors=True)
+    templates = _templates(args.seconds)
+    t = time.monotonic()
+    n = make_tree(root, args.files, templates)
+    print(f"tree: {n:,} FLAC files of {args.seconds}s under {root} ({time.monotonic() - t:.0f}s to write)")
+    n_added = max(1, int(n * args.added))
+    first_new_speaker = (n + UTTS_PER_CHAPTER * CHAPTERS_PER_SPEAKER - 1) // (
+        UTTS_PER_CHAPTER * CHAPTERS_PER_SPEAKER
+    )
+
+    cold, inc = [], []
+    try:
+        for run in range(args.runs):
+            for d in (root / "train-bench").iterdir():  # back to the original tree
+                if int(d.name) - 10000 >= first_new_speaker:
+                    shutil.rmtree(d)
+            out = base / f"out{run}"
+            shutil.rmtree(out, ignore_errors=True)
+            c = timed_harvest(root, out)
+            assert c["transcripts"] == n and c["probed"] == n, c
+            make_tree(root, n_added, templates, first_speaker=first_new_speaker)
+            i = timed_harvest(root, out)
+            assert i["transcripts"] == n + n_added and i["probed"] == n_added, i
+            cold.append(c)
+            inc.append(i)
+            print(
+                f"run {run + 1}: cold {c['wall_s']:.1f}s ({c['cpu_s']:.1f} CPU s) ({n / c['wall_s']:,.0f} utt/s, peak RSS "
+                f"{c['peak_rss'] / 2**20:,.0f} MiB); +{n_added:,} files: {i['wall_s']:.2f}s "
+                f"({i['probed']:,} probed, {i['reused']:,} reused, peak RSS {i['peak_rss'] / 2**20:,.0f} MiB)"
+            )
+    finally:
+        if args.dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+    med = statistics.median
+    cold_s, inc_s = med(c["wall_s"] for c in cold), med(i["wall_s"] for i in inc)
+    cold_rate = n / cold_s
+    peak = max(max(c["peak_rss"] for c in cold), max(i["peak_rss"] for i in inc))
+    print()
+    print(f"{'':24}{'cold (baseline)':>18}{'+' + f'{args.added:.0%} rerun':>18}")
+    print(f"{'utterances':24}{n:>18,}{n + n_added:>18,}")
+    print(
+        f"{'files probed':24}{med(c['probed'] for c in cold):>18,.0f}{med(i['probed'] for i in inc):>18,.0f}"
+    )
+    print(f"{'median wall s':24}{cold_s:>18.2f}{inc_s:>18.2f}")
+    print(f"{'utterances/s':24}{cold_rate:>18,.0f}{(n + n_added) / inc_s:>18,.0f}")
+    peaks = [f"{max(x['peak_rss'] for x in runs) / 2**20:,.0f} MiB" for runs in (cold, inc)]
+    print(f"{'peak RSS (process tree)':24}{peaks[0]:>18}{peaks[1]:>18}")
+    cold_cpu, inc_cpu = med(c["cpu_s"] for c in cold), med(i["cpu_s"] for i in inc)
+    print(f"{'CPU s (process tree)':24}{cold_cpu:>18.2f}{inc_cpu:>18.2f}")
+    cores = len(os.sched_getaffinity(0))
+    load = os.getloadavg()[0]
+    print(f"(medians of {args.runs} runs; {cores} cores; load average {load:.1f} at the end)")
+    # On a shared machine wall time measures the neighbours too; CPU time per utterance does not.
+    print(
+        f"projection for {cores} idle cores from CPU time: cold {n / cold_cpu * cores:,.0f} utt/s "
+        f"({cold_cpu / n * 1e6:,.0f} us of CPU per utterance); rerun {inc_cpu / (cold_cpu / cores):.1%} of cold "
+        "(the rerun counted as serial)"
+    )
+    print()
+
+    def goal(name: str, measured: str, target: str, met: bool) -> None:
+        print(f"goal {name}: {measured} (target {target}) {'met' if met else 'not met'}")
+
+    goal("cold_rate", f"{cold_rate:,.0f} utt/s", ">= 2,000 utt/s", cold_rate >= 2000)
+    ratio = inc_s / cold_s
+    goal("incremental_cost", f"{ratio:.1%} of cold", "<= 5% of cold", ratio <= 0.05)
+    goal("peak_rss", f"{peak / 2**20:,.0f} MiB", "< 1,024 MiB", peak < 2**30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""What a corpus reader yields: a candidate utterance, or a reject with its reason."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An utterance as its corpus describes it, before its audio is probed.
+
+    ``audio_path`` is the path as the corpus names it (joined to the corpus root, not yet resolved).
+    ``text_raw`` None means the corpus has no transcript for it: Whisper may label it.
+    """
+
+    utt_id: str
+    corpus: str
+    split: str
+    audio_path: str
+    text_raw: str | None
+    speaker: str | None
+    source: str  # file:line (or file), for error messages and rejects
+    offset_s: float = 0.0
+    duration_s: float | None = None  # None: to the end of the file
+    frames: tuple[int, int] | None = None  # (start, count) in the file's own samples, as the reference writes
+    # Sample rate the corpus metadata declares, if any; the probed rate is what the table records.
+    sample_rate_hz: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    corpus: str
+    source: str
+    utt_id: str | None
+    field: str
+    reason: str
+    detail: str
+    audio_path: str | None = None
+    file_size: int | None = None
+    file_mtime_ns: int | None = None
+    file_sha256: str | None = None
+
+    def row(self) -> dict:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """A group of candidates that a rerun may take over whole: one LibriSpeech chapter, one folder.
+
+    ``digest`` covers every file the group comes from (names, sizes, mtimes, transcript bytes); if it
+    equals the previous run's, the previous rows are copied without creating a single candidate, so
+    a rerun over an unchanged corpus costs a directory listing. ``items`` is not iterated then.
+    """
+
+    key: str
+    digest: str
+    items: Iterator[Candidate | Reject]
+
+
+def decode(raw: bytes, corpus: str, source: str, utt_id: str | None = None) -> str | Reject:
+    """UTF-8 text of one line, or a ``non_utf8_transcript`` reject naming where it came from."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Reject(corpus, source, utt_id, "text", "non_utf8_transcript", str(e))
+
+
+def missing(corpus: str, path, what: str) -> Reject:
+    kind = "root" if what == "corpus root" else "manifest"
+    reason = "missing_corpus_root" if kind == "root" else "missing_manifest"
+    return Reject(corpus, str(path), None, kind, reason, f"{what} {path} does not exist")

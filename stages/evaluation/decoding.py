@@ -1,0 +1,132 @@
+"""Batched decoding with the KV cache: greedy or beam search through the LLM's own ``generate``.
+
+Items are batched in order of duration so that a batch pads little, decoded with left padding (every
+row's next token sits in the last column), and returned by key, so the caller's order never depends
+on the batching. Each item carries its own token bound; a batch decodes to the largest bound of its
+rows and cuts every row to its own, which for greedy decoding is what decoding the row alone gives.
+Decoding time (features, encoder, generate) is measured per group, for RTFx.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from splsm import audio
+from splsm.log import console, progress
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str
+    group: str  # timings are summed per group (an eval set)
+    audio_path: str
+    offset_s: float
+    duration_s: float
+    prefix: str
+    suffix: str
+    max_new_tokens: int
+    utt_id: str = ""
+
+
+@dataclass
+class Decoded:
+    texts: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, audio.AudioError] = field(default_factory=dict)  # key -> why its audio did not load
+    audio_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    decode_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+def length_bound(duration_s: float, tokens_per_s: float, slack: int, cap: int) -> int:
+    """Tokens an ASR answer may take for a clip: proportional to its duration, never over the cap."""
+    return max(1, min(cap, math.ceil(tokens_per_s * duration_s) + slack))
+
+
+def special_ids(model) -> tuple[list[int], int]:
+    tok = model.tokenizer
+    eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.llm_config.eos_token_id
+    eos_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+    return eos_ids, pad
+
+
+def generate_ids(model, batch, max_new_tokens: int, num_beams: int = 1) -> list[list[int]]:
+    """New token ids of each row of a ``SpeechBatch``, up to (not including) the first eos."""
+    import torch
+
+    eos_ids, pad = special_ids(model)
+    with torch.inference_mode():
+        speech = model.encode_speech(batch.input_features)
+        embeds, mask, _ = model.assemble(
+            speech, batch.durations_s, batch.prefix_ids, batch.suffix_ids, None, padding_side="left"
+        )
+        out = model.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=eos_ids,
+            pad_token_id=pad,
+        )
+    result = []
+    for row in out.tolist():
+        cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
+        result.append(row[:cut])
+    return result
+
+
+@lru_cache(maxsize=64)
+def _clip(path: str, offset_s: float, duration_s: float):
+    # The probe and QA ask several questions about each clip: read it once.
+    return audio.load(path, offset_s, duration_s)
+
+
+def decode(
+    model, collate, items: list[Item], batch_size: int, num_beams: int = 1, label: str = "decode"
+) -> Decoded:
+    """Decode every item; an item whose audio cannot be loaded lands in ``failed``, never silently dropped."""
+    import torch
+
+    device = next(model.parameters()).device
+    res = Decoded()
+    order = sorted(items, key=lambda it: (it.group, -it.duration_s, it.utt_id, it.key))
+    _clip.cache_clear()
+    with progress() as bar:
+        task = bar.add_task(label, total=len(order), status="")
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            kept, clips = [], []
+            for it in chunk:
+                try:
+                    clips.append(_clip(it.audio_path, it.offset_s, it.duration_s))
+                    kept.append(it)
+                except audio.AudioError as e:
+                    res.failed[it.key] = e
+            # Timings per group: a batch never mixes groups, because the order is by group first.
+            for group in dict.fromkeys(it.group for it in kept):
+                rows = [(it, c) for it, c in zip(kept, clips, strict=True) if it.group == group]
+                t0 = time.perf_counter()
+                batch = collate(
+                    [dict(prefix=it.prefix, suffix=it.suffix) for it, _ in rows],
+                    [c for _, c in rows],
+                    with_answer=False,
+                ).to(device)
+                bound = max(it.max_new_tokens for it, _ in rows)
+                ids = generate_ids(model, batch, bound, num_beams)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                res.decode_s[group] += time.perf_counter() - t0
+                for (it, c), row in zip(rows, ids, strict=True):
+                    res.texts[it.key] = model.tokenizer.decode(
+                        row[: it.max_new_tokens], skip_special_tokens=True
+                    ).strip()
+                    res.audio_s[group] += len(c) / audio.TARGET_SR
+            bar.update(task, advance=len(chunk), status=f"{len(res.failed)} rejected" if res.failed else "")
+    for key, e in res.failed.items():
+        console.print(f"[yellow]{label}: warning: {key}: {e}[/]")
+    return res

@@ -1,0 +1,189 @@
+"""Stage execution modes: a subprocess, and a container of the cpu image on a real container engine.
+
+The engine is rootful podman serving the Docker Engine API (scripts/container-engine.sh), set up here
+when DOCKER_HOST does not already point at a running engine; the image is built from the local
+debootstrap base through the Engine API, so no registry is needed (PyPI is, inside the build).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from schemas import REJECTS, TRANSCRIPTS, read_table
+from splsm.containers import ContainerConfig, ExecutionConfig, StageFailed, run_stage_cli
+from splsm.lineage import LineageStore
+
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+TAG = "localhost/splsm:cpu-test"
+IMAGE_UID = 1000  # the images' non-root user
+
+
+def test_harvest_in_a_subprocess_records_the_callers_flow_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLSM_FLOW_RUN_ID", "flow-run-from-caller")
+    run_stage_cli("harvest", DEMO_CONFIG, tmp_path, execution=ExecutionConfig(mode="subprocess"))
+    assert read_table(tmp_path / "harvest" / "transcripts.parquet", TRANSCRIPTS).num_rows == 17
+    (row,) = LineageStore(tmp_path / "lineage.duckdb").dicts(
+        "SELECT status, flow_run_id, git_commit FROM runs"
+    )
+    assert row["status"] == "succeeded" and row["flow_run_id"] == "flow-run-from-caller"
+    assert row["git_commit"]
+
+
+def test_a_failing_stage_in_a_subprocess_fails_with_its_message(tmp_path):
+    with pytest.raises(StageFailed, match="transcripts .* does not exist"):
+        run_stage_cli("build", DEMO_CONFIG, tmp_path, execution=ExecutionConfig(mode="subprocess"))
+
+
+# ----- container mode ---------------------------------------------------------------------------
+
+
+def _ping(host: str) -> bool:
+    import docker
+
+    try:
+        return docker.DockerClient(base_url=host, timeout=10).ping()
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def engine() -> str:
+    host = os.environ.get("DOCKER_HOST")
+    if host and _ping(host):
+        return host
+    if os.geteuid() != 0:
+        pytest.skip("no container engine at DOCKER_HOST, and setting up rootful podman needs root")
+    if not shutil.which("apt-get"):
+        pytest.skip("no container engine at DOCKER_HOST, and no apt-get to install podman with")
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "container-engine.sh")], capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, f"container-engine.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    host = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    assert _ping(host), f"no engine answers at {host}"
+    return host
+
+
+def _local_wheels() -> list[Path]:
+    """The CPU torch wheel pip finds on this machine (PIP_FIND_LINKS), so the image gets no CUDA build."""
+    dirs = [d for d in os.environ.get("PIP_FIND_LINKS", "").split() if os.path.isdir(d)]
+    return [Path(p) for d in dirs for p in glob.glob(os.path.join(d, "torch-*.whl"))]
+
+
+def _ca_bundle() -> Path | None:
+    for p in (
+        os.environ.get("PIP_CERT"),
+        os.environ.get("SSL_CERT_FILE"),
+        "/etc/ssl/certs/ca-certificates.crt",
+    ):
+        if p and os.path.isfile(p):
+            return Path(p)
+    return None
+
+
+@pytest.fixture(scope="session")
+def cpu_image(engine) -> str:
+    from splsm.containers import build_image
+
+    build_image(
+        TAG,
+        "cpu",
+        {"BASE_IMAGE": "localhost/base:bookworm", "TORCH_INDEX_URL": "https://pypi.org/simple"},
+        wheels=_local_wheels(),
+        ca_bundle=_ca_bundle(),
+        docker_host=engine,
+    )
+    return TAG
+
+
+def _workdir(tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    work.mkdir()
+    os.chown(work, IMAGE_UID, IMAGE_UID)  # the container's user writes here
+    return work
+
+
+@pytest.mark.slow
+def test_image_runs_as_a_non_root_user(engine, cpu_image):
+    import docker
+
+    client = docker.DockerClient(base_url=engine)
+    out = client.containers.run(cpu_image, entrypoint=["id", "-u"], remove=True)
+    assert out.decode().strip() == str(IMAGE_UID)
+
+
+@pytest.mark.slow
+def test_harvest_runs_in_its_container_and_records_the_image(engine, cpu_image, tmp_path, caplog):
+    import docker
+
+    from splsm.stage import git_commit
+
+    client = docker.DockerClient(base_url=engine)
+    work = _workdir(tmp_path)
+    execution = ExecutionConfig(
+        mode="container", container=ContainerConfig(image=cpu_image, docker_host=engine)
+    )
+    with caplog.at_level(logging.INFO, logger="splsm.containers"):
+        run_stage_cli("harvest", DEMO_CONFIG, work, execution=execution)
+
+    assert read_table(work / "harvest" / "transcripts.parquet", TRANSCRIPTS).num_rows == 17
+    rejects = read_table(work / "harvest" / "rejects.parquet", REJECTS)
+    assert rejects.column("reason").to_pylist() == ["missing_audio"] * 2
+    assert (work / "harvest" / "transcripts.parquet").stat().st_uid == IMAGE_UID  # written in the container
+    (row,) = LineageStore(work / "lineage.duckdb").dicts("SELECT * FROM runs")
+    assert row["status"] == "succeeded" and row["image"] == cpu_image
+    img = client.images.get(cpu_image)  # the content id, or the repository digest where the engine has one
+    assert row["image_digest"] in {img.id, *(img.attrs.get("RepoDigests") or [])}
+    assert "sha256:" in row["image_digest"]
+    assert row["git_commit"] == git_commit()
+    assert row["host"] != os.uname().nodename  # it ran in the container
+    # the container's log reached the caller's log, and the container is gone
+    assert "harvest: 17 transcripts" in caplog.text
+    assert not client.containers.list(all=True, filters={"label": "splsm.stage=harvest"})
+    # the corpora were read at their host paths, and fingerprint alike on both sides
+    from splsm.config import load_config
+    from splsm.stage import Artifact
+
+    recorded = {
+        (r["location"], r["content_hash"])
+        for r in LineageStore(work / "lineage.duckdb").dicts(
+            "SELECT d.location, d.content_hash FROM run_io io JOIN datasets d USING (dataset_id)"
+            " WHERE io.direction = 'input'"
+        )
+    }
+    corpora = load_config(DEMO_CONFIG).corpora
+    assert {(str(c.root), Artifact("c", c.root, "corpus").ref().content_hash) for c in corpora} <= recorded
+
+
+@pytest.mark.slow
+def test_a_failing_stage_in_its_container_fails_and_is_removed(engine, cpu_image, tmp_path):
+    import docker
+
+    client = docker.DockerClient(base_url=engine)
+    work = _workdir(tmp_path)
+    execution = ExecutionConfig(
+        mode="container", container=ContainerConfig(image=cpu_image, docker_host=engine)
+    )
+    with pytest.raises(StageFailed, match=r"(?s)exited with 1.*checkpoint .* does not exist"):
+        run_stage_cli("evaluate", DEMO_CONFIG, work, execution=execution)
+    assert not client.containers.list(all=True, filters={"label": "splsm.stage=evaluate"})
+
+
+def test_gpu_stages_request_gpus_by_count_or_id_and_cpu_stages_none():
+    # what the Engine API receives (podman ignores device requests, so no engine can show them here)
+    from splsm.containers import gpu_requests
+
+    (by_count,) = gpu_requests("train", 2)
+    assert (by_count["Driver"], by_count["Count"], by_count["Capabilities"]) == ("nvidia", 2, [["gpu"]])
+    (by_id,) = gpu_requests("evaluate", ["0", 3])
+    assert by_id["DeviceIDs"] == ["0", "3"] and by_id["Count"] == 0
+    assert gpu_requests("train", -1)[0]["Count"] == -1  # all
+    assert gpu_requests("harvest", 2) is None and gpu_requests("train", None) is None

@@ -1,0 +1,107 @@
+"""Faults of the HTTP backend against a real `transformers serve`: a server that goes away and comes
+back, and one that stays down."""
+
+import re
+import shutil
+import threading
+import time
+
+import pytest
+
+from schemas import RESPONSES, TRANSCRIPTS, read_table, write_table
+from stages.generate import GenerateError, cache_path, generate
+from stages.generation.backends import ServerProcess, free_port
+from stages.generation.cache import AnswerCache
+
+
+def _subset(harvested, dst, n=8):
+    table = read_table(harvested / "harvest" / "transcripts.parquet", TRANSCRIPTS).slice(0, n)
+    return write_table(table, dst / "transcripts.parquet", TRANSCRIPTS)
+
+
+@pytest.mark.slow
+def test_server_killed_and_restarted_mid_run_completes_with_nothing_lost(
+    generated, harvested, tiny_models_dir, tmp_path, capsys
+):
+    served, g, _ = generated
+    llm = tiny_models_dir / "llm"
+    transcripts = _subset(harvested, tmp_path)
+    out = tmp_path / "gen"
+    server = ServerProcess(llm, tmp_path / "server.log", port=free_port(), timeout_s=300)
+    server.start()
+    g2 = g.model_copy(
+        update={
+            "backend": "openai",
+            "base_url": server.url,
+            "served_model": str(llm),
+            "tasks": ["repeat"],
+            "concurrency": 2,
+            "max_retries": 60,
+            "retry_backoff_s": 0.2,
+            "retry_backoff_max_s": 2.0,
+        }
+    )
+    result: dict = {}
+
+    def work():
+        try:
+            result["summary"] = generate(transcripts, out, g2, llm)
+        except BaseException as e:  # handed to the test thread below
+            result["error"] = e
+
+    t = threading.Thread(target=work)
+    try:
+        t.start()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and t.is_alive():
+            if cache_path(out, 0, 1).exists() and AnswerCache(cache_path(out, 0, 1)).count() >= 2:
+                break
+            time.sleep(0.1)
+        assert t.is_alive(), "generation ended before the server could be stopped"
+        server.stop(kill=True)
+        time.sleep(1.0)
+        server.start()  # the same port: the client's retries find it again
+        t.join(timeout=600)
+    finally:
+        server.stop()
+    assert "error" not in result, result.get("error")
+    assert "retry" in capsys.readouterr().out  # the server really went away under the run
+    s = result["summary"]
+    rows = read_table(out / "responses.parquet", RESPONSES).to_pylist()
+    utts = read_table(transcripts, TRANSCRIPTS).column("utt_id").to_pylist()
+    assert sorted(r["utt_id"] for r in rows) == sorted(utts) and {r["task"] for r in rows} == {"repeat"}
+    assert s.requested + s.too_long == len(rows)
+    # the same greedy answers as an undisturbed server gave
+    before = {
+        r["utt_id"]: r["answer"]
+        for r in read_table(served / "responses.parquet", RESPONSES).to_pylist()
+        if r["task"] == "repeat"
+    }
+    assert {r["utt_id"]: r["answer"] for r in rows} == {u: before[u] for u in utts}
+
+
+def test_a_server_that_stays_down_is_a_clear_error_that_says_how_to_resume(
+    generated, harvested, tiny_models_dir, tmp_path
+):
+    served, g, _ = generated
+    transcripts = _subset(harvested, tmp_path)
+    out = tmp_path / "gen"
+    out.mkdir()
+    shutil.copy(served / "cache.sqlite", out / "cache.sqlite")  # the repeat answers are done already
+    g2 = g.model_copy(
+        update={
+            "backend": "openai",
+            "base_url": f"http://127.0.0.1:{free_port()}/v1",  # nothing listens there
+            "served_model": str(tiny_models_dir / "llm"),
+            "tasks": ["repeat", "keywords"],
+            "max_retries": 2,
+            "retry_backoff_s": 0.05,
+        }
+    )
+    with pytest.raises(GenerateError) as err:
+        generate(transcripts, out, g2, tiny_models_dir / "llm")
+    msg = str(err.value)
+    m = re.search(r"(\d+) of 16 answers", msg)
+    assert m and 8 <= int(m.group(1)) < 16, msg
+    assert "after 2 retries" in msg and "run the same command again to resume" in msg
+    assert not (out / "responses.parquet").exists()

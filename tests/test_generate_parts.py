@@ -1,0 +1,172 @@
+"""The generate stage's parts: filters, catalog settings, the chat-template prompt format, the cache key."""
+
+import shutil
+
+import pytest
+
+from schemas import RESPONSES, TRANSCRIPTS, read_table
+from splsm.config import GenerateConfig
+from stages.generate import generate, plan_requests
+from stages.generation.filters import FilterSettings, ends_in_punctuation, failures, script_fraction
+from stages.instructions import DEFAULT_CATALOG, CatalogError, load_catalog
+from stages.prompts import speech_prompt, text_prompt
+
+LLAMA3_STYLE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        ("It rained all day.", True),
+        ("Really?", True),
+        ("他说：“好。”", True),  # CJK stop inside closing quotes
+        ("今天下雨了。", True),
+        ("keywords: rain, day", False),
+        ("and then the", False),
+        ("", False),
+        ("Done!   ", True),
+    ],
+)
+def test_end_punctuation_latin_and_cjk(text, ok):
+    assert ends_in_punctuation(text) is ok
+
+
+def test_script_of_the_target_language():
+    assert script_fraction("今天下雨了。", "zh") == 1.0
+    assert script_fraction("It rained today.", "zh") == 0.0
+    assert script_fraction("雨 rain", "zh") == pytest.approx(1 / 5)
+    assert script_fraction("Привет", "ru") == 1.0
+    with pytest.raises(ValueError, match="no script known"):
+        script_fraction("x", "tlh")
+
+
+def test_failures_are_listed_in_order_and_only_where_they_apply():
+    s = FilterSettings(max_prompt_tokens=150, min_script_fraction=0.5)
+    every = ("prompt_too_long", "empty", "truncated", "no_end_punct", "wrong_script")
+    assert failures("The weather", "length", 150, every, "zh", s) == [
+        "prompt_too_long",
+        "truncated",
+        "no_end_punct",
+        "wrong_script",
+    ]
+    assert failures("今天下雨了。", "stop", 149, every, "zh", s) == []
+    assert failures("", "stop", 10, every, None, s) == ["empty", "no_end_punct"]
+    assert failures("no stop", "length", 10, ("empty",), None, s) == []
+
+
+def _catalog_with(tmp_path, old, new):
+    text = DEFAULT_CATALOG.read_text()
+    assert old in text
+    p = tmp_path / "catalog.yaml"
+    p.write_text(text.replace(old, new))
+    return p
+
+
+def test_catalog_settings_are_checked_with_file_and_category(tmp_path):
+    bad = _catalog_with(tmp_path, "    max_words: 50\n", "    max_word: 50\n")
+    with pytest.raises(
+        CatalogError, match=r"catalog.yaml: category 'continuation': unknown setting 'max_word'"
+    ):
+        load_catalog(bad)
+    bad = _catalog_with(tmp_path, "no_end_punct, wrong_script]", "no_end_punct, wrong_language]")
+    with pytest.raises(CatalogError, match=r"category 'translation': filters must be"):
+        load_catalog(bad)
+    bad = _catalog_with(tmp_path, "target_language: zh", "target_language: klingon")
+    with pytest.raises(CatalogError, match="target_language 'klingon'"):
+        load_catalog(bad)
+    bad = _catalog_with(tmp_path, "  max_new_tokens: 225 ", "  max_new_tokens: -1 ")
+    with pytest.raises(CatalogError, match="defaults: max_new_tokens must be a positive integer"):
+        load_catalog(bad)
+
+
+def test_cache_keys_survive_a_catalog_version_that_leaves_the_prompt_unchanged(harvested, tmp_path):
+    v2 = _catalog_with(tmp_path, "version: 1", "version: 2")
+    v2.write_text(
+        v2.read_text().replace("Translate the English text into Chinese", "Put the text into Chinese")
+    )
+    g = GenerateConfig(tasks=["repeat", "translation"])
+    transcripts = harvested / "harvest" / "transcripts.parquet"
+    a = {(r.utt_id, r.task): r for r in plan_requests(transcripts, load_catalog(), g, "m", "rev")}
+    b = {(r.utt_id, r.task): r for r in plan_requests(transcripts, load_catalog(v2), g, "m", "rev")}
+    assert load_catalog(v2).content_hash != load_catalog().content_hash
+    for pair, r in a.items():
+        assert (r.key == b[pair].key) == (r.prompt == b[pair].prompt)
+    changed = [p for p in a if a[p].key != b[p].key]
+    assert changed and all(p[1] == "translation" for p in changed)
+    # and the budget is part of the key: a category asking for fewer tokens is another request
+    short = _catalog_with(
+        tmp_path,
+        "    answer_source: llm\n    instructions:\n      - Say the same",
+        "    answer_source: llm\n    max_new_tokens: 100\n    instructions:\n      - Say the same",
+    )
+    c = {(r.utt_id, r.task): r for r in plan_requests(transcripts, load_catalog(short), g, "m", "rev")}
+    assert all((c[p].key != a[p].key) == (p[1] == "repeat") for p in a)
+    assert all(c[p].sampling["max_tokens"] == 100 for p in a if p[1] == "repeat")
+
+
+@pytest.fixture(scope="module")
+def chat_llm(tiny_models_dir, tmp_path_factory):
+    """The tiny Llama with a Llama-3-style chat template in its tokenizer."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("chat") / "llm"
+    shutil.copytree(tiny_models_dir / "llm", d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = LLAMA3_STYLE
+    tok.save_pretrained(d)
+    return d
+
+
+def test_chat_template_prompts_for_generation_and_training_agree(chat_llm):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_llm)
+    ins, tr = "Reword the text", "the cat sat on the mat"
+    text = text_prompt(ins, tr, "chat_template", tok)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": f"{ins}: {tr}"}], tokenize=False, add_generation_prompt=True
+    )
+    # the template writes <s> and so does the tokenizer: the prompt leaves it to the tokenizer
+    assert rendered == tok.bos_token + text
+    assert tok(text).input_ids.count(tok.bos_token_id) == 1
+    assert text_prompt(ins, tr, "chat_template", chat_llm) == text  # a directory works as well
+    for fmt, t in (("vicuna_v1.1", None), ("chat_template", tok)):
+        sp = speech_prompt(ins, fmt, t)
+        assert sp.prefix.endswith(f"{ins} SPEECH:")
+        # the speech prompt is the text prompt with ": transcript" replaced by " SPEECH: <speech>"
+        assert sp.prefix.removesuffix(" SPEECH:") + f": {tr}" + sp.suffix == text_prompt(ins, tr, fmt, t)
+    assert speech_prompt(ins, "chat_template", tok).suffix == (
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
+def test_chat_template_needs_a_tokenizer_that_has_one(tiny_models_dir):
+    with pytest.raises(ValueError, match="needs the backbone's tokenizer"):
+        text_prompt("a", "b", "chat_template")
+    with pytest.raises(ValueError, match="has no chat template"):
+        speech_prompt("a", "chat_template", tiny_models_dir / "llm")
+
+
+def test_generate_with_the_chat_template_format(chat_llm, harvested, tmp_path):
+    from transformers import AutoTokenizer
+
+    g = GenerateConfig(
+        backend="transformers", prompt_format="chat_template", tasks=["keywords"], max_new_tokens=4
+    )
+    s = generate(harvested / "harvest" / "transcripts.parquet", tmp_path, g, chat_llm)
+    rows = read_table(tmp_path / "responses.parquet", RESPONSES).to_pylist()
+    tok = AutoTokenizer.from_pretrained(chat_llm)
+    text = {
+        u["utt_id"]: u["text"]
+        for u in read_table(harvested / "harvest" / "transcripts.parquet", TRANSCRIPTS).to_pylist()
+    }
+    assert s.requested > 0 and len(rows) == s.requests == len(text)
+    for r in rows:
+        assert r["prompt"].startswith(
+            "<|start_header_id|>user<|end_header_id|>\n\n" + r["instruction"] + ": "
+        )
+        assert r["prompt"] == text_prompt(r["instruction"], text[r["utt_id"]], "chat_template", tok)

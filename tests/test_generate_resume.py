@@ -1,0 +1,132 @@
+"""Crash safety and scale-out of the generate stage, with the tiny Llama answering in process."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import GEN_TASKS, REPO
+from schemas import RESPONSES, TRANSCRIPTS, read_table
+from splsm.config import GenerateConfig, load_config
+from stages import generate as stage
+from stages.generate import NOT_REQUESTED, generate, part_dir
+
+
+def _cache_count(path: Path) -> int:
+    if not path.exists():
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute("SELECT count(*) FROM answers").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # the table is not created yet
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_gives_exactly_one_answer_each(harvested, tiny_models_dir, tmp_path):
+    work = tmp_path / "work"
+    (work / "harvest").mkdir(parents=True)
+    (work / "harvest" / "transcripts.parquet").write_bytes(
+        (harvested / "harvest" / "transcripts.parquet").read_bytes()
+    )
+    (work / "models").mkdir()
+    os.symlink(tiny_models_dir / "llm", work / "models" / "llm")
+    cfg_path = tmp_path / "gen.yaml"
+    cfg_path.write_text(
+        "name: kill\ncorpora: []\nmodels: {tiny: {}}\n"
+        f"generate: {{backend: transformers, tasks: {GEN_TASKS}, max_new_tokens: 12, batch_size: 1, shard_size: 2}}\n"
+    )
+    cache = work / "generate" / "cache.sqlite"
+    cmd = [
+        str(Path(sys.executable).with_name("splsm")),
+        "generate",
+        "--config",
+        str(cfg_path),
+        "--workdir",
+        str(work),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while _cache_count(cache) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the stage finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    committed = _cache_count(cache)
+    shards = list(part_dir(work / "generate", 0, 1).glob("shard-*.parquet"))
+    assert not (work / "generate" / "responses.parquet").exists()
+    assert committed >= 3 and shards, "answers and whole shards were committed before the kill"
+
+    cfg = load_config(cfg_path)
+    # batch size only changes speed, so the rerun may use a larger one and still resume
+    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"batch_size": 32})})
+    res = stage.run(cfg, work, work / "models" / "llm")
+    s = res.summary
+    rows = read_table(work / "generate" / "responses.parquet", RESPONSES).to_pylist()
+    utts = read_table(work / "harvest" / "transcripts.parquet", TRANSCRIPTS).column("utt_id").to_pylist()
+    assert Counter((r["utt_id"], r["task"]) for r in rows) == Counter((u, t) for u in utts for t in GEN_TASKS)
+    sent = [r for r in rows if r["finish_reason"] != NOT_REQUESTED]
+    # nothing committed before the kill was asked again
+    assert s["requested"] == len({r["request_key"] for r in sent}) - committed
+    assert _cache_count(cache) == len({r["request_key"] for r in sent})
+    # every answer in the table is the one in the cache
+    con = sqlite3.connect(cache)
+    stored = dict(con.execute("SELECT key, answer FROM answers"))
+    con.close()
+    assert all(stored[r["request_key"]] == r["answer"] for r in sent)
+    again = stage.run(cfg, work, work / "models" / "llm")
+    assert again.reused
+
+
+def test_workers_split_by_utterance_hash_without_overlap_and_the_last_one_merges(
+    generated, harvested, tiny_models_dir, tmp_path
+):
+    served, g, _ = generated
+    g3 = g.model_copy(update={"backend": "transformers", "tasks": ["repeat"], "shard_size": 3})
+    transcripts = harvested / "harvest" / "transcripts.parquet"
+    seen = Counter()
+    for w in range(3):
+        assert not (tmp_path / "responses.parquet").exists()
+        s = generate(transcripts, tmp_path, g3, tiny_models_dir / "llm", worker=w, workers=3)
+        assert s.merged == (w == 2)
+        for shard in part_dir(tmp_path, w, 3).glob("shard-*.parquet"):
+            rows = read_table(shard, RESPONSES).to_pylist()
+            assert {stage.worker_of(r["utt_id"], 3) for r in rows} == {w}
+            seen.update((r["utt_id"], r["task"]) for r in rows)
+    utts = read_table(transcripts, TRANSCRIPTS).column("utt_id").to_pylist()
+    assert seen == Counter((u, "repeat") for u in utts)  # each pair done by exactly one worker
+    merged = read_table(tmp_path / "responses.parquet", RESPONSES).to_pylist()
+    one = {
+        (r["utt_id"], r["task"]): (r["answer"], r["rejected_by"])
+        for r in read_table(served / "responses.parquet", RESPONSES).to_pylist()
+        if r["task"] == "repeat"
+    }
+    assert {(r["utt_id"], r["task"]): (r["answer"], r["rejected_by"]) for r in merged} == one
+
+
+def test_vllm_backend_without_vllm_is_a_clear_error(harvested, tiny_models_dir, tmp_path):
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vllm is installed here")
+    except ImportError:
+        pass
+    g = GenerateConfig(backend="vllm", tasks=["repeat"], max_new_tokens=4)
+    with pytest.raises(stage.BackendError, match="needs the vllm package"):
+        generate(harvested / "harvest" / "transcripts.parquet", tmp_path, g, tiny_models_dir / "llm")

@@ -1,0 +1,112 @@
+"""A rerun probes only new or changed audio, gives the same table as a cold run, and records lineage."""
+
+import os
+import shutil
+
+from conftest import LIBRISPEECH, copy_librispeech
+from schemas import REJECTS, TRANSCRIPTS, read_table
+from splsm.config import CorpusConfig
+from splsm.lineage import LineageStore
+from splsm.stage import sha256_file
+from stages import harvest as stage
+from stages.harvest import harvest
+
+FIRST = ["1988-24833-0000", "1988-24833-0001", "2412-153948-0002", "3752-4944-0000", "3752-4944-0001"]
+ADDED = ["1988-24833-0002", "3752-4944-0002"]
+
+
+def _table(path):
+    rows = read_table(path / "transcripts.parquet", TRANSCRIPTS).to_pylist()
+    for r in rows:
+        r.pop("file_mtime_ns")  # the only column a touch changes
+    return rows
+
+
+def test_rerun_probes_exactly_the_added_and_changed_files(tmp_path):
+    root = copy_librispeech(tmp_path / "c", FIRST)
+    corpus = [CorpusConfig(name="ls", kind="librispeech", root=root)]
+    # a corrupt file: its reject is kept, not probed again, while the file is unchanged
+    chap = root / "dev-clean-2" / "1988" / "24833"
+    (chap / "1988-24833-0009.flac").write_bytes(b"fLaC" + bytes(range(256)) * 4)
+    with open(chap / "1988-24833.trans.txt", "a") as f:
+        f.write("1988-24833-0009 A CORRUPT FILE\n")
+    cold = harvest(corpus, tmp_path / "out")
+    assert (cold.probed, cold.reused, cold.transcripts) == (6, 0, 5)
+
+    nothing = harvest(corpus, tmp_path / "out")
+    assert (nothing.probed, nothing.reused, nothing.transcripts, nothing.rejects) == (0, 6, 5, 1)
+
+    copy_librispeech(root, ADDED)  # two new utterances
+    touched = chap / "1988-24833-0000.flac"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))  # same bytes
+    changed = root / "dev-clean-2" / "3752" / "4944" / "3752-4944-0001.flac"
+    shutil.copy(LIBRISPEECH / "dev-clean-2" / "3752" / "4944" / "3752-4944-0000.flac", changed)  # new bytes
+    inc = harvest(corpus, tmp_path / "out")
+    assert inc.probed == 3  # the two added files and the changed one
+    assert inc.reused == 5  # three unchanged + the touched one (hash equal) + the corrupt file's reject
+    assert inc.transcripts == 7 and inc.reject_counts == {"corrupt_audio": 1}
+
+    cold_again = harvest(corpus, tmp_path / "cold")
+    assert cold_again.probed == 8
+    assert _table(tmp_path / "out") == _table(tmp_path / "cold")
+    rows = {r["utt_id"]: r for r in _table(tmp_path / "out")}
+    assert rows["3752-4944-0001"]["duration_s"] == 53360 / 16000  # now the other clip's length (README)
+    assert rows["3752-4944-0001"]["file_sha256"] == sha256_file(changed)
+    (rej,) = read_table(tmp_path / "out" / "rejects.parquet", REJECTS).to_pylist()
+    assert rej["utt_id"] == "1988-24833-0009" and rej["file_sha256"] == sha256_file(
+        chap / "1988-24833-0009.flac"
+    )
+
+    # a changed bound re-checks reused rows without probing them
+    short = harvest(corpus, tmp_path / "out", max_duration_s=4.0)
+    assert short.probed == 0 and short.transcripts == 5
+    assert short.reject_counts == {"corrupt_audio": 1, "too_long": 2}  # 7.895 s and 4.555 s (README)
+
+
+def test_new_transcripts_version_points_at_the_old_one_in_lineage(tmp_path, demo_config):
+    root = copy_librispeech(tmp_path / "c", FIRST)
+    cfg = demo_config.model_copy(update={"corpora": [CorpusConfig(name="ls", kind="librispeech", root=root)]})
+    work = tmp_path / "w"
+    first = stage.run(cfg, work)
+    v1 = sha256_file(work / "harvest" / "transcripts.parquet")
+    assert stage.run(cfg, work).reused
+    copy_librispeech(root, ADDED)
+    second = stage.run(cfg, work)
+    assert not second.reused and second.summary["probed"] == 2
+    v2 = sha256_file(work / "harvest" / "transcripts.parquet")
+    assert v1 != v2
+    store = LineageStore(work / "lineage.duckdb")
+    io = store.query(
+        "SELECT r.run_id, io.direction, io.role, d.content_hash, d.row_count FROM run_io io "
+        "JOIN datasets d USING (dataset_id) JOIN runs r USING (run_id) "
+        "WHERE d.location = ? ORDER BY r.started_at",
+        [str((work / "harvest" / "transcripts.parquet").resolve())],
+    )
+    assert (first.run_id, "output", "transcripts", f"sha256:{v1}", 5) in io
+    assert (second.run_id, "input", "previous_transcripts", f"sha256:{v1}", 5) in io
+    assert (second.run_id, "output", "transcripts", f"sha256:{v2}", 7) in io
+
+
+def test_unchanged_directories_are_taken_over_whole_but_not_under_new_settings(tmp_path):
+    root = copy_librispeech(tmp_path / "c", FIRST)
+    out = tmp_path / "out"
+    ls = CorpusConfig(name="ls", kind="librispeech", root=root)
+    harvest([ls], out)
+    first = read_table(out / "transcripts.parquet", TRANSCRIPTS)
+    again = harvest([ls], out)
+    assert (again.probed, again.reused, again.transcripts) == (0, 5, 5)
+    assert read_table(out / "transcripts.parquet", TRANSCRIPTS).equals(first)
+    # the same files under another split name: rows must not be copied with the old split
+    renamed = harvest([ls.model_copy(update={"split": "train"})], out)
+    splits = set(read_table(out / "transcripts.parquet", TRANSCRIPTS).column("split").to_pylist())
+    assert splits == {"train"} and renamed.transcripts == 5
+
+
+def test_worker_processes_give_the_same_table_as_probing_in_process(tmp_path, monkeypatch):
+    ls = [CorpusConfig(name="ls", kind="librispeech", root=LIBRISPEECH)]
+    inline = harvest(ls, tmp_path / "inline", workers=1)
+    monkeypatch.setattr(stage, "INLINE_LIMIT", 0)  # start the pool at once
+    monkeypatch.setattr(stage, "CHUNK", 3)  # several chunks in flight, emitted in order
+    pooled = harvest(ls, tmp_path / "pool", workers=2)
+    assert pooled.probed == inline.probed == 10
+    assert _table(tmp_path / "pool") == _table(tmp_path / "inline")
