@@ -19,6 +19,13 @@ from stages.prompts import speech_prompt, text_prompt
 FIXTURE = REPO / "tests" / "fixtures" / "self_powered_sample.jsonl"
 
 
+def _kept(gen_dir, tmp_path):
+    """The tiny LLM's real answers with the generate filters' flags lifted: input for tests of joining and mixing."""
+    table = read_table(gen_dir / "responses.parquet", RESPONSES)
+    rows = [dict(r, rejected_by=None) for r in table.to_pylist()]
+    return write_table(to_table(rows, RESPONSES), tmp_path / "kept-responses.parquet", RESPONSES)
+
+
 def _transcripts(harvested):
     return harvested / "harvest" / "transcripts.parquet"
 
@@ -46,10 +53,15 @@ def test_examples_join_transcripts_and_answers_in_the_training_layout(harvested,
         (r["utt_id"], r["task"]): r for r in read_table(gen_dir / "responses.parquet", RESPONSES).to_pylist()
     }
 
-    # exactly one example per (utterance, task)
-    assert Counter((e["utt_id"], e["task"]) for e in ex) == Counter((u, t) for u in tr for t in b.tasks)
-    assert s.examples == len(ex) and s.missing_answers == 0
-    assert read_table(tmp_path / "rejects.parquet", REJECTS).num_rows == 0
+    # exactly one example per (utterance, task), but for answers the generate filters flagged: each a reject
+    flagged = {k for k, r in resp.items() if r["rejected_by"]}
+    want = Counter((u, t) for u in tr for t in b.tasks if (u, t) not in flagged)
+    assert Counter((e["utt_id"], e["task"]) for e in ex) == want
+    assert s.examples == len(ex) and s.missing_answers == 0 and s.filtered_answers == len(flagged)
+    rejects = read_table(tmp_path / "rejects.parquet", REJECTS).to_pylist()
+    assert sorted((r["utt_id"], r["reason"]) for r in rejects) == sorted(
+        (u, f"answer_{resp[(u, t)]['rejected_by']}") for u, t in flagged
+    )
     for e in ex:
         p = speech_prompt(e["instruction"])
         assert (e["prefix"], e["suffix"]) == (p.prefix, p.suffix)
@@ -79,7 +91,10 @@ def test_examples_join_transcripts_and_answers_in_the_training_layout(harvested,
         md = pq.ParquetFile(f).metadata
         assert m["sha256"] == sha256_file(f) and m["rows"] == md.num_rows <= 10
         assert m["row_groups"] == md.num_row_groups
-    assert s.shards == len(manifest) == 6  # train: 14 x 3 = 42 rows in 5 shards; test-clean: 9 rows in 1
+    per_split = Counter(e["split"] for e in ex)
+    assert (
+        s.shards == len(manifest) == sum(-(-n // 10) for n in per_split.values())
+    )  # at most 10 rows a shard
 
 
 def test_missing_answers_are_counted_not_silent(harvested, generated, tmp_path):
@@ -87,7 +102,7 @@ def test_missing_answers_are_counted_not_silent(harvested, generated, tmp_path):
     b = BuildConfig(
         tasks=["asr", "repeat", "sentiment"], eval_splits=["test-clean"], near_dup_threshold=None
     )  # sentiment was not generated
-    s = build(_transcripts(harvested), gen_dir / "responses.parquet", tmp_path, b, load_catalog())
+    s = build(_transcripts(harvested), _kept(gen_dir, tmp_path), tmp_path, b, load_catalog())
     tr = read_table(_transcripts(harvested), TRANSCRIPTS).to_pylist()
     assert s.missing_answers == len(tr) and s.examples == 2 * len(tr)
     rejects = read_table(tmp_path / "rejects.parquet", REJECTS).to_pylist()
@@ -194,9 +209,10 @@ def test_near_duplicate_answers_are_dropped_and_counted(harvested, tmp_path):
 def test_mixing_meets_the_target_shares_deterministically(harvested, generated, tmp_path):
     gen_dir, g, _ = generated
     base = dict(tasks=["asr", *g.tasks], eval_splits=["test-clean"], near_dup_threshold=None, seed=7)
+    kept = _kept(gen_dir, tmp_path)
     full = build(
         _transcripts(harvested),
-        gen_dir / "responses.parquet",
+        kept,
         tmp_path / "all",
         BuildConfig(**base),
         load_catalog(),
@@ -205,7 +221,7 @@ def test_mixing_meets_the_target_shares_deterministically(harvested, generated, 
     runs = [
         build(
             _transcripts(harvested),
-            gen_dir / "responses.parquet",
+            kept,
             tmp_path / d,
             BuildConfig(**base, mix=mix),
             load_catalog(),
