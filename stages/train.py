@@ -882,6 +882,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         worker(args.worker)
+        # Everything is written and every rank has passed the final barrier. Leave without running
+        # destructors: tearing down DDP's reducer joins gloo's worker thread while holding the GIL, and
+        # that thread may be waiting for the GIL to free a tensor, a deadlock seen on CPU runs.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     except BaseException as e:
         # Leave the traceback where the launcher finds it: torchrun's own report buries it in the output.
         rank = os.environ.get("RANK", "0")
