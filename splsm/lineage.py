@@ -276,6 +276,19 @@ class LineageStore:
         )
         return rows[0] if rows else None
 
+    def _run_datasets(self, run_id: str, direction: str) -> list[tuple[str, dict]]:
+        """The datasets a run read (``input``) or wrote (``output``): (dataset_id, edge fields)."""
+        rows = self.query(
+            """SELECT d.dataset_id, d.location, d.kind, d.content_hash, d.row_count, io.role
+               FROM run_io io JOIN datasets d USING (dataset_id)
+               WHERE io.run_id = ? AND io.direction = ? ORDER BY d.location""",
+            [run_id, direction],
+        )
+        return [
+            (did, dict(location=loc, kind=kind, content_hash=chash, row_count=n, role=role))
+            for did, loc, kind, chash, n, role in rows
+        ]
+
     def upstream(self, location: str) -> list[dict]:
         """Walk from a dataset to the runs that wrote it and their inputs, recursively.
 
@@ -298,21 +311,11 @@ class LineageStore:
                 return
             run_id, stage, started_at, code_version = writers[0]
             seen.add(run_id)
-            inputs = self.query(
-                """SELECT d.dataset_id, d.location, d.kind, d.content_hash, d.row_count, io.role
-                   FROM run_io io JOIN datasets d USING (dataset_id)
-                   WHERE io.run_id = ? AND io.direction = 'input' ORDER BY d.location""",
-                [run_id],
-            )
-            for did, loc, kind, chash, rows, role in inputs:
+            for did, edge in self._run_datasets(run_id, "input"):
                 out.append(
                     dict(
+                        edge,
                         depth=depth,
-                        location=loc,
-                        kind=kind,
-                        content_hash=chash,
-                        row_count=rows,
-                        role=role,
                         via_stage=stage,
                         via_run=run_id,
                         started_at=started_at,
@@ -343,25 +346,9 @@ class LineageStore:
                 if run_id in seen:
                     continue
                 seen.add(run_id)
-                outputs = self.query(
-                    """SELECT d.dataset_id, d.location, d.kind, d.content_hash, d.row_count, io.role
-                       FROM run_io io JOIN datasets d USING (dataset_id)
-                       WHERE io.run_id = ? AND io.direction = 'output' ORDER BY d.location""",
-                    [run_id],
-                )
-                for did, loc, kind, chash, rows, role in outputs:
+                for did, edge in self._run_datasets(run_id, "output"):
                     out.append(
-                        dict(
-                            depth=depth,
-                            location=loc,
-                            kind=kind,
-                            content_hash=chash,
-                            row_count=rows,
-                            role=role,
-                            via_stage=stage,
-                            via_run=run_id,
-                            started_at=started_at,
-                        )
+                        dict(edge, depth=depth, via_stage=stage, via_run=run_id, started_at=started_at)
                     )
                     walk(did, depth + 1)
 

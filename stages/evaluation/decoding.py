@@ -31,6 +31,24 @@ class Item:
     max_new_tokens: int
     utt_id: str = ""
 
+    @classmethod
+    def asking(cls, key: str, example: dict, instruction: str, fmt: str, max_new_tokens: int) -> Item:
+        """An item that asks ``instruction`` about the speech of an examples-table row."""
+        from stages.prompts import speech_prompt
+
+        p = speech_prompt(instruction, fmt)
+        return cls(
+            key,
+            example["split"],
+            example["audio_path"],
+            example["offset_s"],
+            example["duration_s"],
+            p.prefix,
+            p.suffix,
+            max_new_tokens,
+            example["utt_id"],
+        )
+
 
 @dataclass
 class Decoded:

@@ -20,7 +20,6 @@ from collections import defaultdict
 from splsm.text import normalize
 from stages.evaluation.decoding import Item
 from stages.evaluation.wer import utterance_wer
-from stages.prompts import speech_prompt
 
 
 def probe_items(
@@ -34,20 +33,7 @@ def probe_items(
         if ex is None or r["task"] == "asr" or (tasks is not None and r["task"] not in tasks):
             continue
         key = f"probe/{ex['split']}/{r['utt_id']}/{r['task']}"
-        p = speech_prompt(r["instruction"], fmt)
-        items.append(
-            Item(
-                key,
-                ex["split"],
-                ex["audio_path"],
-                ex["offset_s"],
-                ex["duration_s"],
-                p.prefix,
-                p.suffix,
-                max_new_tokens,
-                r["utt_id"],
-            )
-        )
+        items.append(Item.asking(key, ex, r["instruction"], fmt, max_new_tokens))
         meta[key] = dict(
             utt_id=r["utt_id"],
             eval_set=ex["split"],

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from splsm.text import normalize
 from stages.evaluation.decoding import Item
-from stages.prompts import speech_prompt
 
 GENERATED = "generated:word-presence-v1"
 QUESTION = 'Does the speaker say the word "{word}"? Answer yes or no.'
@@ -132,20 +131,7 @@ def qa_items(
             unknown.append(q)
             continue
         key = f"qa/{q['id']}"
-        p = speech_prompt(q["question"], fmt)
-        items.append(
-            Item(
-                key,
-                ex["split"],
-                ex["audio_path"],
-                ex["offset_s"],
-                ex["duration_s"],
-                p.prefix,
-                p.suffix,
-                max_new_tokens,
-                q["utt_id"],
-            )
-        )
+        items.append(Item.asking(key, ex, q["question"], fmt, max_new_tokens))
         meta[key] = dict(
             qa_id=q["id"],
             utt_id=q["utt_id"],
