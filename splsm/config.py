@@ -125,7 +125,12 @@ class GenerateConfig(Strict):
     server_start_timeout_s: float = 300.0
     serve_continuous_batching: bool = False  # transformers-serve: pass --continuous-batching
     transformers_batching: Literal["auto", "continuous", "static"] = "auto"  # auto: continuous on CUDA only
-    batch_size: int = Field(64, ge=1)  # transformers backend, static batching
+    batch_size: int = Field(
+        128, ge=1
+    )  # transformers backend, static batching (128: fastest on CPU, bench/generate.py)
+    # transformers backend: compile the one-token decoding step (torch.compile; tens of seconds once, then
+    # faster steps; pays off for long local runs, see bench/generate.py)
+    transformers_compile: bool = False
     device: str = "auto"  # transformers and transformers-serve backends
     shard_size: int = Field(256, ge=1)  # answers per committed output shard
     vllm_args: dict = Field(default_factory=dict)  # extra vllm.LLM arguments (tensor_parallel_size, ...)

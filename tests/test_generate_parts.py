@@ -170,3 +170,52 @@ def test_generate_with_the_chat_template_format(chat_llm, harvested, tmp_path):
             "<|start_header_id|>user<|end_header_id|>\n\n" + r["instruction"] + ": "
         )
         assert r["prompt"] == text_prompt(r["instruction"], text[r["utt_id"]], "chat_template", tok)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
+def test_in_process_greedy_loop_gives_generates_tokens(tiny_models_dir, harvested, compiled):
+    """The transformers backend decodes greedy batches in its own loop over a static cache (bench/generate.py
+    says why); its answers must be HF ``generate``'s, token for token, for prompts of different lengths in
+    one left-padded batch, and a row must end at its first eos."""
+    import torch
+
+    from stages.generation.backends import TransformersBackend
+
+    llm = tiny_models_dir / "llm"
+    table = read_table(harvested / "harvest" / "transcripts.parquet", TRANSCRIPTS)
+    g = GenerateConfig(backend="transformers", transformers_batching="static", transformers_compile=compiled)
+    b = TransformersBackend(llm, g)
+    prompts = [text_prompt("Say it again.", t) for t in table.column("text").to_pylist()[:6]]
+    ids = b.tok(prompts).input_ids
+    assert len({len(x) for x in ids}) > 1  # the batch really is padded
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), b.pad_id)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, width - len(x) :], mask[row, width - len(x) :] = torch.tensor(x), 1
+
+    def hf(eos: int) -> list[list[int]]:
+        out = b.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=b.pad_id,
+        )[:, width:].tolist()
+        return [r[: r.index(eos) + 1] if eos in r else r for r in out]
+
+    def ours() -> list[list[int]]:
+        out = b._greedy(input_ids, mask, 12).tolist()
+        eos = b.tok.eos_token_id
+        return [r[: r.index(eos) + 1] if eos in r else r for r in out]
+
+    with torch.inference_mode():
+        assert ours() == hf(b.tok.eos_token_id)
+        # a random tiny model seldom says eos: make one of its frequent tokens the eos, so rows stop early
+        first = hf(b.tok.eos_token_id)
+        common = max(set(first[0][2:]), key=lambda t: sum(r.count(t) for r in first))
+        b.tok.eos_token = b.tok.convert_ids_to_tokens(common)
+        stopped = ours()
+        assert stopped == hf(common)
+        assert any(len(r) < 12 for r in stopped)

@@ -332,6 +332,7 @@ class TransformersBackend:
         self.model.to(device).eval()
         self.device = device
         self.batching = g.transformers_batching
+        self._compiled = None
         if self.batching == "auto":
             self.batching = "continuous" if device.startswith("cuda") else "static"
 
@@ -361,13 +362,15 @@ class TransformersBackend:
     def run(self, shards: list[list[Request]], sink: Sink, meter: Meter) -> None:
         for shard in shards:
             groups: dict[str, list[Request]] = {}
-            for r in shard:  # one generation config per distinct sampling
-                groups.setdefault(repr(sorted(r.sampling.items())), []).append(r)
+            for r in shard:  # one generation config per distinct sampling; greedy ignores the seed
+                s = r.sampling if r.sampling["temperature"] > 0 else {**r.sampling, "seed": None}
+                groups.setdefault(repr(sorted(s.items())), []).append(r)
             for reqs in groups.values():
                 s = reqs[0].sampling
-                self.torch.manual_seed(s["seed"])
+                if s["temperature"] > 0:
+                    self.torch.manual_seed(s["seed"])
                 gc = self._gen_config(s["max_tokens"], s)
-                ids = [self.tok(r.prompt).input_ids for r in reqs]
+                ids = self.tok([r.prompt for r in reqs]).input_ids
                 if self.batching == "continuous":
                     self._continuous(reqs, ids, gc, sink, meter)
                 else:
@@ -401,13 +404,94 @@ class TransformersBackend:
                 mask[row, width - len(ids[i]) :] = 1
             meter.sent(len(idx))
             with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    generation_config=gc,
-                )
+                input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+                if gc.do_sample:
+                    out = self.model.generate(
+                        input_ids=input_ids,
+                        attention_mask=mask,
+                        generation_config=gc,
+                        cache_implementation="static",
+                    )[:, width:]
+                else:
+                    out = self._greedy(input_ids, mask, gc.max_new_tokens)
             meter.back(len(idx))
             for row, i in enumerate(idx):
-                a = self._answer(len(ids[i]), out[row, width:].tolist(), gc.max_new_tokens)
+                a = self._answer(len(ids[i]), out[row].tolist(), gc.max_new_tokens)
                 sink(reqs[i], a)
                 meter.answered(a.completion_tokens)
+
+    def _greedy(self, input_ids, mask, max_new_tokens: int):
+        """Greedy decoding of one left-padded batch; the new tokens, [B, <= max_new_tokens].
+
+        The same tokens as ``generate(do_sample=False)`` (bench/generate.py compares them answer by answer),
+        in a plain loop over a preallocated ``StaticCache``: HF's default cache grows by concatenation, which
+        copies every row's keys and values at every step, and ``generate``'s per-step bookkeeping costs
+        more than a tiny model's forward pass. Together about 2x on CPU (bench/generate.py). Stops when
+        every row has produced eos; tokens after a row's eos are ignored by ``_answer``."""
+        import inspect
+
+        from transformers import StaticCache
+
+        torch = self.torch
+        b, width = input_ids.shape
+        cache = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
+        # transformers 5.x renames past_key_values to cache; take whichever this version's forward has
+        kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        full = torch.zeros(b, width + max_new_tokens, dtype=mask.dtype, device=mask.device)
+        full[:, :width] = mask
+        # positions count real tokens only, as generate's do: a row's answer does not depend on its padding
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=pos,
+            cache_position=torch.arange(width, device=mask.device),
+            logits_to_keep=1,
+            **{kw: cache},
+        )
+        nxt = out.logits[:, -1].argmax(-1)
+        tokens = [nxt]
+        done = nxt == self.tok.eos_token_id
+        pos = pos[:, -1:]
+        step = self._decode_step()
+        for t in range(1, max_new_tokens):
+            if bool(done.all()):
+                break
+            full[:, width + t - 1] = 1
+            pos = pos + 1
+            # the whole cache's mask (later positions 0): one shape per batch, which a compiled step needs
+            out = step(
+                input_ids=nxt[:, None],
+                attention_mask=full,
+                position_ids=pos,
+                cache_position=torch.tensor([width + t - 1], device=mask.device),
+                logits_to_keep=1,
+                **{kw: cache},
+            )
+            nxt = out.logits[:, -1].argmax(-1)
+            tokens.append(nxt)
+            done |= nxt == self.tok.eos_token_id
+        return torch.stack(tokens, 1).cpu()
+
+    def _decode_step(self):
+        """The model's forward for one-token steps; compiled (torch.compile, shapes dynamic, so one compile
+        serves every batch) with ``transformers_compile``. Compiling costs tens of seconds once and fuses
+        the many small kernels of a small model's step; it needs a C++ compiler on CPU. Where compiling
+        fails the step runs uncompiled, with a warning."""
+        if not self.g.transformers_compile or self._compiled is False:
+            return self.model
+        if self._compiled is None:
+            self._compiled = self.torch.compile(self.model.forward, dynamic=True)
+
+        def step(**kw):
+            if self._compiled is not False:
+                try:
+                    return self._compiled(**kw)
+                except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled, say so
+                    print(
+                        f"generate: torch.compile failed ({e!r:.300}); decoding uncompiled", file=sys.stderr
+                    )
+                    self._compiled = False
+            return self.model(**kw)
+
+        return step
