@@ -6,7 +6,7 @@
    demo's tiny models and connector and the bundled LibriSpeech clips (batch 2 per process). Each run's figure
    is the median over its steps after the first (warm-up); the table quotes the median over runs.
    Scaling efficiency = samples/s with 2 processes / (2 x samples/s with 1).
-2. In one process, the share of a training step spent in data loading (audio + log-mel features), the
+2. In one process, the share of a training step spent in data loading (ExampleLoader: audio + log-mel), the
    Whisper encoder, the connector (LayerNorm, windows, Q-Former, projection; forward and backward) and the
    LLM (sequence assembly, forward and backward), medians over ``--steps`` steps.
 """
@@ -44,26 +44,33 @@ def throughput(work: Path, whisper: Path, llm: Path, examples: Path, nproc: int,
     }
 
 
-def breakdown(whisper: Path, llm: Path, steps: int) -> dict[str, float]:
+def breakdown(whisper: Path, llm: Path, examples: Path, steps: int) -> dict[str, float]:
     import torch
-    from helpers_lsm import TINY_QFORMER, demo_rows
+    from helpers_lsm import TINY_QFORMER
 
-    from splsm import audio
-    from stages.model import Collator, LSMForConditionalGeneration
+    from stages.loader import ExampleLoader
+    from stages.model import LSMForConditionalGeneration, SpeechBatch
 
     torch.set_num_threads(1)  # as one torchrun worker runs
     torch.manual_seed(1)
     model = LSMForConditionalGeneration.from_parts(whisper, llm, TINY_QFORMER).train()
-    collate = Collator(model.tokenizer, model.feature_extractor)
-    rows = [r for r in demo_rows() if r["split"] == "train"]
+    # the train stage's data path: the loader over the examples table, inline (num_workers 0, as the demo)
+    loader = ExampleLoader(examples, max_batch_size=BATCH, tokenizer=model.tokenizer, num_workers=0)
+
+    def stream():
+        while True:
+            yield from loader
+
+    batches = stream()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     parts: dict[str, list[float]] = {"data": [], "encoder": [], "connector": [], "llm": [], "optimizer": []}
     for step in range(steps + 1):
-        chunk = [rows[(step * BATCH + i) % len(rows)] for i in range(BATCH)]
         t = [time.perf_counter()]
-        clips = [audio.load(r["audio_path"], r["offset_s"], r["duration_s"]) for r in chunk]
-        batch = collate(chunk, clips, with_answer=True)
+        b = next(batches)
+        batch = SpeechBatch(
+            b["input_features"], b["durations"], b["prefix_ids"], b["suffix_ids"], b["answer_ids"]
+        )
         t.append(time.perf_counter())
         frames = model.encode_frames(batch.input_features)
         t.append(time.perf_counter())
@@ -118,7 +125,7 @@ def main() -> None:
         for _ in range(args.runs):  # interleaved, so that a noisy spell hits both alike
             for nproc in (1, 2):
                 results[nproc].append(throughput(work, whisper, llm, examples, nproc, args.steps))
-        shares = breakdown(whisper, llm, args.steps * 2)
+        shares = breakdown(whisper, llm, examples, args.steps * 2)
 
     med = {
         n: {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "tokens_per_s")}

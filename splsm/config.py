@@ -246,6 +246,9 @@ class TrainConfig(Strict):
     freeze_llm: bool = False
     lora: LoraSettings | None = None
     qformer: QFormerConfig = Field(default_factory=QFormerConfig)
+    # How the build stage's shards are streamed (ExampleLoader): padded audio per batch, worker processes per
+    # rank, shuffle buffer. The rows per batch are capped by batch_size; mel bins and chunk follow the Whisper.
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable checkpoints; 0: none
     keep_checkpoints: int = Field(2, ge=1)
     resume: bool = True  # continue from the latest resumable checkpoint of the same settings

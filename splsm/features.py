@@ -61,6 +61,7 @@ def log_mel(
     n_mels: int = 80,
     pad_to: str = "30s",
     device: str | torch.device = "cpu",
+    chunk_s: float = CHUNK_S,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-mel features of 16 kHz mono clips: ``(input_features (B, n_mels, T) float32, lengths (B,))``.
 
@@ -68,16 +69,19 @@ def log_mel(
     ``WhisperFeatureExtractor(...)(clips, padding="max_length")`` (what HF's ``WhisperEncoder`` and the
     reference need). ``pad_to="longest"``: clips are zero-padded to the batch's longest clip (still cut at
     30 s), ``T = longest // 160``, as the extractor with ``padding="longest"``. ``lengths`` is each clip's
-    own number of frames (``samples // 160``), for masks.
+    own number of frames (``samples // 160``), for masks. ``chunk_s``: the encoder's input length, 30 s for
+    every released Whisper (a tiny Whisper may take less: its feature extractor's ``chunk_length``); "30s"
+    padding and the cut are to ``chunk_s``.
     """
     if pad_to not in ("30s", "longest"):
         raise ValueError(f"pad_to must be '30s' or 'longest', not {pad_to!r}")
     if not clips:
         raise ValueError("log_mel: no clips")
     device = torch.device(device)
-    wav = [torch.as_tensor(c, dtype=torch.float32).reshape(-1)[:CHUNK_SAMPLES] for c in clips]
+    chunk_samples = round(chunk_s * SAMPLE_RATE)
+    wav = [torch.as_tensor(c, dtype=torch.float32).reshape(-1)[:chunk_samples] for c in clips]
     lens = [int(w.numel()) for w in wav]
-    padded_len = CHUNK_SAMPLES if pad_to == "30s" else max(lens)
+    padded_len = chunk_samples if pad_to == "30s" else max(lens)
     total_frames = padded_len // HOP
     # Frame t sees samples [160 t - 200, 160 t + 200): past the longest clip every frame sees only zeros.
     # A buffer of at least 201 zeros after the longest clip makes the STFT's end reflection mirror zeros,

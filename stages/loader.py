@@ -20,6 +20,8 @@ Each batch is a dict:
   (``T = 3000`` with ``pad_to="30s"``; the batch's longest clip with ``pad_to="longest"``);
 - ``feature_lengths``: int64 ``(B,)`` frames of each clip before padding; ``durations``: float32 ``(B,)``
   seconds (cut at 30 s);
+- ``chunk_s`` (default 30): the encoder's input length; a tiny Whisper may take shorter chunks (its feature
+  extractor's ``chunk_length``), and then "30s" padding, the cut and ``batch_seconds`` use that length;
 - ``skipped``: clips of this batch (and of earlier batches that lost every clip) whose audio could not be
   read; each is also a ``RuntimeWarning`` naming the example and the file. An unreadable clip never
   stops the epoch;
@@ -184,11 +186,12 @@ class _Stream(IterableDataset):
                     break
             if not pool:
                 return
-            pool.sort(key=lambda r: (min(r["duration_s"], CHUNK_S), r["example_id"]))
+            chunk = ld.chunk_s
+            pool.sort(key=lambda r: (min(r["duration_s"], chunk), r["example_id"]))
             batches, cur = [], []
             for r in pool:
                 cand = len(cur) + 1
-                longest = CHUNK_S if ld.pad_to == "30s" else min(r["duration_s"], CHUNK_S)
+                longest = chunk if ld.pad_to == "30s" else min(r["duration_s"], chunk)
                 if cur and (cand > ld.max_batch_size or cand * longest > ld.batch_seconds):
                     batches.append(cur)
                     cur = []
@@ -222,11 +225,11 @@ class _Stream(IterableDataset):
         batch = {"_worker": worker, "_index": index, "rows": kept, "skipped": skipped}
         if not kept:
             return batch
-        feats, lengths = log_mel(clips, ld.n_mels, ld.pad_to)
+        feats, lengths = log_mel(clips, ld.n_mels, ld.pad_to, chunk_s=ld.chunk_s)
         batch["input_features"] = feats
         batch["feature_lengths"] = lengths
         batch["durations"] = torch.tensor(
-            [min(len(c) / SAMPLE_RATE, CHUNK_S) for c in clips], dtype=torch.float32
+            [min(len(c) / SAMPLE_RATE, ld.chunk_s) for c in clips], dtype=torch.float32
         )
         if ld.tokenizer is not None:
             tok = ld.tokenizer
@@ -259,6 +262,7 @@ class ExampleLoader:
         prefetch_batches: int = 2,
         pin_memory: bool = False,
         multiprocessing_context: str | None = None,
+        chunk_s: float = CHUNK_S,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -272,6 +276,7 @@ class ExampleLoader:
         self.n_mels, self.pad_to, self.tokenizer = n_mels, pad_to, tokenizer
         self.prefetch_batches, self.pin_memory = prefetch_batches, pin_memory
         self.mp_context = multiprocessing_context
+        self.chunk_s = float(chunk_s)  # the encoder's input: 30 s, or a tiny Whisper's shorter chunk
         self.units = _units(shards, split)
         if not self.units:
             raise ValueError(f"loader: no rows with split {split!r} in {shards}")

@@ -37,7 +37,14 @@ from splsm.config import ExperimentConfig, TrainConfig
 from splsm.log import console, progress
 from splsm.stage import REPO_ROOT, Artifact, StageResult, run_stage
 
-CODE_FILES = ["stages/train.py", "stages/model.py", "splsm/audio.py", "schemas/__init__.py"]
+CODE_FILES = [
+    "stages/train.py",
+    "stages/model.py",
+    "stages/loader.py",
+    "splsm/features.py",
+    "splsm/audio.py",
+    "schemas/__init__.py",
+]
 TAIL_LINES = 80
 STEP_LINE = re.compile(r"^step (\d+)/\d+ \| epoch \d+ \| loss (\S+)")
 
@@ -250,25 +257,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def shard_indices(n_rows: int, epoch: int, seed: int, rank: int, world: int) -> list[int]:
-    """This rank's rows for ``epoch``: one seeded permutation (the same on every rank), wrapped around to a
-    multiple of ``world`` so every rank gets as many rows (and so as many steps) as the others, then
-    every ``world``-th row from ``rank``."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n_rows, generator=g).tolist()
-    total = math.ceil(n_rows / world) * world
-    perm = (perm * math.ceil(total / n_rows))[:total]
-    return perm[rank::world]
-
-
 # -- resumable checkpoints: OUT/checkpoints/step-NNNNNNNN/
 #    model.safetensors       trainable parameters and the connector (the pretrained parts come from their dirs)
 #    optimizer.safetensors   optimizer tensors, keyed "<parameter name>::<state name>"; optimizer.json the rest
 #    scheduler.json          the LR scheduler's state
 #    rng-rank{R}.safetensors / rng-rank{R}.json   torch (+cuda) / python and numpy RNG states of each rank
-#    trainer_state.json      step, data position (epoch, batch within the epoch), samples seen, settings
+#    loader-rank{R}.json     each rank's data position (ExampleLoader.state_dict: epoch, batches delivered)
+#    trainer_state.json      step, rank 0's data position (epoch, batch within the epoch), samples seen, settings
 # Tensors go to safetensors and everything else to JSON, so resuming unpickles nothing.
 
 # Settings that change how long or how often, not what is trained: a checkpoint resumes across them.
@@ -369,9 +364,10 @@ class Trainer:
     def __init__(self, a: dict):
         import torch
         import torch.distributed as dist
+        from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-        from schemas import EXAMPLES, read_table
-        from stages.model import Collator, LSMForConditionalGeneration, part_flags
+        from stages.loader import ExampleLoader
+        from stages.model import LSMForConditionalGeneration, part_flags
 
         self.cfg = cfg = TrainConfig.model_validate(a["train"])
         self.out_dir = Path(a["out_dir"])
@@ -390,14 +386,31 @@ class Trainer:
             self.device = torch.device("cpu")
         dist.init_process_group(backend=cfg.backend)
 
-        # data first (a bad table fails fast): the train split, read and sharded the same way on every rank
-        table = read_table(a["examples"], EXAMPLES)
-        self.rows = [r for r in table.to_pylist() if r["split"] == "train"]
-        if not self.rows:
-            raise RuntimeError(f"{a['examples']} has no rows with split == 'train'")
+        # data first (a bad table fails fast): the train split streamed by the build stage's loader, each rank
+        # its own disjoint part; features padded to the encoder's chunk (30 s, or a tiny Whisper's shorter one)
+        fe = WhisperFeatureExtractor.from_pretrained(a["whisper_dir"])
+        self.loader = ExampleLoader(
+            a["examples"],
+            split="train",
+            rank=self.rank,
+            world_size=self.world,
+            seed=cfg.seed,
+            tokenizer=AutoTokenizer.from_pretrained(a["llm_dir"]),
+            max_batch_size=cfg.batch_size,
+            batch_seconds=cfg.loader.batch_seconds,
+            num_workers=cfg.loader.num_workers,
+            shuffle_buffer=cfg.loader.shuffle_buffer,
+            bucket_batches=cfg.loader.bucket_batches,
+            prefetch_batches=cfg.loader.prefetch_batches,
+            n_mels=fe.feature_size,
+            chunk_s=fe.chunk_length,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.n_rows = sum(u.rows for u in self.loader.units)
         self.say(
-            f"data: {len(self.rows)} train rows; {cfg.batch_size * cfg.grad_accum * self.world} samples per "
-            f"optimizer step ({cfg.batch_size} x {cfg.grad_accum} accumulation x {self.world} processes)"
+            f"data: {self.n_rows} train rows; up to {cfg.batch_size * cfg.grad_accum * self.world} samples per "
+            f"optimizer step ({cfg.batch_size} x {cfg.grad_accum} accumulation x {self.world} processes; batches "
+            f"of similar durations, at most {cfg.loader.batch_seconds:.0f} s of padded audio each)"
         )
 
         # model: the same seed on every rank builds the same connector (DDP also broadcasts rank 0's weights)
@@ -412,7 +425,6 @@ class Trainer:
         model.to(self.device)
         model.train()
         self.model = model
-        self.collate = Collator(model.tokenizer, model.feature_extractor)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("train: every part of the model is frozen; nothing would train")
@@ -512,6 +524,7 @@ class Trainer:
             self.model, self.optimizer, osd, options=StateDictOptions(full_state_dict=True)
         )
         self.scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
+        self.loader.load_state_dict(json.loads((ckpt / f"loader-rank{self.rank}.json").read_text()))
         self.rng_to_restore = ckpt
 
     def full_model_state(self) -> dict:
@@ -542,6 +555,8 @@ class Trainer:
         tensors, meta = rng_state()
         save_file(tensors, tmp / f"rng-rank{self.rank}.safetensors")
         _write_json(tmp / f"rng-rank{self.rank}.json", meta)
+        # each rank's own data position: ranks may cut their parts into different numbers of batches
+        _write_json(tmp / f"loader-rank{self.rank}.json", self.loader.state_dict())
         if self.master:
             keep = saved_names(self.model)
             save_file({k: v.contiguous() for k, v in msd.items() if k in keep}, tmp / "model.safetensors")
@@ -591,35 +606,27 @@ class Trainer:
         fresh.load_state_dict(msd, strict=True)
         fresh.save_pretrained(tmp)
 
-    # -- the data: an endless stream whose position (epoch, batch within the epoch) a checkpoint holds
+    # -- the data: an endless stream whose position (epoch, batches delivered) a checkpoint holds per rank
 
     def batches(self):
-        from splsm import audio
+        from stages.model import SpeechBatch
 
-        cfg = self.cfg
-        epoch, start = self.state["epoch"], self.state["batch_in_epoch"]
-        while True:
-            idx = shard_indices(len(self.rows), epoch, cfg.seed, self.rank, self.world)
-            n_batches = math.ceil(len(idx) / cfg.batch_size)
-            for b in range(start, n_batches):
-                chunk = [self.rows[j] for j in idx[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
-                kept, clips = [], []
-                for r in chunk:
-                    try:
-                        clips.append(audio.load(r["audio_path"], r["offset_s"], r["duration_s"]))
-                        kept.append(r)
-                    except audio.AudioError as e:  # harvest probed every file; warn loudly if one went away
-                        self.skipped += 1
-                        print(
-                            f"[rank {self.rank}] warning: skipping example {r['example_id']}: {e}", flush=True
-                        )
-                if not kept:
-                    raise RuntimeError(
-                        f"[rank {self.rank}] no audio in a whole batch could be loaded; see warnings"
-                    )
-                self.state["epoch"], self.state["batch_in_epoch"] = epoch, b + 1
-                yield epoch, self.collate(kept, clips, with_answer=True).to(self.device)
-            epoch, start = epoch + 1, 0
+        while True:  # the loader moves on to the next epoch at the end of each pass
+            got = False
+            for b in self.loader:
+                got = True
+                self.skipped += b["skipped"]  # unreadable clips: each also a warning naming the file
+                self.state["epoch"] = self.loader.epoch
+                self.state["batch_in_epoch"] = sum(self.loader.consumed)
+                batch = SpeechBatch(
+                    b["input_features"], b["durations"], b["prefix_ids"], b["suffix_ids"], b["answer_ids"]
+                )
+                yield self.loader.epoch, batch.to(self.device)
+            if not got:  # a whole pass without one batch would loop here forever: say why instead
+                raise RuntimeError(
+                    f"[rank {self.rank}] no training batch in a whole pass over the data: {self.n_rows} train "
+                    f"rows for {self.world} processes, {self.skipped} clips unreadable (see the warnings)"
+                )
 
     def tokens(self, batch) -> int:
         """Real (unpadded) LLM positions of a batch: prompt, speech tokens and answer."""
@@ -745,7 +752,7 @@ class Trainer:
             "steps": self.state["step"],
             "final_loss": loss_avg,
             "samples_seen": self.state["samples_seen"],
-            "train_rows": len(self.rows),
+            "train_rows": self.n_rows,
             "skipped_audio": int(skipped_t.item()),
             "world_size": self.world,
             "strategy": cfg.strategy,

@@ -111,6 +111,7 @@ def experiment(**train_overrides) -> ExperimentConfig:
         lr=5e-4,
         warmup_steps=1,
         qformer=TINY_QFORMER.model_dump(),
+        loader={"num_workers": 0},  # 2 cores: the ranks themselves use them
     )
     train.update(train_overrides)
     return ExperimentConfig.model_validate(

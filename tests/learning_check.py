@@ -51,6 +51,7 @@ SETTINGS = dict(
     freeze_encoder=False,
     seed=1,
     checkpoint_every=0,
+    loader={"num_workers": 0},
     qformer=QFormerConfig(
         hidden_size=64,
         num_heads=4,

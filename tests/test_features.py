@@ -40,6 +40,17 @@ def test_log_mel_padded_to_30s_matches_whisper_feature_extractor(clips, n_mels):
     assert lengths.tolist() == [min(len(c), 480_000) // 160 for c in clips]
 
 
+def test_log_mel_for_a_shorter_chunk_matches_an_extractor_of_that_chunk(clips):
+    """A tiny Whisper may take 5 s instead of 30 (the learning check's): cut and padding follow its chunk."""
+    ours, lengths = log_mel(clips, pad_to="30s", chunk_s=5)
+    ref = WhisperFeatureExtractor(chunk_length=5)(
+        clips, sampling_rate=16_000, return_tensors="np"
+    ).input_features
+    assert ref.shape == tuple(ours.shape) == (len(clips), 80, 500)
+    assert np.abs(ref - ours.numpy()).max() < TOLERANCE
+    assert lengths.tolist() == [min(len(c), 80_000) // 160 for c in clips]
+
+
 @pytest.mark.parametrize("n_mels", [80, 128])
 def test_log_mel_padded_to_the_longest_clip_matches_whisper_feature_extractor(clips, n_mels):
     batch = clips[:4]

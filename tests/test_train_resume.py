@@ -94,6 +94,7 @@ def test_checkpoint_every_n_steps_holds_the_whole_training_state(straight):
         "trainer_state.json",
     } <= names
     assert {"rng-rank0.safetensors", "rng-rank1.safetensors", "rng-rank0.json", "rng-rank1.json"} <= names
+    assert {"loader-rank0.json", "loader-rank1.json"} <= names  # each rank's own data position
     state = json.loads((ckpt / "trainer_state.json").read_text())
     # 3 steps of one batch per process: the data position is batch 3 of epoch 0
     assert (state["step"], state["epoch"], state["batch_in_epoch"], state["samples_seen"]) == (3, 0, 3, 12)
