@@ -820,7 +820,8 @@ def plot_loss(out_dir: Path) -> Path | None:
     return out
 
 
-def worker(args_path: Path) -> None:
+def worker(args_path: Path) -> tuple[Trainer, int]:
+    """Train; returns the trainer (still alive, see ``main``) and the exit status for this process."""
     import torch.distributed as dist
     from transformers.utils import logging as hf_logging
 
@@ -828,9 +829,7 @@ def worker(args_path: Path) -> None:
     trainer = Trainer(json.loads(Path(args_path).read_text()))
     summary = trainer.fit()
     dist.barrier()
-    dist.destroy_process_group()
-    if summary.get("stopped"):
-        sys.exit(STOPPED_EXIT)
+    return trainer, STOPPED_EXIT if summary.get("stopped") else 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -888,13 +887,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", type=Path, required=True, help="train_args.json written by train()")
     args = parser.parse_args(argv)
     try:
-        worker(args.worker)
-        # Everything is written and every rank has passed the final barrier. Leave without running
-        # destructors: tearing down DDP's reducer joins gloo's worker thread while holding the GIL, and
-        # that thread may be waiting for the GIL to free a tensor, a deadlock seen on CPU runs.
+        # Everything is written and every rank has passed the final barrier. Leave without running any
+        # destructor: freeing the trainer tears down DDP's reducer and with it the gloo process group, which
+        # joins gloo's worker thread while holding the GIL, and that thread may be waiting for the GIL to free
+        # a tensor (a deadlock seen on CPU runs). So the trainer stays referenced here until os._exit.
+        trainer, status = worker(args.worker)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(status)
     except BaseException as e:
         # Leave the traceback where the launcher finds it: torchrun's own report buries it in the output.
         rank = os.environ.get("RANK", "0")
