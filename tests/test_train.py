@@ -92,6 +92,15 @@ def test_worker_failure_raises_with_the_tail_of_its_output(trained, tmp_path):
         train.train(cfg, trained["whisper"], trained["llm"], no_train, tmp_path / "out")
 
 
+def test_train_rows_whose_audio_is_all_gone_fail_with_a_reason_not_a_hang(trained, tmp_path):
+    # the loader skips unreadable clips (each a warning); with none left the workers must stop and say why
+    gone = [{**r, "audio_path": str(tmp_path / f"gone-{i}.flac")} for i, r in enumerate(demo_rows())]
+    examples = write_examples(tmp_path / "examples.parquet", gone)
+    cfg = experiment(max_steps=1).train
+    with pytest.raises(train.TrainError, match=r"(?s)no training batch in a whole pass.*clips unreadable"):
+        train.train(cfg, trained["whisper"], trained["llm"], examples, tmp_path / "out")
+
+
 def test_lr_warms_up_then_decays_to_zero():
     for schedule in ("cosine", "linear"):
         cfg = TrainConfig(lr=1e-3, warmup_steps=4, max_steps=20, lr_schedule=schedule)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from splsm.config import CorpusConfig
-from stages.corpora.records import Candidate, Reject, decode, missing
+from stages.corpora.records import Candidate, Reject, missing, text_lines
 
 
 def read(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
@@ -24,50 +24,44 @@ def read(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
             continue
         split = corpus.split or tsv.stem
         header: list[str] | None = None
-        with open(tsv, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                source = f"{tsv}:{lineno}"
-                raw = raw.rstrip(b"\r\n")
-                if not raw.strip():
-                    continue
-                line = decode(raw, corpus.name, source)
-                if isinstance(line, Reject):
-                    yield line
-                    continue
-                fields = line.split("\t")
-                if header is None:
-                    header = fields
-                    if "path" not in header or "sentence" not in header:
-                        yield Reject(
-                            corpus.name,
-                            source,
-                            None,
-                            "header",
-                            "bad_header",
-                            f"{tsv.name} has no 'path' and 'sentence' columns (found {header})",
-                        )
-                        break
-                    col = {c: i for i, c in enumerate(header)}
-                    continue
-                if len(fields) != len(header):
+        for source, line in text_lines(tsv, corpus.name):
+            if isinstance(line, Reject):
+                yield line
+                continue
+            fields = line.split("\t")
+            if header is None:
+                header = fields
+                if "path" not in header or "sentence" not in header:
                     yield Reject(
                         corpus.name,
                         source,
                         None,
-                        "line",
-                        "bad_row",
-                        f"{len(fields)} tab-separated fields, the header has {len(header)}",
+                        "header",
+                        "bad_header",
+                        f"{tsv.name} has no 'path' and 'sentence' columns (found {header})",
                     )
-                    continue
-                clip = fields[col["path"]]
-                utt_id = Path(clip).stem
-                speaker = fields[col["client_id"]] if "client_id" in col else None
-                yield Candidate(
-                    utt_id,
+                    break
+                col = {c: i for i, c in enumerate(header)}
+                continue
+            if len(fields) != len(header):
+                yield Reject(
                     corpus.name,
-                    split,
-                    str(root / "clips" / clip),
-                    fields[col["sentence"]],
-                    speaker or None,
                     source,
+                    None,
+                    "line",
+                    "bad_row",
+                    f"{len(fields)} tab-separated fields, the header has {len(header)}",
                 )
+                continue
+            clip = fields[col["path"]]
+            utt_id = Path(clip).stem
+            speaker = fields[col["client_id"]] if "client_id" in col else None
+            yield Candidate(
+                utt_id,
+                corpus.name,
+                split,
+                str(root / "clips" / clip),
+                fields[col["sentence"]],
+                speaker or None,
+                source,
+            )

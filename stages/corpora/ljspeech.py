@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from splsm.config import CorpusConfig
-from stages.corpora.records import Candidate, Reject, decode, missing
+from stages.corpora.records import Candidate, Reject, missing, text_lines
 
 SPEAKER = "LJ"
 
@@ -22,27 +22,19 @@ def read(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
         yield missing(corpus.name, meta, "LJSpeech metadata")
         return
     split = corpus.split or "train"
-    with open(meta, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            source = f"{meta}:{lineno}"
-            raw = raw.rstrip(b"\r\n")
-            if not raw.strip():
-                continue
-            line = decode(raw, corpus.name, source)
-            if isinstance(line, Reject):
-                yield line
-                continue
-            fields = line.split("|")
-            if len(fields) < 2 or not fields[0]:
-                yield Reject(
-                    corpus.name, source, None, "line", "bad_row", "expected ID|TRANSCRIPT[|NORMALIZED]"
-                )
-                continue
-            utt_id = fields[0]
-            if corpus.text_field == "normalized" and len(fields) >= 3:
-                text = fields[2]
-            else:
-                text = fields[1]
-            yield Candidate(
-                utt_id, corpus.name, split, str(root / "wavs" / f"{utt_id}.wav"), text, SPEAKER, source
-            )
+    for source, line in text_lines(meta, corpus.name):
+        if isinstance(line, Reject):
+            yield line
+            continue
+        fields = line.split("|")
+        if len(fields) < 2 or not fields[0]:
+            yield Reject(corpus.name, source, None, "line", "bad_row", "expected ID|TRANSCRIPT[|NORMALIZED]")
+            continue
+        utt_id = fields[0]
+        if corpus.text_field == "normalized" and len(fields) >= 3:
+            text = fields[2]
+        else:
+            text = fields[1]
+        yield Candidate(
+            utt_id, corpus.name, split, str(root / "wavs" / f"{utt_id}.wav"), text, SPEAKER, source
+        )

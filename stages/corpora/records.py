@@ -67,6 +67,17 @@ def decode(raw: bytes, corpus: str, source: str, utt_id: str | None = None) -> s
         return Reject(corpus, source, utt_id, "text", "non_utf8_transcript", str(e))
 
 
+def text_lines(path, corpus: str) -> Iterator[tuple[str, str | Reject]]:
+    """``(source, line)`` for each non-blank line of a text file, ``source`` being ``path:lineno``; a line that
+    is not UTF-8 comes as a ``non_utf8_transcript`` reject instead of its text."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if raw.strip():
+                source = f"{path}:{lineno}"
+                yield source, decode(raw, corpus, source)
+
+
 def missing(corpus: str, path, what: str) -> Reject:
     kind = "root" if what == "corpus root" else "manifest"
     reason = "missing_corpus_root" if kind == "root" else "missing_manifest"

@@ -13,6 +13,7 @@ A backend hands each answer to ``sink`` as soon as it has it; the caller commits
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import random
 import socket
@@ -333,6 +334,9 @@ class TransformersBackend:
         self.device = device
         self.batching = g.transformers_batching
         self._compiled = None
+        # transformers 5.x renames forward's past_key_values to cache; take whichever this version has
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         if self.batching == "auto":
             self.batching = "continuous" if device.startswith("cuda") else "static"
 
@@ -428,15 +432,12 @@ class TransformersBackend:
         copies every row's keys and values at every step, and ``generate``'s per-step bookkeeping costs
         more than a tiny model's forward pass. Together about 2x on CPU (bench/generate.py). Stops when
         every row has produced eos; tokens after a row's eos are ignored by ``_answer``."""
-        import inspect
-
         from transformers import StaticCache
 
         torch = self.torch
         b, width = input_ids.shape
         cache = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
-        # transformers 5.x renames past_key_values to cache; take whichever this version's forward has
-        kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        kw = self._cache_kw
         full = torch.zeros(b, width + max_new_tokens, dtype=mask.dtype, device=mask.device)
         full[:, :width] = mask
         # positions count real tokens only, as generate's do: a row's answer does not depend on its padding
