@@ -10,7 +10,7 @@ import pytest
 
 from schemas import RESPONSES, TRANSCRIPTS, read_table, write_table
 from stages.generate import GenerateError, cache_path, generate
-from stages.generation.backends import ServerProcess, free_port
+from stages.generation.backends import Meter, ServerProcess, free_port
 from stages.generation.cache import AnswerCache
 
 
@@ -21,7 +21,7 @@ def _subset(harvested, dst, n=8):
 
 @pytest.mark.slow
 def test_server_killed_and_restarted_mid_run_completes_with_nothing_lost(
-    generated, harvested, tiny_models_dir, tmp_path, capsys
+    generated, harvested, tiny_models_dir, tmp_path, capsys, monkeypatch
 ):
     served, g, _ = generated
     llm = tiny_models_dir / "llm"
@@ -41,6 +41,21 @@ def test_server_killed_and_restarted_mid_run_completes_with_nothing_lost(
             "retry_backoff_max_s": 2.0,
         }
     )
+    # A tiny model answers 8 requests faster than a test can poll for them, so the kill is not timed
+    # by polling: the client stops (its event loop blocked) as it is about to send its third request,
+    # the server is killed, and only then does the client go on, into a dead port.
+    reached, killed = threading.Event(), threading.Event()
+    sent = {"n": 0}
+    real_sent = Meter.sent
+
+    def sent_then_wait(self, n: int = 1) -> None:
+        sent["n"] += 1
+        if sent["n"] == 3:
+            reached.set()
+            killed.wait(timeout=300)
+        real_sent(self, n)
+
+    monkeypatch.setattr(Meter, "sent", sent_then_wait)
     result: dict = {}
 
     def work():
@@ -52,13 +67,10 @@ def test_server_killed_and_restarted_mid_run_completes_with_nothing_lost(
     t = threading.Thread(target=work)
     try:
         t.start()
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and t.is_alive():
-            if cache_path(out, 0, 1).exists() and AnswerCache(cache_path(out, 0, 1)).count() >= 2:
-                break
-            time.sleep(0.1)
-        assert t.is_alive(), "generation ended before the server could be stopped"
+        assert reached.wait(timeout=300), f"the client never sent a third request: {result}"
+        assert AnswerCache(cache_path(out, 0, 1)).count() >= 1  # answers were done before the kill
         server.stop(kill=True)
+        killed.set()
         time.sleep(1.0)
         server.start()  # the same port: the client's retries find it again
         t.join(timeout=600)
