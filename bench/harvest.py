@@ -132,6 +132,25 @@ def timed_harvest(root: Path, out: Path) -> dict:
     return {**result, "wall_s": wall, "peak_rss": peak, "cpu_s": sum(cpu.values())}
 
 
+def fixed_costs(root: Path) -> dict:
+    """What any rerun pays before it can tell one file from another: a fresh interpreter importing the
+    stage, and a listing that stats every file (size and mtime are how a rerun knows what changed)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    t = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-c", "from splsm.config import CorpusConfig; import stages.harvest"],
+        cwd=REPO,
+        env=env,
+        check=True,
+    )
+    start = time.monotonic() - t
+    from stages.corpora.listing import walk
+
+    t = time.monotonic()
+    n = sum(len(files) for _, files in walk(str(root)))
+    return {"start_s": start, "list_s": time.monotonic() - t, "files": n}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=100_000)
@@ -153,7 +172,7 @@ def main() -> None:
         UTTS_PER_CHAPTER * CHAPTERS_PER_SPEAKER
     )
 
-    cold, inc = [], []
+    cold, inc, floor = [], [], []
     try:
         for run in range(args.runs):
             for d in (root / "train-bench").iterdir():  # back to the original tree
@@ -168,6 +187,7 @@ def main() -> None:
             assert i["transcripts"] == n + n_added and i["probed"] == n_added, i
             cold.append(c)
             inc.append(i)
+            floor.append(fixed_costs(root))
             print(
                 f"run {run + 1}: cold {c['wall_s']:.1f}s ({c['cpu_s']:.1f} CPU s) ({n / c['wall_s']:,.0f} utt/s, peak RSS "
                 f"{c['peak_rss'] / 2**20:,.0f} MiB); +{n_added:,} files: {i['wall_s']:.2f}s "
@@ -201,6 +221,11 @@ def main() -> None:
         f"projection for {cores} idle cores from CPU time: cold {n / cold_cpu * cores:,.0f} utt/s "
         f"({cold_cpu / n * 1e6:,.0f} us of CPU per utterance); rerun {inc_cpu / (cold_cpu / cores):.1%} of cold "
         "(the rerun counted as serial)"
+    )
+    start_s, list_s = med(f["start_s"] for f in floor), med(f["list_s"] for f in floor)
+    print(
+        f"fixed part of any rerun: interpreter + imports {start_s:.2f}s, listing {floor[0]['files']:,} files with "
+        f"their size and mtime {list_s:.2f}s: {(start_s + list_s) / cold_s:.1%} of cold before a file is compared"
     )
     print()
 

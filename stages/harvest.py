@@ -200,6 +200,7 @@ class _Harvester:
         # per unit: key, digest, first row, rows, rejects (a unit with no rejects can be taken over next time)
         self.units: list[list] = []
         self._dir_cache: dict[str, str] = {}
+        self._settings: dict[int, str] = {}  # each corpus's settings as JSON, part of every unit's digest
         self._hash_cache: tuple[str, str] | None = None
 
     # ----- units: whole directories taken over from the previous run -----
@@ -207,21 +208,25 @@ class _Harvester:
     def start_unit(self, unit: Unit, corpus: CorpusConfig, chunk: _Chunk) -> bool:
         """Copy an unchanged unit's rows from the previous table; False if its candidates must be read."""
         # The corpus settings (split, text field, ...) shape the rows as much as the files do, and the
-        # rows hold resolved paths: a directory now reached through another link is not the same unit.
+        # rows hold resolved paths: the unit's key is its directory's real path, so a directory now reached
+        # through another link is another unit.
         key = f"{corpus.name}:{unit.key}"
-        sig = f"{corpus.model_dump_json()}\0{os.path.realpath(unit.key)}\0{unit.digest}"
+        settings = self._settings.get(id(corpus))
+        if settings is None:
+            settings = self._settings[id(corpus)] = corpus.model_dump_json()
+        sig = f"{settings}\0{unit.key}\0{unit.digest}"
         digest = hashlib.blake2b(sig.encode(), digest_size=16).hexdigest()
         self.units.append([key, digest, None, 0, 0])
         old = self.prev.units.get(key)
         if old is None or old[0] != digest or self.prev.table is None:
             return False
         _, first, n = old
-        rows = self.prev.table.slice(first, n)
-        ids = rows.column("utt_id").to_pylist()
+        # Python lists of the previous table's columns, made once: a unit is a slice of them
+        ids = self.prev.col("utt_id")[first : first + n]
         if not self.seen.keys().isdisjoint(ids):  # a duplicate id: let the per-row path say which
             return False
-        lo, hi = pc.min_max(rows.column("duration_s")).values()
-        if self._bounds(lo.as_py()) or self._bounds(hi.as_py()):
+        durations = self.prev.col("duration_s")[first : first + n]
+        if self._bounds(min(durations)) or self._bounds(max(durations)):
             return False
         self.seen.update(dict.fromkeys(ids, f"{unit.key} (unchanged since the previous run)"))
         chunk.order.append(("slice", first, len(self.units) - 1, n))
@@ -375,6 +380,9 @@ class _Harvester:
     def _no_pool(self, e: BaseException) -> None:
         console.print(f"[yellow]harvest[/]: worker processes failed ({e!r}); probing in this process")
         self.workers = 1
+        pool, self.pool = self.pool, None
+        if pool is not None:  # chunks still in it fail as well, and are probed in this process then
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def finish(self, chunk: _Chunk) -> pa.Table | None:
         """Turn a chunk's probe results into rows and rejects; returns its rows in reader order."""

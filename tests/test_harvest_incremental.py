@@ -110,3 +110,22 @@ def test_worker_processes_give_the_same_table_as_probing_in_process(tmp_path, mo
     pooled = harvest(ls, tmp_path / "pool", workers=2)
     assert pooled.probed == inline.probed == 10
     assert _table(tmp_path / "pool") == _table(tmp_path / "inline")
+
+
+def test_links_to_the_root_are_followed_and_links_inside_are_not(tmp_path):
+    """The corpus root may be a link (a dataset on another volume); the walk starts at its real path, so a
+    rerun through the same link reuses everything, and the rows name real paths. A link to a directory
+    inside the tree is not followed: it could lead outside the declared root."""
+    real = copy_librispeech(tmp_path / "data", FIRST)
+    link = tmp_path / "corpus-link"
+    link.symlink_to(real)
+    outside = copy_librispeech(tmp_path / "elsewhere", ADDED)
+    (real / "dev-clean-2" / "9999").symlink_to(outside / "dev-clean-2" / "1988")  # not followed
+    corpus = [CorpusConfig(name="ls", kind="librispeech", root=link)]
+    cold = harvest(corpus, tmp_path / "out")
+    assert (cold.probed, cold.transcripts, cold.rejects) == (5, 5, 0)
+    rows = read_table(tmp_path / "out" / "transcripts.parquet", TRANSCRIPTS).to_pylist()
+    assert {r["utt_id"] for r in rows} == set(FIRST)
+    assert all(r["audio_path"].startswith(str(real.resolve()) + os.sep) for r in rows)
+    again = harvest(corpus, tmp_path / "out")
+    assert (again.probed, again.reused, again.transcripts) == (0, 5, 5)

@@ -54,7 +54,7 @@ class Unit:
     a rerun over an unchanged corpus costs a directory listing. ``items`` is not iterated then.
     """
 
-    key: str
+    key: str  # the directory's real path (``listing.walk`` yields no other kind)
     digest: str
     items: Iterator[Candidate | Reject]
 
