@@ -12,7 +12,9 @@ Llama, greedy decoding, in one run, side by side:
 
 The reference and the best backend run ``--runs`` times, the slower ones ``--slow-runs`` times, interleaved with the others so that load on the machine hits
 them alike; the table quotes medians. Output is compared answer by answer with the reference's.
-Ends with one line per goal. Usage: ``.venv/bin/python bench/generate.py [--runs 3]``.
+Ends with one line per goal. Usage: ``.venv/bin/python bench/generate.py [--runs 3]``; on a GPU machine
+``python bench/generate.py --device cuda --skip transformers-serve,transformers-serve/continuous`` runs the
+reference and the in-process backends on the GPU.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from stages.generation.backends import (  # noqa: E402
 from stages.instructions import load_catalog  # noqa: E402
 
 
-def reference_loop(llm_dir: Path, prompts: list[str], max_new_tokens: int, batch: int = 32):
+def reference_loop(llm_dir: Path, prompts: list[str], max_new_tokens: int, batch: int = 32, device="cpu"):
     """The reference's generation loop, as its release runs it on each GPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,12 +50,12 @@ def reference_loop(llm_dir: Path, prompts: list[str], max_new_tokens: int, batch
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(llm_dir).to(device).eval()
 
     def run() -> tuple[list[str], int]:
         texts, tokens = [], 0
         for i in range(0, len(prompts), batch):
-            enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True)
+            enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True).to(device)
             with torch.inference_mode():
                 out = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
@@ -96,7 +98,15 @@ def main() -> None:
     ap.add_argument(
         "--skip", default="", help="comma-separated backends to leave out (e.g. transformers-serve)"
     )
+    ap.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, or auto (cuda where there is one): every backend and the reference",
+    )
     args = ap.parse_args()
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
     from stages import harvest
     from stages.tiny_models import build_tiny_models, corpus_texts
@@ -114,6 +124,7 @@ def main() -> None:
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         transformers_batching="static",
+        device=device,
     )
     from transformers import AutoTokenizer
 
@@ -134,10 +145,12 @@ def main() -> None:
     prompts = [r.prompt for r in reqs]
     console.print(
         f"bench: {len(reqs)} prompts ({min(n_tok[r.key] for r in reqs)}-{max(n_tok[r.key] for r in reqs)} "
-        f"tokens), greedy, at most {args.max_new_tokens} new tokens, tiny Llama {llm}, {args.runs} runs each"
+        f"tokens), greedy, at most {args.max_new_tokens} new tokens, tiny Llama {llm}, {args.runs} runs each, on {device}"
     )
 
-    runners = {"reference (HF generate, batch 32)": reference_loop(llm, prompts, args.max_new_tokens)}
+    runners = {
+        "reference (HF generate, batch 32)": reference_loop(llm, prompts, args.max_new_tokens, device=device)
+    }
     runners["transformers/static"] = backend_runner(TransformersBackend(llm, g), reqs)
     if "transformers/static+compile" not in args.skip:
         tb = TransformersBackend(llm, g.model_copy(update={"transformers_compile": True}))
