@@ -214,3 +214,69 @@ def test_gigaspeech_json_segments_of_a_long_opus(tmp_path):
     assert garbage["reason"] == "garbage_utterance" and "<MUSIC>" in garbage["detail"]
     harvest([CorpusConfig(name="giga", kind="gigaspeech", root=root, subset="L")], tmp_path / "l")
     assert len(_rows(tmp_path / "l")) == 3
+
+
+def _giga_meta(n_audios: int, segs_per_audio: int) -> dict:
+    return {
+        "dataset": "GigaSpeech",
+        "audios": [
+            {
+                "path": f"audio/podcast/P0000/POD{a:010d}.opus",
+                "aid": f"POD{a:010d}",
+                "speaker": "N/A",
+                "subsets": ["{XL}", "{L}", "{M}", "{S}", "{XS}"],
+                "segments": [
+                    {
+                        "sid": f"POD{a:010d}_S{s:07d}",
+                        "begin_time": s * 5.0,
+                        "end_time": s * 5.0 + 4.5,
+                        "text_tn": "AS I WAS SAYING <COMMA> THE METADATA OF A WHOLE CORPUS IS LONG <PERIOD>",
+                        "subsets": ["{XL}", "{L}", "{M}", "{S}", "{XS}"],
+                    }
+                    for s in range(segs_per_audio)
+                ],
+            }
+            for a in range(n_audios)
+        ],
+    }
+
+
+def test_gigaspeech_json_cut_short_keeps_what_came_before_and_says_where(tmp_path):
+    from stages.corpora import gigaspeech
+
+    meta = tmp_path / "GigaSpeech.json"
+    text = json.dumps(_giga_meta(3, 2))
+    meta.write_text(text[: text.index('"POD0000000002_S0000001"') + 10])  # breaks off in the last audio
+    items = list(gigaspeech.read(CorpusConfig(name="g", kind="gigaspeech", root=tmp_path, subset="XS")))
+    good = [i for i in items if not hasattr(i, "reason")]
+    assert [c.utt_id for c in good] == [f"POD{a:010d}_S{s:07d}" for a in range(2) for s in range(2)]
+    (bad,) = [i for i in items if hasattr(i, "reason")]
+    assert bad.reason == "bad_json" and bad.source == str(meta) and "after audios[1]" in bad.detail
+
+    meta.write_text('{"dataset": "GigaSpeech"}')  # valid JSON, but nothing to harvest: said, not silent
+    (empty,) = gigaspeech.read(CorpusConfig(name="g", kind="gigaspeech", root=tmp_path, subset="XS"))
+    assert empty.reason == "missing_field" and empty.field == "audios"
+
+
+def test_gigaspeech_json_is_streamed_in_bounded_memory(tmp_path):
+    """The whole corpus's GigaSpeech.json runs to gigabytes: reading it must not hold it in memory."""
+    import tracemalloc
+
+    from stages.corpora import gigaspeech
+
+    meta = tmp_path / "GigaSpeech.json"
+    with open(meta, "w") as f:
+        json.dump(_giga_meta(5000, 10), f)
+    size = meta.stat().st_size
+    assert size > 10 * 2**20
+    tracemalloc.start()
+    try:
+        n = sum(
+            1 for _ in gigaspeech.read(CorpusConfig(name="g", kind="gigaspeech", root=tmp_path, subset="XS"))
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert n == 50_000
+    # parsed whole, the Python objects alone would take several times the file; streamed, a few MiB at most
+    assert peak < size / 3, f"peak {peak / 2**20:.1f} MiB reading a {size / 2**20:.1f} MiB file"
