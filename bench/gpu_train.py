@@ -12,7 +12,8 @@ tiny models on the bundled LibriSpeech clips:
 - resume (ddp fp32): 2N straight steps with a resumable checkpoint at N; then the same command in a fresh
   directory that holds only that checkpoint resumes at N and runs to 2N; the two final losses are compared.
   CUDA kernels are not bit-deterministic, so the figure is their difference, not an equality;
-- the saved checkpoint loads with one ``from_pretrained`` and decodes greedily on the GPU.
+- the saved checkpoint loads with one ``from_pretrained`` and decodes greedily on the GPU through the
+  evaluate stage's ``decode``.
 
 Ends with one goal line per check. It needs a CUDA device and the project's dependencies.
 """
@@ -57,22 +58,30 @@ def run_variant(name: str, work: Path, whisper: Path, llm: Path, examples: Path,
     }
 
 
-def decode_on_gpu(checkpoint: Path, examples: Path) -> tuple[int, list[str]]:
-    import torch
-
+def decode_on_gpu(checkpoint: Path, examples: Path, device: str = "cuda") -> tuple[int, list[str]]:
+    """Greedy decoding of every test-clean row on the GPU, through the evaluate stage's own decoding."""
     from schemas import EXAMPLES, read_table
-    from splsm import audio
+    from stages.evaluation.decoding import Item, decode
     from stages.model import Collator, LSMForConditionalGeneration
 
-    model = LSMForConditionalGeneration.from_pretrained(checkpoint).to("cuda").eval()
+    model = LSMForConditionalGeneration.from_pretrained(checkpoint).to(device).eval()
     rows = [r for r in read_table(examples, EXAMPLES).to_pylist() if r["split"] == "test-clean"]
-    clips = [audio.load(r["audio_path"], r["offset_s"], r["duration_s"]) for r in rows]
-    batch = Collator(model.tokenizer, model.feature_extractor)(rows, clips, with_answer=False).to("cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = model.generate(
-            batch.input_features, batch.durations_s, batch.prefix_ids, batch.suffix_ids, max_new_tokens=8
+    items = [
+        Item(
+            r["example_id"],
+            r["split"],
+            r["audio_path"],
+            r["offset_s"],
+            r["duration_s"],
+            r["prefix"],
+            r["suffix"],
+            8,
+            r["utt_id"],
         )
-    return len(rows), [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
+        for r in rows
+    ]
+    done = decode(model, Collator(model.tokenizer, model.feature_extractor), items, batch_size=len(items))
+    return len(rows), [done.texts[it.key] for it in items if it.key in done.texts]
 
 
 def main() -> None:
@@ -121,7 +130,7 @@ def main() -> None:
         f"resume: from step {n} to {resumed['steps']}, {len(resumed['losses'])} steps run; final loss {resumed['losses'][-1]:.6f} "
         f"against {straight['losses'][-1]:.6f} straight (difference {resume_diff:.2e})"
     )
-    print(f"greedy decoding on the GPU (bf16 autocast): {hyps}")
+    print(f"greedy decoding on the GPU (the evaluate stage's decode): {hyps}")
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
         for r in results:

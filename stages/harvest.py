@@ -363,7 +363,8 @@ class _Harvester:
             chunk.results = []
             return
         self.summary.probed += len({real for real, _ in chunk.items})
-        if self.pool is None and (self.summary.probed <= INLINE_LIMIT or self.workers <= 1):
+        # in this process: small work, one core, or after the pool broke (``_no_pool``)
+        if self.workers <= 1 or (self.pool is None and self.summary.probed <= INLINE_LIMIT):
             chunk.results = probe_items(chunk.items, self.content_hash)
             return
         try:
@@ -379,10 +380,7 @@ class _Harvester:
 
     def _no_pool(self, e: BaseException) -> None:
         console.print(f"[yellow]harvest[/]: worker processes failed ({e!r}); probing in this process")
-        self.workers = 1
-        pool, self.pool = self.pool, None
-        if pool is not None:  # chunks still in it fail as well, and are probed in this process then
-            pool.shutdown(wait=False, cancel_futures=True)
+        self.workers = 1  # chunks already in the pool fail too and are probed here; no new ones go there
 
     def finish(self, chunk: _Chunk) -> pa.Table | None:
         """Turn a chunk's probe results into rows and rejects; returns its rows in reader order."""

@@ -280,3 +280,18 @@ def test_gigaspeech_json_is_streamed_in_bounded_memory(tmp_path):
     assert n == 50_000
     # parsed whole, the Python objects alone would take several times the file; streamed, a few MiB at most
     assert peak < size / 3, f"peak {peak / 2**20:.1f} MiB reading a {size / 2**20:.1f} MiB file"
+
+
+def test_gigaspeech_segment_that_is_not_an_object_is_a_reject(tmp_path):
+    from stages.corpora import gigaspeech
+
+    meta = _giga_meta(1, 2)
+    meta["audios"][0]["segments"].insert(1, "POD0000000000_S0000009")  # a bare string, not a segment
+    (tmp_path / "GigaSpeech.json").write_text(json.dumps(meta))
+    items = list(gigaspeech.read(CorpusConfig(name="g", kind="gigaspeech", root=tmp_path, subset="XS")))
+    assert [i.utt_id for i in items if not hasattr(i, "reason")] == [
+        "POD0000000000_S0000000",
+        "POD0000000000_S0000001",
+    ]
+    (bad,) = [i for i in items if hasattr(i, "reason")]
+    assert bad.reason == "bad_row" and bad.source.endswith("audios[0].segments[1]")

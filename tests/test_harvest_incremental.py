@@ -129,3 +129,32 @@ def test_links_to_the_root_are_followed_and_links_inside_are_not(tmp_path):
     assert all(r["audio_path"].startswith(str(real.resolve()) + os.sep) for r in rows)
     again = harvest(corpus, tmp_path / "out")
     assert (again.probed, again.reused, again.transcripts) == (0, 5, 5)
+
+
+def test_a_pool_that_breaks_simulated_leaves_the_rest_in_process_with_one_warning(
+    tmp_path, monkeypatch, capsys
+):
+    """Worker processes that cannot start (simulated: a pool whose every submit fails as a broken one does)
+    cost one warning; every later chunk is probed in this process, and the table is the same."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    class BrokenPool:
+        def __init__(self, *a, **kw):
+            pass
+
+        def submit(self, *a, **kw):
+            raise BrokenProcessPool("a worker died on start")
+
+        def shutdown(self, *a, **kw):
+            pass
+
+    ls = [CorpusConfig(name="ls", kind="librispeech", root=LIBRISPEECH)]
+    inline = harvest(ls, tmp_path / "inline", workers=1)
+    monkeypatch.setattr(stage, "ProcessPoolExecutor", BrokenPool)
+    monkeypatch.setattr(stage, "INLINE_LIMIT", 0)
+    monkeypatch.setattr(stage, "CHUNK", 3)  # several chunks after the first failure
+    capsys.readouterr()
+    broken = harvest(ls, tmp_path / "broken", workers=2)
+    assert broken.probed == inline.probed == 10
+    assert _table(tmp_path / "broken") == _table(tmp_path / "inline")
+    assert capsys.readouterr().out.count("worker processes failed") == 1
