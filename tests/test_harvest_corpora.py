@@ -269,17 +269,19 @@ def test_gigaspeech_json_is_streamed_in_bounded_memory(tmp_path):
         json.dump(_giga_meta(5000, 10), f)
     size = meta.stat().st_size
     assert size > 10 * 2**20
+    cfg = CorpusConfig(name="g", kind="gigaspeech", root=tmp_path, subset="XS")
+    # Once untraced first: process-wide caches (pathlib interns each path part, and the interned-string
+    # table grows in steps whose size depends on what earlier tests did) are not the reader's memory.
+    sum(1 for _ in gigaspeech.read(cfg))
     tracemalloc.start()
     try:
-        n = sum(
-            1 for _ in gigaspeech.read(CorpusConfig(name="g", kind="gigaspeech", root=tmp_path, subset="XS"))
-        )
+        n = sum(1 for _ in gigaspeech.read(cfg))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert n == 50_000
     # parsed whole, the Python objects alone would take several times the file; streamed, a few MiB at most
-    assert peak < size / 3, f"peak {peak / 2**20:.1f} MiB reading a {size / 2**20:.1f} MiB file"
+    assert peak < size / 10, f"peak {peak / 2**20:.1f} MiB reading a {size / 2**20:.1f} MiB file"
 
 
 def test_gigaspeech_segment_that_is_not_an_object_is_a_reject(tmp_path):
