@@ -91,19 +91,23 @@ def _tree_sample(pid: int, cpu: dict[int, float]) -> int:
     return total
 
 
-def timed_harvest(root: Path, out: Path) -> dict:
-    """Run one harvest in a fresh process; wall time, rows, and peak RSS of its process tree."""
+def timed_harvest(root: Path, out: Path, repo: Path = REPO, **corpus) -> dict:
+    """Run one harvest in a fresh process with the code in ``repo``; wall time, rows, peak RSS of its
+    process tree (sampled) and of the harvest process alone (``main_peak_rss``, exact: ru_maxrss).
+    ``corpus`` are CorpusConfig fields (default: a LibriSpeech tree at ``root``)."""
+    spec = {"name": "bench", "kind": "librispeech", **corpus, "root": str(root)}
     code = (
         "import json, sys, time; t = time.monotonic();"
         "from pathlib import Path; from splsm.config import CorpusConfig; from stages.harvest import harvest;"
-        f"s = harvest([CorpusConfig(name='bench', kind='librispeech', root=Path({str(root)!r}))], Path({str(out)!r}));"
-        "print(json.dumps({'seconds': time.monotonic() - t, **s.__dict__}))"
+        f"s = harvest([CorpusConfig(**json.loads({json.dumps(spec)!r}))], Path({str(out)!r}));"
+        "import resource; peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024;"
+        "print(json.dumps({'seconds': time.monotonic() - t, 'main_peak_rss': peak, **s.__dict__}))"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}
+    env = {**os.environ, "PYTHONPATH": str(repo), "COLUMNS": "120"}
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
-        cwd=REPO,
+        cwd=repo,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -387,18 +387,27 @@ def write_table(
     return path
 
 
-def read_table(path: str | os.PathLike, expected: TableSchema) -> pa.Table:
-    """Read a Parquet table and check it against the schema the caller expects."""
+def open_table(path: str | os.PathLike, expected: TableSchema) -> pq.ParquetFile:
+    """Open a Parquet table whose schema (columns, types, version) is the one the caller expects, without
+    reading its rows: for a reader that goes a row group at a time. Non-null columns are checked per row
+    group by whoever reads them (``check`` on the table read)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"table {expected.tag}: {path} does not exist")
-    found = pq.read_schema(path)
-    tag = (found.metadata or {}).get(META_KEY)
-    if tag is None:
+    f = pq.ParquetFile(path)
+    found = f.schema_arrow
+    if (found.metadata or {}).get(META_KEY) is None:
         raise SchemaError(
             f"table {expected.tag} in {path}: schema version expected {expected.tag}, found none"
         )
     check(found, expected, str(path))
+    return f
+
+
+def read_table(path: str | os.PathLike, expected: TableSchema) -> pa.Table:
+    """Read a Parquet table and check it against the schema the caller expects."""
+    path = Path(path)
+    open_table(path, expected).close()
     table = pq.read_table(path)
     check(table, expected, str(path))
     return table

@@ -297,3 +297,23 @@ def test_gigaspeech_segment_that_is_not_an_object_is_a_reject(tmp_path):
     ]
     (bad,) = [i for i in items if hasattr(i, "reason")]
     assert bad.reason == "bad_row" and bad.source.endswith("audios[0].segments[1]")
+
+
+def test_reader_ids_follow_pathlibs_stem_rule():
+    """Readers take ids from file names with os.path (per row of million-row manifests), as Path.stem would."""
+    from stages.corpora.records import stem
+
+    for p in [
+        "a/b.flac",
+        "b",
+        ".hidden",
+        "a.tar.gz",
+        "x/y/",
+        "clips/u1.mp3",
+        "a/b.",
+        "..",
+        "a/..b",
+        "...",
+        "c/.b.c",
+    ]:
+        assert stem(p) == Path(p).stem, p

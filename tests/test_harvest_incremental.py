@@ -158,3 +158,57 @@ def test_a_pool_that_breaks_simulated_leaves_the_rest_in_process_with_one_warnin
     assert broken.probed == inline.probed == 10
     assert _table(tmp_path / "broken") == _table(tmp_path / "inline")
     assert capsys.readouterr().out.count("worker processes failed") == 1
+
+
+def test_a_rerun_reads_the_previous_table_by_row_groups_and_finds_rows_by_id_through_hash_collisions(
+    tmp_path, monkeypatch
+):
+    """The previous table is read a row group at a time with few groups held, and rows of a manifest are
+    found by an index of id hashes. Here groups hold 2 rows, one is cached, and the hash is weak enough that
+    most ids collide: a rerun must still reuse exactly the unchanged rows, find moved lines, and give the
+    table a cold run gives."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(stage, "ROW_GROUP", 2)
+    monkeypatch.setattr(stage._Previous, "CACHED_GROUPS", 1)
+    monkeypatch.setattr(stage, "_id_hash", lambda s: len(s) % 3)
+    root = copy_librispeech(tmp_path / "c", FIRST + ADDED)
+    flacs = sorted(root.rglob("*.flac"))
+    texts = {
+        ln.split(" ", 1)[0]: ln.split(" ", 1)[1]
+        for t in root.rglob("*.trans.txt")
+        for ln in t.read_text().splitlines()
+    }
+    (tmp_path / "m").mkdir()
+    for f in flacs:  # the manifest's own copies: a probe count per corpus
+        shutil.copy(f, tmp_path / "m" / f.name)
+    lines = [{"id": f"m{i}-{f.stem}", "audio": f.name, "text": texts[f.stem]} for i, f in enumerate(flacs)]
+    manifest = tmp_path / "m" / "train.jsonl"
+
+    def write(rows) -> None:
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    corpora = [
+        CorpusConfig(name="ls", kind="librispeech", root=root),  # units spanning row groups
+        CorpusConfig(name="m", kind="jsonl", root=tmp_path / "m", manifest=manifest),  # rows found by id
+    ]
+    write(lines[:5])
+    cold = harvest(corpora, tmp_path / "out")
+    assert (cold.probed, cold.transcripts) == (12, 12)
+    assert pq.ParquetFile(tmp_path / "out" / "transcripts.parquet").metadata.num_row_groups >= 6
+
+    moved = [lines[3], lines[0], lines[1], lines[2], lines[4]]  # the fourth line now comes first
+    moved[2] = {**moved[2], "text": "A NEW TRANSCRIPT"}  # changed: made again, its file probed
+    write([*moved, lines[5], lines[6]])  # two new lines
+    inc = harvest(corpora, tmp_path / "out")
+    assert inc.probed == 3
+    assert inc.reused == 7 + 4  # the LibriSpeech rows and the four unchanged manifest lines
+    assert inc.transcripts == 14
+
+    cold_again = harvest(corpora, tmp_path / "cold")
+    assert cold_again.probed == 14
+    assert _table(tmp_path / "out") == _table(tmp_path / "cold")
+    rows = {r["utt_id"]: r for r in _table(tmp_path / "out")}
+    assert rows[moved[2]["id"]]["text_raw"] == "A NEW TRANSCRIPT"

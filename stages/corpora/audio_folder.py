@@ -7,7 +7,7 @@ from pathlib import Path
 
 from splsm.config import CorpusConfig
 from stages.corpora.listing import digest, walk
-from stages.corpora.records import Candidate, Reject, Unit, missing
+from stages.corpora.records import Candidate, Reject, Unit, missing, stem
 
 
 def read(corpus: CorpusConfig) -> Iterator[Candidate | Reject | Unit]:
@@ -21,7 +21,7 @@ def read(corpus: CorpusConfig) -> Iterator[Candidate | Reject | Unit]:
         audio = [f for f in files if f[0].lower().endswith(exts)]
         if audio:
             items = (
-                Candidate(Path(n).stem, corpus.name, split, f"{dirpath}/{n}", None, None, f"{dirpath}/{n}")
+                Candidate(stem(n), corpus.name, split, f"{dirpath}/{n}", None, None, f"{dirpath}/{n}")
                 for n, _, _ in audio
             )
             yield Unit(dirpath, digest(audio), items)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from splsm.config import CorpusConfig
-from stages.corpora.records import Candidate, Reject, missing, text_lines
+from stages.corpora.records import Candidate, Reject, missing, stem, text_lines
 
 
 def read(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
@@ -54,7 +54,7 @@ def read(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
                 )
                 continue
             clip = fields[col["path"]]
-            utt_id = Path(clip).stem
+            utt_id = stem(clip)
             speaker = fields[col["client_id"]] if "client_id" in col else None
             yield Candidate(
                 utt_id,

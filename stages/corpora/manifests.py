@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from splsm.config import CorpusConfig
-from stages.corpora.records import Candidate, Reject, decode, missing
+from stages.corpora.records import Candidate, Reject, decode, join, missing, stem
 
 
 def _parse_audio_field(value: str) -> tuple[str, tuple[int, int] | None]:
@@ -22,10 +22,6 @@ def _parse_audio_field(value: str) -> tuple[str, tuple[int, int] | None]:
     if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
         return parts[0], (int(parts[1]), int(parts[2]))
     return value, None
-
-
-def _join(root: Path, path: str) -> str:
-    return path if Path(path).is_absolute() else str(root / path)
 
 
 def _jsonl_rows(corpus: CorpusConfig, manifest: Path) -> Iterator[tuple[str, dict | Reject]]:
@@ -67,7 +63,7 @@ def read_reference(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
             yield Reject(corpus.name, source, None, "audio", "missing_field", "no 'audio' string in the row")
             continue
         path, frames = _parse_audio_field(obj["audio"])
-        utt_id = obj.get("id") or Path(path).stem + (f"_{frames[0]}" if frames else "")
+        utt_id = obj.get("id") or stem(path) + (f"_{frames[0]}" if frames else "")
         text = obj.get("text")
         if text is not None and not isinstance(text, str):
             yield Reject(
@@ -78,7 +74,7 @@ def read_reference(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
             utt_id,
             corpus.name,
             split,
-            _join(corpus.root, path),
+            join(corpus.root, path),
             text,
             obj.get("speaker"),
             source,
@@ -158,7 +154,7 @@ def read_generic(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
             continue
         utt_id = obj.get(cols.id) if cols.id else None
         if not utt_id:
-            utt_id = Path(audio).stem + (f"_{round(offset * 1000)}" if cols.offset and offset else "")
+            utt_id = stem(audio) + (f"_{round(offset * 1000)}" if cols.offset and offset else "")
         text = obj.get(cols.text) if cols.text else None
         if text is not None and not isinstance(text, str):
             yield Reject(corpus.name, source, str(utt_id), cols.text, "bad_value", f"a {type(text).__name__}")
@@ -168,7 +164,7 @@ def read_generic(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
             str(utt_id),
             corpus.name,
             split,
-            _join(corpus.root, audio),
+            join(corpus.root, audio),
             text,
             str(speaker) if speaker not in (None, "") else None,
             source,
