@@ -35,6 +35,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -120,6 +121,25 @@ def _context(content_hash: bool, labeler) -> str:
 _id_hash = hash  # the previous table's id index keys; a test swaps in a weak one to force collisions
 
 
+class _PrevRow(NamedTuple):
+    utt_id: str
+    audio_path: str
+    corpus: str
+    split: str
+    speaker: str | None
+    text_source: str
+    text_raw: str | None
+    offset_s: float
+    duration_s: float
+    sample_rate_hz: int
+    file_size: int | None
+    file_mtime_ns: int | None
+    file_sha256: str | None
+
+
+_ROWS = object()  # key of a cached group's rows as _PrevRow tuples, beside its columns by name
+
+
 class _Previous:
     """The previous run's tables, read a row group at a time: memory stays bounded however many rows it has.
 
@@ -138,6 +158,8 @@ class _Previous:
         self._starts: list[int] = []  # first row of each row group
         self._groups: OrderedDict[int, tuple[pa.Table, dict[str, list]]] = OrderedDict()
         self._last = -1  # the group used last: most lookups fall in it
+        self._ends: list[int] = []
+        self._next = 0  # the row after the last one found by id
         self._hashes: np.ndarray | None = None  # utterance id hashes, sorted
         self._rows: np.ndarray | None = None  # the row of each hash
         t_path, r_path = out_dir / "transcripts.parquet", out_dir / "rejects.parquet"
@@ -161,6 +183,7 @@ class _Previous:
         for g in range(f.metadata.num_row_groups):
             self._starts.append(first)
             first += f.metadata.row_group(g).num_rows
+            self._ends.append(first)
         self.units = {k: tuple(v) for k, v in state.get("units", {}).items()}
         if rejects is not None:
             mask = pc.is_in(rejects["reason"], pa.array(BYTE_REJECTS))
@@ -214,19 +237,30 @@ class _Previous:
             col = cols[name] = table.column(name).to_pylist()
         return col
 
-    def record(self, i: int):
-        """Row ``i``'s value of a column, by name: for checking one row field by field."""
-        g = bisect.bisect_right(self._starts, i) - 1
+    def row(self, i: int) -> _PrevRow:
+        """Row ``i``'s fields that decide whether a candidate can keep it."""
+        g = self._last
+        if not (g >= 0 and self._starts[g] <= i < self._ends[g]):
+            g = bisect.bisect_right(self._starts, i) - 1
         table, cols = self._group(g)
-        j = i - self._starts[g]
+        rows = cols.get(_ROWS)
+        if rows is None:  # made once per cached group: a rerun of a manifest checks every row
+            rows = cols[_ROWS] = list(
+                map(_PrevRow._make, zip(*(self._column(g, f) for f in _PrevRow._fields), strict=True))
+            )
+        return rows[i - self._starts[g]]
 
-        def get(name: str):
-            col = cols.get(name)
-            if col is None:
-                col = cols[name] = table.column(name).to_pylist()
-            return col[j]
-
-        return get
+    def find(self, utt_id: str) -> int | None:
+        """The previous row of an utterance id: the row after the last one found, if the id is there (a
+        reader lists in the same order every run), else through the index."""
+        i = self._next
+        if i < self.num_rows and self.row(i).utt_id == utt_id:
+            self._next = i + 1
+            return i
+        i = self.index(utt_id)
+        if i is not None:
+            self._next = i + 1
+        return i
 
     def values(self, name: str, first: int, n: int) -> list:
         out: list = []
@@ -263,7 +297,7 @@ class _Previous:
         k = int(np.searchsorted(self._hashes, h))
         while k < len(self._hashes) and self._hashes[k] == h:
             i = int(self._rows[k])
-            if self.record(i)("utt_id") == utt_id:
+            if self.row(i).utt_id == utt_id:
                 return i
             k += 1
         return None
@@ -336,7 +370,9 @@ class _Harvester:
 
     def _resolve(self, path: str, root: str) -> tuple[str, os.stat_result | None, str | None]:
         """The real path, its stat (None if missing) and a reject reason, with one realpath per directory."""
-        d, name = os.path.split(path)
+        d, slash, name = path.rpartition("/")
+        if slash and not d:
+            d = "/"
         rd = self._dir_cache.get(d)
         if rd is None:
             if len(self._dir_cache) > 65536:
@@ -368,41 +404,30 @@ class _Harvester:
             self._hash_cache = (path, sha256_of(path))
         return self._hash_cache[1] == p_sha
 
-    def _reusable(self, c: Candidate, real: str, st: os.stat_result):
-        """The previous row of this candidate (its position and field getter) if it can be kept as is."""
-        i = self.prev.index(c.utt_id)
+    def _reusable(self, c: Candidate, real: str, st: os.stat_result) -> tuple[int, _PrevRow] | None:
+        """The previous row of this candidate (its position and fields) if it can be kept as is."""
+        i = self.prev.find(c.utt_id)
         if i is None:
             return None
-
-        col = self.prev.record(i)
-        if (col("audio_path"), col("corpus"), col("split"), col("speaker")) != (
-            real,
-            c.corpus,
-            c.split,
-            c.speaker,
-        ):
+        r = self.prev.row(i)
+        if (r.audio_path, r.corpus, r.split, r.speaker) != (real, c.corpus, c.split, c.speaker):
             return None
         if c.text_raw is None:
-            if self.labeler is None or col("text_source") != self.labeler.source:
+            if self.labeler is None or r.text_source != self.labeler.source:
                 return None
-        elif col("text_source") != "corpus" or col("text_raw") != c.text_raw:
+        elif r.text_source != "corpus" or r.text_raw != c.text_raw:
             return None
-        off, dur, sr = col("offset_s"), col("duration_s"), col("sample_rate_hz")
         if c.frames is not None:
-            if (off, dur) != (c.frames[0] / sr, c.frames[1] / sr):
+            sr = r.sample_rate_hz
+            if (r.offset_s, r.duration_s) != (c.frames[0] / sr, c.frames[1] / sr):
                 return None
-        elif off != c.offset_s or (c.duration_s is not None and dur != c.duration_s):
+        elif r.offset_s != c.offset_s or (c.duration_s is not None and r.duration_s != c.duration_s):
             return None
         if not self._same_bytes(
-            real,
-            st.st_size,
-            st.st_mtime_ns,
-            col("file_size"),
-            col("file_mtime_ns"),
-            col("file_sha256"),
+            real, st.st_size, st.st_mtime_ns, r.file_size, r.file_mtime_ns, r.file_sha256
         ):
             return None
-        return i, col
+        return i, r
 
     def admit(self, c: Candidate, root: str, chunk: _Chunk, unit: int) -> None:
         def reject(field: str, reason: str, detail: str, **file) -> None:
@@ -426,12 +451,12 @@ class _Harvester:
             return reject("audio", why, f"{real} does not exist", audio_path=real)
         found = self._reusable(c, real, st)
         if found is not None:
-            i, col = found
+            i, r = found
             self.summary.reused += 1
-            bound = self._bounds(col("duration_s"))  # the bounds may have changed since
+            bound = self._bounds(r.duration_s)  # the bounds may have changed since
             if bound:
-                return reject("audio", *bound, **self._file(real, st, col("file_sha256")))
-            if st.st_mtime_ns != col("file_mtime_ns"):  # touched, same bytes: record the new mtime
+                return reject("audio", *bound, **self._file(real, st, r.file_sha256))
+            if st.st_mtime_ns != r.file_mtime_ns:  # touched, same bytes: record the new mtime
                 row = self.prev.rows(i, 1).to_pylist()[0]
                 row["file_mtime_ns"] = st.st_mtime_ns
                 chunk.order.append(("new", len(chunk.new_rows), unit))

@@ -87,7 +87,7 @@ def missing(corpus: str, path, what: str) -> Reject:
 
 def stem(path: str) -> str:
     """``Path(path).stem`` without building a Path: readers call it once per row of million-row manifests."""
-    name = os.path.basename(path.rstrip("/"))
+    name = path.rstrip("/").rpartition("/")[2]
     i = name.rfind(".")
     return name[:i] if 0 < i < len(name) - 1 else name  # pathlib's rule: "a." and ".a" have no suffix
 
@@ -95,4 +95,7 @@ def stem(path: str) -> str:
 def join(root, path: str) -> str:
     """``root/path`` for the audio path of a manifest row; absolute paths are kept. Not normalized: the
     harvest resolves every path (and rejects one that leaves the root) before it is used."""
-    return path if path.startswith("/") else os.path.join(os.fspath(root), path)
+    if path.startswith("/"):
+        return path
+    root = os.fspath(root)
+    return f"{root}{path}" if root.endswith("/") else f"{root}/{path}"
