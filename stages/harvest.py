@@ -327,7 +327,8 @@ class _Harvester:
         self.content_hash = content_hash
         self.context = _context(content_hash, labeler)
         self.prev = _Previous(out_dir, self.context)
-        self.seen: dict[str, str] = {}
+        self.seen: dict[str, str | int] = {}  # utterance id -> where it came from (see ``_packed``)
+        self._files: dict[str, int] = {}  # the files that sources name, numbered for ``_packed``
         self.rejects: list[Reject] = []
         self.pool: ProcessPoolExecutor | None = None
         self.summary = HarvestSummary(0, 0, {}, 0.0)
@@ -367,6 +368,28 @@ class _Harvester:
         return True
 
     # ----- admission: everything decided without opening the audio -----
+
+    def _packed(self, source: str) -> str | int:
+        """``FILE:LINE`` as one int (file number << 40 | line), any other source as it is.
+
+        ``seen`` holds a source for every id, only to say where a duplicate's first came from. As text a
+        source took about 80 bytes a row, as an int 32: 3 million rows of a manifest hold 150 MB less.
+        """
+        file, sep, line = source.rpartition(":")
+        if not (
+            sep and line.isascii() and line.isdigit() and len(line) < 12 and (line[0] != "0" or line == "0")
+        ):
+            return source
+        number = self._files.get(file)
+        if number is None:
+            number = self._files[file] = len(self._files)
+        return number << 40 | int(line)
+
+    def _where(self, packed: str | int) -> str:
+        if isinstance(packed, str):
+            return packed
+        files = list(self._files)  # only for a duplicate: rare
+        return f"{files[packed >> 40]}:{packed & (1 << 40) - 1}"
 
     def _resolve(self, path: str, root: str) -> tuple[str, os.stat_result | None, str | None]:
         """The real path, its stat (None if missing) and a reject reason, with one realpath per directory."""
@@ -434,8 +457,9 @@ class _Harvester:
             chunk.rejects.append((Reject(c.corpus, c.source, c.utt_id, field, reason, detail, **file), unit))
 
         if c.utt_id in self.seen:
-            return reject("utt_id", "duplicate_utt_id", f"{c.utt_id} already came from {self.seen[c.utt_id]}")
-        self.seen[c.utt_id] = c.source
+            first = self._where(self.seen[c.utt_id])
+            return reject("utt_id", "duplicate_utt_id", f"{c.utt_id} already came from {first}")
+        self.seen[c.utt_id] = self._packed(c.source)
         if c.text_raw is not None and not c.text_raw.strip():
             return reject("text", "empty_transcript", "the transcript is empty")
         if c.text_raw is None and self.labeler is None:

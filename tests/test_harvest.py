@@ -136,10 +136,17 @@ def test_bad_input_becomes_reject_rows_with_reasons(tmp_path, capsys):
     )
     assert any(r["reason"] == "bad_json" and r["source"] == f"{manifest}:2" for r in rejects)
     assert any(r["reason"] == "outside_root" and r["source"] == f"{manifest}:3" for r in rejects)
-    assert any(
-        (r["utt_id"], r["reason"], r["source"]) == ("3752-4944-0000", "duplicate_utt_id", f"{manifest}:4")
-        for r in rejects
+    (dup,) = [r for r in rejects if r["reason"] == "duplicate_utt_id" and r["source"] == f"{manifest}:4"]
+    assert dup["utt_id"] == "3752-4944-0000"
+    # where the first came from: its line in the chapter's transcript file, told back from the packed form
+    first = next(
+        n
+        for n, ln in enumerate((spk2 / "3752-4944.trans.txt").read_bytes().splitlines(), start=1)
+        if ln.startswith(b"3752-4944-0000 ")
     )
+    assert dup["detail"].endswith(f"already came from {spk2.resolve()}/3752-4944.trans.txt:{first}"), dup[
+        "detail"
+    ]
     assert any(
         (r["utt_id"], r["reason"], r["source"]) == ("no-text", "no_transcript", f"{manifest}:5")
         for r in rejects
