@@ -144,8 +144,9 @@ class _Previous:
     """The previous run's tables, read a row group at a time: memory stays bounded however many rows it has.
 
     Rows are addressed by their position in the previous table. Unchanged units are runs of positions;
-    other candidates are found by utterance id through an index of ids alone. Both mostly walk the
-    table in order (readers list in the same order every run), so a few cached row groups serve them.
+    other candidates are found by utterance id: the row after the last one found, else through an index
+    of id hashes. Both mostly walk the table in order (readers list in the same order every run), so two
+    cached row groups serve them.
     """
 
     CACHED_GROUPS = 2  # the group being checked and the one being copied out, when they differ
@@ -158,7 +159,7 @@ class _Previous:
         self._starts: list[int] = []  # first row of each row group
         self._groups: OrderedDict[int, tuple[pa.Table, dict[str, list]]] = OrderedDict()
         self._last = -1  # the group used last: most lookups fall in it
-        self._ends: list[int] = []
+        self._ends: list[int] = []  # one past the last row of each row group
         self._next = 0  # the row after the last one found by id
         self._hashes: np.ndarray | None = None  # utterance id hashes, sorted
         self._rows: np.ndarray | None = None  # the row of each hash
