@@ -173,7 +173,7 @@ class _Previous:
         try:
             f = open_table(t_path, TRANSCRIPTS)
             rejects = read_table(r_path, REJECTS) if r_path.exists() else None
-        except SchemaError as e:  # an older schema version: harvest from scratch
+        except (SchemaError, OSError, pa.ArrowInvalid) as e:  # an older schema, or a damaged file
             console.print(f"[yellow]harvest[/]: previous tables not reusable ({e}); probing everything")
             return
         st = t_path.stat()

@@ -212,3 +212,15 @@ def test_a_rerun_reads_the_previous_table_by_row_groups_and_finds_rows_by_id_thr
     assert _table(tmp_path / "out") == _table(tmp_path / "cold")
     rows = {r["utt_id"]: r for r in _table(tmp_path / "out")}
     assert rows[moved[2]["id"]]["text_raw"] == "A NEW TRANSCRIPT"
+
+
+def test_a_damaged_previous_table_is_harvested_again_with_a_warning(tmp_path, capsys):
+    root = copy_librispeech(tmp_path / "c", FIRST)
+    corpus = [CorpusConfig(name="ls", kind="librispeech", root=root)]
+    harvest(corpus, tmp_path / "out")
+    table = tmp_path / "out" / "transcripts.parquet"
+    table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])  # cut off, footer and all
+    again = harvest(corpus, tmp_path / "out")
+    assert (again.probed, again.reused, again.transcripts) == (5, 0, 5)
+    assert "previous tables not reusable" in capsys.readouterr().out
+    assert len(read_table(table, TRANSCRIPTS)) == 5
