@@ -71,7 +71,9 @@ fi
 
 if ! ping; then
   rm -f "$SOCK"
-  nohup podman system service --time=0 "unix://$SOCK" >"$STATE/service.log" 2>&1 &
+  # Started from / : the service outlives this shell, and a working directory that is later deleted
+  # (a test checkout) makes every container start fail with "write child: broken pipe".
+  (cd / && exec nohup podman system service --time=0 "unix://$SOCK" >"$STATE/service.log" 2>&1) &
   echo $! >"$STATE/service.pid"
   i=0; until ping; do i=$((i+1)); [ $i -lt 100 ] || { cat "$STATE/service.log" >&2; exit 1; }; sleep 0.2; done
 fi
