@@ -239,6 +239,8 @@ def gpu_requests(stage: str, gpus: int | list[str] | None) -> list | None:
 
 def run_in_container(stage: str, args: list[str], config: Path, workdir: Path, spec: ContainerConfig) -> None:
     """Run ``splsm ARGS`` in the stage's image; its log goes to the Prefect log, a failure raises StageFailed."""
+    from docker.errors import APIError
+
     log = _logger()
     client = docker_client(spec.docker_host)
     image = spec.train_image if stage == "train" and spec.train_image else spec.image
@@ -249,7 +251,9 @@ def run_in_container(stage: str, args: list[str], config: Path, workdir: Path, s
     env["SPLSM_IMAGE_DIGEST"] = image_digest(client, image)
     device_requests = gpu_requests(stage, spec.gpus)
     log.info(f"{stage}: running `splsm {' '.join(args)}` in {image} ({env['SPLSM_IMAGE_DIGEST'][:19]})")
-    container = client.containers.run(
+    # Created, then started inside the try: a container the engine cannot start (an unknown user, a
+    # missing runtime) exists already, and must be removed like any other.
+    container = client.containers.create(
         image,
         command=args,
         volumes=config_mounts(config, workdir, spec.mounts),
@@ -259,10 +263,13 @@ def run_in_container(stage: str, args: list[str], config: Path, workdir: Path, s
         network=spec.network,
         shm_size=spec.shm_size,
         working_dir=str(workdir),
-        detach=True,
         labels={"splsm.stage": stage, "splsm.flow_run_id": env.get("SPLSM_FLOW_RUN_ID", "")},
     )
     try:
+        try:
+            container.start()
+        except APIError as e:
+            raise StageFailed(f"{stage}: the engine could not start {image}: {e.explanation or e}") from e
         lines = (
             chunk.decode(errors="replace")
             for chunk in _split_lines(container.logs(stream=True, follow=True, stdout=True, stderr=True))

@@ -177,6 +177,21 @@ def test_a_failing_stage_in_its_container_fails_and_is_removed(engine, cpu_image
     assert not client.containers.list(all=True, filters={"label": "splsm.stage=evaluate"})
 
 
+@pytest.mark.slow
+def test_a_container_the_engine_cannot_start_fails_the_stage_and_is_removed(engine, cpu_image, tmp_path):
+    import docker
+
+    client = docker.DockerClient(base_url=engine)
+    work = _workdir(tmp_path)
+    execution = ExecutionConfig(
+        mode="container",
+        container=ContainerConfig(image=cpu_image, docker_host=engine, user="no-such-user"),
+    )
+    with pytest.raises(StageFailed, match=r"harvest: the engine could not start .*no-such-user"):
+        run_stage_cli("harvest", DEMO_CONFIG, work, execution=execution)
+    assert not client.containers.list(all=True, filters={"label": "splsm.stage=harvest"})
+
+
 def test_gpu_stages_request_gpus_by_count_or_id_and_cpu_stages_none():
     # what the Engine API receives (podman ignores device requests, so no engine can show them here)
     from splsm.containers import gpu_requests
