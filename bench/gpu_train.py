@@ -66,20 +66,7 @@ def decode_on_gpu(checkpoint: Path, examples: Path, device: str = "cuda") -> tup
 
     model = LSMForConditionalGeneration.from_pretrained(checkpoint).to(device).eval()
     rows = [r for r in read_table(examples, EXAMPLES).to_pylist() if r["split"] == "test-clean"]
-    items = [
-        Item(
-            r["example_id"],
-            r["split"],
-            r["audio_path"],
-            r["offset_s"],
-            r["duration_s"],
-            r["prefix"],
-            r["suffix"],
-            8,
-            r["utt_id"],
-        )
-        for r in rows
-    ]
+    items = [Item.of_row(r["example_id"], r, 8) for r in rows]
     done = decode(model, Collator(model.tokenizer, model.feature_extractor), items, batch_size=len(items))
     return len(rows), [done.texts[it.key] for it in items if it.key in done.texts]
 

@@ -181,16 +181,10 @@ def evaluate(
 
     # ----- ASR and WER -----
     asr_items = [
-        decoding.Item(
+        decoding.Item.of_row(
             f"asr/{i}",
-            r["split"],
-            r["audio_path"],
-            r["offset_s"],
-            r["duration_s"],
-            r["prefix"],
-            r["suffix"],
+            r,
             decoding.length_bound(r["duration_s"], cfg.tokens_per_s, cfg.length_slack, cfg.max_new_tokens),
-            r["utt_id"],
         )
         for i, r in enumerate(rows)
     ]

@@ -31,6 +31,7 @@ import os
 import stat
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -220,15 +221,17 @@ class _Previous:
             self._groups.popitem(last=False)
         return hit
 
-    def rows(self, first: int, n: int) -> pa.Table:
-        """Rows ``first`` to ``first + n`` as a table (slices of the cached row groups, not copies)."""
-        parts = []
+    def _spans(self, first: int, n: int) -> Iterator[tuple[int, int, int]]:
+        """(row group, offset in it, count) covering rows ``first`` to ``first + n``."""
         while n > 0:
             g = bisect.bisect_right(self._starts, first) - 1
-            table, _ = self._group(g)
-            k = min(n, table.num_rows - (first - self._starts[g]))
-            parts.append(table.slice(first - self._starts[g], k))
+            k = min(n, self._ends[g] - first)
+            yield g, first - self._starts[g], k
             first, n = first + k, n - k
+
+    def rows(self, first: int, n: int) -> pa.Table:
+        """Rows ``first`` to ``first + n`` as a table (slices of the cached row groups, not copies)."""
+        parts = [self._group(g)[0].slice(lo, k) for g, lo, k in self._spans(first, n)]
         return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
     def _column(self, g: int, name: str) -> list:
@@ -251,27 +254,22 @@ class _Previous:
             )
         return rows[i - self._starts[g]]
 
-    def find(self, utt_id: str) -> int | None:
-        """The previous row of an utterance id: the row after the last one found, if the id is there (a
-        reader lists in the same order every run), else through the index."""
+    def find(self, utt_id: str) -> tuple[int, _PrevRow] | None:
+        """The previous row of an utterance id (position and fields): the row after the last one found, if
+        the id is there (a reader lists in the same order every run), else through the index."""
         i = self._next
-        if i < self.num_rows and self.row(i).utt_id == utt_id:
-            self._next = i + 1
-            return i
-        i = self.index(utt_id)
-        if i is not None:
-            self._next = i + 1
-        return i
+        r = self.row(i) if i < self.num_rows else None
+        if r is None or r.utt_id != utt_id:
+            i = self.index(utt_id)
+            if i is None:
+                return None
+            r = self.row(i)
+        self._next = i + 1
+        return i, r
 
     def values(self, name: str, first: int, n: int) -> list:
-        out: list = []
-        while n > 0:
-            g = bisect.bisect_right(self._starts, first) - 1
-            col = self._column(g, name)
-            part = col[first - self._starts[g] : first - self._starts[g] + n]
-            out += part
-            first, n = first + len(part), n - len(part)
-        return out
+        """Python values of one column over rows ``first`` to ``first + n``."""
+        return [v for g, lo, k in self._spans(first, n) for v in self._column(g, name)[lo : lo + k]]
 
     def index(self, utt_id: str) -> int | None:
         """The previous row of an utterance id, or None.
@@ -430,10 +428,10 @@ class _Harvester:
 
     def _reusable(self, c: Candidate, real: str, st: os.stat_result) -> tuple[int, _PrevRow] | None:
         """The previous row of this candidate (its position and fields) if it can be kept as is."""
-        i = self.prev.find(c.utt_id)
-        if i is None:
+        found = self.prev.find(c.utt_id)
+        if found is None:
             return None
-        r = self.prev.row(i)
+        i, r = found
         if (r.audio_path, r.corpus, r.split, r.speaker) != (real, c.corpus, c.split, c.speaker):
             return None
         if c.text_raw is None:

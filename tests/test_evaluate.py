@@ -198,17 +198,7 @@ def test_hypotheses_are_greedy_decodes_of_each_row_under_its_length_bound(setup)
 
 def _items(rows, bounds):
     return [
-        decoding.Item(
-            f"k{i}",
-            "s",
-            r["audio_path"],
-            r["offset_s"],
-            r["duration_s"],
-            r["prefix"],
-            r["suffix"],
-            b,
-            r["utt_id"],
-        )
+        decoding.Item.of_row(f"k{i}", r, b, group="s")
         for i, (r, b) in enumerate(zip(rows, bounds, strict=True))
     ]
 

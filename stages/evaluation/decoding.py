@@ -32,6 +32,21 @@ class Item:
     utt_id: str = ""
 
     @classmethod
+    def of_row(cls, key: str, example: dict, max_new_tokens: int, group: str | None = None) -> Item:
+        """An item for an examples-table row as it stands: its own prompt around the speech."""
+        return cls(
+            key,
+            example["split"] if group is None else group,
+            example["audio_path"],
+            example["offset_s"],
+            example["duration_s"],
+            example["prefix"],
+            example["suffix"],
+            max_new_tokens,
+            example["utt_id"],
+        )
+
+    @classmethod
     def asking(cls, key: str, example: dict, instruction: str, fmt: str, max_new_tokens: int) -> Item:
         """An item that asks ``instruction`` about the speech of an examples-table row."""
         from stages.prompts import speech_prompt
