@@ -2,9 +2,9 @@
 
 RTFx is seconds of audio decoded per second of decoding (log-mel features, Whisper encoder, Q-Former,
 greedy generation with the KV cache), measured the way the evaluate stage measures it, through
-``stages.evaluation.decoding.decode``. The workload is the demo's own speech (every bundled clip,
+``stages.evaluate.decoding.decode``. The workload is the demo's own speech (every bundled clip,
 repeated to ``--items``) with the demo config's decoding settings (ASR length bound, 48-token cap).
-The model is the demo architecture (tiny Whisper + tiny Llama from ``stages.tiny_models`` and the
+The model is the demo architecture (tiny Whisper + tiny Llama from ``stages.tiny_models.models`` and the
 demo's Q-Former) with an untrained connector, or a trained checkpoint given with ``--checkpoint``:
 the cost of decoding depends on the architecture and on how long the answers run, and greedy
 answers are identical at both batch sizes, so both settings do the same work.
@@ -27,11 +27,11 @@ sys.path.insert(0, str(REPO))
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from splsm.config import load_config  # noqa: E402
-from splsm.text import readable  # noqa: E402
-from stages.evaluation import decoding  # noqa: E402
-from stages.instructions import load_catalog  # noqa: E402
-from stages.prompts import VICUNA_V11_SYSTEM, speech_prompt  # noqa: E402
+from core.catalog import load_catalog  # noqa: E402
+from core.config import load_config  # noqa: E402
+from core.prompts import VICUNA_V11_SYSTEM, speech_prompt  # noqa: E402
+from core.text import readable  # noqa: E402
+from stages.evaluate import decoding  # noqa: E402
 
 TARGET_SPEEDUP = 1.5  # batch 16 should decode at least 1.5x the audio per second that batch 1 does
 
@@ -58,8 +58,8 @@ def demo_texts() -> list[str]:
 
 
 def demo_checkpoint(tmp: Path, cfg) -> Path:
-    from stages.model import LSMForConditionalGeneration
-    from stages.tiny_models import build_tiny_models
+    from core.lsm.model import LSMForConditionalGeneration
+    from stages.tiny_models.models import build_tiny_models
 
     whisper_dir, llm_dir = build_tiny_models(demo_texts(), tmp / "models", cfg.models.tiny, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -81,8 +81,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from stages.evaluate import _load_model
-    from stages.model import Collator
+    from core.lsm.model import Collator
+    from stages.evaluate.evaluator import _load_model
 
     cfg = load_config(REPO / "configs" / "demo.yaml")
     e = cfg.evaluate

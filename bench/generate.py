@@ -29,16 +29,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from splsm.config import DEMO_CONFIG, LLM_TASKS, GenerateConfig, load_config  # noqa: E402
-from splsm.log import console  # noqa: E402
-from stages.generate import count_prompt_tokens, plan_requests  # noqa: E402
-from stages.generation.backends import (  # noqa: E402
+from core.catalog import load_catalog  # noqa: E402
+from core.config import DEMO_CONFIG, LLM_TASKS, GenerateConfig, load_config  # noqa: E402
+from core.log import console  # noqa: E402
+from stages.generate.backends.base import (  # noqa: E402
     Meter,
     OpenAIBackend,
     ServerProcess,
     TransformersBackend,
 )
-from stages.instructions import load_catalog  # noqa: E402
+from stages.generate.driver import count_prompt_tokens, plan_requests  # noqa: E402
 
 
 def reference_loop(llm_dir: Path, prompts: list[str], max_new_tokens: int, batch: int = 32, device="cpu"):
@@ -108,8 +108,8 @@ def main() -> None:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
-    from stages import harvest
-    from stages.tiny_models import build_tiny_models, corpus_texts
+    from stages.harvest import driver as harvest
+    from stages.tiny_models.models import build_tiny_models, corpus_texts
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     cfg = load_config(DEMO_CONFIG)

@@ -37,7 +37,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 def run_variant(name: str, work: Path, whisper: Path, llm: Path, examples: Path, **overrides) -> dict:
     from helpers_lsm import experiment
 
-    from stages import train
+    from stages.train import launcher as train
 
     cfg = experiment(nproc_per_node=1, backend="nccl", tensorboard=False, **overrides).train
     out = work / name
@@ -60,9 +60,10 @@ def run_variant(name: str, work: Path, whisper: Path, llm: Path, examples: Path,
 
 def decode_on_gpu(checkpoint: Path, examples: Path, device: str = "cuda") -> tuple[int, list[str]]:
     """Greedy decoding of every test-clean row on the GPU, through the evaluate stage's own decoding."""
-    from schemas import EXAMPLES, read_table
-    from stages.evaluation.decoding import Item, decode
-    from stages.model import Collator, LSMForConditionalGeneration
+    from core.lsm.model import Collator, LSMForConditionalGeneration
+    from core.tables import read_table
+    from schemas import EXAMPLES
+    from stages.evaluate.decoding import Item, decode
 
     model = LSMForConditionalGeneration.from_pretrained(checkpoint).to(device).eval()
     rows = [r for r in read_table(examples, EXAMPLES).to_pylist() if r["split"] == "test-clean"]

@@ -98,7 +98,7 @@ def timed_harvest(root: Path, out: Path, repo: Path = REPO, **corpus) -> dict:
     spec = {"name": "bench", "kind": "librispeech", **corpus, "root": str(root)}
     code = (
         "import json, sys, time; t = time.monotonic();"
-        "from pathlib import Path; from splsm.config import CorpusConfig; from stages.harvest import harvest;"
+        "from pathlib import Path; from core.config import CorpusConfig; from stages.harvest.driver import harvest;"
         f"s = harvest([CorpusConfig(**json.loads({json.dumps(spec)!r}))], Path({str(out)!r}));"
         "import resource; peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024;"
         "print(json.dumps({'seconds': time.monotonic() - t, 'main_peak_rss': peak, **s.__dict__}))"
@@ -143,18 +143,18 @@ def fixed_costs(root: Path, new_speakers: list[Path]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t = time.monotonic()
     subprocess.run(
-        [sys.executable, "-c", "from splsm.config import CorpusConfig; import stages.harvest"],
+        [sys.executable, "-c", "from core.config import CorpusConfig; import stages.harvest"],
         cwd=REPO,
         env=env,
         check=True,
     )
     start = time.monotonic() - t
-    from stages.corpora.listing import walk
+    from stages.harvest.corpora.listing import walk
 
     t = time.monotonic()
     n = sum(len(files) for _, files in walk(str(root)))
     list_s = time.monotonic() - t
-    from stages.corpora.probe import probe_items, text_forms
+    from stages.harvest.probe import probe_items, text_forms
 
     items = []
     for trans in sorted(p for d in new_speakers for p in d.rglob("*.trans.txt")):

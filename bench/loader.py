@@ -37,9 +37,9 @@ import soxr  # noqa: E402
 import torch  # noqa: E402
 from transformers import WhisperFeatureExtractor  # noqa: E402
 
-from splsm.config import BuildConfig  # noqa: E402
-from stages.build import example_id, write_shards  # noqa: E402
-from stages.loader import ExampleLoader  # noqa: E402
+from core.config import BuildConfig  # noqa: E402
+from core.lsm.loader import ExampleLoader  # noqa: E402
+from stages.build.examples import example_id, write_shards  # noqa: E402
 
 DEMO = REPO / "data" / "demo"
 REF_BATCH = 12  # the reference's per-GPU batch

@@ -32,7 +32,7 @@ BATCH = 2
 def throughput(work: Path, whisper: Path, llm: Path, examples: Path, nproc: int, steps: int) -> dict:
     from helpers_lsm import experiment
 
-    from stages import train
+    from stages.train import launcher as train
 
     cfg = experiment(nproc_per_node=nproc, max_steps=steps, batch_size=BATCH, tensorboard=False).train
     out = work / f"run-{nproc}-{time.monotonic_ns()}"
@@ -48,8 +48,8 @@ def breakdown(whisper: Path, llm: Path, examples: Path, steps: int) -> dict[str,
     import torch
     from helpers_lsm import TINY_QFORMER
 
-    from stages.loader import ExampleLoader
-    from stages.model import LSMForConditionalGeneration, SpeechBatch
+    from core.lsm.loader import ExampleLoader
+    from core.lsm.model import LSMForConditionalGeneration, SpeechBatch
 
     torch.set_num_threads(1)  # as one torchrun worker runs
     torch.manual_seed(1)

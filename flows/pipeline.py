@@ -1,10 +1,10 @@
 """The flows: the whole DAG, incremental dataset regeneration, training with evaluation, evaluation alone.
 
-Flows hold no stage logic. Each task runs a stage's CLI in the mode ``execution`` picks (in-process,
-subprocess, or the stage's container image); the stage reuses its outputs when its inputs, parameters
-and code are unchanged and records the run, with this flow run's id, in the lineage store.
-Parameters are typed; Prefect validates them (and a deployment's) before the run starts, and the
-config file is validated before any stage runs.
+Flows hold no stage logic: each is a short sequence of the stages' tasks (``flows.tasks``), each task
+running its stage in the mode ``execution`` picks (in-process, subprocess, or the stage's container
+image); a stage reuses its outputs when its inputs, parameters and code are unchanged and records the
+run, with this flow run's id, in the lineage store. Parameters are typed; Prefect validates them (and a
+deployment's) before the run starts, and the config file is validated before any stage runs.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.tasks import build_task, evaluate_task, generate_task, harvest_task, tiny_models_task, train_task
-from splsm.config import load_config, model_dirs
-from splsm.containers import ExecutionConfig
+from core.config import load_config
+from core.paths import WorkPaths
+from flows.tasks import TASKS
+from splsm.runner import ExecutionConfig
 
 
 def _prepare(config: str, workdir: str):
@@ -30,13 +31,13 @@ def self_powered_pipeline(
     """Run every stage of the recipe on one experiment config; returns the evaluation summary."""
     execution = execution or ExecutionConfig()
     cfg, config, workdir = _prepare(config, workdir)
-    harvest_task(config, workdir, force, execution)
+    TASKS["harvest"](config, workdir, force, execution)
     if cfg.models.tiny is not None:
-        tiny_models_task(config, workdir, force, execution)
-    generate_task(config, workdir, force, execution)
-    build_task(config, workdir, force, execution)
-    checkpoint = train_task(config, workdir, force, execution)
-    return evaluate_task(config, workdir, checkpoint, force, execution)
+        TASKS["models"](config, workdir, force, execution)
+    TASKS["generate"](config, workdir, force, execution)
+    TASKS["build"](config, workdir, force, execution)
+    TASKS["train"](config, workdir, force, execution)
+    return TASKS["evaluate"](config, workdir, force, execution)
 
 
 @flow(name="regenerate_dataset", log_prints=True)
@@ -51,11 +52,11 @@ def regenerate_dataset(
     """
     execution = execution or ExecutionConfig()
     cfg, config, workdir = _prepare(config, workdir)
-    harvested = harvest_task(config, workdir, force, execution)
-    if cfg.models.tiny is not None and not model_dirs(cfg, Path(workdir))[1].exists():
-        tiny_models_task(config, workdir, force, execution)
-    generated = generate_task(config, workdir, force, execution)
-    built = build_task(config, workdir, force, execution)
+    harvested = TASKS["harvest"](config, workdir, force, execution)
+    if cfg.models.tiny is not None and not WorkPaths(workdir).model_dirs(cfg)[1].exists():
+        TASKS["models"](config, workdir, force, execution)
+    generated = TASKS["generate"](config, workdir, force, execution)
+    built = TASKS["build"](config, workdir, force, execution)
     return {"harvest": harvested, "generate": generated, "build": built}
 
 
@@ -63,11 +64,11 @@ def regenerate_dataset(
 def train_and_evaluate(
     config: str, workdir: str = "work", force: bool = False, execution: ExecutionConfig | None = None
 ) -> dict:
-    """Train on WORKDIR/build/examples.parquet, then evaluate the checkpoint; returns the evaluation summary."""
+    """Train on the build stage's examples, then evaluate the checkpoint; returns the evaluation summary."""
     execution = execution or ExecutionConfig()
     _, config, workdir = _prepare(config, workdir)
-    checkpoint = train_task(config, workdir, force, execution)
-    return evaluate_task(config, workdir, checkpoint, force, execution)
+    TASKS["train"](config, workdir, force, execution)
+    return TASKS["evaluate"](config, workdir, force, execution)
 
 
 @flow(name="evaluate_checkpoint", log_prints=True)
@@ -81,5 +82,5 @@ def evaluate_checkpoint(
     """Evaluate a checkpoint (default WORKDIR/train/checkpoint) on the config's eval sets."""
     execution = execution or ExecutionConfig()
     _, config, workdir = _prepare(config, workdir)
-    checkpoint = str(Path(checkpoint or Path(workdir) / "train" / "checkpoint").resolve())
-    return evaluate_task(config, workdir, checkpoint, force, execution)
+    options = {"checkpoint": str(Path(checkpoint).resolve())} if checkpoint else None
+    return TASKS["evaluate"](config, workdir, force, execution, options)

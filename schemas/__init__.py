@@ -1,20 +1,17 @@
 """Arrow schemas of every table a stage writes, each with a name and a version.
 
-Every Parquet file carries its schema's name and version in its metadata. ``write_table`` checks a
-table against its schema before the file appears; ``read_table`` checks the file against the schema
-the reader expects. A mismatch raises ``SchemaError`` naming the table, the column, the expected
-and the found type, so a stage never silently reads a table of another shape or version.
+Every Parquet file carries its schema's name and version in its metadata. ``check`` compares a table
+(or a file's schema) with the schema its writer or reader expects; a mismatch raises ``SchemaError``
+naming the table, the column, the expected and the found type, so a stage never silently reads a table
+of another shape or version. This package holds definitions only: the Parquet I/O that applies them on
+every write and read is ``core.tables``.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 META_KEY = b"splsm.schema"
 
@@ -89,6 +86,17 @@ REJECTS = TableSchema(
         ]
     ),
 )
+
+
+def reject_row(
+    corpus: str, source: str, utt_id: str | None, field: str, reason: str, detail: str, **file
+) -> dict:
+    """One REJECTS row: where the bad row came from, which field, why; ``file``: the audio file's
+    ``audio_path``, ``file_size``, ``file_mtime_ns``, ``file_sha256`` where the reject is about one."""
+    return dict(
+        corpus=corpus, source=source, utt_id=utt_id, field=field, reason=reason, detail=detail, **file
+    )
+
 
 RESPONSES = TableSchema(
     "responses",
@@ -165,6 +173,7 @@ SHARDS = TableSchema(
         ]
     ),
 )
+
 
 PREDICTIONS = TableSchema(
     "predictions",
@@ -368,46 +377,3 @@ def _fits(value, typ: pa.DataType) -> bool:
         return True
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return False
-
-
-def write_table(
-    table: pa.Table, path: str | os.PathLike, expected: TableSchema, row_group_size: int = 2048
-) -> Path:
-    """Check ``table`` and write it as Parquet, whole or not at all (write aside, then rename)."""
-    path = Path(path)
-    check(table, expected, str(path))
-    table = table.select(expected.schema.names).cast(expected.with_metadata())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def open_table(path: str | os.PathLike, expected: TableSchema) -> pq.ParquetFile:
-    """Open a Parquet table whose schema (columns, types, version) is the one the caller expects, without
-    reading its rows: for a reader that goes a row group at a time. Non-null columns are checked per row
-    group by whoever reads them (``check`` on the table read)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"table {expected.tag}: {path} does not exist")
-    f = pq.ParquetFile(path)
-    found = f.schema_arrow
-    if (found.metadata or {}).get(META_KEY) is None:
-        raise SchemaError(
-            f"table {expected.tag} in {path}: schema version expected {expected.tag}, found none"
-        )
-    check(found, expected, str(path))
-    return f
-
-
-def read_table(path: str | os.PathLike, expected: TableSchema) -> pa.Table:
-    """Read a Parquet table and check it against the schema the caller expects."""
-    path = Path(path)
-    open_table(path, expected).close()
-    table = pq.read_table(path)
-    check(table, expected, str(path))
-    return table

@@ -1,18 +1,25 @@
-"""The ``splsm`` command: one subcommand per stage, the whole DAG, the demo, and lineage queries.
+"""The ``splsm`` command: one subcommand per stage of the registry, the whole DAG, the demo, lineage queries.
 
-A thin wrapper: every subcommand parses its options and calls a stage's ``run`` or a flow.
+A thin wrapper: the stage subcommands are made from ``stages.registry`` (their options from each stage's
+typed options), parse their options and call ``Stage.run``; ``run`` and ``demo`` call the flow.
 """
 
 from __future__ import annotations
 
 import sys
+import typing
 from pathlib import Path
 
 import click
+from pydantic import BaseModel, ValidationError
 
-from splsm.config import DEMO_CONFIG, ConfigError, TinyModels, load_config, model_dirs
-from splsm.lineage import LineageStore, lineage_path
-from splsm.log import console
+from core.config import DEMO_CONFIG, ConfigError, load_config
+from core.lineage.store import LineageStore
+from core.log import console
+from core.paths import WorkPaths, lineage_path
+from core.stage import Stage, StageError
+from schemas import SchemaError
+from stages.registry import STAGES
 
 workdir_opt = click.option(
     "--workdir",
@@ -44,41 +51,73 @@ def _cfg(path: Path):
         raise click.ClickException(str(e)) from e
 
 
-def _need(path: Path, what: str, command: str) -> Path:
-    if not path.exists():
-        raise click.ClickException(f"{what} {path} does not exist; run `splsm {command}` first")
-    return path
+# ----- one command per stage, from the registry -----
 
 
-@main.command()
-@config_opt
-@workdir_opt
-@force_opt
-def harvest(config_path: Path, workdir: Path, force: bool) -> None:
-    """Read the config's corpora into WORKDIR/harvest/{transcripts,rejects}.parquet."""
-    from stages import harvest as stage
+def _option_params(options: type[BaseModel]) -> list[click.Parameter]:
+    """Click parameters for a stage's typed options: a field is ``--name VALUE`` (``--name/--no-name`` for a
+    flag), or a positional argument where its ``json_schema_extra`` says ``argument``."""
+    params: list[click.Parameter] = []
+    for name, f in options.model_fields.items():
+        extra = f.json_schema_extra or {}
+        kinds = {a for a in typing.get_args(f.annotation) if a is not type(None)} or {f.annotation}
+        dash = name.replace("_", "-")
+        if Path in kinds:
+            typ = click.Path(path_type=Path, exists=bool(extra.get("exists")))
+        elif bool in kinds:
+            params.append(click.Option([f"--{dash}/--no-{dash}"], default=f.default, help=f.description))
+            continue
+        else:
+            typ = next(iter(kinds))
+        if extra.get("argument"):
+            params.append(click.Argument([name], type=typ))
+        else:
+            params.append(
+                click.Option(
+                    [f"--{dash}", name],
+                    type=typ,
+                    required=f.is_required(),
+                    default=None if f.is_required() else f.default,
+                    show_default=not f.is_required() and f.default is not None,
+                    help=f.description,
+                )
+            )
+    return params
 
-    stage.run(_cfg(config_path), workdir, force)
+
+def _stage_command(stage: Stage) -> click.Command:
+    def run(config_path: Path, workdir: Path, force: bool, **options) -> None:
+        cfg = _cfg(config_path)
+        try:
+            ctx = stage.context(cfg, workdir, options)
+        except ValidationError as e:
+            raise click.ClickException(f"splsm {' '.join(stage.words)}: {e}") from e
+        try:
+            stage.run(ctx, force)
+        except (StageError, SchemaError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from e
+
+    cmd = click.Command(stage.words[-1], callback=run, help=stage.help, short_help=stage.help.split(";")[0])
+    for deco in (config_opt, workdir_opt, force_opt):
+        deco(cmd)
+    cmd.params += _option_params(stage.options)
+    return cmd
 
 
-@main.group()
-def models() -> None:
-    """Model directories."""
+GROUPS = {"models": "Model directories the pipeline starts from."}
 
 
-@models.command("tiny")
-@config_opt
-@workdir_opt
-@force_opt
-def models_tiny(config_path: Path, workdir: Path, force: bool) -> None:
-    """Write a tiny Whisper and a tiny Llama (tokenizer trained on the harvested text) to WORKDIR/models."""
-    from stages import tiny_models
+def _group(name: str) -> click.Group:
+    group = main.commands.get(name)
+    if group is None:
+        group = click.Group(name, help=GROUPS.get(name, f"The {name} stages."))
+        main.add_command(group)
+    return group
 
-    cfg = _cfg(config_path)
-    if cfg.models.tiny is None:
-        cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"tiny": TinyModels()})})
-    _need(workdir / "harvest" / "transcripts.parquet", "transcripts", "harvest")
-    tiny_models.run(cfg, workdir, force)
+
+for _s in STAGES.values():
+    _parent = main if len(_s.words) == 1 else _group(_s.words[0])
+    _parent.add_command(_stage_command(_s))
 
 
 @main.group("model")
@@ -99,115 +138,10 @@ def model_group() -> None:
 )
 def model_init(whisper: Path, llm: Path, out: Path, config_path: Path | None) -> None:
     """Assemble one Hugging Face model directory from a Whisper directory and an LLM directory."""
-    from stages.model import init_model
+    from core.lsm.model import init_model
 
     path = init_model(whisper, llm, out, _cfg(config_path).train if config_path else None)
     console.print(f"model: wrote {path}")
-
-
-@main.command()
-@config_opt
-@workdir_opt
-@force_opt
-@click.option("--worker", default=0, show_default=True, help="This worker's index, 0..WORKERS-1.")
-@click.option(
-    "--workers",
-    default=1,
-    show_default=True,
-    help="How many workers split the utterances (by hash); the last one to finish merges.",
-)
-def generate(config_path: Path, workdir: Path, force: bool, worker: int, workers: int) -> None:
-    """Ask the LLM each (utterance, task) instruction; write WORKDIR/generate/responses.parquet."""
-    from stages import generate as stage
-
-    cfg = _cfg(config_path)
-    if not 0 <= worker < workers:
-        raise click.ClickException(f"--worker must be in 0..{workers - 1}")
-    _need(workdir / "harvest" / "transcripts.parquet", "transcripts", "harvest")
-    _, llm = model_dirs(cfg, workdir)
-    if cfg.generate.backend != "openai":
-        _need(llm, "LLM directory", "models tiny")
-    try:
-        stage.run(cfg, workdir, llm if llm and llm.exists() else None, force, worker, workers)
-    except stage.GenerateError as e:
-        raise click.ClickException(str(e)) from e
-
-
-@main.command()
-@config_opt
-@workdir_opt
-@force_opt
-def build(config_path: Path, workdir: Path, force: bool) -> None:
-    """Join transcripts and answers into WORKDIR/build/examples.parquet and the loader's WORKDIR/build/shards/."""
-    from stages import build as stage
-
-    _need(workdir / "harvest" / "transcripts.parquet", "transcripts", "harvest")
-    stage.run(_cfg(config_path), workdir, force)
-
-
-@main.command("import-reference")
-@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "--root",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Corpus root the manifest's audio paths are relative to (and confined to).",
-)
-@config_opt
-@workdir_opt
-@force_opt
-def import_reference(manifest: Path, root: Path, config_path: Path, workdir: Path, force: bool) -> None:
-    """Import the reference's {instruction, audio, text} answers into WORKDIR/import/; build then uses them."""
-    from stages import build as stage
-
-    _need(workdir / "harvest" / "transcripts.parquet", "transcripts", "harvest")
-    stage.run_import(_cfg(config_path), workdir, manifest, root, force)
-
-
-@main.command()
-@config_opt
-@workdir_opt
-@force_opt
-def train(config_path: Path, workdir: Path, force: bool) -> None:
-    """Train the speech-text model with torchrun; the checkpoint lands in WORKDIR/train/checkpoint."""
-    from stages import train as stage
-
-    cfg = _cfg(config_path)
-    whisper, llm = model_dirs(cfg, workdir)
-    examples = _need(workdir / "build" / "examples.parquet", "examples", "build")
-    stage.run(
-        cfg,
-        workdir,
-        _need(whisper, "Whisper directory", "models tiny"),
-        _need(llm, "LLM directory", "models tiny"),
-        examples,
-        force,
-    )
-
-
-@main.command()
-@config_opt
-@workdir_opt
-@force_opt
-@click.option(
-    "--checkpoint",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Checkpoint directory (default WORKDIR/train/checkpoint).",
-)
-def evaluate(config_path: Path, workdir: Path, force: bool, checkpoint: Path | None) -> None:
-    """Decode the eval sets: WER, the speech-anchor-bias probe, spoken QA; report in WORKDIR/evaluate."""
-    from stages import evaluate as stage
-
-    ckpt = _need(checkpoint or workdir / "train" / "checkpoint", "checkpoint", "train")
-    examples = _need(workdir / "build" / "examples.parquet", "examples", "build")
-    from schemas import SchemaError
-    from stages.evaluation.qa import QAFileError
-
-    try:
-        stage.run(_cfg(config_path), workdir, ckpt, examples, force)
-    except (FileNotFoundError, stage.EvaluateInputError, QAFileError, SchemaError) as e:
-        raise click.ClickException(str(e)) from e
 
 
 @main.command()
@@ -225,7 +159,7 @@ def compare(workdir_a: Path, workdir_b: Path, out: Path | None) -> None:
     Typically A is the ASR-only baseline (configs/demo-asr-only.yaml), B the self-powered model.
     """
     from schemas import SchemaError
-    from stages.evaluation import compare as cmp
+    from stages.evaluate import compare as cmp
 
     try:
         c = cmp.compare(workdir_a, workdir_b)
@@ -268,9 +202,11 @@ def demo(workdir: Path, force: bool) -> None:
 def _show_results(workdir: Path) -> None:
     from rich.table import Table
 
-    from schemas import METRICS, read_table
+    from core.tables import read_table
+    from schemas import METRICS
 
-    metrics = workdir / "evaluate" / "metrics.parquet"
+    paths = WorkPaths(workdir)
+    metrics = paths.evaluate.table("metrics")
     if metrics.exists():
         t = Table("eval set", "task", "utterances", "ref words", "S", "D", "I", "WER %", title="WER")
         for m in read_table(metrics, METRICS).to_pylist():
@@ -285,7 +221,7 @@ def _show_results(workdir: Path) -> None:
                 f"{100 * m['wer']:.1f}",
             )
         console.print(t)
-    ckpt = workdir / "train" / "checkpoint"
+    ckpt = paths.train.checkpoint
     if ckpt.exists():
         _print_lineage(workdir, ckpt, "upstream")
 
@@ -371,7 +307,7 @@ def lineage_runs(workdir: Path, limit: int) -> None:
 @click.option("--namespace", default="splsm", show_default=True, help="OpenLineage job namespace.")
 def lineage_export_openlineage(out: Path, workdir: Path, namespace: str) -> None:
     """Write every recorded run as OpenLineage run events (JSON lines) to OUT, for Marquez and the like."""
-    from splsm.lineage import export_openlineage
+    from core.lineage.openlineage import export_openlineage
 
     db = lineage_path(workdir)
     if not db.exists():

@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def demo_config():
-    from splsm.config import load_config
+    from core.config import load_config
 
     return load_config(REPO / "configs" / "demo.yaml")
 
@@ -27,7 +27,7 @@ def demo_config():
 @pytest.fixture(scope="session")
 def harvested(tmp_path_factory, demo_config) -> Path:
     """The demo corpora harvested once: WORKDIR/harvest/{transcripts,rejects}.parquet."""
-    from stages import harvest
+    from stages.harvest import driver as harvest
 
     work = tmp_path_factory.mktemp("harvested")
     harvest.run(demo_config, work)
@@ -37,7 +37,7 @@ def harvested(tmp_path_factory, demo_config) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory, harvested, demo_config) -> Path:
     """Tiny Whisper + Llama (tokenizer trained on the demo transcripts), as saved by save_pretrained."""
-    from stages.tiny_models import build_tiny_models, corpus_texts
+    from stages.tiny_models.models import build_tiny_models, corpus_texts
 
     out = tmp_path_factory.mktemp("tiny")
     build_tiny_models(
@@ -70,8 +70,8 @@ GEN_TASKS = ["repeat", "translation"]
 @pytest.fixture(scope="session")
 def generated(tmp_path_factory, harvested, tiny_models_dir):
     """Answers of the tiny Llama (through a transformers serve process) for two tasks: (out_dir, config, summary)."""
-    from splsm.config import GenerateConfig
-    from stages.generate import generate
+    from core.config import GenerateConfig
+    from stages.generate.driver import generate
 
     out = tmp_path_factory.mktemp("gen")
     g = GenerateConfig(tasks=GEN_TASKS, max_new_tokens=8, concurrency=4)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from schemas import EXAMPLES, to_table, write_table
-from splsm.config import ExperimentConfig, QFormerConfig, TinyModels
-from splsm.stage import REPO_ROOT
-from splsm.text import readable
-from stages.instructions import load_catalog
-from stages.prompts import VICUNA_V11_SYSTEM, speech_prompt
-from stages.tiny_models import build_tiny_models
+from core.catalog import load_catalog
+from core.config import ExperimentConfig, QFormerConfig, TinyModels
+from core.prompts import VICUNA_V11_SYSTEM, speech_prompt
+from core.stage import REPO_ROOT
+from core.tables import write_table
+from core.text import readable
+from schemas import EXAMPLES, to_table
+from stages.tiny_models.models import build_tiny_models
 
 DEMO = REPO_ROOT / "data" / "demo"
 # The demo config's connector sizes: small enough for 2 CPU cores.

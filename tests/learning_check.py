@@ -19,9 +19,10 @@ from pathlib import Path
 
 from helpers_lsm import example_row
 
-from schemas import EXAMPLES, read_table, to_table, write_table
-from splsm.config import QFormerConfig, TinyModels, TrainConfig
-from stages.prompts import VICUNA_V11_SYSTEM
+from core.config import QFormerConfig, TinyModels, TrainConfig
+from core.prompts import VICUNA_V11_SYSTEM
+from core.tables import read_table, write_table
+from schemas import EXAMPLES, to_table
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp"]
@@ -139,8 +140,8 @@ def held_out_wer(checkpoint: Path, examples: Path) -> tuple[float, list[tuple[st
     import jiwer
     import torch
 
-    from splsm import audio
-    from stages.model import Collator, LSMForConditionalGeneration
+    from core import audio
+    from core.lsm.model import Collator, LSMForConditionalGeneration
 
     model = LSMForConditionalGeneration.from_pretrained(checkpoint).eval()
     collate = Collator(model.tokenizer, model.feature_extractor)
@@ -167,8 +168,8 @@ def run_check(
     overrides: dict | None = None,
 ) -> LearningResult:
     """Synthesize, build tiny models, train with torchrun on 2 processes, score the held-out strings."""
-    from stages import train
-    from stages.tiny_models import build_tiny_models
+    from stages.tiny_models.models import build_tiny_models
+    from stages.train import launcher as train
 
     t0 = time.monotonic()
     examples = build_digit_set(work / "digits", n_train=n_train)

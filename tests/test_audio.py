@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 
 from conftest import LIBRISPEECH
-from splsm import audio
+from core import audio
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 JFK = FIXTURES / "jfk-openai_whisper" / "jfk.flac"  # 44.1 kHz, stereo, 24-bit, 11.000 s (its README)

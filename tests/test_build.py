@@ -7,14 +7,15 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import DEMO, REPO
-from schemas import EXAMPLES, REJECTS, RESPONSES, SHARDS, TRANSCRIPTS, read_table, to_table, write_table
+from core.catalog import load_catalog
+from core.config import BuildConfig
+from core.lineage.store import LineageStore, lineage_path
+from core.prompts import speech_prompt, text_prompt
+from core.digest import sha256_file
+from core.tables import read_table, write_table
+from schemas import EXAMPLES, REJECTS, RESPONSES, SHARDS, TRANSCRIPTS, to_table
 from splsm.cli import main
-from splsm.config import BuildConfig
-from splsm.lineage import LineageStore, lineage_path
-from splsm.stage import sha256_file
-from stages.build import InstructionMapper, assign_split, build, import_reference
-from stages.instructions import load_catalog
-from stages.prompts import speech_prompt, text_prompt
+from stages.build.examples import InstructionMapper, assign_split, build, import_reference
 
 FIXTURE = REPO / "tests" / "fixtures" / "self_powered_sample.jsonl"
 

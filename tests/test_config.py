@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import REPO
-from splsm.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 
 
 @pytest.mark.parametrize("name", ["demo", "paper"])

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from schemas import REJECTS, TRANSCRIPTS, read_table
-from splsm.containers import ContainerConfig, ExecutionConfig, StageFailed, run_stage_cli
-from splsm.lineage import LineageStore
+from core.lineage.store import LineageStore
+from core.tables import read_table
+from schemas import REJECTS, TRANSCRIPTS
+from splsm.runner import ContainerConfig, ExecutionConfig, StageFailed, run_stage_cli
 
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 TAG = "localhost/splsm:cpu-test"
@@ -91,7 +92,7 @@ def _ca_bundle() -> Path | None:
 
 @pytest.fixture(scope="session")
 def cpu_image(engine) -> str:
-    from splsm.containers import build_image
+    from splsm.runner import build_image
 
     build_image(
         TAG,
@@ -124,14 +125,14 @@ def test_image_runs_as_a_non_root_user(engine, cpu_image):
 def test_harvest_runs_in_its_container_and_records_the_image(engine, cpu_image, tmp_path, caplog):
     import docker
 
-    from splsm.stage import git_commit
+    from core.stage import git_commit
 
     client = docker.DockerClient(base_url=engine)
     work = _workdir(tmp_path)
     execution = ExecutionConfig(
         mode="container", container=ContainerConfig(image=cpu_image, docker_host=engine)
     )
-    with caplog.at_level(logging.INFO, logger="splsm.containers"):
+    with caplog.at_level(logging.INFO, logger="splsm.runner"):
         run_stage_cli("harvest", DEMO_CONFIG, work, execution=execution)
 
     assert read_table(work / "harvest" / "transcripts.parquet", TRANSCRIPTS).num_rows == 17
@@ -147,10 +148,10 @@ def test_harvest_runs_in_its_container_and_records_the_image(engine, cpu_image, 
     assert row["host"] != os.uname().nodename  # it ran in the container
     # the container's log reached the caller's log, and the container is gone
     assert "harvest: 17 transcripts" in caplog.text
-    assert not client.containers.list(all=True, filters={"label": "splsm.stage=harvest"})
+    assert not client.containers.list(all=True, filters={"label": "core.stage=harvest"})
     # the corpora were read at their host paths, and fingerprint alike on both sides
-    from splsm.config import load_config
-    from splsm.stage import Artifact
+    from core.config import load_config
+    from core.stage import Artifact
 
     recorded = {
         (r["location"], r["content_hash"])
@@ -174,7 +175,7 @@ def test_a_failing_stage_in_its_container_fails_and_is_removed(engine, cpu_image
     )
     with pytest.raises(StageFailed, match=r"(?s)exited with 1.*checkpoint .* does not exist"):
         run_stage_cli("evaluate", DEMO_CONFIG, work, execution=execution)
-    assert not client.containers.list(all=True, filters={"label": "splsm.stage=evaluate"})
+    assert not client.containers.list(all=True, filters={"label": "core.stage=evaluate"})
 
 
 @pytest.mark.slow
@@ -189,12 +190,12 @@ def test_a_container_the_engine_cannot_start_fails_the_stage_and_is_removed(engi
     )
     with pytest.raises(StageFailed, match=r"harvest: the engine could not start .*no-such-user"):
         run_stage_cli("harvest", DEMO_CONFIG, work, execution=execution)
-    assert not client.containers.list(all=True, filters={"label": "splsm.stage=harvest"})
+    assert not client.containers.list(all=True, filters={"label": "core.stage=harvest"})
 
 
 def test_gpu_stages_request_gpus_by_count_or_id_and_cpu_stages_none():
     # what the Engine API receives (podman ignores device requests, so no engine can show them here)
-    from splsm.containers import gpu_requests
+    from splsm.runner import gpu_requests
 
     (by_count,) = gpu_requests("train", 2)
     assert (by_count["Driver"], by_count["Count"], by_count["Capabilities"]) == ("nvidia", 2, [["gpu"]])

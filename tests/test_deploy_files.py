@@ -18,7 +18,7 @@ import pytest
 import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from stages.prompts import VICUNA_V11_SYSTEM, text_prompt
+from core.prompts import VICUNA_V11_SYSTEM, text_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "images" / "Dockerfile"

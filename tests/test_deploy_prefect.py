@@ -24,8 +24,9 @@ import pytest
 import yaml
 
 from conftest import REPO, copy_librispeech
-from schemas import EXAMPLES, TRANSCRIPTS, read_table
-from splsm.lineage import LineageStore
+from core.lineage.store import LineageStore
+from core.tables import read_table
+from schemas import EXAMPLES, TRANSCRIPTS
 
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -184,7 +185,7 @@ def test_demo_deployment_run_completes_and_its_lineage_is_there(server, tmp_path
     assert gpu == {"train", "evaluate"}
     assert (work / "evaluate" / "metrics.parquet").exists()
     # exported for Marquez: every stage run a child of this flow run
-    from splsm.lineage import openlineage_events
+    from core.lineage.store import openlineage_events
 
     events = openlineage_events(store)
     assert len(events) == 12

@@ -15,26 +15,15 @@ import yaml
 from click.testing import CliRunner
 from helpers_lsm import DEMO, TINY_QFORMER, build_models, demo_rows, example_row, experiment, write_examples
 
-from schemas import (
-    METRICS,
-    PREDICTIONS,
-    PROBE,
-    PROBE_METRICS,
-    QA,
-    QA_METRICS,
-    REJECTS,
-    RESPONSES,
-    read_table,
-    to_table,
-    write_table,
-)
-from splsm import audio
-from splsm.lineage import LineageStore
-from splsm.text import normalize
-from stages import evaluate
-from stages.evaluation import decoding, qa
-from stages.model import Collator, LSMForConditionalGeneration
-from stages.prompts import speech_prompt
+from core import audio
+from core.lineage.store import LineageStore
+from core.lsm.model import Collator, LSMForConditionalGeneration
+from core.prompts import speech_prompt
+from core.tables import read_table, write_table
+from core.text import normalize
+from schemas import METRICS, PREDICTIONS, PROBE, PROBE_METRICS, QA, QA_METRICS, REJECTS, RESPONSES, to_table
+from stages.evaluate import decoding, qa
+from stages.evaluate import evaluator as evaluate
 
 EVAL_UTTS = ["1089-134686-0001", "1221-135766-0001", "1221-135766-0002"]
 PROBE_TASKS = ("repeat", "sentiment")
@@ -512,7 +501,7 @@ def test_the_flows_evaluate_task_publishes_the_report_as_prefect_artifacts(setup
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.tasks import evaluate_task
-    from splsm.containers import ExecutionConfig
+    from splsm.runner import ExecutionConfig
 
     @flow
     def evaluate_flow() -> dict:

@@ -9,11 +9,11 @@ import pytest
 import sacrebleu
 
 from conftest import REPO
-from splsm.config import load_config
-from splsm.text import normalize
-from stages.evaluation import probe, qa
-from stages.evaluation.decoding import length_bound
-from stages.evaluation.wer import corpus_metrics, utterance_wer, word_errors
+from core.config import load_config
+from core.text import normalize
+from stages.evaluate import probe, qa
+from stages.evaluate.decoding import length_bound
+from stages.evaluate.wer import corpus_metrics, utterance_wer, word_errors
 
 
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
@@ -240,7 +240,7 @@ def test_the_asr_only_demo_differs_from_the_demo_only_in_its_training_tasks():
 
 
 def test_unknown_probe_task_is_a_config_error(tmp_path):
-    from splsm.config import ConfigError
+    from core.config import ConfigError
 
     p = tmp_path / "c.yaml"
     p.write_text("name: x\ncorpora: []\nmodels: {tiny: {}}\nevaluate: {probe_tasks: [poetry]}\n")

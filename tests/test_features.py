@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from transformers import WhisperFeatureExtractor
 
-from splsm import audio
-from splsm.features import log_mel
+from core import audio
+from core.lsm.features import log_mel
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 # The reference's collator runs the extractor's numpy path; torch's path differs from it by float32 rounding.

@@ -6,8 +6,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import REPO
-from schemas import EXAMPLES, METRICS, PREDICTIONS, REJECTS, RESPONSES, TRANSCRIPTS, read_table
-from splsm.lineage import LineageStore
+from core.lineage.store import LineageStore
+from core.tables import read_table
+from schemas import EXAMPLES, METRICS, PREDICTIONS, REJECTS, RESPONSES, TRANSCRIPTS
 
 pytestmark = pytest.mark.slow
 

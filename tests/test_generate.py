@@ -3,11 +3,12 @@
 import pytest
 
 from conftest import GEN_TASKS as TASKS
-from schemas import GENERATE_STATS, RESPONSES, TRANSCRIPTS, read_table
-from stages.generate import NOT_REQUESTED, generate
-from stages.generation.backends import ServerProcess
-from stages.instructions import load_catalog
-from stages.prompts import VICUNA_V11_SYSTEM, text_prompt
+from core.catalog import load_catalog
+from core.prompts import VICUNA_V11_SYSTEM, text_prompt
+from core.tables import read_table
+from schemas import GENERATE_STATS, RESPONSES, TRANSCRIPTS
+from stages.generate.backends.base import ServerProcess
+from stages.generate.driver import NOT_REQUESTED, generate
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from schemas import RESPONSES, TRANSCRIPTS, read_table, write_table
-from stages.generate import GenerateError, cache_path, generate
-from stages.generation.backends import Meter, ServerProcess, free_port
-from stages.generation.cache import AnswerCache
+from core.tables import read_table, write_table
+from schemas import RESPONSES, TRANSCRIPTS
+from stages.generate.backends.base import Meter, ServerProcess, free_port
+from stages.generate.cache import AnswerCache
+from stages.generate.driver import GenerateError, cache_path, generate
 
 
 def _subset(harvested, dst, n=8):

@@ -4,12 +4,13 @@ import shutil
 
 import pytest
 
-from schemas import RESPONSES, TRANSCRIPTS, read_table
-from splsm.config import GenerateConfig
-from stages.generate import generate, plan_requests
-from stages.generation.filters import FilterSettings, ends_in_punctuation, failures, script_fraction
-from stages.instructions import DEFAULT_CATALOG, CatalogError, load_catalog
-from stages.prompts import speech_prompt, text_prompt
+from core.catalog import DEFAULT_CATALOG, CatalogError, load_catalog
+from core.config import GenerateConfig
+from core.prompts import speech_prompt, text_prompt
+from core.tables import read_table
+from schemas import RESPONSES, TRANSCRIPTS
+from stages.generate.driver import generate, plan_requests
+from stages.generate.filters import FilterSettings, ends_in_punctuation, failures, script_fraction
 
 LLAMA3_STYLE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
@@ -179,7 +180,7 @@ def test_in_process_greedy_loop_gives_generates_tokens(tiny_models_dir, harveste
     one left-padded batch, and a row must end at its first eos."""
     import torch
 
-    from stages.generation.backends import TransformersBackend
+    from stages.generate.backends.base import TransformersBackend
 
     llm = tiny_models_dir / "llm"
     table = read_table(harvested / "harvest" / "transcripts.parquet", TRANSCRIPTS)

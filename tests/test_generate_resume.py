@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from conftest import GEN_TASKS, REPO
-from schemas import RESPONSES, TRANSCRIPTS, read_table
-from splsm.config import GenerateConfig, load_config
+from core.config import GenerateConfig, load_config
+from core.tables import read_table
+from schemas import RESPONSES, TRANSCRIPTS
 from stages import generate as stage
-from stages.generate import NOT_REQUESTED, generate, part_dir
+from stages.generate.driver import NOT_REQUESTED, generate, part_dir
 
 
 def _cache_count(path: Path) -> int:

@@ -8,9 +8,10 @@ import pytest
 import soundfile as sf
 
 from conftest import DEMO, LIBRISPEECH, copy_librispeech
-from schemas import REJECTS, TRANSCRIPTS, read_table
-from splsm.config import CorpusConfig
-from stages.harvest import harvest, print_summary
+from schemas import REJECTS, TRANSCRIPTS
+from core.tables import read_table
+from core.config import CorpusConfig
+from stages.harvest.driver import harvest, print_summary
 
 # Durations and sample counts of the LibriSpeech fixture, from its own README (not computed by us).
 FIXTURE_SAMPLES = {"1988-24833-0000": 53120, "2412-153948-0000": 186560, "3752-4944-0002": 51600}
@@ -179,7 +180,7 @@ def test_too_long_audio_is_rejected_with_the_bound(tmp_path):
 
 
 def test_harvest_stage_reuses_its_output_when_nothing_changed(tmp_path, demo_config):
-    from stages import harvest as stage
+    from stages.harvest import driver as harvest as stage
 
     first = stage.run(demo_config, tmp_path)
     second = stage.run(demo_config, tmp_path)

@@ -9,10 +9,11 @@ import pytest
 import soundfile as sf
 
 from conftest import DEMO, LIBRISPEECH
-from schemas import REJECTS, TRANSCRIPTS, read_table
-from splsm import audio
-from splsm.config import CorpusConfig, ManifestColumns
-from stages.harvest import harvest
+from core import audio
+from core.config import CorpusConfig, ManifestColumns
+from core.tables import read_table
+from schemas import REJECTS, TRANSCRIPTS
+from stages.harvest.driver import harvest
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CV = FIXTURES / "commonvoice-rit_engl_682" / "en"
@@ -242,7 +243,7 @@ def _giga_meta(n_audios: int, segs_per_audio: int) -> dict:
 
 
 def test_gigaspeech_json_cut_short_keeps_what_came_before_and_says_where(tmp_path):
-    from stages.corpora import gigaspeech
+    from stages.harvest.corpora import gigaspeech
 
     meta = tmp_path / "GigaSpeech.json"
     text = json.dumps(_giga_meta(3, 2))
@@ -262,7 +263,7 @@ def test_gigaspeech_json_is_streamed_in_bounded_memory(tmp_path):
     """The whole corpus's GigaSpeech.json runs to gigabytes: reading it must not hold it in memory."""
     import tracemalloc
 
-    from stages.corpora import gigaspeech
+    from stages.harvest.corpora import gigaspeech
 
     meta = tmp_path / "GigaSpeech.json"
     with open(meta, "w") as f:
@@ -285,7 +286,7 @@ def test_gigaspeech_json_is_streamed_in_bounded_memory(tmp_path):
 
 
 def test_gigaspeech_segment_that_is_not_an_object_is_a_reject(tmp_path):
-    from stages.corpora import gigaspeech
+    from stages.harvest.corpora import gigaspeech
 
     meta = _giga_meta(1, 2)
     meta["audios"][0]["segments"].insert(1, "POD0000000000_S0000009")  # a bare string, not a segment
@@ -301,7 +302,7 @@ def test_gigaspeech_segment_that_is_not_an_object_is_a_reject(tmp_path):
 
 def test_reader_ids_follow_pathlibs_stem_rule():
     """Readers take ids from file names with os.path (per row of million-row manifests), as Path.stem would."""
-    from stages.corpora.records import stem
+    from stages.harvest.corpora.records import stem
 
     for p in [
         "a/b.flac",

@@ -4,12 +4,13 @@ import os
 import shutil
 
 from conftest import LIBRISPEECH, copy_librispeech
-from schemas import REJECTS, TRANSCRIPTS, read_table
-from splsm.config import CorpusConfig
-from splsm.lineage import LineageStore
-from splsm.stage import sha256_file
-from stages import harvest as stage
-from stages.harvest import harvest
+from schemas import REJECTS, TRANSCRIPTS
+from core.tables import read_table
+from core.config import CorpusConfig
+from core.lineage.store import LineageStore
+from core.digest import sha256_file
+from stages.harvest import driver as harvest as stage
+from stages.harvest.driver import harvest
 
 FIRST = ["1988-24833-0000", "1988-24833-0001", "2412-153948-0002", "3752-4944-0000", "3752-4944-0001"]
 ADDED = ["1988-24833-0002", "3752-4944-0002"]

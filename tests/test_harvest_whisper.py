@@ -15,10 +15,11 @@ import pytest
 import torch
 import whisper
 
-from schemas import REJECTS, TRANSCRIPTS, read_table
-from splsm.config import CorpusConfig
-from stages.harvest import harvest
-from stages.pseudolabel import WhisperLabeler
+from core.config import CorpusConfig
+from core.tables import read_table
+from schemas import REJECTS, TRANSCRIPTS
+from stages.harvest.driver import harvest
+from stages.harvest.pseudolabel import WhisperLabeler
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CV_MP3 = FIXTURES / "commonvoice-lhotse_mp3" / "clips" / "common_voice_en_651325.mp3"

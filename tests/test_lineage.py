@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from splsm.lineage import LineageStore
-from splsm.stage import Artifact, run_stage
+from core.lineage.store import LineageStore
+from core.stage import Artifact, run_stage
 
 CODE = ["splsm/stage.py"]
 
@@ -163,7 +163,7 @@ def test_runs_record_the_git_commit_image_and_digest(tmp_path, monkeypatch):
     (row,) = LineageStore(tmp_path / "lineage.duckdb").dicts(
         "SELECT git_commit, code_version, image, image_digest, flow_name FROM runs"
     )
-    from splsm.stage import git_commit
+    from core.stage import git_commit
 
     assert row["git_commit"] == git_commit() and row["code_version"]
     assert row["image"] == "splsm:cpu" and row["image_digest"] == "sha256:" + "ab" * 32

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from transformers import WhisperFeatureExtractor
 
-from schemas import TRANSCRIPTS, read_table
-from splsm.config import BuildConfig, LoaderConfig
-from splsm.features import log_mel
-from stages.build import example_id, write_shards
-from stages.loader import ExampleLoader
+from core.config import BuildConfig, LoaderConfig
+from core.lsm.features import log_mel
+from core.lsm.loader import ExampleLoader
+from core.tables import read_table
+from schemas import TRANSCRIPTS
+from stages.build.examples import example_id, write_shards
 
 N_ROWS = 48
 
@@ -142,7 +143,7 @@ def test_a_resumed_epoch_continues_exactly_where_it_stopped(shards):
 def test_features_in_a_batch_equal_whisper_feature_extractor_padded_to_30s(shards):
     loader = ExampleLoader(shards, "dev", **_opts(pad_to="30s", batch_seconds=150.0, max_batch_size=5))
     (b,) = list(loader)
-    from splsm import audio
+    from core import audio
 
     clips = [audio.load(r["audio_path"], r["offset_s"], r["duration_s"]) for r in b["rows"]]
     ref = WhisperFeatureExtractor()(clips, sampling_rate=16_000, return_tensors="np").input_features

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from helpers_lsm import TINY_QFORMER, build_models, demo_rows
 
-from splsm import audio
-from stages.model import Collator, LSMForConditionalGeneration, check_checkpoint
+from core import audio
+from core.lsm.model import Collator, LSMForConditionalGeneration, check_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +218,8 @@ def test_lora_trains_adapters_only_and_round_trips(parts, eval_rows, tmp_path):
 def test_model_init_writes_one_directory_that_loads_back(parts, tmp_path):
     from click.testing import CliRunner
 
+    from core.stage import REPO_ROOT
     from splsm.cli import main
-    from splsm.stage import REPO_ROOT
 
     whisper_dir, llm_dir = parts
     out = tmp_path / "lsm"

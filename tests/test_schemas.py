@@ -2,7 +2,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas import ALL, METRICS, TRANSCRIPTS, SchemaError, read_table, to_table, write_table
+from core.tables import read_table, write_table
+from schemas import ALL, METRICS, TRANSCRIPTS, SchemaError, to_table
 
 
 def _row(**over):

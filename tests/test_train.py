@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers_lsm import build_models, demo_rows, experiment, write_examples
 
-from splsm.config import TrainConfig
-from splsm.lineage import LineageStore
-from stages import train
-from stages.model import LSMForConditionalGeneration
+from core.config import TrainConfig
+from core.lineage.store import LineageStore
+from core.lsm.model import LSMForConditionalGeneration
+from stages.train import launcher as train
 
 STEPS = 3
 

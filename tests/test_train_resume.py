@@ -14,9 +14,9 @@ import torch
 from helpers_lsm import build_models, experiment, write_examples
 from safetensors.torch import load_file
 
-from splsm.stage import REPO_ROOT
-from stages import train
-from stages.model import LSMForConditionalGeneration
+from core.lsm.model import LSMForConditionalGeneration
+from core.stage import REPO_ROOT
+from stages.train import launcher as train
 
 # 20 train rows, 2 processes x batch 2: 5 steps an epoch, so 6 steps cross into a second epoch.
 STEPS, EVERY = 6, 3
@@ -50,8 +50,8 @@ def straight(setup):
 LAUNCH = """
 import sys
 from pathlib import Path
-from splsm.config import TrainConfig
-from stages import train
+from core.config import TrainConfig
+from stages.train import launcher as train
 cfg = TrainConfig.model_validate_json(sys.argv[1])
 train.train(cfg, *map(Path, sys.argv[2:]))
 """

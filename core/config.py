@@ -1,0 +1,479 @@
+"""Experiment configs: one YAML file per experiment, validated here before any stage runs.
+
+Relative paths in a config are relative to the config file, so a config and its data move together;
+``load_config`` resolves every one of them. Unknown keys are errors: a misspelt setting must not silently
+fall back to a default. Every check that does not need a stage's output runs here, at load time, and
+names the key it is about: window sizes, what trains, the backend's own settings, the eval sets the build
+makes, the catalog's categories. A config that loads is one the DAG can start on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.catalog import FILTERS, CatalogError, load_catalog
+from core.paths import REPO_ROOT
+
+CONFIG_DIR = REPO_ROOT / "configs"
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+
+TASKS = ("asr", "repeat", "keywords", "intent", "sentiment", "continuation", "translation")
+LLM_TASKS = TASKS[1:]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ManifestColumns(Strict):
+    """Which column of a generic JSONL/CSV manifest holds what (only ``audio`` is required)."""
+
+    audio: str = "audio"  # path relative to the corpus root (or absolute, still inside it)
+    text: str | None = "text"  # None or an absent value: no transcript (Whisper labels it, if configured)
+    id: str | None = None  # default: the audio file's stem (plus the offset for segments)
+    speaker: str | None = None
+    offset: str | None = None  # segment start, seconds
+    duration: str | None = None  # segment length, seconds
+
+
+class CorpusConfig(Strict):
+    name: str
+    kind: Literal["librispeech", "commonvoice", "gigaspeech", "jsonl", "manifest", "ljspeech", "audio_folder"]
+    root: Path  # corpus root: every audio path must resolve inside it
+    # jsonl / manifest: the manifest file (relative audio paths are relative to root);
+    # gigaspeech: its metadata file (default ROOT/GigaSpeech.json)
+    manifest: Path | None = None
+    split: str | None = None  # override the split name (LibriSpeech: the subset folder name)
+    tsvs: list[str] = Field(default_factory=lambda: ["train", "dev", "test"])  # commonvoice: ROOT/{tsv}.tsv
+    subset: Literal["XS", "S", "M", "L", "XL", "DEV", "TEST"] = "XS"  # gigaspeech
+    format: Literal["jsonl", "csv", "tsv"] | None = None  # manifest: default from the file's suffix
+    columns: ManifestColumns = Field(default_factory=ManifestColumns)  # manifest
+    text_field: Literal["normalized", "raw"] = "normalized"  # ljspeech: numbers spelt out, or as printed
+    extensions: list[str] = Field(default_factory=lambda: [".wav", ".flac", ".mp3", ".opus", ".ogg"])
+
+    @model_validator(mode="after")
+    def _manifest_for_jsonl(self):
+        if self.kind in ("jsonl", "manifest") and self.manifest is None:
+            raise ValueError(f"corpus {self.name!r}: kind {self.kind} needs a manifest path")
+        return self
+
+
+class TinyModels(Strict):
+    """Random-weight models small enough for a laptop, written by ``splsm models tiny``."""
+
+    whisper_d_model: int = 64
+    whisper_layers: int = 2
+    llm_hidden: int = 128
+    llm_layers: int = 2
+    llm_heads: int = 4
+    vocab_size: int = 1000
+
+
+class ModelsConfig(Strict):
+    whisper: Path | None = None  # a Hugging Face Whisper directory (e.g. whisper-large-v2)
+    llm: Path | None = None  # a Hugging Face causal LM directory (e.g. vicuna-7b-v1.5)
+    tiny: TinyModels | None = None  # build tiny models under WORKDIR/models instead
+
+    @model_validator(mode="after")
+    def _either(self):
+        if self.tiny is None and (self.whisper is None or self.llm is None):
+            raise ValueError("models: give both whisper and llm directories, or tiny: {} to build tiny ones")
+        return self
+
+
+class HarvestConfig(Strict):
+    max_duration_s: float = 30.0  # Whisper's window: longer audio would be cut by the encoder
+    min_duration_s: float = 0.0
+    # openai-whisper checkpoint file ({"dims", "model_state_dict"}) that transcribes audio without a
+    # transcript; relative to the config file. None: such audio becomes a ``no_transcript`` reject.
+    whisper_checkpoint: Path | None = None
+    whisper_language: str | None = "en"  # None: Whisper detects it
+    whisper_batch_size: int = Field(8, ge=1)
+    whisper_max_tokens: int | None = Field(None, ge=1)  # None: Whisper's own limit (224)
+    workers: int | None = Field(None, ge=1)  # probing processes; default: every core
+    content_hash: bool = True  # hash audio bytes, so a touched but unchanged file is not probed again
+
+
+class ClientSettings(Strict):
+    """How the OpenAI-protocol client sends requests (backends openai and transformers-serve). These change
+    how fast answers come, not what they are: they are not part of the reuse key."""
+
+    concurrency: int = Field(128, ge=1)  # HTTP requests in flight
+    request_timeout_s: float = Field(600.0, gt=0)
+    max_retries: int = Field(8, ge=0)  # on 429, 5xx and connection errors, exponential backoff with jitter
+    retry_backoff_s: float = Field(0.5, gt=0.0)
+    retry_backoff_max_s: float = Field(30.0, gt=0.0)
+
+
+class OpenAIBackendConfig(ClientSettings):
+    """Running OpenAI-compatible servers: vLLM replicas (``vllm serve``), load-balanced."""
+
+    kind: Literal["openai"] = "openai"
+    base_urls: list[str] = Field(min_length=1)  # e.g. [http://vllm:8000/v1]; one vLLM per GPU
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable that holds the API key
+    served_model: str | None = None  # the model name the servers know; default: the LLM directory
+
+
+class ServeBackendConfig(ClientSettings):
+    """A ``transformers serve`` process this stage starts on a loopback port and stops at the end."""
+
+    kind: Literal["transformers-serve"] = "transformers-serve"
+    start_timeout_s: float = Field(300.0, gt=0)
+    continuous_batching: bool = False  # pass --continuous-batching
+    device: str = "auto"
+
+
+class TransformersBackendConfig(Strict):
+    """The LLM in this process (``stages.generate.backends.inprocess``)."""
+
+    kind: Literal["transformers"] = "transformers"
+    # auto: static (faster than continuous and equal to HF generate's greedy answers on CPU and CUDA, measured)
+    batching: Literal["auto", "continuous", "static"] = "auto"
+    batch_size: int = Field(128, ge=1)  # static batching (128: fastest on CPU, bench/generate.py)
+    # compile the one-token decoding step (torch.compile; tens of seconds once, then faster steps; pays off
+    # for long local runs, see bench/generate.py)
+    compile: bool = False
+    device: str = "auto"
+
+
+class VLLMBackendConfig(Strict):
+    """vLLM's offline engine in this process (needs the vllm package)."""
+
+    kind: Literal["vllm"] = "vllm"
+    engine_args: dict = Field(default_factory=dict)  # extra vllm.LLM arguments (tensor_parallel_size, ...)
+
+
+BackendConfig = Annotated[
+    OpenAIBackendConfig | ServeBackendConfig | TransformersBackendConfig | VLLMBackendConfig,
+    Field(discriminator="kind"),
+]
+BACKENDS = ("openai", "transformers-serve", "transformers", "vllm")
+
+
+class GenerateConfig(Strict):
+    # Which backend answers, with the settings only it reads: ``backend: {kind: openai, base_urls: [...]}``;
+    # a bare name (``backend: transformers``) takes that backend's defaults.
+    backend: BackendConfig = Field(default_factory=ServeBackendConfig)
+    tasks: list[str] = Field(default_factory=lambda: list(LLM_TASKS))
+    catalog: Path | None = None  # default: the bundled catalog
+    prompt_format: Literal["vicuna_v1.1", "chat_template"] = "vicuna_v1.1"
+    max_new_tokens: int = Field(225, ge=1)  # cap; a catalog category may ask for fewer
+    temperature: float = Field(0.0, ge=0.0)  # 0: greedy, as the reference
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 1
+    # filters: the catalog says which apply to a category; these tune them or switch some off everywhere
+    max_prompt_tokens: int = Field(150, ge=1)  # prompts of this many tokens or more are rejected
+    min_script_fraction: float = Field(
+        0.5, ge=0.0, le=1.0
+    )  # translation: share of letters in the target script
+    skip_filters: list[str] = Field(default_factory=list)
+    shard_size: int = Field(256, ge=1)  # answers per committed output shard (not part of the reuse key)
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _bare_name(cls, v):
+        if isinstance(v, str):
+            if v not in BACKENDS:
+                raise ValueError(f"unknown backend {v!r}; known: {', '.join(BACKENDS)}")
+            return {"kind": v}
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = [t for t in self.tasks if t not in LLM_TASKS]
+        if bad:
+            raise ValueError(f"generate.tasks: unknown task {bad[0]!r}; known: {', '.join(LLM_TASKS)}")
+        bad = [f for f in self.skip_filters if f not in FILTERS]
+        if bad:
+            raise ValueError(f"generate.skip_filters: unknown filter {bad[0]!r}; known: {', '.join(FILTERS)}")
+        return self
+
+
+class BuildConfig(Strict):
+    tasks: list[str] = Field(default_factory=lambda: list(TASKS))
+    eval_splits: list[str] = Field(
+        default_factory=lambda: ["dev-clean", "dev-other", "test-clean", "test-other"]
+    )
+    dev_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    test_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int = 1
+    # Target share of each task in every train/dev/test split (normalized; tasks left out are not used).
+    # None keeps every example. The largest set with exactly these shares is drawn, by a seeded hash.
+    mix: dict[str, float] | None = None
+    dedup_exact: bool = True  # utterances with the same normalized transcript and the same audio bytes
+    # Near-duplicate LLM answers within a task (Jaccard of word 3-gram shingles, MinHash LSH), e.g. 0.9.
+    # None (the default): off, because the demo's random tiny LLM repeats itself and every answer counts there.
+    near_dup_threshold: float | None = Field(None, gt=0.0, le=1.0)
+    minhash_perms: int = Field(128, ge=16)
+    rows_per_shard: int = Field(100_000, ge=1)
+    row_group_rows: int = Field(2048, ge=1, le=65536)  # streaming reads one row group at a time
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"build.tasks: unknown task {bad[0]!r}; known: {', '.join(TASKS)}")
+        if self.dev_fraction + self.test_fraction > 1.0:
+            raise ValueError("build: dev_fraction + test_fraction must be at most 1")
+        if self.mix is not None:
+            extra = [t for t in self.mix if t not in self.tasks]
+            if extra:
+                raise ValueError(f"build.mix: task {extra[0]!r} is not in build.tasks")
+            if any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0:
+                raise ValueError("build.mix: shares must be >= 0 and not all 0")
+        return self
+
+
+class LoaderConfig(Strict):
+    """How the train stage streams the build stage's shards (``core.lsm.loader.ExampleLoader``).
+
+    Rows per batch are capped by ``train.batch_size``; the mel bins and the encoder's input length come
+    from the Whisper model's feature extractor, so they are not settings.
+    """
+
+    batch_seconds: float = Field(360.0, gt=0)  # padded audio per batch (what the encoder really sees)
+    shuffle_buffer: int = Field(2048, ge=1)  # examples held for the streaming shuffle
+    bucket_batches: int = Field(16, ge=1)  # batches formed at once from duration-sorted examples
+    num_workers: int = Field(4, ge=0)  # decoding processes per rank; 0: in the training process
+    prefetch_batches: int = Field(2, ge=1)  # per worker
+
+
+ENCODER_FRAMES_PER_S = 50.0  # Whisper's encoder output rate (100 mel frames/s, halved by its second conv)
+WHISPER_CHUNK_S = 30.0
+
+
+class QFormerConfig(Strict):
+    window_s: float = Field(0.33333, gt=0)  # encoder frames per window: round(window_s x 50)
+    stride_s: float = Field(0.33333, gt=0)
+    num_queries: int = Field(1, ge=1)
+    num_layers: int = Field(2, ge=1)
+    hidden_size: int = Field(768, ge=1)
+    num_heads: int = Field(12, ge=1)
+    intermediate_size: int = Field(3072, ge=1)
+    # Weight init of a fresh Q-Former (BERT's 0.02, as the reference's BERT-initialized one). From scratch, 0.02
+    # leaves its outputs nearly the same for every window (the learned query outweighs what it cross-attends
+    # to), which a tiny model takes long to learn its way out of; the learning check uses 0.2.
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("window_s", "stride_s"):
+            v = getattr(self, key)
+            frames = round(v * ENCODER_FRAMES_PER_S)
+            if frames < 1:
+                raise ValueError(
+                    f"train.qformer.{key}: {v} s is under one encoder frame ({1000 / ENCODER_FRAMES_PER_S:.0f} ms); "
+                    f"a window needs at least {0.5 / ENCODER_FRAMES_PER_S:.3f} s"
+                )
+            if v > WHISPER_CHUNK_S:
+                raise ValueError(
+                    f"train.qformer.{key}: {v} s is longer than Whisper's {WHISPER_CHUNK_S:.0f} s input"
+                )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"train.qformer.hidden_size: {self.hidden_size} is not a multiple of num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class LoraSettings(Strict):
+    """LoRA on the LLM through peft (the reference's config carries rank 4, alpha 32, dropout 0.1)."""
+
+    r: int = Field(4, ge=1)
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainConfig(Strict):
+    # Settings that change how long or how often, not what is trained: neither the stage's reuse key nor a
+    # resumable checkpoint's settings hold them.
+    RESUME_EXEMPT: ClassVar[frozenset[str]] = frozenset(
+        {"timeout_s", "checkpoint_every", "keep_checkpoints", "resume", "tensorboard", "stop_grace_s"}
+    )
+
+    nproc_per_node: int = Field(2, ge=1)
+    backend: Literal["gloo", "nccl"] = "gloo"
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards the LLM's decoder layers (FSDP2 fully_shard)
+    max_steps: int = Field(10, ge=1)
+    batch_size: int = Field(2, ge=1)  # per process
+    grad_accum: int = Field(1, ge=1)
+    lr: float = 2e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "linear"] = "cosine"  # decay after warm-up, to 0 at max_steps
+    grad_clip: float = 1.0
+    bf16: bool = False
+    seed: int = 1
+    # What trains: each part of the model by its own flag; ``lora`` trains the LLM through adapters only.
+    freeze_encoder: bool = True
+    freeze_qformer: bool = False  # the Q-Former, its queries and the LayerNorm before it
+    freeze_proj: bool = False
+    freeze_llm: bool = False
+    lora: LoraSettings | None = None
+    qformer: QFormerConfig = Field(default_factory=QFormerConfig)
+    # How the build stage's shards are streamed (ExampleLoader): padded audio per batch, worker processes per
+    # rank, shuffle buffer. The rows per batch are capped by batch_size; mel bins and chunk follow the Whisper.
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable checkpoints; 0: none
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = True  # continue from the latest resumable checkpoint of the same settings
+    tensorboard: bool = True
+    stop_grace_s: float = 120.0  # on SIGTERM, how long the workers get to write their checkpoint
+    timeout_s: float = 3600.0
+
+    @model_validator(mode="after")
+    def _what_trains(self):
+        if self.lora is not None and self.freeze_llm:
+            raise ValueError(
+                "train.lora: LoRA trains the LLM through adapters; it cannot go with freeze_llm: true"
+            )
+        if self.freeze_encoder and self.freeze_qformer and self.freeze_proj and self.freeze_llm:
+            raise ValueError(
+                "train: every part is frozen (freeze_encoder, freeze_qformer, freeze_proj, freeze_llm are all "
+                "true); nothing would train"
+            )
+        return self
+
+
+class EvaluateConfig(Strict):
+    eval_sets: list[str] = Field(default_factory=lambda: ["test-clean"])
+    batch_size: int = Field(4, ge=1)
+    num_beams: int = Field(1, ge=1)  # 1: greedy
+    max_new_tokens: int = Field(128, ge=1)  # hard cap for every answer
+    # ASR length bound from the audio: at most tokens_per_s * duration + length_slack tokens (and the cap).
+    # Speech runs at 2-4 words/s; a model that loops would otherwise decode to the cap on every row.
+    tokens_per_s: float = Field(8.0, gt=0)
+    length_slack: int = Field(10, ge=0)
+    # Speech-anchor-bias probe: the model's answers to the generate stage's (utterance, instruction) pairs.
+    probe: bool = True
+    probe_tasks: list[str] | None = None  # default: every non-ASR task the responses table has
+    probe_max_new_tokens: int = Field(64, ge=1)
+    anchor_wer_threshold: float = Field(0.3, gt=0)  # an answer this close to the transcript is a transcript
+    # Spoken yes/no QA: a BoolQ-style JSONL file ({"utt_id", "question", "answer": true/false} a line), or
+    # None for the word-presence questions generated from the eval transcripts.
+    qa: bool = True
+    qa_file: Path | None = None  # relative to the config file
+    qa_max_new_tokens: int = Field(8, ge=1)
+    baseline: Path | None = None  # a baseline's workdir (e.g. the ASR-only model) to plot the probe against
+    worst_n: int = Field(10, ge=1)  # worst utterances listed and plotted in the report
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = [t for t in self.probe_tasks or [] if t not in LLM_TASKS]
+        if bad:
+            raise ValueError(f"evaluate.probe_tasks: unknown task {bad[0]!r}; known: {', '.join(LLM_TASKS)}")
+        return self
+
+
+class ExperimentConfig(Strict):
+    name: str
+    seed: int = 1
+    corpora: list[CorpusConfig]
+    models: ModelsConfig
+    harvest: HarvestConfig = Field(default_factory=HarvestConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    build: BuildConfig = Field(default_factory=BuildConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    source: Path | None = None  # the file this config came from
+
+    @model_validator(mode="after")
+    def _across_sections(self):
+        names = [c.name for c in self.corpora]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"corpora: name {sorted(dup)[0]!r} appears twice")
+        # the splits the build stage can write: corpus-defined eval splits keep their names, the rest is
+        # cut into train, dev and test by the fractions
+        b = self.build
+        made = set(b.eval_splits) | {"train"}
+        made |= {"dev"} if b.dev_fraction > 0 else set()
+        made |= {"test"} if b.test_fraction > 0 else set()
+        bad = [s for s in self.evaluate.eval_sets if s not in made]
+        if bad:
+            raise ValueError(
+                f"evaluate.eval_sets: {bad[0]!r} is a split the build stage never writes; it writes "
+                f"{', '.join(sorted(made))} (build.eval_splits, and dev/test where their fractions are above 0)"
+            )
+        if "asr" not in b.tasks:
+            raise ValueError(
+                "build.tasks: evaluate decodes the eval sets' asr examples; keep asr in build.tasks"
+            )
+        bad = [t for t in self.evaluate.probe_tasks or [] if t not in self.generate.tasks]
+        if bad:
+            raise ValueError(
+                f"evaluate.probe_tasks: {bad[0]!r} is not in generate.tasks: the probe asks the LLM's own "
+                "instructions, and generate never answers this one"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"config {path} does not exist")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level")
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"config {path}:\n{e}") from e
+    cfg = _resolve_paths(cfg, path.parent).model_copy(update={"source": path})
+    _check_files(cfg, path)
+    return cfg
+
+
+def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
+    """Every path of the config made absolute, relative to the config file's folder."""
+
+    def res(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
+
+    corpora = [c.model_copy(update={"root": res(c.root), "manifest": res(c.manifest)}) for c in cfg.corpora]
+    models = cfg.models.model_copy(update={"whisper": res(cfg.models.whisper), "llm": res(cfg.models.llm)})
+    harvest = cfg.harvest.model_copy(update={"whisper_checkpoint": res(cfg.harvest.whisper_checkpoint)})
+    gen = cfg.generate.model_copy(update={"catalog": res(cfg.generate.catalog)})
+    ev = cfg.evaluate.model_copy(
+        update={"qa_file": res(cfg.evaluate.qa_file), "baseline": res(cfg.evaluate.baseline)}
+    )
+    return cfg.model_copy(
+        update={"corpora": corpora, "models": models, "harvest": harvest, "generate": gen, "evaluate": ev}
+    )
+
+
+def paths_read(cfg: ExperimentConfig) -> list[Path]:
+    """Every file or folder outside the work directory that a stage of this config reads (container mode
+    mounts them)."""
+    out = [cfg.source.parent] if cfg.source else []
+    for c in cfg.corpora:
+        out.append(c.root)
+        if c.manifest:
+            out.append(c.manifest)
+    out += [cfg.models.whisper, cfg.models.llm, cfg.generate.catalog, cfg.harvest.whisper_checkpoint]
+    out += [cfg.evaluate.qa_file, cfg.evaluate.baseline]
+    return [p for p in out if p is not None]
+
+
+def _check_files(cfg: ExperimentConfig, path: Path) -> None:
+    """The checks that read a file the config names: the instruction catalog has every task's category."""
+    try:
+        catalog = load_catalog(cfg.generate.catalog)
+    except (CatalogError, OSError) as e:
+        raise ConfigError(f"config {path}: generate.catalog: {e}") from e
+    for key, tasks in (("generate.tasks", cfg.generate.tasks), ("build.tasks", cfg.build.tasks)):
+        bad = [t for t in tasks if t not in catalog.categories]
+        if bad:
+            raise ConfigError(
+                f"config {path}: {key}: the catalog {catalog.path} has no category {bad[0]!r} "
+                f"(it has {', '.join(catalog.categories)})"
+            )

@@ -1,0 +1,472 @@
+"""The large speech-text model: Whisper encoder -> window-level Q-Former -> projection -> causal LLM.
+
+As in the reference (SALMONN's connector, used by the self-powered paper):
+
+  log-mel (80 x 3000, 30 s)  --WhisperEncoder (frozen)-->  1500 frames x d_model (50 Hz)
+  (a tiny Whisper may take a shorter chunk: its max_source_positions / 50 seconds, its feature extractor's
+  chunk_length; the windows follow)
+  --LayerNorm-->  unfold into windows of ``window_s`` with stride ``stride_s`` (17 frames for 0.33333 s)
+  --Q-Former (``num_queries`` learned queries per window, cross-attention in every layer)-->
+  --Linear-->  speech tokens in the LLM's embedding space (about 3 per second)
+
+Each sample becomes ``[prefix tokens][speech tokens][suffix tokens][answer tokens + eos]``. Speech
+tokens of windows that lie wholly after the end of the clip are dropped (the Whisper input is padded
+to its chunk, 30 s, so most of them are silence); the LLM never attends to them. Training batches are padded on
+the right with labels -100 everywhere but the answer and eos; generation batches are padded on the
+left so that every row's next token sits in the last column.
+
+The model is a ``PreTrainedModel``: ``save_pretrained`` writes config and safetensors, plus the LLM's
+tokenizer and Whisper's feature extractor, so one directory holds everything evaluation needs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    WhisperFeatureExtractor,
+    WhisperModel,
+)
+from transformers import initialization as init
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from core.config import ENCODER_FRAMES_PER_S, QFormerConfig, TrainConfig
+
+# What a loadable checkpoint directory must hold (one of each group).
+REQUIRED_FILES = {
+    "config": ("config.json",),
+    "weights": ("model.safetensors", "model.safetensors.index.json"),
+    "tokenizer": ("tokenizer.json", "tokenizer.model"),
+    "tokenizer config": ("tokenizer_config.json",),
+    "feature extractor": ("preprocessor_config.json",),
+}
+
+
+class LSMConfig(PretrainedConfig):
+    """Configs of the three parts (as sub-configs) plus the window and freezing settings."""
+
+    model_type = "splsm_lsm"
+    sub_configs_defaults = {
+        "encoder_config": SubConfigSpec(AutoConfig, model_type="whisper"),
+        "qformer_config": Blip2QFormerConfig,
+        "llm_config": SubConfigSpec(AutoConfig, model_type="llama"),
+    }
+
+    encoder_config: dict | PretrainedConfig | None = None
+    qformer_config: dict | PretrainedConfig | None = None
+    llm_config: dict | PretrainedConfig | None = None
+    window_s: float = 0.33333
+    stride_s: float = 0.33333
+    num_queries: int = 1
+    freeze_encoder: bool = True
+    freeze_qformer: bool = False
+    freeze_proj: bool = False
+    freeze_llm: bool = False
+    lora: dict | None = None  # peft LoraConfig keyword arguments; the LLM then trains through adapters only
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.window_s <= 0 or self.stride_s <= 0 or self.num_queries < 1:
+            raise ValueError(
+                f"LSMConfig: window_s, stride_s must be > 0 and num_queries >= 1, got "
+                f"{self.window_s}, {self.stride_s}, {self.num_queries}"
+            )
+
+    def get_text_config(self, *args, **kwargs):
+        return self.llm_config
+
+
+class LSMForConditionalGeneration(PreTrainedModel):
+    config_class = LSMConfig
+    config: LSMConfig
+    base_model_prefix = "lsm"
+    main_input_name = "input_features"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _no_split_modules = ["WhisperEncoderLayer", "Blip2QFormerLayer"]
+
+    def __init__(
+        self, config: LSMConfig, encoder: nn.Module | None = None, llm: PreTrainedModel | None = None
+    ):
+        super().__init__(config)
+        # ``from_parts`` hands in the pretrained encoder and LLM; ``from_pretrained`` builds empty ones
+        # from the sub-configs and then loads this model's own safetensors into them.
+        self.encoder = encoder if encoder is not None else WhisperEncoder(config.encoder_config)
+        d_model = config.encoder_config.d_model
+        # SALMONN puts a LayerNorm on the (frozen) encoder's outputs: a trainable rescaling before the Q-Former.
+        self.ln_speech = nn.LayerNorm(d_model)
+        self.query_tokens = nn.Parameter(
+            torch.zeros(1, config.num_queries, config.qformer_config.hidden_size)
+        )
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.llm = llm if llm is not None else AutoModelForCausalLM.from_config(config.llm_config)
+        if config.lora:
+            from peft import LoraConfig, get_peft_model
+
+            self.llm = get_peft_model(self.llm, LoraConfig(task_type="CAUSAL_LM", **config.lora))
+            if llm is not None:  # peft initialized the adapters (B = 0, so no change yet): keep them so
+                for m in self.llm.modules():
+                    m._is_hf_initialized = True
+                for t in self.llm.parameters():
+                    t._is_hf_initialized = True
+        self.proj = nn.Linear(config.qformer_config.hidden_size, config.llm_config.hidden_size)
+
+        frames = config.encoder_config.max_source_positions  # 1500 encoder frames per 30 s
+        self.frames_per_s = ENCODER_FRAMES_PER_S
+        self.chunk_s = frames / ENCODER_FRAMES_PER_S
+        self.kernel = max(1, round(self.frames_per_s * config.window_s))
+        self.stride = max(1, round(self.frames_per_s * config.stride_s))
+        if self.kernel > frames:
+            raise ValueError(f"window_s={config.window_s} is longer than Whisper's {self.chunk_s} s input")
+        self.num_windows = (frames - self.kernel) // self.stride + 1
+        self.post_init()
+        self._apply_freezing()
+
+    # ----- construction -----
+
+    @classmethod
+    def from_parts(
+        cls,
+        whisper_dir: str | Path,
+        llm_dir: str | Path,
+        qformer: QFormerConfig | None = None,
+        freeze_encoder: bool = True,
+        freeze_llm: bool = False,
+        dtype: torch.dtype = torch.float32,
+        freeze_qformer: bool = False,
+        freeze_proj: bool = False,
+        lora: dict | None = None,
+    ) -> LSMForConditionalGeneration:
+        """A fresh LSM from a Whisper directory and a causal-LM directory; connector randomly initialized.
+
+        The ``freeze_*`` flags say which parts train; ``lora`` (peft ``LoraConfig`` arguments such as
+        ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``) trains the LLM through adapters only.
+        """
+        if lora and freeze_llm:
+            raise ValueError("from_parts: lora trains the LLM through adapters; it cannot go with freeze_llm")
+        qformer = qformer or QFormerConfig()
+        encoder = WhisperModel.from_pretrained(str(whisper_dir), dtype=dtype).encoder
+        llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype)
+        # The pretrained weights are final: mark them so that post_init's weight initialization skips them.
+        for part in (encoder, llm):
+            for m in part.modules():
+                m._is_hf_initialized = True
+            for t in list(part.parameters()) + list(part.buffers()):
+                t._is_hf_initialized = True
+        qcfg = Blip2QFormerConfig(
+            hidden_size=qformer.hidden_size,
+            num_hidden_layers=qformer.num_layers,
+            num_attention_heads=qformer.num_heads,
+            intermediate_size=qformer.intermediate_size,
+            encoder_hidden_size=encoder.config.d_model,
+            cross_attention_frequency=1,
+            use_qformer_text_input=False,
+            initializer_range=qformer.init_std,
+        )
+        # A composite config sets its attention implementation on every sub-config, and these sub-configs are
+        # the very objects the loaded modules read: hand their own implementations back, or the LLM would run
+        # its attention through an unset (None) dispatch.
+        attn = {
+            "encoder_config": encoder.config._attn_implementation,
+            "llm_config": llm.config._attn_implementation,
+        }
+        config = LSMConfig(
+            encoder_config=encoder.config,
+            qformer_config=qcfg,
+            llm_config=llm.config,
+            window_s=qformer.window_s,
+            stride_s=qformer.stride_s,
+            num_queries=qformer.num_queries,
+            freeze_encoder=freeze_encoder,
+            freeze_qformer=freeze_qformer,
+            freeze_proj=freeze_proj,
+            freeze_llm=freeze_llm,
+            lora=dict(lora) if lora else None,
+            attn_implementation=attn,
+        )
+        model = cls(config, encoder=encoder, llm=llm)
+        model.tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+        model.feature_extractor = WhisperFeatureExtractor.from_pretrained(str(whisper_dir))
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> LSMForConditionalGeneration:
+        """Load a checkpoint directory written by ``save_pretrained``, tokenizer and feature extractor included."""
+        path = Path(pretrained_model_name_or_path)
+        if path.is_dir():
+            check_checkpoint(path)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = (
+            loaded[0] if isinstance(loaded, tuple) else loaded
+        )  # output_loading_info=True gives (model, info)
+        model.tokenizer = AutoTokenizer.from_pretrained(str(pretrained_model_name_or_path))
+        model.feature_extractor = WhisperFeatureExtractor.from_pretrained(str(pretrained_model_name_or_path))
+        model._apply_freezing()
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        tok, fe = getattr(self, "tokenizer", None), getattr(self, "feature_extractor", None)
+        if tok is None or fe is None:
+            raise ValueError(
+                "save_pretrained: the model has no tokenizer/feature_extractor attached; "
+                "build it with from_parts or from_pretrained"
+            )
+        tok.save_pretrained(save_directory)
+        fe.save_pretrained(save_directory)
+
+    def _init_weights(self, module):
+        # Only the connector's own modules come here: the encoder, Q-Former and LLM are PreTrainedModels that
+        # initialize themselves (and skip weights already loaded).
+        std = self.config.qformer_config.initializer_range
+        if module is self:
+            init.normal_(self.query_tokens, mean=0.0, std=std)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def _frozen_parts(self) -> list[nn.Module]:
+        c = self.config
+        parts = [self.encoder] if c.freeze_encoder else []
+        if c.freeze_qformer:
+            parts += [self.qformer, self.ln_speech]
+        if c.freeze_proj:
+            parts.append(self.proj)
+        if c.freeze_llm:
+            parts.append(self.llm)
+        return parts
+
+    def _apply_freezing(self) -> None:
+        for part in self._frozen_parts():
+            part.requires_grad_(False)
+        if self.config.freeze_qformer:
+            self.query_tokens.requires_grad_(False)
+        if self.config.lora:  # peft already froze the base LLM; only the adapters train
+            for name, p in self.llm.named_parameters():
+                p.requires_grad_("lora_" in name)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        # A frozen part stays in eval mode: its dropout would only add noise that nothing can learn from.
+        super().train(mode)
+        for part in self._frozen_parts():
+            part.eval()
+        return self
+
+    def get_input_embeddings(self):
+        return self.llm.get_input_embeddings()
+
+    # ----- speech -----
+
+    def num_speech_tokens(self, duration_s: float) -> int:
+        """Speech tokens kept for a clip: the windows that hold at least one encoder frame of real audio."""
+        frames = math.ceil(min(duration_s, self.chunk_s) * self.frames_per_s - 1e-6)
+        windows = min(max(1, math.ceil(frames / self.stride)), self.num_windows)
+        return windows * self.config.num_queries
+
+    def encode_speech(self, input_features: torch.Tensor) -> torch.Tensor:
+        """[B, n_mels, frames] log-mels -> [B, num_windows * num_queries, llm hidden] speech embeddings."""
+        return self.connect(self.encode_frames(input_features))
+
+    def encode_frames(self, input_features: torch.Tensor) -> torch.Tensor:
+        """The Whisper encoder: [B, n_mels, 2 * F] log-mels -> [B, F, d_model] frames (F = 1500 for 30 s)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
+            return self.encoder(input_features.to(self.encoder.dtype)).last_hidden_state
+
+    def connect(self, frames: torch.Tensor) -> torch.Tensor:
+        """LayerNorm, windows, Q-Former and projection: [B, F, d_model] -> [B, W * Q, llm hidden]."""
+        frames = self.ln_speech(frames.to(self.ln_speech.weight.dtype))
+        b, _, d = frames.shape
+        # Windows of `kernel` frames every `stride` frames: [B, W, kernel, d], then one Q-Former row per window.
+        windows = frames.unfold(1, self.kernel, self.stride)[:, : self.num_windows]  # [B, W, d, kernel]
+        windows = windows.permute(0, 1, 3, 2).reshape(b * self.num_windows, self.kernel, d)
+        queries = self.query_tokens.expand(windows.shape[0], -1, -1)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=windows).last_hidden_state
+        speech = self.proj(out)  # [B*W, Q, H]
+        return speech.reshape(b, self.num_windows * self.config.num_queries, -1)
+
+    def assemble(
+        self,
+        speech: torch.Tensor,
+        durations_s: torch.Tensor,
+        prefix_ids: list[list[int]],
+        suffix_ids: list[list[int]],
+        answer_ids: list[list[int]] | None = None,
+        padding_side: str = "right",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row [prefix][valid speech][suffix][answer]; pad to a batch. Returns embeds, mask, labels."""
+        embed = self.llm.get_input_embeddings()
+        device, dtype = speech.device, embed.weight.dtype
+        rows, labels = [], []
+        for i in range(speech.shape[0]):
+            n = self.num_speech_tokens(float(durations_s[i]))
+            answer = answer_ids[i] if answer_ids is not None else []
+            ids = torch.tensor(
+                list(prefix_ids[i]) + list(suffix_ids[i]) + list(answer), dtype=torch.long, device=device
+            )
+            text = embed(ids)
+            p, s = len(prefix_ids[i]), len(suffix_ids[i])
+            rows.append(torch.cat([text[:p], speech[i, :n].to(dtype), text[p:]], dim=0))
+            lab = torch.full((p + n + s + len(answer),), -100, dtype=torch.long, device=device)
+            if answer:
+                lab[p + n + s :] = ids[p + s :]
+            labels.append(lab)
+        length = max(r.shape[0] for r in rows)
+        b, h = len(rows), rows[0].shape[1]
+        embeds = torch.zeros(b, length, h, dtype=dtype, device=device)
+        mask = torch.zeros(b, length, dtype=torch.long, device=device)
+        lab_out = torch.full((b, length), -100, dtype=torch.long, device=device)
+        for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
+            sl = slice(length - r.shape[0], length) if padding_side == "left" else slice(0, r.shape[0])
+            embeds[i, sl] = r
+            mask[i, sl] = 1
+            lab_out[i, sl] = lab
+        return embeds, mask, lab_out
+
+    # ----- training and generation -----
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        durations_s: torch.Tensor,
+        prefix_ids: list[list[int]],
+        suffix_ids: list[list[int]],
+        answer_ids: list[list[int]] | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Teacher-forced pass; with ``answer_ids`` (answer + eos) the loss is the mean over answer tokens."""
+        speech = self.encode_speech(input_features)
+        embeds, mask, labels = self.assemble(speech, durations_s, prefix_ids, suffix_ids, answer_ids, "right")
+        # Positions count real tokens only, so the same row gets the same positions whatever its padding.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return self.llm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            labels=labels if answer_ids is not None else None,
+            **kwargs,
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_features: torch.Tensor,
+        durations_s: torch.Tensor,
+        prefix_ids: list[list[int]],
+        suffix_ids: list[list[int]],
+        max_new_tokens: int = 128,
+        num_beams: int = 1,
+        **kwargs,
+    ) -> list[list[int]]:
+        """Greedy (or beam search) decoding through the LLM's own ``generate`` with its KV cache, left-padded
+        so every row's next token sits in the last column; each row's new tokens up to (not including) eos."""
+        speech = self.encode_speech(input_features)
+        embeds, mask, _ = self.assemble(speech, durations_s, prefix_ids, suffix_ids, None, "left")
+        tok = getattr(self, "tokenizer", None)
+        eos = kwargs.pop("eos_token_id", None)
+        if eos is None:
+            eos = tok.eos_token_id if tok is not None and tok.eos_token_id is not None else None
+        if eos is None:
+            eos = self.config.llm_config.eos_token_id
+        eos_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
+        pad = kwargs.pop("pad_token_id", None)
+        if pad is None:
+            pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else eos_ids[0]
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=eos_ids,
+            pad_token_id=pad,
+            **kwargs,
+        )
+        result = []
+        for row in out.tolist():
+            cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
+            result.append(row[:cut])
+        return result
+
+
+def part_flags(train: TrainConfig) -> dict:
+    """``from_parts`` keyword flags (what trains, LoRA) from a config's train section."""
+    lora = None
+    if train.lora is not None:
+        lora = dict(
+            r=train.lora.r,
+            lora_alpha=train.lora.alpha,
+            lora_dropout=train.lora.dropout,
+            target_modules=list(train.lora.target_modules),
+        )
+    return dict(
+        freeze_encoder=train.freeze_encoder,
+        freeze_qformer=train.freeze_qformer,
+        freeze_proj=train.freeze_proj,
+        freeze_llm=train.freeze_llm,
+        lora=lora,
+    )
+
+
+def init_model(
+    whisper_dir: str | Path, llm_dir: str | Path, out_dir: str | Path, train: TrainConfig | None = None
+) -> Path:
+    """``splsm model init``: one Hugging Face directory (config, safetensors, tokenizer, feature extractor)
+    assembled from a Whisper directory and an LLM directory, connector and flags from ``train``; it appears
+    whole or not at all and loads back with one ``from_pretrained``."""
+    import os
+    import shutil
+    import uuid
+
+    train = train or TrainConfig()
+    out_dir = Path(out_dir)
+    torch.manual_seed(train.seed)
+    model = LSMForConditionalGeneration.from_parts(whisper_dir, llm_dir, train.qformer, **part_flags(train))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        model.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """Raise FileNotFoundError naming what a checkpoint directory lacks."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (run the train stage first)")
+    missing = [
+        f"{what} ({' or '.join(names)})"
+        for what, names in REQUIRED_FILES.items()
+        if not any((path / n).is_file() for n in names)
+    ]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    return path
+
+
+# Let AutoConfig (which AutoTokenizer consults when it reads a checkpoint directory) know our model type.
+AutoConfig.register(LSMConfig.model_type, LSMConfig, exist_ok=True)

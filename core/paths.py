@@ -1,0 +1,267 @@
+"""Every path under a work directory, in one place.
+
+    WORKDIR/
+      lineage.duckdb                    the lineage store (SPLSM_LINEAGE_DB may put it elsewhere)
+      harvest/   transcripts.parquet rejects.parquet _reuse.json _stage.json
+      models/    whisper/ llm/                             tiny models (``splsm models tiny``)
+      generate/  responses.parquet stats.parquet cache*.sqlite server.log
+                 parts/of-NNNN/worker-WWWW/shard-*.parquet  (+ worker-WWWW.json: a worker's marker)
+      import/    responses.parquet rejects.parquet          the reference's answers (import-reference)
+      build/     examples.parquet rejects.parquet shards/{manifest.parquet,SPLIT-NNNNN.parquet}
+      train/     checkpoint/ checkpoints/step-N/ metrics.jsonl loss.png tensorboard/
+                 train_args.json summary.json errors/rankR.txt
+      evaluate/  predictions metrics probe probe_metrics qa qa_metrics rejects (.parquet)
+                 report.md report.html qa_questions.jsonl *.png
+
+Stages, the CLI, the flows and the tests name these through ``WorkPaths``; no other module joins a
+work directory with a literal file name. A stage's ``_stage.json`` is the marker its reuse check reads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from core.config import ExperimentConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the project's checkout (or /app in its images)
+MARKER = "_stage.json"
+LINEAGE_ENV = "SPLSM_LINEAGE_DB"
+
+
+@dataclass(frozen=True)
+class HarvestPaths:
+    dir: Path
+
+    @property
+    def transcripts(self) -> Path:
+        return self.dir / "transcripts.parquet"
+
+    @property
+    def rejects(self) -> Path:
+        return self.dir / "rejects.parquet"
+
+    @property
+    def reuse_state(self) -> Path:
+        """What a rerun may take over from this run: see ``stages.harvest.previous``."""
+        return self.dir / "_reuse.json"
+
+
+@dataclass(frozen=True)
+class ModelsPaths:
+    dir: Path
+
+    @property
+    def whisper(self) -> Path:
+        return self.dir / "whisper"
+
+    @property
+    def llm(self) -> Path:
+        return self.dir / "llm"
+
+
+@dataclass(frozen=True)
+class GeneratePaths:
+    dir: Path
+
+    @property
+    def responses(self) -> Path:
+        return self.dir / "responses.parquet"
+
+    @property
+    def stats(self) -> Path:
+        return self.dir / "stats.parquet"
+
+    @property
+    def server_log(self) -> Path:
+        return self.dir / "server.log"
+
+    def cache(self, worker: int = 0, workers: int = 1) -> Path:
+        """The answer cache this worker writes (one writer per SQLite file)."""
+        return self.dir / ("cache.sqlite" if workers == 1 else f"cache-{worker:04d}-of-{workers:04d}.sqlite")
+
+    def caches(self) -> list[Path]:
+        """Every worker's answer cache: each worker also reads the others'."""
+        return sorted(self.dir.glob("cache*.sqlite"))
+
+    def parts(self, worker: int = 0, workers: int = 1) -> Path:
+        """The committed answer shards of one worker."""
+        return self.dir / "parts" / f"of-{workers:04d}" / f"worker-{worker:04d}"
+
+    def worker_marker(self, worker: int, workers: int) -> Path:
+        return self.dir / "parts" / f"of-{workers:04d}" / f"worker-{worker:04d}.json"
+
+
+@dataclass(frozen=True)
+class ImportPaths:
+    dir: Path
+
+    @property
+    def responses(self) -> Path:
+        return self.dir / "responses.parquet"
+
+    @property
+    def rejects(self) -> Path:
+        return self.dir / "rejects.parquet"
+
+
+@dataclass(frozen=True)
+class BuildPaths:
+    dir: Path
+
+    @property
+    def examples(self) -> Path:
+        return self.dir / "examples.parquet"
+
+    @property
+    def rejects(self) -> Path:
+        return self.dir / "rejects.parquet"
+
+    @property
+    def shards(self) -> Path:
+        return self.dir / "shards"
+
+    @property
+    def shard_manifest(self) -> Path:
+        return shard_manifest(self.shards)
+
+
+def shard_manifest(shards: Path) -> Path:
+    """The manifest of a shard folder (file, split, rows, row groups, bytes, sha256 of every shard)."""
+    return Path(shards) / "manifest.parquet"
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    dir: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        """The final Hugging Face checkpoint."""
+        return self.dir / "checkpoint"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Resumable checkpoints, one folder per step."""
+        return self.dir / "checkpoints"
+
+    def step(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:08d}"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.dir / "loss.png"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.dir / "tensorboard"
+
+    @property
+    def args(self) -> Path:
+        """What the launcher hands every torchrun worker."""
+        return self.dir / "train_args.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.dir / "summary.json"
+
+    @property
+    def errors(self) -> Path:
+        return self.dir / "errors"
+
+    def error(self, rank: int | str) -> Path:
+        return self.errors / f"rank{rank}.txt"
+
+
+@dataclass(frozen=True)
+class EvaluatePaths:
+    dir: Path
+
+    PLOTS = {
+        "wer_plot": "wer_per_set.png",
+        "anchor_plot": "anchor_rate.png",
+        "worst_plot": "worst_utterances.png",
+    }
+
+    def table(self, name: str) -> Path:
+        return self.dir / f"{name}.parquet"
+
+    @property
+    def report(self) -> Path:
+        return self.dir / "report.md"
+
+    @property
+    def report_html(self) -> Path:
+        return self.dir / "report.html"
+
+    @property
+    def qa_questions(self) -> Path:
+        return self.dir / "qa_questions.jsonl"
+
+    def plot(self, role: str) -> Path:
+        return self.dir / self.PLOTS[role]
+
+
+@dataclass(frozen=True)
+class WorkPaths:
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root).resolve())
+
+    @property
+    def harvest(self) -> HarvestPaths:
+        return HarvestPaths(self.root / "harvest")
+
+    @property
+    def models(self) -> ModelsPaths:
+        return ModelsPaths(self.root / "models")
+
+    @property
+    def generate(self) -> GeneratePaths:
+        return GeneratePaths(self.root / "generate")
+
+    @property
+    def imported(self) -> ImportPaths:
+        return ImportPaths(self.root / "import")
+
+    @property
+    def build(self) -> BuildPaths:
+        return BuildPaths(self.root / "build")
+
+    @property
+    def train(self) -> TrainPaths:
+        return TrainPaths(self.root / "train")
+
+    @property
+    def evaluate(self) -> EvaluatePaths:
+        return EvaluatePaths(self.root / "evaluate")
+
+    def stage_dir(self, stage: str) -> Path:
+        """The folder a stage writes to (``import-reference`` writes to ``import``)."""
+        return self.root / {"import-reference": "import"}.get(stage, stage)
+
+    def marker(self, stage: str) -> Path:
+        return self.stage_dir(stage) / MARKER
+
+    @property
+    def lineage(self) -> Path:
+        return lineage_path(self.root)
+
+    def model_dirs(self, cfg: ExperimentConfig) -> tuple[Path, Path]:
+        """The Whisper and LLM directories a config points at (tiny ones live under WORKDIR/models)."""
+        if cfg.models.tiny is not None:
+            return self.models.whisper, self.models.llm
+        return cfg.models.whisper, cfg.models.llm
+
+
+def lineage_path(workdir: str | os.PathLike) -> Path:
+    """WORKDIR/lineage.duckdb, unless SPLSM_LINEAGE_DB puts the store elsewhere (a volume shared by containers)."""
+    return Path(os.environ.get(LINEAGE_ENV) or Path(workdir) / "lineage.duckdb")

@@ -1,0 +1,265 @@
+"""The stage contract, and the one runner every stage goes through: the reuse check and lineage.
+
+A stage is a package under ``stages/`` that declares one ``Stage``: its name, what it reads
+(``inputs``), what it writes (``outputs``), the settings its outputs depend on (``params``) and the work
+itself (``body``), plus its command-line options as a typed model. ``stages.registry`` lists them; the
+CLI, the flows and the container runner all iterate that list, so a stage is one package and one line.
+
+``Stage.run`` checks its inputs exist (naming the command that makes a missing one), then
+``run_stage``: if the same code (``core.codehash``: the stage's package and every project module it
+imports) already produced the outputs from the same inputs and parameters, and they are still on disk
+unchanged, nothing runs and the stage says it reused them. Otherwise the body runs, each output is
+hashed, and the run with its inputs and outputs lands in the lineage store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
+
+from core.atomic import write_text
+from core.codehash import code_hash
+from core.config import ExperimentConfig
+from core.digest import fingerprint_dir, sha256_file
+from core.lineage.store import DatasetRef, LineageStore
+from core.log import console
+from core.paths import WorkPaths
+from core.provenance import run_context
+from schemas import META_KEY
+
+
+class StageError(Exception):
+    """A stage cannot go on for a reason its user can fix or retry; the message says which (the CLI shows it
+    without a traceback)."""
+
+
+class MissingInput(StageError, FileNotFoundError):
+    """An input of a stage does not exist; the message names the command that makes it."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An input or output of a stage: a Parquet table, a directory (corpus, model, checkpoint) or a file.
+
+    ``made_by``: the command that makes a missing input (``harvest``, ``models tiny``), for the error.
+    ``keyed``: whether the input's content is part of the reuse key; an unkeyed input is only recorded in
+    lineage (harvest reads its own previous table: keying on it would make every rerun look new).
+    """
+
+    role: str
+    path: Path
+    kind: str  # table / corpus / model / checkpoint / file / shards
+    made_by: str | None = None
+    keyed: bool = True
+
+    def missing(self) -> MissingInput | None:
+        if Path(self.path).exists():
+            return None
+        how = f"; run `splsm {self.made_by}` first" if self.made_by else ""
+        return MissingInput(f"{self.role} {self.path} does not exist{how}")
+
+    def ref(self) -> DatasetRef:
+        path = Path(self.path).resolve()
+        if not path.exists():
+            raise self.missing() or FileNotFoundError(path)
+        if path.is_dir():
+            return DatasetRef(str(path), self.kind, fingerprint_dir(path), self.role)
+        chash = "sha256:" + sha256_file(path)
+        if self.kind == "table":
+            meta = pq.read_metadata(path)
+            tag = (meta.schema.to_arrow_schema().metadata or {}).get(META_KEY, b"").decode()
+            name, _, ver = tag.partition("/v")
+            return DatasetRef(
+                str(path), self.kind, chash, self.role, name or None, int(ver) if ver else None, meta.num_rows
+            )
+        return DatasetRef(str(path), self.kind, chash, self.role)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    reused: bool
+    run_id: str | None
+    outputs: dict[str, Path]
+    seconds: float
+    summary: dict = field(default_factory=dict)
+
+
+class NoOptions(BaseModel):
+    """A stage without options of its own (beyond --config, --workdir and --force)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a stage's functions get: the validated config, the work directory's paths, its options."""
+
+    cfg: ExperimentConfig
+    paths: WorkPaths
+    options: BaseModel = field(default_factory=NoOptions)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage's contract (see the module docstring). Every callable takes the ``Context``."""
+
+    name: str
+    help: str  # one line: what it reads and writes, for ``splsm --help``
+    package: str  # its code; the reuse key hashes this package and every project module it imports
+    inputs: Callable[[Context], list[Artifact]]
+    outputs: Callable[[Context], list[Artifact]]
+    params: Callable[[Context], dict]  # what the outputs depend on besides inputs and code
+    body: Callable[[Context], dict | None]  # writes the outputs (each atomically); returns a summary
+    options: type[BaseModel] = NoOptions  # typed command-line options; the CLI makes flags of its fields
+    command: tuple[str, ...] = ()  # the CLI's words for it, default (name,)
+    # How its runs are recorded when not as one run (generate's workers, then the merge); None: one run.
+    record: Callable[[Stage, Context, bool], StageResult] | None = None
+    # Orchestration: a GPU stage gets the container's GPU request and the flows' "gpu" concurrency tag;
+    # ``image`` says which of the container images it runs in; I/O-bound stages retry (a corpus on
+    # network storage, an LLM server restarting).
+    gpu: bool = False
+    image: Literal["cpu", "train"] = "cpu"
+    retries: int = 0
+    retry_delay_s: float = 0.0
+    # After a run in a flow: publish results (Prefect artifacts) from the flow's own process.
+    publish: Callable[[WorkPaths], object] | None = None
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return self.command or (self.name,)
+
+    def context(
+        self, cfg: ExperimentConfig, workdir: str | os.PathLike, options: dict | BaseModel | None = None
+    ):
+        opts = options if isinstance(options, self.options) else self.options.model_validate(options or {})
+        return Context(cfg, WorkPaths(workdir), opts)
+
+    def run(self, ctx: Context, force: bool = False) -> StageResult:
+        """Check the inputs exist, then run (or reuse) the stage and record it."""
+        inputs = self.inputs(ctx)
+        for a in inputs:
+            if (err := a.missing()) is not None:
+                raise err
+        if self.record is not None:
+            return self.record(self, ctx, force)
+        return run_stage(
+            self.name,
+            ctx.paths,
+            self.params(ctx),
+            inputs,
+            self.outputs(ctx),
+            lambda: self.body(ctx),
+            self.package,
+            force,
+        )
+
+
+def run_stage(
+    name: str,
+    paths: WorkPaths,
+    params: dict,
+    inputs: list[Artifact],
+    outputs: list[Artifact],
+    body: Callable[[], dict | None],
+    package: str,
+    force: bool = False,
+    marker: Path | None = None,
+) -> StageResult:
+    """Run ``body`` unless its outputs are already there from the same inputs, parameters and code.
+
+    ``body`` writes the outputs (each atomically) and may return a summary dict for the marker and logs.
+    The run is recorded under ``name``; its marker is ``marker`` (default: the stage folder's).
+    """
+    t0 = time.monotonic()
+    marker = marker or paths.marker(name)
+    in_refs = [a.ref() for a in inputs]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "stage": name,
+                "params": params,
+                "code": code_hash(package),
+                "inputs": [
+                    (r.role, r.location, r.content_hash)
+                    for a, r in zip(inputs, in_refs, strict=True)
+                    if a.keyed
+                ],
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()
+    out_paths = {a.role: Path(a.path) for a in outputs}
+
+    if not force:
+        done = read_marker(marker)
+        if (
+            done is not None
+            and done.get("key") == key
+            and _outputs_unchanged(outputs, done.get("outputs", {}))
+        ):
+            console.print(f"[green]{name}[/]: inputs, parameters and code unchanged; reused {marker.parent}")
+            return StageResult(
+                name, True, done.get("run_id"), out_paths, time.monotonic() - t0, done.get("summary", {})
+            )
+
+    store = LineageStore(paths.lineage)
+    run_id = store.start_run(name, params, run_context())
+    console.rule(f"[bold]{name}[/] (run {run_id[:8]})")
+    try:
+        summary = body() or {}
+        out_refs = [a.ref() for a in outputs]
+    except BaseException as e:
+        store.finish_run(
+            run_id,
+            in_refs,
+            [],
+            status="failed",
+            error="".join(traceback.format_exception_only(type(e), e)).strip(),
+        )
+        raise
+    store.finish_run(run_id, in_refs, out_refs)
+    write_text(
+        marker,
+        json.dumps(
+            {
+                "key": key,
+                "run_id": run_id,
+                "summary": summary,
+                "outputs": {r.role: r.content_hash for r in out_refs},
+            },
+            indent=2,
+            default=str,
+        ),
+    )
+    return StageResult(name, False, run_id, out_paths, time.monotonic() - t0, summary)
+
+
+def read_marker(marker: Path) -> dict | None:
+    """A stage's marker, or None where there is none or it cannot be read (a run that died writing it
+    reruns the stage rather than failing it)."""
+    try:
+        done = json.loads(Path(marker).read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) else None
+
+
+def _outputs_unchanged(outputs: list[Artifact], recorded: dict[str, str]) -> bool:
+    for a in outputs:
+        if not Path(a.path).exists():
+            return False
+        if recorded.get(a.role) != a.ref().content_hash:
+            return False
+    return True

@@ -1,0 +1,273 @@
+"""Where a stage runs: in this process, in a subprocess, or in its own container image.
+
+Every mode runs the same stage from the registry (``stages.registry``) with the same config, work
+directory and options; the flows pick the mode with one switch (``ExecutionConfig.mode``):
+
+- ``in-process``: ``Stage.run`` in this process;
+- ``subprocess``: the stage's CLI (``python -m splsm.cli <stage> --config C --workdir W ...``) as a child
+  process (``core.proc``), its output streamed into the Prefect log;
+- ``container``: the same CLI in the stage's image through the Docker Engine API (Docker, or podman
+  serving the same API: ``scripts/container-engine.sh``). Host paths are mounted at the same paths inside
+  the container (the work directory read-write; the config's folder and everything the config and the
+  options name read-only), so the config resolves alike on both sides and lineage records the same
+  locations. The log is streamed, a non-zero exit fails the task, the container is removed afterwards.
+
+Whatever the mode, the stage's summary is read back from the marker its run leaves (``read_summary``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.config import load_config, paths_read
+from core.paths import REPO_ROOT, WorkPaths
+from core.proc import Child, stream_lines
+from core.provenance import context_env
+from core.stage import Stage, read_marker
+from stages.registry import stage as get_stage
+
+Mode = Literal["in-process", "subprocess", "container"]
+
+
+class StageFailed(RuntimeError):
+    """A stage failed in a subprocess or container; the message carries the end of its log."""
+
+
+class ContainerConfig(BaseModel):
+    """How container mode runs a stage; flows and prefect.yaml pass it as a parameter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = "splsm:cpu"
+    train_image: str | None = (
+        None  # the image of stages that need the train image (train); default: ``image``
+    )
+    docker_host: str | None = None  # default: DOCKER_HOST, else the engine's default socket
+    gpus: int | list[str] | None = None  # GPU device request for GPU stages: a count, or device ids
+    env: dict[str, str] = Field(default_factory=dict)  # extra environment for the container
+    pass_env: list[str] = Field(default_factory=lambda: ["OPENAI_API_KEY", "HF_TOKEN"])  # copied if set
+    mounts: list[str] = Field(default_factory=list)  # extra host paths mounted read-only at the same path
+    user: str | None = None  # default: the image's own (non-root) user
+    network: str | None = None  # e.g. the compose network, to reach a vLLM service by name
+    shm_size: str = "1g"
+
+
+class ExecutionConfig(BaseModel):
+    """The one switch: where stages run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = "in-process"
+    container: ContainerConfig = Field(default_factory=ContainerConfig)
+
+
+def logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a flow or task run
+        return logging.getLogger("splsm.runner")
+
+
+def option_args(stage: Stage, options: BaseModel) -> list[str]:
+    """A stage's options as its CLI takes them (the CLI makes its flags from the same fields)."""
+    args: list[str] = []
+    for name, field in type(options).model_fields.items():
+        value = getattr(options, name)
+        if value is None or value == field.default:
+            continue
+        if (field.json_schema_extra or {}).get("argument"):
+            args.append(str(value))
+        elif isinstance(value, bool):
+            args.append(f"--{name.replace('_', '-')}" if value else f"--no-{name.replace('_', '-')}")
+        else:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
+def stage_args(
+    stage: Stage, config: Path, workdir: Path, force: bool = False, options: BaseModel | None = None
+):
+    """The CLI arguments that run ``stage`` (after ``splsm``)."""
+    options = options if options is not None else stage.options()
+    return [
+        *stage.words,
+        "--config",
+        str(config),
+        "--workdir",
+        str(workdir),
+        *(["--force"] if force else []),
+        *option_args(stage, options),
+    ]
+
+
+def run_stage_cli(
+    stage: str | Stage,
+    config: str | os.PathLike,
+    workdir: str | os.PathLike,
+    force: bool = False,
+    execution: ExecutionConfig | None = None,
+    options: dict | BaseModel | None = None,
+) -> dict:
+    """Run one stage in the chosen mode; returns its summary (with its lineage ``run_id``). A stage that
+    fails in a subprocess or container raises StageFailed; in-process, the stage's own error."""
+    stage = stage if isinstance(stage, Stage) else get_stage(stage)
+    execution = execution or ExecutionConfig()
+    config, workdir = Path(config).resolve(), Path(workdir).resolve()
+    cfg = load_config(config)
+    ctx = stage.context(cfg, workdir, options)
+    if execution.mode == "in-process":
+        saved = dict(os.environ)
+        os.environ.update(context_env())
+        try:
+            stage.run(ctx, force)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    else:
+        args = stage_args(stage, config, workdir, force, ctx.options)
+        if execution.mode == "subprocess":
+            _run_subprocess(stage, args)
+        else:
+            run_in_container(stage, args, cfg, ctx.options, workdir, execution.container)
+    return read_summary(ctx.paths, stage.name)
+
+
+def read_summary(paths: WorkPaths, stage: str) -> dict:
+    """The summary the stage's last run left in its marker, with its lineage run id."""
+    done = read_marker(paths.marker(stage))
+    if done is None:
+        raise StageFailed(f"{stage} finished but left no readable marker at {paths.marker(stage)}")
+    return {"run_id": done.get("run_id"), **done.get("summary", {})}
+
+
+def _run_subprocess(stage: Stage, args: list[str]) -> None:
+    log = logger()
+    env = {**os.environ, **context_env(), "PYTHONUNBUFFERED": "1"}
+    child = Child(
+        [sys.executable, "-m", "splsm.cli", *args], env=env, cwd=REPO_ROOT, on_line=log.info, keep=40
+    )
+    with child:
+        code = child.wait()
+    if code != 0:
+        raise StageFailed(f"splsm {' '.join(stage.words)} exited with {code}:\n" + "\n".join(child.tail(15)))
+
+
+# ----- container mode -----
+
+
+def docker_client(docker_host: str | None = None):
+    import docker
+
+    host = docker_host or os.environ.get("DOCKER_HOST")
+    return docker.DockerClient(base_url=host, timeout=600) if host else docker.from_env(timeout=600)
+
+
+def config_mounts(
+    cfg, options: BaseModel | None, workdir: Path, extra: Sequence[str] = ()
+) -> dict[str, dict]:
+    """Docker SDK volume specs: the work directory read-write; read-only, every path the config reads
+    (``core.config.paths_read``), every path among the stage's options, and ``extra``; all at the same paths."""
+    ro: set[Path] = set(paths_read(cfg))
+    if options is not None:
+        ro.update(Path(v).resolve() for v in options.model_dump().values() if isinstance(v, Path))
+    ro = {p if p.is_dir() else p.parent for p in ro}
+    ro.update(Path(p).resolve() for p in extra)
+    paths = WorkPaths(workdir)
+    rw = {paths.root, paths.lineage.parent}
+    for p in rw:
+        p.mkdir(parents=True, exist_ok=True)
+    # a path inside a read-write mount needs no mount of its own, nor does one inside another read-only one
+    ro = {p for p in ro if p.exists() and not any(p.is_relative_to(w) for w in rw)}
+    ro = {p for p in ro if not any(p != q and p.is_relative_to(q) for q in ro)}
+    rw = {p for p in rw if not any(p != q and p.is_relative_to(q) for q in rw)}
+    volumes = {str(p): {"bind": str(p), "mode": "rw"} for p in rw}
+    volumes.update({str(p): {"bind": str(p), "mode": "ro"} for p in ro})
+    return volumes
+
+
+def image_digest(client, image: str) -> str:
+    """The image's content id (``sha256:...``), or its registry digest when it was pulled or pushed."""
+    img = client.images.get(image)
+    repo_digests = img.attrs.get("RepoDigests") or []
+    return repo_digests[0] if repo_digests else img.id
+
+
+def gpu_requests(stage: Stage, gpus: int | list[str] | None) -> list | None:
+    """The Engine API device request for a GPU stage: a count (-1: all) or device ids; none for CPU stages."""
+    from docker.types import DeviceRequest
+
+    if gpus is None or not stage.gpu:
+        return None
+    if isinstance(gpus, int):
+        return [DeviceRequest(driver="nvidia", count=gpus, capabilities=[["gpu"]])]
+    return [DeviceRequest(driver="nvidia", device_ids=[str(g) for g in gpus], capabilities=[["gpu"]])]
+
+
+def run_in_container(
+    stage: Stage, args: list[str], cfg, options: BaseModel | None, workdir: Path, spec: ContainerConfig
+) -> None:
+    """Run ``splsm ARGS`` in the stage's image; its log goes to the Prefect log, a failure raises StageFailed."""
+    from docker.errors import APIError
+
+    log = logger()
+    client = docker_client(spec.docker_host)
+    image = spec.train_image if stage.image == "train" and spec.train_image else spec.image
+    env = {k: os.environ[k] for k in spec.pass_env if os.environ.get(k)}
+    env.update(context_env())
+    env.update(spec.env)
+    env["SPLSM_IMAGE"] = image
+    env["SPLSM_IMAGE_DIGEST"] = image_digest(client, image)
+    log.info(f"{stage.name}: running `splsm {' '.join(args)}` in {image} ({env['SPLSM_IMAGE_DIGEST'][:19]})")
+    # Created, then started inside the try: a container the engine cannot start (an unknown user, a
+    # missing runtime) exists already, and must be removed like any other.
+    container = client.containers.create(
+        image,
+        command=args,
+        volumes=config_mounts(cfg, options, workdir, spec.mounts),
+        environment=env,
+        device_requests=gpu_requests(stage, spec.gpus),
+        user=spec.user,
+        network=spec.network,
+        shm_size=spec.shm_size,
+        working_dir=str(workdir),
+        labels={"splsm.stage": stage.name, "splsm.flow_run_id": env.get("SPLSM_FLOW_RUN_ID", "")},
+    )
+    try:
+        try:
+            container.start()
+        except APIError as e:
+            raise StageFailed(
+                f"{stage.name}: the engine could not start {image}: {e.explanation or e}"
+            ) from e
+        lines = (
+            chunk.decode(errors="replace")
+            for chunk in _split_lines(container.logs(stream=True, follow=True, stdout=True, stderr=True))
+        )
+        tail = stream_lines(lines, log.info, keep=40)
+        code = container.wait()["StatusCode"]
+    finally:
+        try:
+            container.remove(force=True)
+        except Exception as e:  # the run's outcome matters more than a cleanup hiccup
+            log.warning(f"could not remove container {container.id[:12]}: {e}")
+    if code != 0:
+        raise StageFailed(f"{stage.name} in {image} exited with {code}:\n" + "\n".join(tail[-15:]))
+
+
+def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    buf = b""
+    for chunk in chunks:
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        yield from lines
+    if buf:
+        yield buf

@@ -1,0 +1,325 @@
+"""The evaluation report: Markdown and HTML with tables and PNG plots, and Prefect artifacts in a flow.
+
+Everything here reads the stage's tables (or rows shaped like them); nothing is computed that the
+tables do not hold, so the report and the Parquet files cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from core.atomic import atomic_file
+from core.paths import EvaluatePaths
+
+PLOTS = EvaluatePaths.PLOTS  # role -> file name; the report links them by name, side by side with it
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def num(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def _cell(s: object) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def table_md(header: list[str], rows: list[list[object]], align: str = "") -> list[str]:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(sep) + " |",
+        *("| " + " | ".join(_cell(c) for c in r) + " |" for r in rows),
+    ]
+
+
+def worst_utterances(preds: list[dict], n: int) -> list[dict]:
+    """The n utterances with the highest WER (most errors first among equals); empty references excluded."""
+    scored = [p for p in preds if p["ref_words"] > 0]
+    return sorted(scored, key=lambda p: (-p["errors"] / p["ref_words"], -p["errors"], p["utt_id"]))[:n]
+
+
+def _bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], title: str, ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) * max(1, len(series)) + 2), 3.6))
+    if not labels:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+    else:
+        width = 0.8 / max(1, len(series))
+        for k, (name, values) in enumerate(series.items()):
+            xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
+            ys = [0.0 if v is None or v != v else v for v in values]
+            bars = ax.bar(xs, ys, width, label=name)
+            for b, v in zip(bars, values, strict=True):
+                text = "n/a" if v is None or v != v else f"{v:.1f}"
+                ax.annotate(
+                    text,
+                    (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+        ax.set_xticks(range(len(labels)))
+        # Utterance ids and set/category names are long: slant them rather than let them overlap.
+        slant = len(labels) > 4 or max(len(x) for x in labels) * len(labels) > 40
+        ax.set_xticklabels(labels, rotation=30 if slant else 0, ha="right" if slant else "center")
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def plot_wer(path: Path, metrics: list[dict]) -> None:
+    _bar_plot(
+        path,
+        [m["eval_set"] for m in metrics],
+        {"WER %": [100 * m["wer"] for m in metrics]},
+        "WER per eval set",
+        "WER %",
+    )
+
+
+def plot_anchor(
+    path: Path, probe: list[dict], baseline: list[dict] | None, names=("this model", "baseline")
+) -> None:
+    labels = [
+        f"{r['category']}" if len({p["eval_set"] for p in probe}) < 2 else f"{r['eval_set']}/{r['category']}"
+        for r in probe
+    ]
+    series = {names[0]: [100 * r["anchor_rate"] for r in probe]}
+    if baseline is not None:
+        base = {(r["eval_set"], r["category"]): r["anchor_rate"] for r in baseline}
+        series[names[1]] = [100 * base.get((r["eval_set"], r["category"]), float("nan")) for r in probe]
+    _bar_plot(
+        path,
+        labels,
+        series,
+        "Speech anchor rate per category (lower follows the instruction)",
+        "anchor rate %",
+    )
+
+
+def plot_worst(path: Path, worst: list[dict]) -> None:
+    _bar_plot(
+        path,
+        [p["utt_id"] for p in worst],
+        {"WER %": [100 * p["errors"] / p["ref_words"] for p in worst]},
+        "Worst utterances",
+        "WER %",
+    )
+
+
+def write_plots(out: EvaluatePaths, metrics, probe, baseline, worst) -> None:
+    plot_wer(out.plot("wer_plot"), metrics)
+    plot_anchor(out.plot("anchor_plot"), probe, baseline)
+    plot_worst(out.plot("worst_plot"), worst)
+
+
+def report_markdown(ctx: dict) -> str:
+    """ctx: checkpoint, examples, examples_hash, settings, metrics, preds, probe, probe_note, qa, qa_note,
+    rejects, missing_sets, baseline (probe metrics or None), baseline_name, worst."""
+    m, rejects = ctx["metrics"], ctx["rejects"]
+    lines = ["# Evaluation report", ""]
+    partial = []
+    if rejects:
+        partial.append(
+            f"{len(rejects)} eval rows or questions were rejected and are not in the figures below"
+        )
+    if ctx["missing_sets"]:
+        partial.append("eval sets with no rows: " + ", ".join(ctx["missing_sets"]))
+    if partial:
+        lines += [f"> **Partial data**: {'; '.join(partial)}.", ""]
+    lines += [
+        f"- checkpoint: `{ctx['checkpoint']}`",
+        f"- eval data: `{ctx['examples']}` ({ctx['examples_hash'][:19]})",
+        f"- decoding: {ctx['settings']}",
+        "",
+        "## WER",
+        "",
+        "WER (%) after openai-whisper's English text normalizer on both sides, corpus-level per eval set "
+        "(all errors over all reference words). RTFx: seconds of audio per second of decoding.",
+        "",
+    ]
+    lines += table_md(
+        [
+            "eval set",
+            "task",
+            "utterances",
+            "ref words",
+            "sub",
+            "del",
+            "ins",
+            "hits",
+            "WER %",
+            "empty refs",
+            "rejected (audio)",
+            "audio s",
+            "decode s",
+            "RTFx",
+        ],
+        [
+            [
+                r["eval_set"],
+                r["task"],
+                r["n_utterances"],
+                r["n_ref_words"],
+                r["substitutions"],
+                r["deletions"],
+                r["insertions"],
+                r["hits"],
+                pct(r["wer"]),
+                r["empty_references"],
+                r["rejected"],
+                num(r["audio_s"]),
+                num(r["decode_s"], 2),
+                num(r["rtfx"], 2),
+            ]
+            for r in m
+        ],
+        "ll" + "r" * 12,
+    )
+    lines += ["", f"![WER per eval set]({PLOTS['wer_plot']})", "", "## Speech-anchor-bias probe", ""]
+    if ctx["probe"]:
+        lines += [
+            "The model gets each non-ASR instruction with the speech. Anchored: the answer's WER against the "
+            f"transcript is below {ctx['probe'][0]['anchor_wer_threshold']:g} (the model transcribed instead). "
+            "Self-consistency: corpus chrF (0-100) of the answers against the LLM's own text answers.",
+            "",
+        ]
+        base = {(r["eval_set"], r["category"]): r for r in ctx["baseline"] or []}
+        header = [
+            "eval set",
+            "category",
+            "items",
+            "anchored",
+            "anchor rate %",
+            "chrF",
+            "empty transcripts",
+            "rejected",
+        ]
+        if ctx["baseline"] is not None:
+            header += [f"anchor rate % ({ctx['baseline_name']})", f"chrF ({ctx['baseline_name']})"]
+        rows = []
+        for r in ctx["probe"]:
+            row = [
+                r["eval_set"],
+                r["category"],
+                r["n_items"],
+                r["n_anchored"],
+                pct(r["anchor_rate"]),
+                num(r["self_consistency_chrf"]),
+                r["empty_transcripts"],
+                r["rejected"],
+            ]
+            if ctx["baseline"] is not None:
+                b = base.get((r["eval_set"], r["category"]))
+                row += [pct(b["anchor_rate"]), num(b["self_consistency_chrf"])] if b else ["n/a", "n/a"]
+            rows.append(row)
+        lines += table_md(header, rows, "ll" + "r" * (len(header) - 2))
+        lines += ["", f"![Anchor rate per category]({PLOTS['anchor_plot']})"]
+    else:
+        lines += [f"Not run: {ctx['probe_note']}"]
+    lines += ["", "## Spoken yes/no QA", ""]
+    if ctx["qa"]:
+        lines += table_md(
+            ["eval set", "question set", "questions", "correct", "unparsed", "accuracy %", "rejected"],
+            [
+                [
+                    r["eval_set"],
+                    r["source"],
+                    r["n_questions"],
+                    r["n_correct"],
+                    r["n_unparsed"],
+                    pct(r["accuracy"]),
+                    r["rejected"],
+                ]
+                for r in ctx["qa"]
+            ],
+            "llrrrrr",
+        )
+    else:
+        lines += [f"Not run: {ctx['qa_note']}"]
+    lines += ["", "## Worst utterances", ""]
+    if ctx["worst"]:
+        lines += table_md(
+            ["utterance", "eval set", "WER %", "errors", "reference (normalized)", "hypothesis (normalized)"],
+            [
+                [
+                    p["utt_id"],
+                    p["eval_set"],
+                    pct(p["errors"] / p["ref_words"]),
+                    p["errors"],
+                    p["reference_norm"],
+                    p["hypothesis_norm"],
+                ]
+                for p in ctx["worst"]
+            ],
+            "llrrll",
+        )
+        lines += ["", f"![Worst utterances]({PLOTS['worst_plot']})"]
+    else:
+        lines += ["No scored utterances."]
+    lines += ["", "## Rejects", "", f"{len(rejects)} eval rows rejected" + (":" if rejects else ".")]
+    lines += [f"- `{rj['utt_id']}` ({rj['corpus']}): {rj['reason']}: {rj['detail']}" for rj in rejects[:50]]
+    if len(rejects) > 50:
+        lines.append(f"- ... and {len(rejects) - 50} more in rejects.parquet")
+    return "\n".join(lines) + "\n"
+
+
+def report_html(markdown_text: str, title: str = "Evaluation report") -> str:
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    style = (
+        "body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em}"
+        "th{background:#f3f3f3}blockquote{background:#fff4e0;border-left:4px solid #e90;margin:0;padding:.5em 1em}"
+    )
+    return f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{style}</style></head>\n<body>\n{body}\n</body></html>\n'
+
+
+def _jsonable(rows: list[dict]) -> list[dict]:
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+
+
+def publish_artifacts(out: EvaluatePaths) -> bool:
+    """Publish a finished evaluation (report and summary tables) as Prefect artifacts; False outside a run.
+
+    The flow's evaluate task calls this after the stage, in the flow's own process, so the artifacts
+    appear whether the stage ran in-process, in a subprocess or in a container, and for reused outputs.
+    """
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    from core.tables import read_table
+    from schemas import METRICS, PROBE_METRICS, QA_METRICS
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return False
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    create_markdown_artifact(
+        markdown=out.report.read_text(),
+        key="evaluation-report",
+        description=f"Evaluation report ({out.dir})",
+    )
+    for name, schema in (("metrics", METRICS), ("probe_metrics", PROBE_METRICS), ("qa_metrics", QA_METRICS)):
+        rows = read_table(out.table(name), schema).to_pylist()
+        create_table_artifact(
+            table=_jsonable(rows),
+            key=f"evaluation-{name.replace('_', '-')}",
+            description=f"{name} ({out.dir})",
+        )
+    return True

@@ -1,0 +1,1 @@
+"""The generate backends, one module each; ``base`` holds what they share."""

@@ -1,0 +1,132 @@
+"""The completions endpoint of OpenAI-compatible servers: vLLM replicas in production, ``transformers serve``
+on a laptop. Many requests in flight, retries with exponential backoff and jitter, several base URLs
+balanced by their number of requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+from core.config import ClientSettings
+from core.log import console
+from stages.generate.backends.base import BackendError, Meter, Request, Sink
+from stages.generate.cache import Answer
+
+
+def _retryable(e: BaseException) -> bool:
+    import openai
+
+    if isinstance(e, openai.APIConnectionError):  # refused, reset, timed out
+        return True
+    if isinstance(e, openai.APIStatusError):
+        return e.status_code in (408, 409, 429) or e.status_code >= 500
+    return False
+
+
+class OpenAIBackend:
+    """Completions over the OpenAI protocol. The client's own retries are off: ours wait longer (a
+    restarting server needs tens of seconds), add jitter so replicas are not hit in lockstep, and move
+    a failed request to another replica."""
+
+    name = "openai"
+
+    def __init__(
+        self, base_urls: list[str], model: str, client: ClientSettings, api_key_env: str = "OPENAI_API_KEY"
+    ):
+        if not base_urls:
+            raise ValueError("OpenAIBackend needs at least one base URL")
+        self.urls, self.model, self.g = list(base_urls), model, client
+        self.api_key_env = api_key_env
+
+    def run(self, shards: list[list[Request]], sink: Sink, meter: Meter) -> None:
+        todo = [r for s in shards for r in s]
+        if todo:
+            asyncio.run(self._run(todo, sink, meter))
+
+    def _delay(self, attempt: int) -> float:
+        d = min(self.g.retry_backoff_max_s, self.g.retry_backoff_s * 2 ** (attempt - 1))
+        return d / 2 + random.uniform(0, d / 2)
+
+    async def _run(self, todo: list[Request], sink: Sink, meter: Meter) -> None:
+        from openai import AsyncOpenAI
+
+        g = self.g
+        key = os.environ.get(self.api_key_env) or "EMPTY"
+        clients = [
+            AsyncOpenAI(base_url=u, api_key=key, timeout=g.request_timeout_s, max_retries=0)
+            for u in self.urls
+        ]
+        load = [0] * len(clients)
+        gate = asyncio.Semaphore(g.concurrency)
+        fatal: list[BaseException] = []
+
+        def pick(avoid: int | None) -> int:
+            order = sorted(range(len(clients)), key=lambda i: (i == avoid, load[i], random.random()))
+            return order[0]
+
+        async def one(r: Request) -> None:
+            async with gate:
+                attempt, avoid = 0, None
+                while True:
+                    if fatal:
+                        return  # the run is failing; do not queue more work on a dead server
+                    i = pick(avoid)
+                    load[i] += 1
+                    meter.sent()
+                    try:
+                        resp = await clients[i].completions.create(
+                            model=self.model,
+                            prompt=r.prompt,
+                            max_tokens=r.sampling["max_tokens"],
+                            temperature=r.sampling["temperature"],
+                            top_p=r.sampling["top_p"],
+                            seed=r.sampling["seed"],
+                        )
+                        break
+                    except Exception as e:
+                        if not _retryable(e):
+                            fatal.append(
+                                BackendError(
+                                    f"{self.urls[i]} refused the request for {r.utt_id}/{r.task}: {e}"
+                                )
+                            )
+                            return
+                        attempt += 1
+                        if attempt > g.max_retries:
+                            fatal.append(
+                                BackendError(
+                                    f"no answer from {', '.join(self.urls)} after {g.max_retries} retries "
+                                    f"({type(e).__name__}: {e})"
+                                )
+                            )
+                            return
+                        avoid = i if len(clients) > 1 else None
+                        delay = self._delay(attempt)
+                        console.print(
+                            f"[yellow]generate: {self.urls[i]}: {type(e).__name__}; retry {attempt}/"
+                            f"{g.max_retries} in {delay:.1f}s[/]"
+                        )
+                    finally:
+                        load[i] -= 1
+                        meter.back()
+                    await asyncio.sleep(delay)
+            choice = resp.choices[0]
+            usage = resp.usage
+            a = Answer(
+                (choice.text or "").strip(),
+                choice.finish_reason or "",
+                usage.prompt_tokens if usage else 0,
+                usage.completion_tokens if usage else 0,
+            )
+            sink(r, a)
+            meter.answered(a.completion_tokens)
+
+        try:
+            await asyncio.gather(*(one(r) for r in todo))
+        finally:
+            for c in clients:
+                await c.close()
+        if fatal:
+            raise fatal[0]

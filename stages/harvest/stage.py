@@ -1,0 +1,63 @@
+"""The harvest stage: the config's corpora in, the transcripts and rejects tables out."""
+
+from __future__ import annotations
+
+from core.stage import Artifact, Context, Stage
+
+
+def inputs(ctx: Context) -> list[Artifact]:
+    cfg, out = ctx.cfg, ctx.paths.harvest
+    arts = [Artifact(f"corpus:{c.name}", c.root, "corpus") for c in cfg.corpora]
+    arts += [Artifact(f"manifest:{c.name}", c.manifest, "file") for c in cfg.corpora if c.manifest]
+    if cfg.harvest.whisper_checkpoint is not None:
+        arts.append(Artifact("whisper_checkpoint", cfg.harvest.whisper_checkpoint, "model"))
+    if out.transcripts.exists():
+        # A rerun copies the previous table's unchanged rows: lineage records it as an input, but it is not
+        # part of the reuse key (otherwise every rerun would see a "new" input and never be reused).
+        arts.append(Artifact("previous_transcripts", out.transcripts, "table", keyed=False))
+    return arts
+
+
+def outputs(ctx: Context) -> list[Artifact]:
+    out = ctx.paths.harvest
+    return [Artifact("transcripts", out.transcripts, "table"), Artifact("rejects", out.rejects, "table")]
+
+
+def params(ctx: Context) -> dict:
+    return {
+        "corpora": [c.model_dump(mode="json") for c in ctx.cfg.corpora],
+        **ctx.cfg.harvest.model_dump(mode="json"),
+    }
+
+
+def body(ctx: Context) -> dict:
+    from stages.harvest.driver import harvest, print_summary
+
+    h = ctx.cfg.harvest
+    s = harvest(
+        ctx.cfg.corpora,
+        ctx.paths.harvest,
+        max_duration_s=h.max_duration_s,
+        min_duration_s=h.min_duration_s,
+        workers=h.workers,
+        whisper_checkpoint=h.whisper_checkpoint,
+        whisper_language=h.whisper_language,
+        whisper_batch_size=h.whisper_batch_size,
+        content_hash=h.content_hash,
+        whisper_max_tokens=h.whisper_max_tokens,
+    )
+    print_summary(s)
+    return s.__dict__
+
+
+STAGE = Stage(
+    name="harvest",
+    help="Read the config's corpora into WORKDIR/harvest/{transcripts,rejects}.parquet.",
+    package="stages.harvest",
+    inputs=inputs,
+    outputs=outputs,
+    params=params,
+    body=body,
+    retries=2,
+    retry_delay_s=10,
+)

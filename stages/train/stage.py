@@ -1,0 +1,57 @@
+"""The train stage: the examples and the Whisper and LLM directories in, a checkpoint out."""
+
+from __future__ import annotations
+
+from core.config import TrainConfig
+from core.stage import Artifact, Context, Stage
+
+
+def inputs(ctx: Context) -> list[Artifact]:
+    whisper, llm = ctx.paths.model_dirs(ctx.cfg)
+    made_by = "models tiny" if ctx.cfg.models.tiny is not None else None
+    return [
+        Artifact("examples", ctx.paths.build.examples, "table", made_by="build"),
+        Artifact("whisper", whisper, "model", made_by=made_by),
+        Artifact("llm", llm, "model", made_by=made_by),
+    ]
+
+
+def outputs(ctx: Context) -> list[Artifact]:
+    out = ctx.paths.train
+    return [Artifact("checkpoint", out.checkpoint, "checkpoint"), Artifact("metrics", out.metrics, "file")]
+
+
+def params(ctx: Context) -> dict:
+    # How long we wait and how often we checkpoint do not change what we train: kept out of the reuse key.
+    return ctx.cfg.train.model_dump(mode="json", exclude=TrainConfig.RESUME_EXEMPT)
+
+
+def body(ctx: Context) -> dict:
+    from core.log import console
+    from stages.train.launcher import train
+
+    whisper, llm = ctx.paths.model_dirs(ctx.cfg)
+    summary = train(ctx.cfg.train, whisper, llm, ctx.paths.build.examples, ctx.paths.train)
+    console.print(
+        f"train: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+        f"{summary['samples_seen']} samples in {summary['seconds']:.1f}s"
+        + (
+            f", [yellow]{summary['skipped_audio']} examples skipped for missing audio[/]"
+            if summary["skipped_audio"]
+            else ""
+        )
+    )
+    return summary
+
+
+STAGE = Stage(
+    name="train",
+    help="Train the speech-text model with torchrun; the checkpoint lands in WORKDIR/train/checkpoint.",
+    package="stages.train",
+    inputs=inputs,
+    outputs=outputs,
+    params=params,
+    body=body,
+    gpu=True,
+    image="train",
+)

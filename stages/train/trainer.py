@@ -1,0 +1,410 @@
+"""One torchrun process's training: ``setup``, ``fit``, ``cleanup``, in the torchtune manner.
+
+``setup`` joins the process group, opens the data (the build stage's shards streamed by
+``core.lsm.loader.ExampleLoader``, each rank its own part), builds the model (``core.lsm.model``) and
+wraps it (DDP, or FSDP2 with every LLM decoder layer its own shard unit), makes the optimizer and
+schedule, and resumes from the latest resumable checkpoint of the same settings. ``fit`` is one visible
+loop in the nanoGPT manner: gradient accumulation, clipping, one small all-reduce of the step's figures,
+logs on rank 0 (``stages.train.logs``), checkpoints every ``checkpoint_every`` steps and when a signal
+asks to stop. ``cleanup`` closes the logs. The final Hugging Face checkpoint is written by rank 0,
+whole or not at all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from core.atomic import atomic_dir
+from core.config import TrainConfig
+from core.paths import TrainPaths
+from stages.train import checkpoint
+from stages.train.logs import TrainLogs
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up from 0 over ``warmup_steps``, then linear or cosine decay to 0 at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1.0 - progress)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def decoder_layers(llm) -> list:
+    """The LLM's decoder layers (its ``_no_split_modules`` classes): the units FSDP shards."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"fsdp: no decoder layers ({sorted(names)}) found in {type(base).__name__}")
+    return layers
+
+
+class Trainer:
+    """One process's training: model, optimizer, data position, checkpoints."""
+
+    def __init__(self, args: dict):
+        """``args``: what the launcher wrote (``TrainPaths.args``): the model dirs, the examples, the config."""
+        self.args = args
+        self.cfg = TrainConfig.model_validate(args["train"])
+        self.paths = TrainPaths(Path(args["out_dir"]))
+        # torchrun gives each process its RANK / WORLD_SIZE / LOCAL_RANK
+        self.rank, self.world, self.local_rank = (
+            int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        )
+        self.master = self.rank == 0
+        self.logs: TrainLogs | None = None
+        self.resume_from: Path | None = None
+
+    def say(self, msg: str) -> None:
+        if self.master:
+            print(msg, flush=True)
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def setup(self) -> Trainer:
+        from transformers import AutoTokenizer, WhisperFeatureExtractor
+
+        from core.lsm.loader import ExampleLoader
+        from core.lsm.model import LSMForConditionalGeneration, part_flags
+
+        cfg, a = self.cfg, self.args
+        if cfg.backend == "nccl":
+            if not torch.cuda.is_available():
+                raise RuntimeError("train.backend is nccl but no CUDA device is visible; use gloo on CPU")
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        dist.init_process_group(backend=cfg.backend)
+
+        # data first (a bad table fails fast): the train split, each rank its own disjoint part; features as
+        # the Whisper's own feature extractor makes them (mel bins, and its input length: 30 s, or a tiny
+        # Whisper's shorter chunk)
+        fe = WhisperFeatureExtractor.from_pretrained(a["whisper_dir"])
+        self.loader = ExampleLoader.from_config(
+            a["examples"],
+            cfg.loader,
+            split="train",
+            rank=self.rank,
+            world_size=self.world,
+            seed=cfg.seed,
+            tokenizer=AutoTokenizer.from_pretrained(a["llm_dir"]),
+            max_batch_size=cfg.batch_size,
+            n_mels=fe.feature_size,
+            chunk_s=fe.chunk_length,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.n_rows = self.loader.total_rows
+        self.say(
+            f"data: {self.n_rows} train rows; up to {cfg.batch_size * cfg.grad_accum * self.world} samples per "
+            f"optimizer step ({cfg.batch_size} x {cfg.grad_accum} accumulation x {self.world} processes; batches "
+            f"of similar durations, at most {cfg.loader.batch_seconds:.0f} s of padded audio each)"
+        )
+
+        # model: the same seed on every rank builds the same connector (DDP also broadcasts rank 0's weights)
+        torch.manual_seed(cfg.seed)
+        model = LSMForConditionalGeneration.from_parts(
+            a["whisper_dir"], a["llm_dir"], cfg.qformer, **part_flags(cfg)
+        )
+        self.resume_from = checkpoint.latest(self.paths) if cfg.resume else None
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0}
+        if self.resume_from is not None:
+            self.state = checkpoint.load_model(
+                model, self.resume_from, checkpoint.resume_key(cfg, self.world)
+            )
+        model.to(self.device)
+        model.train()
+        self.model = model
+        n_all = sum(p.numel() for p in model.parameters())
+        self.n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.say(
+            f"model: {self.n_train / 1e6:.2f}M trainable of {n_all / 1e6:.2f}M parameters; {model.num_windows} "
+            f"windows of {model.kernel} frames, {cfg.qformer.num_queries} queries each; {cfg.strategy}"
+        )
+        self.wrapped = self._wrap(model)
+
+        # Weight decay on matrices only; norms, biases and other vectors are not decayed (as nanoGPT, SALMONN).
+        self.params = [p for p in model.parameters() if p.requires_grad]  # after FSDP: its DTensors
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(0.9, 0.999),
+            fused=self.device.type == "cuda",
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_at(step, cfg) / cfg.lr if cfg.lr else 0.0
+        )
+        # From here on each rank draws its own numbers (dropout masks differ across ranks, as they should);
+        # a resumed run restores these streams from the checkpoint just before its first step.
+        torch.manual_seed(cfg.seed * 1_000 + self.rank)
+        random.seed(cfg.seed * 1_000 + self.rank)
+        np.random.seed(cfg.seed * 1_000 + self.rank)
+        if self.resume_from is not None:
+            self._load_training_state(self.resume_from)
+            self.say(f"resumed from {self.resume_from} at step {self.state['step']}")
+        # bf16 autocast only on CUDA: CPU autocast would be slow and is not what the recipe runs.
+        self.amp = cfg.bf16 and self.device.type == "cuda"
+        return self
+
+    def _wrap(self, model):
+        if self.cfg.strategy == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            mp = MixedPrecisionPolicy()
+            if self.cfg.bf16 and self.device.type == "cuda":
+                mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            for layer in decoder_layers(model.llm):
+                fully_shard(layer, mesh=mesh, mp_policy=mp)
+            fully_shard(
+                model, mesh=mesh, mp_policy=mp
+            )  # the rest (encoder, connector, embeddings) as one unit
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # DDP all-reduces only parameters that require grad. Every trainable parameter takes part in every
+        # forward, so no unused-parameter search.
+        return DDP(
+            model,
+            device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+            find_unused_parameters=False,
+        )
+
+    def _load_training_state(self, ckpt: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(
+            self.model,
+            self.optimizer,
+            checkpoint.load_optimizer(ckpt),
+            options=StateDictOptions(full_state_dict=True),
+        )
+        self.scheduler.load_state_dict(checkpoint.load_scheduler(ckpt))
+        self.loader.load_state_dict(checkpoint.load_loader(ckpt, self.rank))
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def full_model_state(self) -> dict:
+        """Every parameter, gathered whole on rank 0 (a collective: every rank calls it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def save_resumable(self) -> Path:
+        """Write OUT/checkpoints/step-N whole or not at all (a collective: every rank calls it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        step = self.state["step"]
+        final, tmp = self.paths.step(step), checkpoint.staging(self.paths, step)
+        msd = self.full_model_state()
+        osd = get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.master:
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        checkpoint.write_rank(tmp, self.rank, self.loader.state_dict())
+        if self.master:
+            state = {**self.state, "settings": checkpoint.resume_key(self.cfg, self.world)}
+            keep = checkpoint.saved_names(self.model)
+            checkpoint.write_shared(tmp, msd, keep, osd, self.scheduler.state_dict(), state)
+        dist.barrier()
+        if self.master:
+            checkpoint.publish(tmp, final, self.cfg.keep_checkpoints)
+        dist.barrier()
+        return final
+
+    def save_final(self) -> Path:
+        """The Hugging Face checkpoint at OUT/checkpoint (rank 0 writes it atomically; a collective)."""
+        msd = self.full_model_state() if self.cfg.strategy == "fsdp" else None
+        if self.master:
+            with atomic_dir(self.paths.checkpoint) as tmp:
+                if msd is None:
+                    self.model.save_pretrained(tmp)
+                else:
+                    self._save_unsharded(msd, tmp)
+        return self.paths.checkpoint
+
+    def _save_unsharded(self, msd: dict, tmp: Path) -> None:
+        # The FSDP model's parameters are shards; a fresh model on rank 0 takes the gathered ones and saves.
+        from core.lsm.model import LSMForConditionalGeneration, part_flags
+
+        a = self.args
+        fresh = LSMForConditionalGeneration.from_parts(
+            a["whisper_dir"], a["llm_dir"], self.cfg.qformer, **part_flags(self.cfg)
+        )
+        fresh.load_state_dict(msd, strict=True)
+        fresh.save_pretrained(tmp)
+
+    # ---------------------------------------------------------------------------------------- the data
+
+    def batches(self):
+        """An endless stream of (epoch, batch); its position (epoch, batches delivered) a checkpoint holds."""
+        while True:  # the loader moves on to the next epoch at the end of each pass
+            got = False
+            for b in self.loader:
+                got = True
+                self.skipped += b["skipped"]  # unreadable clips: each also a warning naming the file
+                self.state["epoch"] = self.loader.epoch
+                self.state["batch_in_epoch"] = sum(self.loader.consumed)
+                yield self.loader.epoch, b["batch"].to(self.device)
+            if not got:  # a whole pass without one batch would loop here forever: say why instead
+                raise RuntimeError(
+                    f"[rank {self.rank}] no training batch in a whole pass over the data: {self.n_rows} train "
+                    f"rows for {self.world} processes, {self.skipped} clips unreadable (see the warnings)"
+                )
+
+    def tokens(self, batch) -> int:
+        """Real (unpadded) LLM positions of a batch: prompt, speech tokens and answer."""
+        return sum(
+            len(p) + self.model.num_speech_tokens(float(d)) + len(s) + len(a)
+            for p, d, s, a in zip(
+                batch.prefix_ids, batch.durations_s, batch.suffix_ids, batch.answer_ids, strict=True
+            )
+        )
+
+    # ---------------------------------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        cfg, model = self.cfg, self.model
+        stop = {"signal": 0}
+
+        def on_signal(signum, frame):  # finish the step under way, checkpoint, then exit
+            stop["signal"] = signum
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.skipped = 0
+        stream = self.batches()
+        start_step = self.state["step"]
+        if self.master:
+            self.logs = TrainLogs(self.paths, start_step, cfg.tensorboard)
+        if self.resume_from is not None:  # last, so nothing after it draws numbers before the first step
+            checkpoint.restore_rng(self.resume_from, self.rank)
+        t_start, loss_avg, stopped = time.time(), float("nan"), False
+        for step in range(start_step, cfg.max_steps):
+            t0 = time.time()
+            lr = self.optimizer.param_groups[0]["lr"]
+            loss_sum = torch.zeros((), device=self.device)
+            counts = torch.zeros(3, device=self.device)  # samples, tokens, stop signal
+            data_s = 0.0
+            for micro in range(cfg.grad_accum):
+                td = time.time()
+                epoch, batch = next(stream)
+                data_s += time.time() - td
+                # Gradients are all-reduced only on the last micro-batch; the earlier ones just accumulate.
+                last = micro == cfg.grad_accum - 1
+                if cfg.strategy == "fsdp":
+                    model.set_requires_gradient_sync(last)
+                    sync = nullcontext()
+                else:
+                    sync = self.wrapped.no_sync() if not last else nullcontext()
+                with sync:
+                    amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+                    with amp:
+                        loss = self.wrapped(**batch.kwargs()).loss
+                    # Mean over micro-batches: scale so the accumulated gradient is the average, not the sum.
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach() / cfg.grad_accum
+                counts[0] += len(batch)
+                counts[1] += self.tokens(batch)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+            # One small all-reduce: the loss averaged over ranks, throughput over all processes, and whether
+            # any rank was told to stop (so that all of them stop after the same step).
+            counts[2] = float(stop["signal"] != 0)
+            stats = torch.cat([loss_sum.reshape(1), counts])
+            dist.all_reduce(stats)
+            loss_avg, step_samples, step_tokens = stats[0].item() / self.world, int(stats[1]), int(stats[2])
+            stopped = stats[3].item() > 0
+            self.state["step"] = step + 1
+            self.state["samples_seen"] += step_samples
+            dt = time.time() - t0
+            if self.logs is not None:
+                self.logs.step(
+                    {
+                        "step": step + 1,
+                        "epoch": epoch,
+                        "loss": loss_avg,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "samples": self.state["samples_seen"],
+                        "samples_per_s": step_samples / dt,
+                        "tokens_per_s": step_tokens / dt,
+                        "step_s": dt,
+                        "data_s": data_s,
+                    },
+                    cfg.max_steps,
+                )
+            if not math.isfinite(loss_avg):
+                raise RuntimeError(f"loss is {loss_avg} at step {step + 1}; stopping")
+            due = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps
+            if stopped or due:
+                path = self.save_resumable()
+                self.say(f"checkpoint: {path} (step {step + 1})")
+                if self.logs is not None:
+                    self.logs.plot()
+            if stopped:
+                break
+
+        skipped_t = torch.tensor(float(self.skipped), device=self.device)
+        dist.all_reduce(skipped_t)
+        summary = {
+            "steps": self.state["step"],
+            "final_loss": loss_avg,
+            "samples_seen": self.state["samples_seen"],
+            "train_rows": self.n_rows,
+            "skipped_audio": int(skipped_t.item()),
+            "world_size": self.world,
+            "strategy": cfg.strategy,
+            "trainable_params": self.n_train,
+            "resumed_from_step": start_step,
+            "seconds": time.time() - t_start,
+            "flow_run_id": os.environ.get("SPLSM_FLOW_RUN_ID"),
+        }
+        if stopped:
+            self.say(
+                f"stopped by a signal after step {self.state['step']}; rerun to resume from its checkpoint"
+            )
+            return {**summary, "stopped": True}
+        final = self.save_final()
+        if self.logs is not None:
+            self.logs.summary(summary)
+            self.say(f"saved {final} after {self.state['step']} steps ({summary['seconds']:.1f}s)")
+        return summary
+
+    # ------------------------------------------------------------------------------------------ cleanup
+
+    def cleanup(self) -> None:
+        """Close the logs (with the loss plot) and wait for every rank; the process group stays up until the
+        worker exits (see ``stages.train.worker``)."""
+        if self.logs is not None:
+            self.logs.close()
+        dist.barrier()
