@@ -81,7 +81,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from core.lsm.model import Collator
     from stages.evaluate.evaluator import _load_model
 
     cfg = load_config(REPO / "configs" / "demo.yaml")
@@ -89,7 +88,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint or demo_checkpoint(Path(tmp), cfg)
         model = _load_model(ckpt, "cpu")
-        collate = Collator(model.tokenizer, model.feature_extractor)
         catalog = load_catalog()
         clips = demo_clips()
         items = []
@@ -105,12 +103,12 @@ def main() -> None:
             f"{sum(it.duration_s for it in items):.1f} s of audio; greedy, cap {e.max_new_tokens} tokens; "
             f"torch threads {torch.get_num_threads()}; checkpoint {'given' if args.checkpoint else 'demo (untrained connector)'}"
         )
-        decoding.decode(model, collate, items[: max(sizes)], max(sizes), label="warm-up")
+        decoding.decode(model, items[: max(sizes)], max(sizes), label="warm-up")
         rtfx: dict[int, list[float]] = {b: [] for b in sizes}
         texts: dict[int, dict] = {}
         for r in range(args.repeats):
             for b in sizes:
-                d = decoding.decode(model, collate, items, b, label=f"batch {b} run {r + 1}")
+                d = decoding.decode(model, items, b, label=f"batch {b} run {r + 1}")
                 rtfx[b].append(d.audio_s["demo"] / d.decode_s["demo"])
                 texts[b] = d.texts
         same = all(texts[b] == texts[sizes[0]] for b in sizes)

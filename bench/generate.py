@@ -30,15 +30,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.catalog import load_catalog  # noqa: E402
-from core.config import DEMO_CONFIG, LLM_TASKS, GenerateConfig, load_config  # noqa: E402
-from core.log import console  # noqa: E402
-from stages.generate.backends.base import (  # noqa: E402
-    Meter,
-    OpenAIBackend,
-    ServerProcess,
-    TransformersBackend,
+from core.config import (  # noqa: E402
+    DEMO_CONFIG,
+    LLM_TASKS,
+    ClientSettings,
+    GenerateConfig,
+    TransformersBackendConfig,
+    load_config,
 )
+from core.log import console  # noqa: E402
+from core.paths import WorkPaths  # noqa: E402
+from stages.generate.backends.base import Meter  # noqa: E402
+from stages.generate.backends.openai_server import OpenAIBackend  # noqa: E402
+from stages.generate.backends.transformers_local import TransformersBackend  # noqa: E402
+from stages.generate.backends.transformers_serve import ServerProcess  # noqa: E402
 from stages.generate.driver import count_prompt_tokens, plan_requests  # noqa: E402
+from stages.registry import STAGES  # noqa: E402
 
 
 def reference_loop(llm_dir: Path, prompts: list[str], max_new_tokens: int, batch: int = 32, device="cpu"):
@@ -108,24 +115,18 @@ def main() -> None:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
-    from stages.harvest import driver as harvest
     from stages.tiny_models.models import build_tiny_models, corpus_texts
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     cfg = load_config(DEMO_CONFIG)
-    harvest.run(cfg, tmp)
-    transcripts = tmp / "harvest" / "transcripts.parquet"
-    _, llm = build_tiny_models(corpus_texts(transcripts), tmp / "models", cfg.models.tiny)
+    STAGES["harvest"].run(STAGES["harvest"].context(cfg, tmp))
+    paths = WorkPaths(tmp)
+    transcripts = paths.harvest.transcripts
+    _, llm = build_tiny_models(corpus_texts(transcripts), paths.models, cfg.models.tiny)
 
-    g = GenerateConfig(
-        backend="transformers",
-        tasks=list(LLM_TASKS),
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        transformers_batching="static",
-        device=device,
-    )
+    local = TransformersBackendConfig(batching="static", batch_size=args.batch_size, device=device)
+    client = ClientSettings(concurrency=args.concurrency)
+    g = GenerateConfig(backend=local, tasks=list(LLM_TASKS), max_new_tokens=args.max_new_tokens)
     from transformers import AutoTokenizer
 
     # Each instruction seed draws another instruction per (utterance, task): more distinct prompts from the
@@ -151,15 +152,15 @@ def main() -> None:
     runners = {
         "reference (HF generate, batch 32)": reference_loop(llm, prompts, args.max_new_tokens, device=device)
     }
-    runners["transformers/static"] = backend_runner(TransformersBackend(llm, g), reqs)
+    runners["transformers/static"] = backend_runner(TransformersBackend(llm, local), reqs)
     if "transformers/static+compile" not in args.skip:
-        tb = TransformersBackend(llm, g.model_copy(update={"transformers_compile": True}))
+        tb = TransformersBackend(llm, local.model_copy(update={"compile": True}))
         # compiling is a one-time cost, like a server's start: paid here, before the timed runs, and printed
         t0 = time.monotonic()
         backend_runner(tb, reqs[:8])()
         runners["transformers/static+compile"] = backend_runner(tb, reqs)
         console.print(f"transformers/static+compile: compiled in {time.monotonic() - t0:.1f}s")
-    cont = g.model_copy(update={"transformers_batching": "continuous"})
+    cont = local.model_copy(update={"batching": "continuous"})
     # the slow backends answer the first --slow-prompts prompts only: at 20-100x slower than the reference
     # on CPU, all of them would take many minutes; their rate and output are compared on that subset
     slow_reqs = reqs[: args.slow_prompts]
@@ -174,7 +175,7 @@ def main() -> None:
         srv.start()
         console.print(f"{name}: ready in {time.monotonic() - t0:.1f}s")
         servers.append(srv)
-        runners[name] = backend_runner(OpenAIBackend([srv.url], str(llm), g), slow_reqs)
+        runners[name] = backend_runner(OpenAIBackend([srv.url], str(llm), client), slow_reqs)
     runners = {k: v for k, v in runners.items() if k not in skip}
     ref_name = next(iter(runners))
 

@@ -60,7 +60,7 @@ def run_variant(name: str, work: Path, whisper: Path, llm: Path, examples: Path,
 
 def decode_on_gpu(checkpoint: Path, examples: Path, device: str = "cuda") -> tuple[int, list[str]]:
     """Greedy decoding of every test-clean row on the GPU, through the evaluate stage's own decoding."""
-    from core.lsm.model import Collator, LSMForConditionalGeneration
+    from core.lsm.model import LSMForConditionalGeneration
     from core.tables import read_table
     from schemas import EXAMPLES
     from stages.evaluate.decoding import Item, decode
@@ -68,7 +68,7 @@ def decode_on_gpu(checkpoint: Path, examples: Path, device: str = "cuda") -> tup
     model = LSMForConditionalGeneration.from_pretrained(checkpoint).to(device).eval()
     rows = [r for r in read_table(examples, EXAMPLES).to_pylist() if r["split"] == "test-clean"]
     items = [Item.of_row(r["example_id"], r, 8) for r in rows]
-    done = decode(model, Collator(model.tokenizer, model.feature_extractor), items, batch_size=len(items))
+    done = decode(model, items, batch_size=len(items))
     return len(rows), [done.texts[it.key] for it in items if it.key in done.texts]
 
 

@@ -96,10 +96,15 @@ def timed_harvest(root: Path, out: Path, repo: Path = REPO, **corpus) -> dict:
     process tree (sampled) and of the harvest process alone (``main_peak_rss``, exact: ru_maxrss).
     ``corpus`` are CorpusConfig fields (default: a LibriSpeech tree at ``root``)."""
     spec = {"name": "bench", "kind": "librispeech", **corpus, "root": str(root)}
+    if (repo / "core").is_dir():
+        imports = "from core.config import CorpusConfig; from stages.harvest.driver import harvest;"
+    else:  # a tree from before the stage packages (a baseline commit)
+        imports = "from splsm.config import CorpusConfig; from stages.harvest import harvest;"
     code = (
         "import json, sys, time; t = time.monotonic();"
-        "from pathlib import Path; from core.config import CorpusConfig; from stages.harvest.driver import harvest;"
-        f"s = harvest([CorpusConfig(**json.loads({json.dumps(spec)!r}))], Path({str(out)!r}));"
+        "from pathlib import Path; "
+        + imports
+        + f"s = harvest([CorpusConfig(**json.loads({json.dumps(spec)!r}))], Path({str(out)!r}));"
         "import resource; peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024;"
         "print(json.dumps({'seconds': time.monotonic() - t, 'main_peak_rss': peak, **s.__dict__}))"
     )
@@ -143,7 +148,7 @@ def fixed_costs(root: Path, new_speakers: list[Path]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t = time.monotonic()
     subprocess.run(
-        [sys.executable, "-c", "from core.config import CorpusConfig; import stages.harvest"],
+        [sys.executable, "-c", "from core.config import CorpusConfig; import stages.harvest.driver"],
         cwd=REPO,
         env=env,
         check=True,

@@ -21,6 +21,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import learning_check as lc  # noqa: E402
 
+BUDGET_S = 15 * 60  # the learning issue's budget on 2 cores, synthesis and evaluation included
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,9 +47,9 @@ def main() -> None:
     print(f"{r.steps} steps, final train loss {r.final_loss:.4f}, {r.seconds:.0f}s in all ({work})")
     ok = r.wer <= lc.WER_GOAL
     print(f"goal held_out_wer: {r.wer:.3f} (target <= {lc.WER_GOAL:.2f}) {'met' if ok else 'not met'}")
-    in_time = r.seconds <= lc.BUDGET_S
+    in_time = r.seconds <= BUDGET_S
     print(
-        f"goal minutes: {r.seconds / 60:.1f} (target <= {lc.BUDGET_S / 60:.0f}) {'met' if in_time else 'not met'}"
+        f"goal minutes: {r.seconds / 60:.1f} (target <= {BUDGET_S / 60:.0f}) {'met' if in_time else 'not met'}"
     )
 
 

@@ -39,7 +39,8 @@ from transformers import WhisperFeatureExtractor  # noqa: E402
 
 from core.config import BuildConfig  # noqa: E402
 from core.lsm.loader import ExampleLoader  # noqa: E402
-from stages.build.examples import example_id, write_shards  # noqa: E402
+from stages.build.examples import example_id  # noqa: E402
+from stages.build.shards import write_shards  # noqa: E402
 
 DEMO = REPO / "data" / "demo"
 REF_BATCH = 12  # the reference's per-GPU batch
@@ -146,7 +147,7 @@ def run_ours(shards: Path, workers: int) -> float:
         max_batch_size=REF_BATCH,
         prefetch_batches=4,
     )
-    return steady_rate(loader, lambda b: b["input_features"].shape[0])
+    return steady_rate(loader, lambda b: len(b["batch"]))
 
 
 def side_by_side(ref, ours, runs: int) -> tuple[list, list]:

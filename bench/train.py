@@ -49,7 +49,7 @@ def breakdown(whisper: Path, llm: Path, examples: Path, steps: int) -> dict[str,
     from helpers_lsm import TINY_QFORMER
 
     from core.lsm.loader import ExampleLoader
-    from core.lsm.model import LSMForConditionalGeneration, SpeechBatch
+    from core.lsm.model import LSMForConditionalGeneration
 
     torch.set_num_threads(1)  # as one torchrun worker runs
     torch.manual_seed(1)
@@ -68,9 +68,7 @@ def breakdown(whisper: Path, llm: Path, examples: Path, steps: int) -> dict[str,
     for step in range(steps + 1):
         t = [time.perf_counter()]
         b = next(batches)
-        batch = SpeechBatch(
-            b["input_features"], b["durations"], b["prefix_ids"], b["suffix_ids"], b["answer_ids"]
-        )
+        batch = b["batch"]
         t.append(time.perf_counter())
         frames = model.encode_frames(batch.input_features)
         t.append(time.perf_counter())

@@ -167,7 +167,7 @@ class Stage:
 
 def run_stage(
     name: str,
-    paths: WorkPaths,
+    paths: WorkPaths | str | os.PathLike,
     params: dict,
     inputs: list[Artifact],
     outputs: list[Artifact],
@@ -179,9 +179,11 @@ def run_stage(
     """Run ``body`` unless its outputs are already there from the same inputs, parameters and code.
 
     ``body`` writes the outputs (each atomically) and may return a summary dict for the marker and logs.
-    The run is recorded under ``name``; its marker is ``marker`` (default: the stage folder's).
+    The run is recorded under ``name``; its marker is ``marker`` (default: the stage folder's). ``package``:
+    the code that makes the outputs, for the reuse key (``core.codehash``).
     """
     t0 = time.monotonic()
+    paths = paths if isinstance(paths, WorkPaths) else WorkPaths(paths)
     marker = marker or paths.marker(name)
     in_refs = [a.ref() for a in inputs]
     key = hashlib.sha256(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from core.paths import WorkPaths
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
 LIBRISPEECH = DEMO / "LibriSpeech"
@@ -15,6 +17,14 @@ LIBRISPEECH = DEMO / "LibriSpeech"
 # Tests never reach a model hub; anything that tries fails loudly instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def run_stage(name: str, cfg, workdir: Path, force: bool = False, **options):
+    """Run a stage of the registry as the CLI does (reuse check, lineage), on a config object."""
+    from stages.registry import STAGES
+
+    stage = STAGES[name]
+    return stage.run(stage.context(cfg, workdir, options), force)
 
 
 @pytest.fixture(scope="session")
@@ -27,10 +37,8 @@ def demo_config():
 @pytest.fixture(scope="session")
 def harvested(tmp_path_factory, demo_config) -> Path:
     """The demo corpora harvested once: WORKDIR/harvest/{transcripts,rejects}.parquet."""
-    from stages.harvest import driver as harvest
-
     work = tmp_path_factory.mktemp("harvested")
-    harvest.run(demo_config, work)
+    run_stage("harvest", demo_config, work)
     return work
 
 
@@ -40,9 +48,7 @@ def tiny_models_dir(tmp_path_factory, harvested, demo_config) -> Path:
     from stages.tiny_models.models import build_tiny_models, corpus_texts
 
     out = tmp_path_factory.mktemp("tiny")
-    build_tiny_models(
-        corpus_texts(harvested / "harvest" / "transcripts.parquet"), out, demo_config.models.tiny
-    )
+    build_tiny_models(corpus_texts(WorkPaths(harvested).harvest.transcripts), out, demo_config.models.tiny)
     return out
 
 
@@ -74,6 +80,8 @@ def generated(tmp_path_factory, harvested, tiny_models_dir):
     from stages.generate.driver import generate
 
     out = tmp_path_factory.mktemp("gen")
-    g = GenerateConfig(tasks=GEN_TASKS, max_new_tokens=8, concurrency=4)
-    summary = generate(harvested / "harvest" / "transcripts.parquet", out, g, tiny_models_dir / "llm")
+    g = GenerateConfig(
+        tasks=GEN_TASKS, max_new_tokens=8, backend={"kind": "transformers-serve", "concurrency": 4}
+    )
+    summary = generate(WorkPaths(harvested).harvest.transcripts, out, g, tiny_models_dir / "llm")
     return out, g, summary

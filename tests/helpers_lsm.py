@@ -6,8 +6,8 @@ from pathlib import Path
 
 from core.catalog import load_catalog
 from core.config import ExperimentConfig, QFormerConfig, TinyModels
+from core.paths import REPO_ROOT
 from core.prompts import VICUNA_V11_SYSTEM, speech_prompt
-from core.stage import REPO_ROOT
 from core.tables import write_table
 from core.text import readable
 from schemas import EXAMPLES, to_table

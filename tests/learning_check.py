@@ -20,6 +20,7 @@ from pathlib import Path
 from helpers_lsm import example_row
 
 from core.config import QFormerConfig, TinyModels, TrainConfig
+from core.paths import WorkPaths
 from core.prompts import VICUNA_V11_SYSTEM
 from core.tables import read_table, write_table
 from schemas import EXAMPLES, to_table
@@ -29,7 +30,6 @@ VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp"]
 VARIANTS = ["", "+m1", "+m3", "+f2", "+f4"]
 N_TRAIN, N_TEST = 1000, 40
 WER_GOAL = 0.30
-BUDGET_S = 15 * 60  # the budget on 2 cores, synthesis and evaluation included
 CHUNK_S = 5  # every clip here lasts under 5 s
 INIT_STD = 0.2
 LLM_LAYERS = 2
@@ -141,10 +141,11 @@ def held_out_wer(checkpoint: Path, examples: Path) -> tuple[float, list[tuple[st
     import torch
 
     from core import audio
-    from core.lsm.model import Collator, LSMForConditionalGeneration
+    from core.lsm.batch import Collate
+    from core.lsm.model import LSMForConditionalGeneration
 
     model = LSMForConditionalGeneration.from_pretrained(checkpoint).eval()
-    collate = Collator(model.tokenizer, model.feature_extractor)
+    collate = Collate.for_model(model)
     test_rows = [r for r in read_table(examples, EXAMPLES).to_pylist() if r["split"] == "test"]
     refs, hyps = [], []
     for i in range(0, len(test_rows), 10):
@@ -181,5 +182,5 @@ def run_check(
     short_chunk_whisper(whisper_dir)
     cfg = TrainConfig.model_validate({**SETTINGS, "max_steps": steps, **(overrides or {})})
     summary = train.train(cfg, whisper_dir, llm_dir, examples, work / "train")
-    wer, pairs = held_out_wer(work / "train" / "checkpoint", examples)
+    wer, pairs = held_out_wer(WorkPaths(work).train.checkpoint, examples)
     return LearningResult(wer, time.monotonic() - t0, cfg.max_steps, summary["final_loss"], pairs, work)

@@ -6,16 +6,19 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import DEMO, REPO
+from conftest import DEMO, REPO, run_stage
 from core.catalog import load_catalog
 from core.config import BuildConfig
-from core.lineage.store import LineageStore, lineage_path
-from core.prompts import speech_prompt, text_prompt
 from core.digest import sha256_file
+from core.lineage.store import LineageStore
+from core.paths import WorkPaths
+from core.prompts import speech_prompt, text_prompt
 from core.tables import read_table, write_table
 from schemas import EXAMPLES, REJECTS, RESPONSES, SHARDS, TRANSCRIPTS, to_table
 from splsm.cli import main
-from stages.build.examples import InstructionMapper, assign_split, build, import_reference
+from stages.build.examples import assign_split, build
+from stages.import_reference.importer import import_reference
+from stages.import_reference.mapper import InstructionMapper
 
 FIXTURE = REPO / "tests" / "fixtures" / "self_powered_sample.jsonl"
 
@@ -28,7 +31,7 @@ def _kept(gen_dir, tmp_path):
 
 
 def _transcripts(harvested):
-    return harvested / "harvest" / "transcripts.parquet"
+    return WorkPaths(harvested).harvest.transcripts
 
 
 def _shard_rows(out):
@@ -298,8 +301,6 @@ def test_importing_the_reference_sample_counts_every_missing_clip(harvested, tmp
 
 
 def test_imported_answers_become_examples_and_bad_lines_rejects(harvested, demo_config, tmp_path):
-    from stages import build as stage
-
     tr = read_table(_transcripts(harvested), TRANSCRIPTS).to_pylist()
     libri = [t for t in tr if "/LibriSpeech/" in t["audio_path"]][:3]
     sample = [json.loads(ln) for ln in FIXTURE.read_text().splitlines()]
@@ -323,7 +324,7 @@ def test_imported_answers_become_examples_and_bad_lines_rejects(harvested, demo_
     manifest.write_text("\n".join(lines) + "\n")
     work = tmp_path / "work"
     (work / "harvest").mkdir(parents=True)
-    shutil.copy(_transcripts(harvested), work / "harvest" / "transcripts.parquet")
+    shutil.copy(_transcripts(harvested), WorkPaths(work).harvest.transcripts)
     out = CliRunner().invoke(
         main,
         [
@@ -338,7 +339,7 @@ def test_imported_answers_become_examples_and_bad_lines_rejects(harvested, demo_
         ],
     )
     assert out.exit_code == 0, out.output
-    resp = read_table(work / "import" / "responses.parquet", RESPONSES).to_pylist()
+    resp = read_table(WorkPaths(work).imported.responses, RESPONSES).to_pylist()
     assert [(r["utt_id"], r["task"], r["answer"]) for r in resp] == [
         (t["utt_id"], _label(r["instruction"]), r["text"].strip())
         for r, t in zip(sample[:3], libri, strict=True)
@@ -346,7 +347,7 @@ def test_imported_answers_become_examples_and_bad_lines_rejects(harvested, demo_
     assert all(
         r["prompt"] == text_prompt(r["instruction"], t["text"]) for r, t in zip(resp, libri, strict=True)
     )
-    rejects = read_table(work / "import" / "rejects.parquet", REJECTS).to_pylist()
+    rejects = read_table(WorkPaths(work).imported.rejects, REJECTS).to_pylist()
     assert [(r["source"].rsplit(":", 1)[1], r["reason"]) for r in rejects] == [
         ("4", "unknown_instruction"),
         ("5", "outside_root"),
@@ -363,9 +364,9 @@ def test_imported_answers_become_examples_and_bad_lines_rejects(harvested, demo_
         }
     )
     (work / "generate").mkdir()
-    write_table(to_table([], RESPONSES), work / "generate" / "responses.parquet", RESPONSES)
-    res = stage.run(cfg, work)
-    ex = read_table(work / "build" / "examples.parquet", EXAMPLES).to_pylist()
+    write_table(to_table([], RESPONSES), WorkPaths(work).generate.responses, RESPONSES)
+    res = run_stage("build", cfg, work)
+    ex = read_table(WorkPaths(work).build.examples, EXAMPLES).to_pylist()
     imported = [e for e in ex if e["task"] != "asr"]
     assert res.summary["imported_answers"] == 3
     assert sorted((e["utt_id"], e["instruction"]) for e in imported) == sorted(
@@ -374,16 +375,16 @@ def test_imported_answers_become_examples_and_bad_lines_rejects(harvested, demo_
     assert all(e["prefix"] == speech_prompt(e["instruction"]).prefix for e in imported)
 
     # the run, its inputs and the shard manifest are in lineage; a rerun reuses the outputs
-    store = LineageStore(lineage_path(work))
+    store = LineageStore(WorkPaths(work).lineage)
     roles = dict(
         store.query(
             "SELECT io.role, d.row_count FROM run_io io JOIN datasets d USING (dataset_id) WHERE io.run_id = ?",
             [res.run_id],
         )
     )
-    manifest_rows = read_table(work / "build" / "shards" / "manifest.parquet", SHARDS).num_rows
+    manifest_rows = read_table(WorkPaths(work).build.shards / "manifest.parquet", SHARDS).num_rows
     assert roles["shard_manifest"] == manifest_rows and "imported_responses" in roles and "shards" in roles
-    assert stage.run(cfg, work).reused
+    assert run_stage("build", cfg, work).reused
 
 
 def test_build_config_rejects_a_mix_it_cannot_meet():

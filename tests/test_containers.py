@@ -18,6 +18,7 @@ import pytest
 
 from conftest import REPO
 from core.lineage.store import LineageStore
+from core.paths import WorkPaths
 from core.tables import read_table
 from schemas import REJECTS, TRANSCRIPTS
 from splsm.runner import ContainerConfig, ExecutionConfig, StageFailed, run_stage_cli
@@ -30,8 +31,8 @@ IMAGE_UID = 1000  # the images' non-root user
 def test_harvest_in_a_subprocess_records_the_callers_flow_run(tmp_path, monkeypatch):
     monkeypatch.setenv("SPLSM_FLOW_RUN_ID", "flow-run-from-caller")
     run_stage_cli("harvest", DEMO_CONFIG, tmp_path, execution=ExecutionConfig(mode="subprocess"))
-    assert read_table(tmp_path / "harvest" / "transcripts.parquet", TRANSCRIPTS).num_rows == 17
-    (row,) = LineageStore(tmp_path / "lineage.duckdb").dicts(
+    assert read_table(WorkPaths(tmp_path).harvest.transcripts, TRANSCRIPTS).num_rows == 17
+    (row,) = LineageStore(WorkPaths(tmp_path).lineage).dicts(
         "SELECT status, flow_run_id, git_commit FROM runs"
     )
     assert row["status"] == "succeeded" and row["flow_run_id"] == "flow-run-from-caller"
@@ -92,7 +93,7 @@ def _ca_bundle() -> Path | None:
 
 @pytest.fixture(scope="session")
 def cpu_image(engine) -> str:
-    from splsm.runner import build_image
+    from splsm.images import build_image
 
     build_image(
         TAG,
@@ -125,7 +126,7 @@ def test_image_runs_as_a_non_root_user(engine, cpu_image):
 def test_harvest_runs_in_its_container_and_records_the_image(engine, cpu_image, tmp_path, caplog):
     import docker
 
-    from core.stage import git_commit
+    from core.provenance import git_commit
 
     client = docker.DockerClient(base_url=engine)
     work = _workdir(tmp_path)
@@ -135,11 +136,11 @@ def test_harvest_runs_in_its_container_and_records_the_image(engine, cpu_image, 
     with caplog.at_level(logging.INFO, logger="splsm.runner"):
         run_stage_cli("harvest", DEMO_CONFIG, work, execution=execution)
 
-    assert read_table(work / "harvest" / "transcripts.parquet", TRANSCRIPTS).num_rows == 17
-    rejects = read_table(work / "harvest" / "rejects.parquet", REJECTS)
+    assert read_table(WorkPaths(work).harvest.transcripts, TRANSCRIPTS).num_rows == 17
+    rejects = read_table(WorkPaths(work).harvest.rejects, REJECTS)
     assert rejects.column("reason").to_pylist() == ["missing_audio"] * 2
-    assert (work / "harvest" / "transcripts.parquet").stat().st_uid == IMAGE_UID  # written in the container
-    (row,) = LineageStore(work / "lineage.duckdb").dicts("SELECT * FROM runs")
+    assert (WorkPaths(work).harvest.transcripts).stat().st_uid == IMAGE_UID  # written in the container
+    (row,) = LineageStore(WorkPaths(work).lineage).dicts("SELECT * FROM runs")
     assert row["status"] == "succeeded" and row["image"] == cpu_image
     img = client.images.get(cpu_image)  # the content id, or the repository digest where the engine has one
     assert row["image_digest"] in {img.id, *(img.attrs.get("RepoDigests") or [])}
@@ -148,14 +149,14 @@ def test_harvest_runs_in_its_container_and_records_the_image(engine, cpu_image, 
     assert row["host"] != os.uname().nodename  # it ran in the container
     # the container's log reached the caller's log, and the container is gone
     assert "harvest: 17 transcripts" in caplog.text
-    assert not client.containers.list(all=True, filters={"label": "core.stage=harvest"})
+    assert not client.containers.list(all=True, filters={"label": "splsm.stage=harvest"})
     # the corpora were read at their host paths, and fingerprint alike on both sides
     from core.config import load_config
     from core.stage import Artifact
 
     recorded = {
         (r["location"], r["content_hash"])
-        for r in LineageStore(work / "lineage.duckdb").dicts(
+        for r in LineageStore(WorkPaths(work).lineage).dicts(
             "SELECT d.location, d.content_hash FROM run_io io JOIN datasets d USING (dataset_id)"
             " WHERE io.direction = 'input'"
         )
@@ -175,7 +176,7 @@ def test_a_failing_stage_in_its_container_fails_and_is_removed(engine, cpu_image
     )
     with pytest.raises(StageFailed, match=r"(?s)exited with 1.*checkpoint .* does not exist"):
         run_stage_cli("evaluate", DEMO_CONFIG, work, execution=execution)
-    assert not client.containers.list(all=True, filters={"label": "core.stage=evaluate"})
+    assert not client.containers.list(all=True, filters={"label": "splsm.stage=evaluate"})
 
 
 @pytest.mark.slow
@@ -190,16 +191,18 @@ def test_a_container_the_engine_cannot_start_fails_the_stage_and_is_removed(engi
     )
     with pytest.raises(StageFailed, match=r"harvest: the engine could not start .*no-such-user"):
         run_stage_cli("harvest", DEMO_CONFIG, work, execution=execution)
-    assert not client.containers.list(all=True, filters={"label": "core.stage=harvest"})
+    assert not client.containers.list(all=True, filters={"label": "splsm.stage=harvest"})
 
 
 def test_gpu_stages_request_gpus_by_count_or_id_and_cpu_stages_none():
     # what the Engine API receives (podman ignores device requests, so no engine can show them here)
     from splsm.runner import gpu_requests
+    from stages.registry import STAGES
 
-    (by_count,) = gpu_requests("train", 2)
+    train, evaluate, harvest = STAGES["train"], STAGES["evaluate"], STAGES["harvest"]
+    (by_count,) = gpu_requests(train, 2)
     assert (by_count["Driver"], by_count["Count"], by_count["Capabilities"]) == ("nvidia", 2, [["gpu"]])
-    (by_id,) = gpu_requests("evaluate", ["0", 3])
+    (by_id,) = gpu_requests(evaluate, ["0", 3])
     assert by_id["DeviceIDs"] == ["0", "3"] and by_id["Count"] == 0
-    assert gpu_requests("train", -1)[0]["Count"] == -1  # all
-    assert gpu_requests("harvest", 2) is None and gpu_requests("train", None) is None
+    assert gpu_requests(train, -1)[0]["Count"] == -1  # all
+    assert gpu_requests(harvest, 2) is None and gpu_requests(train, None) is None

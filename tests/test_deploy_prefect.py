@@ -25,6 +25,7 @@ import yaml
 
 from conftest import REPO, copy_librispeech
 from core.lineage.store import LineageStore
+from core.paths import WorkPaths
 from core.tables import read_table
 from schemas import EXAMPLES, TRANSCRIPTS
 
@@ -183,7 +184,7 @@ def test_demo_deployment_run_completes_and_its_lineage_is_there(server, tmp_path
         if "gpu" in by_id[r["task_run_id"]]["tags"]
     }
     assert gpu == {"train", "evaluate"}
-    assert (work / "evaluate" / "metrics.parquet").exists()
+    assert (WorkPaths(work).evaluate.table("metrics")).exists()
     # exported for Marquez: every stage run a child of this flow run
     from core.lineage.store import openlineage_events
 
@@ -210,7 +211,7 @@ def test_scheduled_regeneration_after_new_clips_asks_only_for_their_answers(serv
     first = server.run_deployment("regenerate_dataset/regenerate", config=str(config), workdir=str(work))
     gen1 = json.loads((work / "generate" / "_stage.json").read_text())["summary"]
     assert (gen1["requests"], gen1["requested"], gen1["cached"]) == (8, 8, 0)
-    llm_files = {p: p.stat().st_mtime_ns for p in (work / "models" / "llm").iterdir()}
+    llm_files = {p: p.stat().st_mtime_ns for p in (WorkPaths(work).models.llm).iterdir()}
 
     copy_librispeech(corpus, ADDED)  # new clips land in the corpus
     second = server.run_deployment("regenerate_dataset/regenerate", config=str(config), workdir=str(work))
@@ -219,14 +220,14 @@ def test_scheduled_regeneration_after_new_clips_asks_only_for_their_answers(serv
     assert harvest2["transcripts"] == 6
     # only the two new clips' answers were requested (2 clips x 2 tasks); the rest came from the cache
     assert (gen2["requests"], gen2["requested"], gen2["cached"]) == (12, 4, 8)
-    transcripts = read_table(work / "harvest" / "transcripts.parquet", TRANSCRIPTS)
+    transcripts = read_table(WorkPaths(work).harvest.transcripts, TRANSCRIPTS)
     assert sorted(transcripts.column("utt_id").to_pylist()) == sorted(FIRST + ADDED)
     # the examples were rebuilt over all six clips (LLM answers may be filtered; every clip has its ASR example)
-    examples = read_table(work / "build" / "examples.parquet", EXAMPLES).to_pylist()
+    examples = read_table(WorkPaths(work).build.examples, EXAMPLES).to_pylist()
     assert sorted(e["utt_id"] for e in examples if e["task"] == "asr") == sorted(FIRST + ADDED)
     assert {e["utt_id"] for e in examples} == set(FIRST + ADDED)
     # the LLM was not rebuilt, which would have invalidated every cached answer
-    assert {p: p.stat().st_mtime_ns for p in (work / "models" / "llm").iterdir()} == llm_files
+    assert {p: p.stat().st_mtime_ns for p in (WorkPaths(work).models.llm).iterdir()} == llm_files
 
     store = LineageStore(work / "lineage.duckdb")
     rows = store.dicts("SELECT stage, flow_run_id FROM runs WHERE status = 'succeeded' ORDER BY started_at")

@@ -15,15 +15,19 @@ import yaml
 from click.testing import CliRunner
 from helpers_lsm import DEMO, TINY_QFORMER, build_models, demo_rows, example_row, experiment, write_examples
 
+from conftest import run_stage
 from core import audio
 from core.lineage.store import LineageStore
-from core.lsm.model import Collator, LSMForConditionalGeneration
+from core.lsm.batch import Collate
+from core.lsm.model import LSMForConditionalGeneration
+from core.paths import WorkPaths
 from core.prompts import speech_prompt
 from core.tables import read_table, write_table
 from core.text import normalize
 from schemas import METRICS, PREDICTIONS, PROBE, PROBE_METRICS, QA, QA_METRICS, REJECTS, RESPONSES, to_table
 from stages.evaluate import decoding, qa
-from stages.evaluate import evaluator as evaluate
+from stages.evaluate.evaluator import evaluate
+from stages.evaluate.report import publish_artifacts
 
 EVAL_UTTS = ["1089-134686-0001", "1221-135766-0001", "1221-135766-0002"]
 PROBE_TASKS = ("repeat", "sentiment")
@@ -69,9 +73,18 @@ def _checkpoint(whisper_dir: Path, llm_dir: Path, out: Path, seed: int) -> Path:
     return out
 
 
+def _evaluate(cfg, work: Path, checkpoint: Path, examples: Path):
+    """The evaluate stage on ``work``, with ``examples`` as its build stage's examples."""
+    target = WorkPaths(work).build.examples
+    if Path(examples).resolve() != target.resolve():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(examples, target)
+    return run_stage("evaluate", cfg, work, checkpoint=checkpoint)
+
+
 def _workdir(root: Path, name: str, responses: list[dict]) -> Path:
     work = root / name
-    write_table(to_table(responses, RESPONSES), work / "generate" / "responses.parquet", RESPONSES)
+    write_table(to_table(responses, RESPONSES), WorkPaths(work).generate.responses, RESPONSES)
     return work
 
 
@@ -92,11 +105,11 @@ def setup(tmp_path_factory):
     ]
     responses = _responses(rows)
     work = _workdir(root, "work", responses)
-    examples = write_examples(work / "build" / "examples.parquet", rows)  # where the CLI looks for them
+    examples = write_examples(WorkPaths(work).build.examples, rows)  # where the CLI looks for them
     cfg = _config()
     config_file = root / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"source"})))
-    result = evaluate.run(cfg, work, ckpt, examples)
+    result = _evaluate(cfg, work, ckpt, examples)
     return dict(
         root=root,
         work=work,
@@ -166,7 +179,7 @@ def test_rtfx_is_decoded_audio_over_decoding_time(setup):
 
 
 def _greedy_alone(model, row: dict, max_new_tokens: int) -> str:
-    collate = Collator(model.tokenizer, model.feature_extractor)
+    collate = Collate.for_model(model)
     b = collate([row], [audio.load(row["audio_path"], row["offset_s"], row["duration_s"])], with_answer=False)
     (ids,) = model.generate(
         b.input_features, b.durations_s, b.prefix_ids, b.suffix_ids, max_new_tokens=max_new_tokens
@@ -194,21 +207,19 @@ def _items(rows, bounds):
 
 def test_each_row_gets_its_own_bound_inside_a_batch(setup):
     model = LSMForConditionalGeneration.from_pretrained(setup["ckpt"]).eval()
-    collate = Collator(model.tokenizer, model.feature_extractor)
     rows = [r for r in setup["rows"] if r["utt_id"] in EVAL_UTTS and r["task"] == "asr"]
     bounds = [2, 9, 5]
-    got = decoding.decode(model, collate, _items(rows, bounds), batch_size=3)
+    got = decoding.decode(model, _items(rows, bounds), batch_size=3)
     for i, (r, b) in enumerate(zip(rows, bounds, strict=True)):
         assert got.texts[f"k{i}"] == _greedy_alone(model, r, b)
 
 
 def test_beam_search_does_not_depend_on_the_batch(setup):
     model = LSMForConditionalGeneration.from_pretrained(setup["ckpt"]).eval()
-    collate = Collator(model.tokenizer, model.feature_extractor)
     rows = [r for r in setup["rows"] if r["utt_id"] in EVAL_UTTS and r["task"] == "asr"]
     items = _items(rows, [6, 6, 6])
-    batched = decoding.decode(model, collate, items, batch_size=3, num_beams=3)
-    alone = decoding.decode(model, collate, items, batch_size=1, num_beams=3)
+    batched = decoding.decode(model, items, batch_size=3, num_beams=3)
+    alone = decoding.decode(model, items, batch_size=1, num_beams=3)
     assert batched.texts == alone.texts and len(batched.texts) == 3
     assert batched.decode_s["s"] > 0 and batched.audio_s["s"] == pytest.approx(alone.audio_s["s"])
 
@@ -295,7 +306,7 @@ def test_a_user_question_file_is_asked_and_unknown_utterances_are_rejects(setup,
     )
     cfg = _config(qa_file=qfile, probe=False)
     work = tmp_path / "w"
-    evaluate.run(cfg, work, setup["ckpt"], setup["examples"])
+    _evaluate(cfg, work, setup["ckpt"], setup["examples"])
     out = work / "evaluate"
     (row,) = read_table(out / "qa.parquet", QA).to_pylist()
     assert (row["qa_id"], row["question"], row["reference"]) == ("a", "Is it night?", True)
@@ -344,7 +355,7 @@ def test_metrics_are_linked_to_the_checkpoint_and_eval_data_in_lineage(setup):
 
 
 def test_rerun_is_reused(setup):
-    again = evaluate.run(setup["cfg"], setup["work"], setup["ckpt"], setup["examples"])
+    again = _evaluate(setup["cfg"], setup["work"], setup["ckpt"], setup["examples"])
     assert again.reused and again.run_id == setup["result"].run_id
     assert {"predictions", "metrics", "probe", "probe_metrics", "qa", "qa_metrics", "report_html"} <= set(
         again.outputs
@@ -356,22 +367,22 @@ def test_rerun_is_reused(setup):
 
 def test_missing_incomplete_or_wrong_kind_checkpoint_is_a_clear_error(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        evaluate.run(setup["cfg"], tmp_path, tmp_path / "no-checkpoint", setup["examples"])
+        _evaluate(setup["cfg"], tmp_path, tmp_path / "no-checkpoint", setup["examples"])
     partial = tmp_path / "partial"
     shutil.copytree(setup["ckpt"], partial)
     (partial / "tokenizer.json").unlink()
     (partial / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"missing weights .*tokenizer \(tokenizer.json"):
-        evaluate.run(setup["cfg"], tmp_path, partial, setup["examples"])
+        _evaluate(setup["cfg"], tmp_path, partial, setup["examples"])
     _, llm_dir = setup["models"]
     with pytest.raises(ValueError, match="model_type 'llama'.*not a speech-text checkpoint"):
-        evaluate.run(setup["cfg"], tmp_path, llm_dir, setup["examples"])
+        _evaluate(setup["cfg"], tmp_path, llm_dir, setup["examples"])
     broken = tmp_path / "broken"
     shutil.copytree(setup["ckpt"], broken)
     (broken / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not a JSON object"):
-        evaluate.run(setup["cfg"], tmp_path, broken, setup["examples"])
-    assert not (tmp_path / "evaluate" / "metrics.parquet").exists()
+        _evaluate(setup["cfg"], tmp_path, broken, setup["examples"])
+    assert not (WorkPaths(tmp_path).evaluate.table("metrics")).exists()
 
 
 def test_a_bad_question_file_fails_before_decoding_naming_line_and_field(setup, tmp_path):
@@ -382,24 +393,22 @@ def test_a_bad_question_file_fails_before_decoding_naming_line_and_field(setup, 
     with pytest.raises(
         qa.QAFileError, match=r"q.jsonl:2: field 'answer': expected true or false, found 'maybe'"
     ):
-        evaluate.evaluate(
-            setup["ckpt"], setup["examples"], tmp_path / "out", setup["cfg"].evaluate, qa_file=qfile
-        )
+        evaluate(setup["ckpt"], setup["examples"], tmp_path / "out", setup["cfg"].evaluate, qa_file=qfile)
     assert not (tmp_path / "out").exists()
 
 
 def test_no_eval_rows_is_an_error(setup, tmp_path):
     only_train = write_examples(tmp_path / "ex.parquet", [r for r in demo_rows() if r["split"] == "train"])
     with pytest.raises(ValueError, match="no asr rows in the eval sets"):
-        evaluate.evaluate(setup["ckpt"], only_train, tmp_path / "out", setup["cfg"].evaluate)
+        evaluate(setup["ckpt"], only_train, tmp_path / "out", setup["cfg"].evaluate)
     assert not Path(tmp_path / "out" / "metrics.parquet").exists()
 
 
 def test_cli_evaluate_reports_a_wrong_checkpoint_cleanly(setup, tmp_path):
     from splsm.cli import main
 
-    (tmp_path / "build").mkdir()
-    shutil.copy(setup["examples"], tmp_path / "build" / "examples.parquet")
+    WorkPaths(tmp_path).build.dir.mkdir()
+    shutil.copy(setup["examples"], WorkPaths(tmp_path).build.examples)
     cfg = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     out = CliRunner().invoke(
         main,
@@ -426,7 +435,7 @@ def second(setup):
     """A second model (another random connector) evaluated on the same data: the B of a comparison."""
     ckpt = _checkpoint(*setup["models"], setup["root"] / "checkpoint-b", seed=2)
     work = _workdir(setup["root"], "work-b", setup["responses"])
-    evaluate.run(setup["cfg"], work, ckpt, setup["examples"])
+    _evaluate(setup["cfg"], work, ckpt, setup["examples"])
     return work
 
 
@@ -438,11 +447,11 @@ def test_compare_reports_both_models_probe_figures_side_by_side(setup, second, t
     assert out.exit_code == 0, out.output
     pa_ = {
         m["category"]: m
-        for m in read_table(a / "evaluate" / "probe_metrics.parquet", PROBE_METRICS).to_pylist()
+        for m in read_table(WorkPaths(a).evaluate.table("probe_metrics"), PROBE_METRICS).to_pylist()
     }
     pb = {
         m["category"]: m
-        for m in read_table(b / "evaluate" / "probe_metrics.parquet", PROBE_METRICS).to_pylist()
+        for m in read_table(WorkPaths(b).evaluate.table("probe_metrics"), PROBE_METRICS).to_pylist()
     }
     for cat in PROBE_TASKS:
         ra, rb = pa_[cat]["anchor_rate"], pb[cat]["anchor_rate"]
@@ -452,8 +461,8 @@ def test_compare_reports_both_models_probe_figures_side_by_side(setup, second, t
             f"{ca:.1f} | {cb:.1f} | {cb - ca:.1f} |"
         )
         assert line in out.output
-    (wa,) = read_table(a / "evaluate" / "metrics.parquet", METRICS).to_pylist()
-    (wb,) = read_table(b / "evaluate" / "metrics.parquet", METRICS).to_pylist()
+    (wa,) = read_table(WorkPaths(a).evaluate.table("metrics"), METRICS).to_pylist()
+    (wb,) = read_table(WorkPaths(b).evaluate.table("metrics"), METRICS).to_pylist()
     assert f"| test-clean | asr | {100 * wa['wer']:.1f} | {100 * wb['wer']:.1f} |" in out.output
     assert "The probes differ" not in out.output
     assert (tmp_path / "cmp" / "compare.md").read_text().startswith("# Evaluation comparison")
@@ -462,7 +471,7 @@ def test_compare_reports_both_models_probe_figures_side_by_side(setup, second, t
     answers = [
         sorted(
             (p["utt_id"], p["category"], p["answer"])
-            for p in read_table(w / "evaluate" / "probe.parquet", PROBE).to_pylist()
+            for p in read_table(WorkPaths(w).evaluate.table("probe"), PROBE).to_pylist()
         )
         for w in (a, b)
     ]
@@ -480,11 +489,11 @@ def test_report_plots_the_probe_against_a_baseline(setup, second, tmp_path):
     cfg = _config(baseline=second, qa=False)
     work = tmp_path / "w"
     shutil.copytree(setup["work"] / "generate", work / "generate")
-    evaluate.run(cfg, work, setup["ckpt"], setup["examples"])
-    md = (work / "evaluate" / "report.md").read_text()
+    _evaluate(cfg, work, setup["ckpt"], setup["examples"])
+    md = (WorkPaths(work).evaluate.report).read_text()
     base = {
         m["category"]: m
-        for m in read_table(second / "evaluate" / "probe_metrics.parquet", PROBE_METRICS).to_pylist()
+        for m in read_table(WorkPaths(second).evaluate.table("probe_metrics"), PROBE_METRICS).to_pylist()
     }
     assert f"anchor rate % ({second.name})" in md
     for cat, m in base.items():
@@ -500,13 +509,17 @@ def test_the_flows_evaluate_task_publishes_the_report_as_prefect_artifacts(setup
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.tasks import evaluate_task
+    from flows.tasks import TASKS
     from splsm.runner import ExecutionConfig
 
     @flow
     def evaluate_flow() -> dict:
-        return evaluate_task(
-            str(setup["config_file"]), str(setup["work"]), str(setup["ckpt"]), False, ExecutionConfig()
+        return TASKS["evaluate"](
+            str(setup["config_file"]),
+            str(setup["work"]),
+            False,
+            ExecutionConfig(),
+            {"checkpoint": str(setup["ckpt"])},
         )
 
     async def artifacts():
@@ -535,4 +548,4 @@ def test_the_flows_evaluate_task_publishes_the_report_as_prefect_artifacts(setup
 
 
 def test_publishing_outside_a_flow_does_nothing(setup):
-    assert evaluate.publish_artifacts(setup["work"]) is False
+    assert publish_artifacts(WorkPaths(setup["work"]).evaluate) is False

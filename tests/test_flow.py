@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from conftest import REPO
 from core.lineage.store import LineageStore
+from core.paths import WorkPaths
 from core.tables import read_table
 from schemas import EXAMPLES, METRICS, PREDICTIONS, REJECTS, RESPONSES, TRANSCRIPTS
 
@@ -32,18 +33,18 @@ def demo_run(tmp_path_factory, prefect_api):
 
 def test_every_stage_leaves_its_outputs(demo_run):
     work, summary = demo_run
-    assert read_table(work / "harvest" / "transcripts.parquet", TRANSCRIPTS).num_rows == 17
+    assert read_table(WorkPaths(work).harvest.transcripts, TRANSCRIPTS).num_rows == 17
     assert (
-        read_table(work / "harvest" / "rejects.parquet", REJECTS).column("reason").to_pylist()
+        read_table(WorkPaths(work).harvest.rejects, REJECTS).column("reason").to_pylist()
         == ["missing_audio"] * 2
     )
-    assert read_table(work / "generate" / "responses.parquet", RESPONSES).num_rows == 17 * 6
-    assert read_table(work / "build" / "examples.parquet", EXAMPLES).num_rows == 17 * 7
-    ckpt = work / "train" / "checkpoint"
+    assert read_table(WorkPaths(work).generate.responses, RESPONSES).num_rows == 17 * 6
+    assert read_table(WorkPaths(work).build.examples, EXAMPLES).num_rows == 17 * 7
+    ckpt = WorkPaths(work).train.checkpoint
     assert (ckpt / "config.json").exists() and list(ckpt.glob("*.safetensors"))
-    preds = read_table(work / "evaluate" / "predictions.parquet", PREDICTIONS).to_pylist()
+    preds = read_table(WorkPaths(work).evaluate.table("predictions"), PREDICTIONS).to_pylist()
     assert len(preds) == 3 and {p["eval_set"] for p in preds} == {"test-clean"}
-    (m,) = read_table(work / "evaluate" / "metrics.parquet", METRICS).to_pylist()
+    (m,) = read_table(WorkPaths(work).evaluate.table("metrics"), METRICS).to_pylist()
     assert m["eval_set"] == "test-clean" and m["n_utterances"] == 3
     assert m["wer"] == pytest.approx(
         (m["substitutions"] + m["deletions"] + m["insertions"]) / m["n_ref_words"]
@@ -65,7 +66,7 @@ def test_upstream_of_the_checkpoint_reaches_corpus_and_llm(demo_run):
     from splsm.cli import main
 
     work, _ = demo_run
-    ckpt = (work / "train" / "checkpoint").resolve()
+    ckpt = (WorkPaths(work).train.checkpoint).resolve()
     up = LineageStore(work / "lineage.duckdb").upstream(str(ckpt))
     locations = {e["location"] for e in up}
     for table in ("build/examples.parquet", "generate/responses.parquet", "harvest/transcripts.parquet"):
@@ -109,7 +110,7 @@ def test_rerun_with_nothing_changed_does_no_stage_work(demo_run):
     work, _ = demo_run
     store = LineageStore(work / "lineage.duckdb")
     before = store.query("SELECT count(*) FROM runs")[0][0]
-    metrics = (work / "evaluate" / "metrics.parquet").read_bytes()
+    metrics = (WorkPaths(work).evaluate.table("metrics")).read_bytes()
     self_powered_pipeline(config=str(REPO / "configs" / "demo.yaml"), workdir=str(work))
     assert store.query("SELECT count(*) FROM runs")[0][0] == before
-    assert (work / "evaluate" / "metrics.parquet").read_bytes() == metrics
+    assert (WorkPaths(work).evaluate.table("metrics")).read_bytes() == metrics

@@ -4,10 +4,12 @@ import pytest
 
 from conftest import GEN_TASKS as TASKS
 from core.catalog import load_catalog
+from core.config import TransformersBackendConfig
+from core.paths import GeneratePaths, WorkPaths
 from core.prompts import VICUNA_V11_SYSTEM, text_prompt
 from core.tables import read_table
 from schemas import GENERATE_STATS, RESPONSES, TRANSCRIPTS
-from stages.generate.backends.base import ServerProcess
+from stages.generate.backends.transformers_serve import ServerProcess
 from stages.generate.driver import NOT_REQUESTED, generate
 
 
@@ -20,8 +22,8 @@ def test_one_answer_per_utterance_and_task_through_a_started_server(first_run, h
     from transformers import AutoTokenizer
 
     out, g, summary = first_run
-    utts = read_table(harvested / "harvest" / "transcripts.parquet", TRANSCRIPTS).to_pylist()
-    rows = read_table(out / "responses.parquet", RESPONSES).to_pylist()
+    utts = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS).to_pylist()
+    rows = read_table(GeneratePaths(out).responses, RESPONSES).to_pylist()
     assert sorted((r["utt_id"], r["task"]) for r in rows) == sorted(
         (u["utt_id"], t) for u in utts for t in TASKS
     )
@@ -54,8 +56,8 @@ def test_one_answer_per_utterance_and_task_through_a_started_server(first_run, h
 
 def test_stats_count_every_rejection_of_every_filter(first_run):
     out, g, _ = first_run
-    rows = read_table(out / "responses.parquet", RESPONSES).to_pylist()
-    stats = read_table(out / "stats.parquet", GENERATE_STATS).to_pylist()
+    rows = read_table(GeneratePaths(out).responses, RESPONSES).to_pylist()
+    stats = read_table(GeneratePaths(out).stats, GENERATE_STATS).to_pylist()
     catalog = load_catalog()
     for task in TASKS:
         mine = [r for r in rows if r["task"] == task]
@@ -71,10 +73,10 @@ def test_stats_count_every_rejection_of_every_filter(first_run):
 
 def test_rerun_requests_nothing_and_gives_the_same_answers(first_run, harvested, tiny_models_dir):
     out, g, _ = first_run
-    before = read_table(out / "responses.parquet", RESPONSES).to_pylist()
-    again = generate(harvested / "harvest" / "transcripts.parquet", out, g, tiny_models_dir / "llm")
+    before = read_table(GeneratePaths(out).responses, RESPONSES).to_pylist()
+    again = generate(WorkPaths(harvested).harvest.transcripts, out, g, tiny_models_dir / "llm")
     assert again.requested == 0 and again.cached + again.too_long == len(before)
-    assert read_table(out / "responses.parquet", RESPONSES).to_pylist() == before
+    assert read_table(GeneratePaths(out).responses, RESPONSES).to_pylist() == before
 
 
 @pytest.mark.parametrize("batching", ["static", "continuous"])
@@ -85,9 +87,12 @@ def test_in_process_backend_gives_the_servers_greedy_answers(
     # continuous batching is slow on CPU: one task is enough to compare it
     tasks = TASKS if batching == "static" else TASKS[:1]
     g2 = g.model_copy(
-        update={"backend": "transformers", "transformers_batching": batching, "batch_size": 5, "tasks": tasks}
+        update={
+            "backend": TransformersBackendConfig(batching=batching, batch_size=5),
+            "tasks": tasks,
+        }
     )
-    s = generate(harvested / "harvest" / "transcripts.parquet", tmp_path / "gen", g2, tiny_models_dir / "llm")
+    s = generate(WorkPaths(harvested).harvest.transcripts, tmp_path / "gen", g2, tiny_models_dir / "llm")
     assert s.requested > 0 and s.cached == 0
 
     def answers(d):
@@ -98,7 +103,7 @@ def test_in_process_backend_gives_the_servers_greedy_answers(
                 r["completion_tokens"],
                 r["request_key"],
             )
-            for r in read_table(d / "responses.parquet", RESPONSES).to_pylist()
+            for r in read_table(GeneratePaths(d).responses, RESPONSES).to_pylist()
         }
 
     served = {k: v for k, v in answers(out).items() if k[1] in tasks}

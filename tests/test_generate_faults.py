@@ -8,15 +8,18 @@ import time
 
 import pytest
 
+from core.config import OpenAIBackendConfig
+from core.paths import GeneratePaths, WorkPaths
 from core.tables import read_table, write_table
 from schemas import RESPONSES, TRANSCRIPTS
-from stages.generate.backends.base import Meter, ServerProcess, free_port
+from stages.generate.backends.base import Meter
+from stages.generate.backends.transformers_serve import ServerProcess, free_port
 from stages.generate.cache import AnswerCache
-from stages.generate.driver import GenerateError, cache_path, generate
+from stages.generate.driver import GenerateError, generate
 
 
 def _subset(harvested, dst, n=8):
-    table = read_table(harvested / "harvest" / "transcripts.parquet", TRANSCRIPTS).slice(0, n)
+    table = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS).slice(0, n)
     return write_table(table, dst / "transcripts.parquet", TRANSCRIPTS)
 
 
@@ -32,14 +35,15 @@ def test_server_killed_and_restarted_mid_run_completes_with_nothing_lost(
     server.start()
     g2 = g.model_copy(
         update={
-            "backend": "openai",
-            "base_url": server.url,
-            "served_model": str(llm),
+            "backend": OpenAIBackendConfig(
+                base_urls=[server.url],
+                served_model=str(llm),
+                concurrency=2,
+                max_retries=60,
+                retry_backoff_s=0.2,
+                retry_backoff_max_s=2.0,
+            ),
             "tasks": ["repeat"],
-            "concurrency": 2,
-            "max_retries": 60,
-            "retry_backoff_s": 0.2,
-            "retry_backoff_max_s": 2.0,
         }
     )
     # A tiny model answers 8 requests faster than a test can poll for them, so the kill is not timed
@@ -69,7 +73,7 @@ def test_server_killed_and_restarted_mid_run_completes_with_nothing_lost(
     try:
         t.start()
         assert reached.wait(timeout=300), f"the client never sent a third request: {result}"
-        assert AnswerCache(cache_path(out, 0, 1)).count() >= 1  # answers were done before the kill
+        assert AnswerCache(GeneratePaths(out).cache()).count() >= 1  # answers were done before the kill
         server.stop(kill=True)
         killed.set()
         time.sleep(1.0)
@@ -80,14 +84,14 @@ def test_server_killed_and_restarted_mid_run_completes_with_nothing_lost(
     assert "error" not in result, result.get("error")
     assert "retry" in capsys.readouterr().out  # the server really went away under the run
     s = result["summary"]
-    rows = read_table(out / "responses.parquet", RESPONSES).to_pylist()
+    rows = read_table(GeneratePaths(out).responses, RESPONSES).to_pylist()
     utts = read_table(transcripts, TRANSCRIPTS).column("utt_id").to_pylist()
     assert sorted(r["utt_id"] for r in rows) == sorted(utts) and {r["task"] for r in rows} == {"repeat"}
     assert s.requested + s.too_long == len(rows)
     # the same greedy answers as an undisturbed server gave
     before = {
         r["utt_id"]: r["answer"]
-        for r in read_table(served / "responses.parquet", RESPONSES).to_pylist()
+        for r in read_table(GeneratePaths(served).responses, RESPONSES).to_pylist()
         if r["task"] == "repeat"
     }
     assert {r["utt_id"]: r["answer"] for r in rows} == {u: before[u] for u in utts}
@@ -100,15 +104,18 @@ def test_a_server_that_stays_down_is_a_clear_error_that_says_how_to_resume(
     transcripts = _subset(harvested, tmp_path)
     out = tmp_path / "gen"
     out.mkdir()
-    shutil.copy(served / "cache.sqlite", out / "cache.sqlite")  # the repeat answers are done already
+    shutil.copy(
+        GeneratePaths(served).cache(), GeneratePaths(out).cache()
+    )  # the repeat answers are done already
     g2 = g.model_copy(
         update={
-            "backend": "openai",
-            "base_url": f"http://127.0.0.1:{free_port()}/v1",  # nothing listens there
-            "served_model": str(tiny_models_dir / "llm"),
+            "backend": OpenAIBackendConfig(
+                base_urls=[f"http://127.0.0.1:{free_port()}/v1"],  # nothing listens there
+                served_model=str(tiny_models_dir / "llm"),
+                max_retries=2,
+                retry_backoff_s=0.05,
+            ),
             "tasks": ["repeat", "keywords"],
-            "max_retries": 2,
-            "retry_backoff_s": 0.05,
         }
     )
     with pytest.raises(GenerateError) as err:
@@ -117,4 +124,4 @@ def test_a_server_that_stays_down_is_a_clear_error_that_says_how_to_resume(
     m = re.search(r"(\d+) of 16 answers", msg)
     assert m and 8 <= int(m.group(1)) < 16, msg
     assert "after 2 retries" in msg and "run the same command again to resume" in msg
-    assert not (out / "responses.parquet").exists()
+    assert not (GeneratePaths(out).responses).exists()

@@ -6,6 +6,7 @@ import pytest
 
 from core.catalog import DEFAULT_CATALOG, CatalogError, load_catalog
 from core.config import GenerateConfig
+from core.paths import GeneratePaths, WorkPaths
 from core.prompts import speech_prompt, text_prompt
 from core.tables import read_table
 from schemas import RESPONSES, TRANSCRIPTS
@@ -90,7 +91,7 @@ def test_cache_keys_survive_a_catalog_version_that_leaves_the_prompt_unchanged(h
         v2.read_text().replace("Translate the English text into Chinese", "Put the text into Chinese")
     )
     g = GenerateConfig(tasks=["repeat", "translation"])
-    transcripts = harvested / "harvest" / "transcripts.parquet"
+    transcripts = WorkPaths(harvested).harvest.transcripts
     a = {(r.utt_id, r.task): r for r in plan_requests(transcripts, load_catalog(), g, "m", "rev")}
     b = {(r.utt_id, r.task): r for r in plan_requests(transcripts, load_catalog(v2), g, "m", "rev")}
     assert load_catalog(v2).content_hash != load_catalog().content_hash
@@ -158,12 +159,12 @@ def test_generate_with_the_chat_template_format(chat_llm, harvested, tmp_path):
     g = GenerateConfig(
         backend="transformers", prompt_format="chat_template", tasks=["keywords"], max_new_tokens=4
     )
-    s = generate(harvested / "harvest" / "transcripts.parquet", tmp_path, g, chat_llm)
-    rows = read_table(tmp_path / "responses.parquet", RESPONSES).to_pylist()
+    s = generate(WorkPaths(harvested).harvest.transcripts, tmp_path, g, chat_llm)
+    rows = read_table(GeneratePaths(tmp_path).responses, RESPONSES).to_pylist()
     tok = AutoTokenizer.from_pretrained(chat_llm)
     text = {
         u["utt_id"]: u["text"]
-        for u in read_table(harvested / "harvest" / "transcripts.parquet", TRANSCRIPTS).to_pylist()
+        for u in read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS).to_pylist()
     }
     assert s.requested > 0 and len(rows) == s.requests == len(text)
     for r in rows:
@@ -180,12 +181,12 @@ def test_in_process_greedy_loop_gives_generates_tokens(tiny_models_dir, harveste
     one left-padded batch, and a row must end at its first eos."""
     import torch
 
-    from stages.generate.backends.base import TransformersBackend
+    from core.config import TransformersBackendConfig
+    from stages.generate.backends.transformers_local import TransformersBackend
 
     llm = tiny_models_dir / "llm"
-    table = read_table(harvested / "harvest" / "transcripts.parquet", TRANSCRIPTS)
-    g = GenerateConfig(backend="transformers", transformers_batching="static", transformers_compile=compiled)
-    b = TransformersBackend(llm, g)
+    table = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS)
+    b = TransformersBackend(llm, TransformersBackendConfig(batching="static", compile=compiled))
     prompts = [text_prompt("Say it again.", t) for t in table.column("text").to_pylist()[:6]]
     ids = b.tok(prompts).input_ids
     assert len({len(x) for x in ids}) > 1  # the batch really is padded

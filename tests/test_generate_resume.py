@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GEN_TASKS, REPO
+from conftest import GEN_TASKS, REPO, run_stage
 from core.config import GenerateConfig, load_config
+from core.paths import GeneratePaths, WorkPaths
 from core.tables import read_table
 from schemas import RESPONSES, TRANSCRIPTS
-from stages import generate as stage
-from stages.generate.driver import NOT_REQUESTED, generate, part_dir
+from stages.generate.backends.base import BackendError
+from stages.generate.driver import NOT_REQUESTED, generate, worker_of
 
 
 def _cache_count(path: Path) -> int:
@@ -35,18 +36,18 @@ def _cache_count(path: Path) -> int:
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_gives_exactly_one_answer_each(harvested, tiny_models_dir, tmp_path):
     work = tmp_path / "work"
-    (work / "harvest").mkdir(parents=True)
-    (work / "harvest" / "transcripts.parquet").write_bytes(
-        (harvested / "harvest" / "transcripts.parquet").read_bytes()
-    )
-    (work / "models").mkdir()
-    os.symlink(tiny_models_dir / "llm", work / "models" / "llm")
+    paths = WorkPaths(work)
+    paths.harvest.dir.mkdir(parents=True)
+    paths.harvest.transcripts.write_bytes(WorkPaths(harvested).harvest.transcripts.read_bytes())
+    paths.models.dir.mkdir()
+    os.symlink(tiny_models_dir / "llm", paths.models.llm)
     cfg_path = tmp_path / "gen.yaml"
     cfg_path.write_text(
         "name: kill\ncorpora: []\nmodels: {tiny: {}}\n"
-        f"generate: {{backend: transformers, tasks: {GEN_TASKS}, max_new_tokens: 12, batch_size: 1, shard_size: 2}}\n"
+        "generate: {backend: {kind: transformers, batch_size: 1}, "
+        f"tasks: {GEN_TASKS}, max_new_tokens: 12, shard_size: 2}}\n"
     )
-    cache = work / "generate" / "cache.sqlite"
+    cache = WorkPaths(work).generate.cache()
     cmd = [
         str(Path(sys.executable).with_name("splsm")),
         "generate",
@@ -70,17 +71,18 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_answer_each(harvested, tin
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     committed = _cache_count(cache)
-    shards = list(part_dir(work / "generate", 0, 1).glob("shard-*.parquet"))
-    assert not (work / "generate" / "responses.parquet").exists()
+    shards = list(paths.generate.parts(0, 1).glob("shard-*.parquet"))
+    assert not (WorkPaths(work).generate.responses).exists()
     assert committed >= 3 and shards, "answers and whole shards were committed before the kill"
 
     cfg = load_config(cfg_path)
     # batch size only changes speed, so the rerun may use a larger one and still resume
-    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"batch_size": 32})})
-    res = stage.run(cfg, work, work / "models" / "llm")
+    backend = cfg.generate.backend.model_copy(update={"batch_size": 32})
+    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"backend": backend})})
+    res = run_stage("generate", cfg, work)
     s = res.summary
-    rows = read_table(work / "generate" / "responses.parquet", RESPONSES).to_pylist()
-    utts = read_table(work / "harvest" / "transcripts.parquet", TRANSCRIPTS).column("utt_id").to_pylist()
+    rows = read_table(WorkPaths(work).generate.responses, RESPONSES).to_pylist()
+    utts = read_table(WorkPaths(work).harvest.transcripts, TRANSCRIPTS).column("utt_id").to_pylist()
     assert Counter((r["utt_id"], r["task"]) for r in rows) == Counter((u, t) for u in utts for t in GEN_TASKS)
     sent = [r for r in rows if r["finish_reason"] != NOT_REQUESTED]
     # nothing committed before the kill was asked again
@@ -91,7 +93,7 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_answer_each(harvested, tin
     stored = dict(con.execute("SELECT key, answer FROM answers"))
     con.close()
     assert all(stored[r["request_key"]] == r["answer"] for r in sent)
-    again = stage.run(cfg, work, work / "models" / "llm")
+    again = run_stage("generate", cfg, work)
     assert again.reused
 
 
@@ -100,22 +102,22 @@ def test_workers_split_by_utterance_hash_without_overlap_and_the_last_one_merges
 ):
     served, g, _ = generated
     g3 = g.model_copy(update={"backend": "transformers", "tasks": ["repeat"], "shard_size": 3})
-    transcripts = harvested / "harvest" / "transcripts.parquet"
+    transcripts = WorkPaths(harvested).harvest.transcripts
     seen = Counter()
     for w in range(3):
-        assert not (tmp_path / "responses.parquet").exists()
+        assert not (GeneratePaths(tmp_path).responses).exists()
         s = generate(transcripts, tmp_path, g3, tiny_models_dir / "llm", worker=w, workers=3)
         assert s.merged == (w == 2)
-        for shard in part_dir(tmp_path, w, 3).glob("shard-*.parquet"):
+        for shard in GeneratePaths(tmp_path).parts(w, 3).glob("shard-*.parquet"):
             rows = read_table(shard, RESPONSES).to_pylist()
-            assert {stage.worker_of(r["utt_id"], 3) for r in rows} == {w}
+            assert {worker_of(r["utt_id"], 3) for r in rows} == {w}
             seen.update((r["utt_id"], r["task"]) for r in rows)
     utts = read_table(transcripts, TRANSCRIPTS).column("utt_id").to_pylist()
     assert seen == Counter((u, "repeat") for u in utts)  # each pair done by exactly one worker
-    merged = read_table(tmp_path / "responses.parquet", RESPONSES).to_pylist()
+    merged = read_table(GeneratePaths(tmp_path).responses, RESPONSES).to_pylist()
     one = {
         (r["utt_id"], r["task"]): (r["answer"], r["rejected_by"])
-        for r in read_table(served / "responses.parquet", RESPONSES).to_pylist()
+        for r in read_table(GeneratePaths(served).responses, RESPONSES).to_pylist()
         if r["task"] == "repeat"
     }
     assert {(r["utt_id"], r["task"]): (r["answer"], r["rejected_by"]) for r in merged} == one
@@ -129,5 +131,5 @@ def test_vllm_backend_without_vllm_is_a_clear_error(harvested, tiny_models_dir, 
     except ImportError:
         pass
     g = GenerateConfig(backend="vllm", tasks=["repeat"], max_new_tokens=4)
-    with pytest.raises(stage.BackendError, match="needs the vllm package"):
-        generate(harvested / "harvest" / "transcripts.parquet", tmp_path, g, tiny_models_dir / "llm")
+    with pytest.raises(BackendError, match="needs the vllm package"):
+        generate(WorkPaths(harvested).harvest.transcripts, tmp_path, g, tiny_models_dir / "llm")

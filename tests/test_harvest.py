@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import DEMO, LIBRISPEECH, copy_librispeech
-from schemas import REJECTS, TRANSCRIPTS
-from core.tables import read_table
+from conftest import DEMO, LIBRISPEECH, copy_librispeech, run_stage
 from core.config import CorpusConfig
+from core.tables import read_table
+from schemas import REJECTS, TRANSCRIPTS
 from stages.harvest.driver import harvest, print_summary
 
 # Durations and sample counts of the LibriSpeech fixture, from its own README (not computed by us).
@@ -180,9 +180,7 @@ def test_too_long_audio_is_rejected_with_the_bound(tmp_path):
 
 
 def test_harvest_stage_reuses_its_output_when_nothing_changed(tmp_path, demo_config):
-    from stages.harvest import driver as harvest as stage
-
-    first = stage.run(demo_config, tmp_path)
-    second = stage.run(demo_config, tmp_path)
+    first = run_stage("harvest", demo_config, tmp_path)
+    second = run_stage("harvest", demo_config, tmp_path)
     assert not first.reused and second.reused
     assert first.summary["transcripts"] == 17 and first.summary["reject_counts"] == {"missing_audio": 2}

@@ -3,13 +3,14 @@
 import os
 import shutil
 
-from conftest import LIBRISPEECH, copy_librispeech
-from schemas import REJECTS, TRANSCRIPTS
-from core.tables import read_table
+from conftest import LIBRISPEECH, copy_librispeech, run_stage
 from core.config import CorpusConfig
-from core.lineage.store import LineageStore
 from core.digest import sha256_file
-from stages.harvest import driver as harvest as stage
+from core.lineage.store import LineageStore
+from core.paths import HarvestPaths, WorkPaths
+from core.tables import read_table
+from schemas import REJECTS, TRANSCRIPTS
+from stages.harvest import driver, previous
 from stages.harvest.driver import harvest
 
 FIRST = ["1988-24833-0000", "1988-24833-0001", "2412-153948-0002", "3752-4944-0000", "3752-4944-0001"]
@@ -17,7 +18,7 @@ ADDED = ["1988-24833-0002", "3752-4944-0002"]
 
 
 def _table(path):
-    rows = read_table(path / "transcripts.parquet", TRANSCRIPTS).to_pylist()
+    rows = read_table(HarvestPaths(path).transcripts, TRANSCRIPTS).to_pylist()
     for r in rows:
         r.pop("file_mtime_ns")  # the only column a touch changes
     return rows
@@ -53,7 +54,7 @@ def test_rerun_probes_exactly_the_added_and_changed_files(tmp_path):
     rows = {r["utt_id"]: r for r in _table(tmp_path / "out")}
     assert rows["3752-4944-0001"]["duration_s"] == 53360 / 16000  # now the other clip's length (README)
     assert rows["3752-4944-0001"]["file_sha256"] == sha256_file(changed)
-    (rej,) = read_table(tmp_path / "out" / "rejects.parquet", REJECTS).to_pylist()
+    (rej,) = read_table(HarvestPaths(tmp_path / "out").rejects, REJECTS).to_pylist()
     assert rej["utt_id"] == "1988-24833-0009" and rej["file_sha256"] == sha256_file(
         chap / "1988-24833-0009.flac"
     )
@@ -68,20 +69,20 @@ def test_new_transcripts_version_points_at_the_old_one_in_lineage(tmp_path, demo
     root = copy_librispeech(tmp_path / "c", FIRST)
     cfg = demo_config.model_copy(update={"corpora": [CorpusConfig(name="ls", kind="librispeech", root=root)]})
     work = tmp_path / "w"
-    first = stage.run(cfg, work)
-    v1 = sha256_file(work / "harvest" / "transcripts.parquet")
-    assert stage.run(cfg, work).reused
+    first = run_stage("harvest", cfg, work)
+    v1 = sha256_file(WorkPaths(work).harvest.transcripts)
+    assert run_stage("harvest", cfg, work).reused
     copy_librispeech(root, ADDED)
-    second = stage.run(cfg, work)
+    second = run_stage("harvest", cfg, work)
     assert not second.reused and second.summary["probed"] == 2
-    v2 = sha256_file(work / "harvest" / "transcripts.parquet")
+    v2 = sha256_file(WorkPaths(work).harvest.transcripts)
     assert v1 != v2
-    store = LineageStore(work / "lineage.duckdb")
+    store = LineageStore(WorkPaths(work).lineage)
     io = store.query(
         "SELECT r.run_id, io.direction, io.role, d.content_hash, d.row_count FROM run_io io "
         "JOIN datasets d USING (dataset_id) JOIN runs r USING (run_id) "
         "WHERE d.location = ? ORDER BY r.started_at",
-        [str((work / "harvest" / "transcripts.parquet").resolve())],
+        [str((WorkPaths(work).harvest.transcripts).resolve())],
     )
     assert (first.run_id, "output", "transcripts", f"sha256:{v1}", 5) in io
     assert (second.run_id, "input", "previous_transcripts", f"sha256:{v1}", 5) in io
@@ -93,21 +94,21 @@ def test_unchanged_directories_are_taken_over_whole_but_not_under_new_settings(t
     out = tmp_path / "out"
     ls = CorpusConfig(name="ls", kind="librispeech", root=root)
     harvest([ls], out)
-    first = read_table(out / "transcripts.parquet", TRANSCRIPTS)
+    first = read_table(HarvestPaths(out).transcripts, TRANSCRIPTS)
     again = harvest([ls], out)
     assert (again.probed, again.reused, again.transcripts) == (0, 5, 5)
-    assert read_table(out / "transcripts.parquet", TRANSCRIPTS).equals(first)
+    assert read_table(HarvestPaths(out).transcripts, TRANSCRIPTS).equals(first)
     # the same files under another split name: rows must not be copied with the old split
     renamed = harvest([ls.model_copy(update={"split": "train"})], out)
-    splits = set(read_table(out / "transcripts.parquet", TRANSCRIPTS).column("split").to_pylist())
+    splits = set(read_table(HarvestPaths(out).transcripts, TRANSCRIPTS).column("split").to_pylist())
     assert splits == {"train"} and renamed.transcripts == 5
 
 
 def test_worker_processes_give_the_same_table_as_probing_in_process(tmp_path, monkeypatch):
     ls = [CorpusConfig(name="ls", kind="librispeech", root=LIBRISPEECH)]
     inline = harvest(ls, tmp_path / "inline", workers=1)
-    monkeypatch.setattr(stage, "INLINE_LIMIT", 0)  # start the pool at once
-    monkeypatch.setattr(stage, "CHUNK", 3)  # several chunks in flight, emitted in order
+    monkeypatch.setattr(driver, "INLINE_LIMIT", 0)  # start the pool at once
+    monkeypatch.setattr(driver, "CHUNK", 3)  # several chunks in flight, emitted in order
     pooled = harvest(ls, tmp_path / "pool", workers=2)
     assert pooled.probed == inline.probed == 10
     assert _table(tmp_path / "pool") == _table(tmp_path / "inline")
@@ -125,7 +126,7 @@ def test_links_to_the_root_are_followed_and_links_inside_are_not(tmp_path):
     corpus = [CorpusConfig(name="ls", kind="librispeech", root=link)]
     cold = harvest(corpus, tmp_path / "out")
     assert (cold.probed, cold.transcripts, cold.rejects) == (5, 5, 0)
-    rows = read_table(tmp_path / "out" / "transcripts.parquet", TRANSCRIPTS).to_pylist()
+    rows = read_table(HarvestPaths(tmp_path / "out").transcripts, TRANSCRIPTS).to_pylist()
     assert {r["utt_id"] for r in rows} == set(FIRST)
     assert all(r["audio_path"].startswith(str(real.resolve()) + os.sep) for r in rows)
     again = harvest(corpus, tmp_path / "out")
@@ -151,9 +152,9 @@ def test_a_pool_that_breaks_simulated_leaves_the_rest_in_process_with_one_warnin
 
     ls = [CorpusConfig(name="ls", kind="librispeech", root=LIBRISPEECH)]
     inline = harvest(ls, tmp_path / "inline", workers=1)
-    monkeypatch.setattr(stage, "ProcessPoolExecutor", BrokenPool)
-    monkeypatch.setattr(stage, "INLINE_LIMIT", 0)
-    monkeypatch.setattr(stage, "CHUNK", 3)  # several chunks after the first failure
+    monkeypatch.setattr(driver, "ProcessPoolExecutor", BrokenPool)
+    monkeypatch.setattr(driver, "INLINE_LIMIT", 0)
+    monkeypatch.setattr(driver, "CHUNK", 3)  # several chunks after the first failure
     capsys.readouterr()
     broken = harvest(ls, tmp_path / "broken", workers=2)
     assert broken.probed == inline.probed == 10
@@ -172,9 +173,9 @@ def test_a_rerun_reads_the_previous_table_by_row_groups_and_finds_rows_by_id_thr
 
     import pyarrow.parquet as pq
 
-    monkeypatch.setattr(stage, "ROW_GROUP", 2)
-    monkeypatch.setattr(stage._Previous, "CACHED_GROUPS", 1)
-    monkeypatch.setattr(stage, "_id_hash", lambda s: len(s) % 3)
+    monkeypatch.setattr(driver, "ROW_GROUP", 2)
+    monkeypatch.setattr(previous.Previous, "CACHED_GROUPS", 1)
+    monkeypatch.setattr(previous, "_id_hash", lambda s: len(s) % 3)
     root = copy_librispeech(tmp_path / "c", FIRST + ADDED)
     flacs = sorted(root.rglob("*.flac"))
     texts = {
@@ -198,7 +199,7 @@ def test_a_rerun_reads_the_previous_table_by_row_groups_and_finds_rows_by_id_thr
     write(lines[:5])
     cold = harvest(corpora, tmp_path / "out")
     assert (cold.probed, cold.transcripts) == (12, 12)
-    assert pq.ParquetFile(tmp_path / "out" / "transcripts.parquet").metadata.num_row_groups >= 6
+    assert pq.ParquetFile(HarvestPaths(tmp_path / "out").transcripts).metadata.num_row_groups >= 6
 
     moved = [lines[3], lines[0], lines[1], lines[2], lines[4]]  # the fourth line now comes first
     moved[2] = {**moved[2], "text": "A NEW TRANSCRIPT"}  # changed: made again, its file probed
@@ -219,7 +220,7 @@ def test_a_damaged_previous_table_is_harvested_again_with_a_warning(tmp_path, ca
     root = copy_librispeech(tmp_path / "c", FIRST)
     corpus = [CorpusConfig(name="ls", kind="librispeech", root=root)]
     harvest(corpus, tmp_path / "out")
-    table = tmp_path / "out" / "transcripts.parquet"
+    table = HarvestPaths(tmp_path / "out").transcripts
     table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])  # cut off, footer and all
     again = harvest(corpus, tmp_path / "out")
     assert (again.probed, again.reused, again.transcripts) == (5, 0, 5)

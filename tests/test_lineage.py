@@ -8,7 +8,7 @@ import pytest
 from core.lineage.store import LineageStore
 from core.stage import Artifact, run_stage
 
-CODE = ["splsm/stage.py"]
+CODE = "schemas"  # the package whose code (and what it imports) keys reuse
 
 
 def _copy_stage(work: Path, name: str, src: Path, dst: Path, extra: str = ""):
@@ -163,7 +163,7 @@ def test_runs_record_the_git_commit_image_and_digest(tmp_path, monkeypatch):
     (row,) = LineageStore(tmp_path / "lineage.duckdb").dicts(
         "SELECT git_commit, code_version, image, image_digest, flow_name FROM runs"
     )
-    from core.stage import git_commit
+    from core.provenance import git_commit
 
     assert row["git_commit"] == git_commit() and row["code_version"]
     assert row["image"] == "splsm:cpu" and row["image_digest"] == "sha256:" + "ab" * 32

@@ -11,9 +11,11 @@ from transformers import WhisperFeatureExtractor
 from core.config import BuildConfig, LoaderConfig
 from core.lsm.features import log_mel
 from core.lsm.loader import ExampleLoader
+from core.paths import WorkPaths
 from core.tables import read_table
 from schemas import TRANSCRIPTS
-from stages.build.examples import example_id, write_shards
+from stages.build.examples import example_id
+from stages.build.shards import write_shards
 
 N_ROWS = 48
 
@@ -47,8 +49,8 @@ def _rows(transcripts: Path, n: int, split: str = "train") -> list[dict]:
 @pytest.fixture(scope="module")
 def shards(harvested, tmp_path_factory) -> Path:
     """Real shards (written by the build stage's writer): a train split in 4 shards of 4-row groups, and a dev split."""
-    rows = _rows(harvested / "harvest" / "transcripts.parquet", N_ROWS)
-    rows += _rows(harvested / "harvest" / "transcripts.parquet", 5, split="dev")
+    rows = _rows(WorkPaths(harvested).harvest.transcripts, N_ROWS)
+    rows += _rows(WorkPaths(harvested).harvest.transcripts, 5, split="dev")
     out = tmp_path_factory.mktemp("shards") / "shards"
     write_shards(rows, out, BuildConfig(rows_per_shard=15, row_group_rows=4))
     return out
@@ -110,8 +112,8 @@ def test_batches_follow_the_duration_budget(shards):
         sizes.append(n)
         durs = [min(r["duration_s"], 30.0) for r in b["rows"]]
         assert n <= 3 and (n == 1 or n * max(durs) <= 30.0)
-        assert b["input_features"].shape == (n, 80, b["feature_lengths"].max().item())
-        assert np.allclose(b["durations"].numpy(), durs, atol=1e-3)
+        assert b["batch"].input_features.shape == (n, 80, b["batch"].feature_lengths.max().item())
+        assert np.allclose(b["batch"].durations_s.numpy(), durs, atol=1e-3)
     assert sum(sizes) == N_ROWS and len(set(sizes)) > 1
 
 
@@ -130,7 +132,7 @@ def test_a_resumed_epoch_continues_exactly_where_it_stopped(shards):
     tail = list(resumed)
     assert _ids(head + tail) == _ids(full)
     assert all(
-        np.array_equal(a["input_features"].numpy(), b["input_features"].numpy())
+        np.array_equal(a["batch"].input_features.numpy(), b["batch"].input_features.numpy())
         for a, b in zip(head + tail, full, strict=True)
     )
     assert resumed.state_dict()["epoch"] == 1  # a finished pass moves on to the next epoch
@@ -147,12 +149,12 @@ def test_features_in_a_batch_equal_whisper_feature_extractor_padded_to_30s(shard
 
     clips = [audio.load(r["audio_path"], r["offset_s"], r["duration_s"]) for r in b["rows"]]
     ref = WhisperFeatureExtractor()(clips, sampling_rate=16_000, return_tensors="np").input_features
-    assert b["input_features"].shape == (5, 80, 3000)
-    assert np.abs(ref - b["input_features"].numpy()).max() < 1e-4
+    assert b["batch"].input_features.shape == (5, 80, 3000)
+    assert np.abs(ref - b["batch"].input_features.numpy()).max() < 1e-4
 
 
 def test_an_unreadable_clip_is_skipped_with_a_counted_warning(harvested, tmp_path):
-    rows = _rows(harvested / "harvest" / "transcripts.parquet", 12)
+    rows = _rows(WorkPaths(harvested).harvest.transcripts, 12)
     corrupt = tmp_path / "corrupt.flac"
     corrupt.write_bytes(b"fLaC not really a flac file")
     rows[2]["audio_path"] = str(corrupt)
@@ -174,11 +176,15 @@ def test_tokens_come_from_the_tokenizer_and_the_config_builds_a_loader(shards, t
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_models_dir / "llm")
-    cfg = LoaderConfig(num_workers=0, max_batch_size=5, batch_seconds=150.0, pad_to="longest")
-    (b,) = list(ExampleLoader.from_config(shards, cfg, split="dev", tokenizer=tok))
+    cfg = LoaderConfig(num_workers=0, batch_seconds=150.0)
+    (b,) = list(
+        ExampleLoader.from_config(shards, cfg, split="dev", tokenizer=tok, max_batch_size=5, pad_to="longest")
+    )
     r = b["rows"][0]
-    assert b["answer_ids"][0] == tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert tok.decode(b["prefix_ids"][0], skip_special_tokens=True).strip() == r["prefix"]
+    assert b["batch"].answer_ids[0] == tok(r["answer"], add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]
+    assert tok.decode(b["batch"].prefix_ids[0], skip_special_tokens=True).strip() == r["prefix"]
 
 
 def test_a_split_with_no_rows_is_a_clear_error(shards):
@@ -190,15 +196,15 @@ def test_a_48k_mp3_clip_goes_through_the_shared_audio_loader(harvested, tmp_path
     import soundfile as sf
     import soxr
 
-    rows = _rows(harvested / "harvest" / "transcripts.parquet", 1)
+    rows = _rows(WorkPaths(harvested).harvest.transcripts, 1)
     x, sr = sf.read(rows[0]["audio_path"], dtype="float32")
     mp3 = tmp_path / "clip-48k.mp3"  # Common Voice's format
     sf.write(mp3, soxr.resample(x, sr, 48_000), 48_000, format="MP3")
     rows[0]["audio_path"] = str(mp3)
     write_shards(rows, tmp_path / "shards", BuildConfig())
     (b,) = list(ExampleLoader(tmp_path / "shards", "train", **_opts()))
-    assert b["skipped"] == 0 and abs(b["durations"][0].item() - len(x) / sr) < 0.01
+    assert b["skipped"] == 0 and abs(b["batch"].durations_s[0].item() - len(x) / sr) < 0.01
     direct, _ = log_mel([x if sr == 16_000 else soxr.resample(x, sr, 16_000)], pad_to="longest")
-    n = min(direct.shape[-1], b["input_features"].shape[-1]) - 2
+    n = min(direct.shape[-1], b["batch"].input_features.shape[-1]) - 2
     # mp3 is lossy: the features are close to the original's, not equal
-    assert (b["input_features"][0, :, :n] - direct[0, :, :n]).abs().mean() < 0.1
+    assert (b["batch"].input_features[0, :, :n] - direct[0, :, :n]).abs().mean() < 0.1

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from helpers_lsm import TINY_QFORMER, build_models, demo_rows
 
 from core import audio
-from core.lsm.model import Collator, LSMForConditionalGeneration, check_checkpoint
+from core.lsm.batch import Collate
+from core.lsm.model import LSMForConditionalGeneration, check_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_save_load_round_trip_gives_identical_logits(model, saved, eval_rows):
     assert not any(p.requires_grad for p in loaded.encoder.parameters())
 
     rows, clips = eval_rows
-    batch = Collator(tok, fe)(rows, clips, with_answer=True)
+    batch = Collate(tok, fe.feature_size, fe.chunk_length)(rows, clips, with_answer=True)
     with torch.no_grad():
         a = model(**batch.kwargs())
         b = loaded(**batch.kwargs())
@@ -103,7 +104,7 @@ def test_speech_token_count_follows_duration(model):
 def test_layout_labels_cover_answer_and_eos_only(model, eval_rows):
     rows, clips = eval_rows
     tok = model.tokenizer
-    batch = Collator(tok, model.feature_extractor)(rows, clips, with_answer=True)
+    batch = Collate.for_model(model)(rows, clips, with_answer=True)
     with torch.no_grad():
         speech = model.encode_speech(batch.input_features)
         embeds, mask, labels = model.assemble(
@@ -138,7 +139,7 @@ def test_layout_labels_cover_answer_and_eos_only(model, eval_rows):
 
 def test_left_padded_batch_decodes_like_one_at_a_time(model, eval_rows):
     rows, clips = eval_rows
-    collate = Collator(model.tokenizer, model.feature_extractor)
+    collate = Collate.for_model(model)
     batch = collate(rows, clips, with_answer=False)
     together = model.generate(
         batch.input_features, batch.durations_s, batch.prefix_ids, batch.suffix_ids, max_new_tokens=12
@@ -189,7 +190,7 @@ def test_lora_trains_adapters_only_and_round_trips(parts, eval_rows, tmp_path):
     assert m.proj.weight.requires_grad and not any(p.requires_grad for p in m.encoder.parameters())
 
     rows, clips = eval_rows
-    batch = Collator(m.tokenizer, m.feature_extractor)(rows, clips, with_answer=True)
+    batch = Collate.for_model(m)(rows, clips, with_answer=True)
     with torch.no_grad():
         with_lora = m(**batch.kwargs())
         with m.llm.disable_adapter():
@@ -218,7 +219,7 @@ def test_lora_trains_adapters_only_and_round_trips(parts, eval_rows, tmp_path):
 def test_model_init_writes_one_directory_that_loads_back(parts, tmp_path):
     from click.testing import CliRunner
 
-    from core.stage import REPO_ROOT
+    from core.paths import REPO_ROOT
     from splsm.cli import main
 
     whisper_dir, llm_dir = parts

@@ -9,10 +9,13 @@ import pytest
 import torch
 from helpers_lsm import build_models, demo_rows, experiment, write_examples
 
+from conftest import run_stage
 from core.config import TrainConfig
 from core.lineage.store import LineageStore
 from core.lsm.model import LSMForConditionalGeneration
+from core.paths import WorkPaths
 from stages.train import launcher as train
+from stages.train.trainer import lr_at
 
 STEPS = 3
 
@@ -21,12 +24,12 @@ STEPS = 3
 def trained(tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("SPLSM_FLOW_RUN_ID", "flow-run-for-test")
     work = tmp_path_factory.mktemp("lsm-train")
-    whisper_dir, llm_dir = build_models(work / "models")
-    examples = write_examples(work / "examples.parquet")
+    whisper_dir, llm_dir = build_models(WorkPaths(work).models.dir)
+    examples = write_examples(WorkPaths(work).build.examples)
     # 2 processes x batch 2 x accumulation 2 = 8 samples a step: 3 steps = 24 > 20 train rows, so the
     # run crosses into a second epoch and exercises the no-sync accumulation path.
     cfg = experiment(max_steps=STEPS, grad_accum=2, warmup_steps=1)
-    result = train.run(cfg, work, whisper_dir, llm_dir, examples)
+    result = run_stage("train", cfg, work)
     return dict(work=work, whisper=whisper_dir, llm=llm_dir, examples=examples, cfg=cfg, result=result)
 
 
@@ -41,14 +44,14 @@ def monkeypatch_module():
 def test_train_stage_writes_metrics_and_a_loadable_checkpoint(trained):
     work, cfg, result = trained["work"], trained["cfg"], trained["result"]
     assert not result.reused
-    assert result.outputs["checkpoint"] == work / "train" / "checkpoint"
+    assert result.outputs["checkpoint"] == WorkPaths(work).train.checkpoint
 
-    lines = [json.loads(x) for x in (work / "train" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (WorkPaths(work).train.metrics).read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
     for m in lines:
         assert math.isfinite(m["loss"]) and m["loss"] > 0
         assert math.isfinite(m["grad_norm"]) and m["samples_per_s"] > 0
-        assert m["lr"] == pytest.approx(train.lr_at(m["step"] - 1, cfg.train))
+        assert m["lr"] == pytest.approx(lr_at(m["step"] - 1, cfg.train))
     assert lines[-1]["samples"] == STEPS * 2 * 2 * 2 and lines[-1]["epoch"] == 1
 
     s = result.summary
@@ -56,7 +59,7 @@ def test_train_stage_writes_metrics_and_a_loadable_checkpoint(trained):
     assert s["train_rows"] == 20 and s["skipped_audio"] == 0
     assert s["flow_run_id"] == "flow-run-for-test"  # passed through torchrun to the workers unchanged
 
-    ckpt = work / "train" / "checkpoint"
+    ckpt = WorkPaths(work).train.checkpoint
     model = LSMForConditionalGeneration.from_pretrained(ckpt).eval()
     assert not list((work / "train").glob(".checkpoint*"))  # no temp dirs left behind
     # Training moved the connector and the LLM but not the frozen encoder.
@@ -65,7 +68,7 @@ def test_train_stage_writes_metrics_and_a_loadable_checkpoint(trained):
     assert not torch.equal(fresh.proj.weight, model.proj.weight)
     assert not torch.equal(fresh.llm.lm_head.weight, model.llm.lm_head.weight)
 
-    store = LineageStore(work / "lineage.duckdb")
+    store = LineageStore(WorkPaths(work).lineage)
     rows = store.query("SELECT status, flow_run_id FROM runs WHERE stage = 'train'")
     assert rows == [("succeeded", "flow-run-for-test")]
     up = store.upstream(str(ckpt.resolve()))
@@ -74,9 +77,7 @@ def test_train_stage_writes_metrics_and_a_loadable_checkpoint(trained):
 
 @pytest.mark.slow
 def test_rerun_is_reused(trained):
-    again = train.run(
-        trained["cfg"], trained["work"], trained["whisper"], trained["llm"], trained["examples"]
-    )
+    again = run_stage("train", trained["cfg"], trained["work"])
     assert again.reused and again.run_id == trained["result"].run_id
 
 
@@ -104,9 +105,9 @@ def test_train_rows_whose_audio_is_all_gone_fail_with_a_reason_not_a_hang(traine
 def test_lr_warms_up_then_decays_to_zero():
     for schedule in ("cosine", "linear"):
         cfg = TrainConfig(lr=1e-3, warmup_steps=4, max_steps=20, lr_schedule=schedule)
-        lrs = [train.lr_at(s, cfg) for s in range(cfg.max_steps + 1)]
+        lrs = [lr_at(s, cfg) for s in range(cfg.max_steps + 1)]
         assert lrs[:5] == sorted(lrs[:5]) and lrs[0] > 0
         assert max(lrs) == pytest.approx(1e-3)
         assert lrs[4:] == sorted(lrs[4:], reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
     mid = TrainConfig(lr=1.0, warmup_steps=0, max_steps=10, lr_schedule="cosine")
-    assert train.lr_at(5, mid) == pytest.approx(0.5)
+    assert lr_at(5, mid) == pytest.approx(0.5)

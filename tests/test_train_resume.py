@@ -15,7 +15,8 @@ from helpers_lsm import build_models, experiment, write_examples
 from safetensors.torch import load_file
 
 from core.lsm.model import LSMForConditionalGeneration
-from core.stage import REPO_ROOT
+from core.paths import REPO_ROOT, TrainPaths
+from stages.train import checkpoint
 from stages.train import launcher as train
 
 # 20 train rows, 2 processes x batch 2: 5 steps an epoch, so 6 steps cross into a second epoch.
@@ -121,7 +122,7 @@ def test_sigterm_checkpoints_and_resume_continues_the_same_trajectory(setup, str
     out = setup["work"] / "stopped"
     proc = run_until_sigterm(setup, out, after_step=1)
     assert proc.returncode != 0 and "stopped by signal" in proc.stdout  # stopped, not finished
-    ckpt = train.latest_checkpoint(out)
+    ckpt = checkpoint.latest(TrainPaths(out))
     assert ckpt is not None and not (out / "checkpoint").exists()
     stopped_at = json.loads((ckpt / "trainer_state.json").read_text())["step"]
     assert 1 <= stopped_at < STEPS
@@ -151,13 +152,13 @@ def test_checkpoints_of_other_settings_or_a_finished_run_are_not_resumed(setup, 
         out = tmp_path / f"case-{len(list(tmp_path.iterdir()))}"
         shutil.copytree(out_straight / "checkpoints", out / "checkpoints")
         train.write_args(cfg, setup["whisper"], setup["llm"], setup["examples"], out)
-        assert (train.latest_checkpoint(out) is None) == (why is not None), why
+        assert (checkpoint.latest(TrainPaths(out)) is None) == (why is not None), why
     # settings that change only how often or how long do not block a resume
     out = tmp_path / "exempt"
     shutil.copytree(out_straight / "checkpoints", out / "checkpoints")
     cfg = settings(checkpoint_every=1, timeout_s=10.0, keep_checkpoints=5)
     train.write_args(cfg, setup["whisper"], setup["llm"], setup["examples"], out)
-    assert train.latest_checkpoint(out) is not None
+    assert checkpoint.latest(TrainPaths(out)) is not None
 
 
 @pytest.mark.slow
@@ -173,7 +174,7 @@ def test_fsdp_matches_ddp_and_resumes(setup, straight):
     model = LSMForConditionalGeneration.from_pretrained(out / "checkpoint")
     assert model.config.llm_config.model_type == "llama"
     # the sharded state gathered into the step-1 checkpoint, resumed: step 2 again, the same loss
-    assert train.latest_checkpoint(out).name == "step-00000001"
+    assert checkpoint.latest(TrainPaths(out)).name == "step-00000001"
     again = train.train(cfg, setup["whisper"], setup["llm"], setup["examples"], out)
     assert again["resumed_from_step"] == 1
     assert again["final_loss"] == pytest.approx(s["final_loss"], abs=1e-5)

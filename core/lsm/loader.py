@@ -63,6 +63,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from core import audio
 from core.lsm.batch import Collate
 from core.lsm.features import CHUNK_S
+from core.paths import shard_manifest
 from core.tables import read_table
 from schemas import EXAMPLES, SHARDS, check
 
@@ -83,8 +84,8 @@ def _units(shards, split: str) -> list[Unit]:
     """The split's rows as row-group units, in a fixed order, each file's schema checked."""
     if isinstance(shards, str | Path):
         shards = Path(shards)
-        manifest = shards / "manifest.parquet" if shards.is_dir() else shards
-        if manifest.name == "manifest.parquet":
+        manifest = shard_manifest(shards) if shards.is_dir() else shards
+        if manifest.name == shard_manifest(shards).name:
             return _units_from_manifest(manifest, split)
         shards = [shards]
     units = []

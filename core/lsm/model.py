@@ -433,24 +433,14 @@ def init_model(
     """``splsm model init``: one Hugging Face directory (config, safetensors, tokenizer, feature extractor)
     assembled from a Whisper directory and an LLM directory, connector and flags from ``train``; it appears
     whole or not at all and loads back with one ``from_pretrained``."""
-    import os
-    import shutil
-    import uuid
+    from core.atomic import atomic_dir
 
     train = train or TrainConfig()
-    out_dir = Path(out_dir)
     torch.manual_seed(train.seed)
     model = LSMForConditionalGeneration.from_parts(whisper_dir, llm_dir, train.qformer, **part_flags(train))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def check_checkpoint(path: str | Path) -> Path:

@@ -24,6 +24,7 @@ import json
 import re
 from pathlib import Path
 
+from core.stage import StageError
 from core.text import normalize
 from stages.evaluate.decoding import Item
 
@@ -38,8 +39,8 @@ _STOP = set(
 _FALLBACK = ["elephant", "volcano", "bicycle", "umbrella", "telescope", "penguin", "satellite"]
 
 
-class QAFileError(ValueError):
-    pass
+class QAFileError(StageError, ValueError):
+    """A question file that cannot be used: the message names the file, the line and the field."""
 
 
 def _pick(words: list[str], *salt: str) -> str:

@@ -36,8 +36,11 @@ class TrainError(StageError):
     """The torchrun workers failed; the message carries their own errors and the tail of their output."""
 
 
-def write_args(cfg: TrainConfig, whisper_dir: Path, llm_dir: Path, examples: Path, paths: TrainPaths) -> Path:
+def write_args(
+    cfg: TrainConfig, whisper_dir: Path, llm_dir: Path, examples: Path, out: TrainPaths | Path
+) -> Path:
     """The arguments every worker reads; resumable checkpoints of other settings are cleared."""
+    paths = out if isinstance(out, TrainPaths) else TrainPaths(Path(out))
     paths.dir.mkdir(parents=True, exist_ok=True)
     _clear_stale_checkpoints(cfg, paths)
     write_text(

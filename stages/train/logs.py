@@ -28,8 +28,8 @@ class TrainLogs:
                 for ln in paths.metrics.read_text().splitlines()
                 if ln and json.loads(ln)["step"] <= start_step
             ]
-        self.metrics = open(paths.metrics, "w")
-        self.metrics.writelines(ln + "\n" for ln in kept)
+        write_text(paths.metrics, "".join(ln + "\n" for ln in kept))  # cut back whole, then appended to
+        self.metrics = open(paths.metrics, "a")
         self.writer = None
         if tensorboard:
             try:
