@@ -96,9 +96,3 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(text)
     return Path(path)
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)

@@ -88,16 +88,8 @@ class Child:
                 log.close()
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
 
     def tail(self, n: int | None = None) -> list[str]:
         lines = list(self._tail)

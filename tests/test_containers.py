@@ -206,3 +206,40 @@ def test_gpu_stages_request_gpus_by_count_or_id_and_cpu_stages_none():
     assert by_id["DeviceIDs"] == ["0", "3"] and by_id["Count"] == 0
     assert gpu_requests(train, -1)[0]["Count"] == -1  # all
     assert gpu_requests(harvest, 2) is None and gpu_requests(train, None) is None
+
+
+def test_container_mode_mounts_every_path_the_config_and_the_options_name(tmp_path):
+    """What a stage reads outside the work directory is mounted read-only at the same path: the corpora and
+    manifests, the model folders, the catalog, the Whisper checkpoint for pseudo-labels, the QA file, the
+    baseline's work directory, and paths among the stage's options (import-reference's manifest and root)."""
+    from core.config import load_config
+    from splsm.runner import config_mounts
+    from stages.registry import STAGES
+
+    made = {}
+    for name in ("corpus", "models/w", "models/l", "ckpt", "qa", "runs/asr-only", "ref", "refroot"):
+        made[name] = tmp_path / "ext" / name
+        made[name].mkdir(parents=True)
+    (made["corpus"] / "m.jsonl").write_text("")
+    (made["ckpt"] / "tiny.pt").write_bytes(b"")
+    (made["qa"] / "q.jsonl").write_text("")
+    (made["ref"] / "sample.jsonl").write_text("")
+    cfg_file = tmp_path / "cfg" / "c.yaml"
+    cfg_file.parent.mkdir()
+    cfg_file.write_text(
+        "name: x\ncorpora: [{name: a, kind: jsonl, root: ../ext/corpus, manifest: ../ext/corpus/m.jsonl}]\n"
+        "models: {whisper: ../ext/models/w, llm: ../ext/models/l}\n"
+        "harvest: {whisper_checkpoint: ../ext/ckpt/tiny.pt}\n"
+        "evaluate: {qa_file: ../ext/qa/q.jsonl, baseline: ../ext/runs/asr-only}\n"
+    )
+    cfg = load_config(cfg_file)
+    work = tmp_path / "work"
+    opts = STAGES["import-reference"].options(manifest=made["ref"] / "sample.jsonl", root=made["refroot"])
+    vols = config_mounts(cfg, opts, work)
+    ro = {Path(k) for k, v in vols.items() if v["mode"] == "ro"}
+    rw = {Path(k) for k, v in vols.items() if v["mode"] == "rw"}
+    assert rw == {work.resolve()}
+    expected = {cfg_file.parent, *(made[n].resolve() for n in made if n not in ("models/w", "models/l"))}
+    expected |= {made["models/w"].resolve(), made["models/l"].resolve()}
+    assert ro == expected
+    assert all(vols[str(p)]["bind"] == str(p) for p in ro | rw)  # the same paths inside

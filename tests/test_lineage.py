@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from core.lineage.store import LineageStore
+from core.lineage.store import LineageStore, RunContext
 from core.stage import Artifact, run_stage
 
 CODE = "schemas"  # the package whose code (and what it imports) keys reuse
@@ -185,7 +185,7 @@ def test_a_store_from_before_the_new_columns_gains_them(tmp_path):
     )
     con.close()
     store = LineageStore(db)
-    store.start_run("new", {}, "v")
+    store.start_run("new", {}, RunContext("v"))
     rows = store.dicts("SELECT stage, git_commit FROM runs ORDER BY stage")
     assert [r["stage"] for r in rows] == ["new", "old"]
 

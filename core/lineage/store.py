@@ -153,20 +153,8 @@ class LineageStore:
 
     # ----- writing -----
 
-    def start_run(
-        self,
-        stage: str,
-        params: dict,
-        code_version: str | RunContext,
-        flow_run_id: str | None = None,
-        image: str | None = None,
-    ) -> str:
-        """Record a run as ``running``; ``code_version`` may be a full RunContext (then the rest is unused)."""
-        ctx = (
-            code_version
-            if isinstance(code_version, RunContext)
-            else RunContext(code_version, flow_run_id=flow_run_id, image=image)
-        )
+    def start_run(self, stage: str, params: dict, ctx: RunContext) -> str:
+        """Record a run as ``running``, with where it came from (code, Prefect runs, image)."""
         run_id = uuid.uuid4().hex
         with self._connect() as con:
             con.execute(

@@ -24,8 +24,6 @@ SAMPLE_RATE = 16_000
 N_FFT = 400
 HOP = 160
 CHUNK_S = 30
-CHUNK_SAMPLES = CHUNK_S * SAMPLE_RATE
-CHUNK_FRAMES = CHUNK_SAMPLES // HOP  # 3000: what HF's WhisperEncoder insists on
 LOG_FLOOR = -10.0  # log10 of the 1e-10 clamp: the value of a frame that saw only zeros
 
 

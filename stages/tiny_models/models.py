@@ -20,7 +20,6 @@ from core.prompts import VICUNA_V11_SYSTEM
 from core.tables import read_table
 from schemas import TRANSCRIPTS
 
-CODE_FILES = ["stages/tiny_models.py"]
 SPECIAL = ["<unk>", "<s>", "</s>"]
 
 
