@@ -123,8 +123,10 @@ class Stage:
     body: Callable[[Context], dict | None]  # writes the outputs (each atomically); returns a summary
     options: type[BaseModel] = NoOptions  # typed command-line options; the CLI makes flags of its fields
     command: tuple[str, ...] = ()  # the CLI's words for it, default (name,)
-    # How its runs are recorded when not as one run (generate's workers, then the merge); None: one run.
+    # How its runs are recorded when not as one run (generate's workers, then the merge), and the marker
+    # that then holds this invocation's summary; None: one run, its marker in the stage's folder.
     record: Callable[[Stage, Context, bool], StageResult] | None = None
+    marker: Callable[[Context], Path] | None = None
     # Orchestration: a GPU stage gets the container's GPU request and the flows' "gpu" concurrency tag;
     # ``image`` says which of the container images it runs in; I/O-bound stages retry (a corpus on
     # network storage, an LLM server restarting).
@@ -138,6 +140,10 @@ class Stage:
     @property
     def words(self) -> tuple[str, ...]:
         return self.command or (self.name,)
+
+    def marker_of(self, ctx: Context) -> Path:
+        """The marker this invocation's run leaves (its summary and lineage run id)."""
+        return self.marker(ctx) if self.marker is not None else ctx.paths.marker(self.name)
 
     def context(
         self, cfg: ExperimentConfig, workdir: str | os.PathLike, options: dict | BaseModel | None = None

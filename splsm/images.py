@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.paths import REPO_ROOT
+from core.provenance import git_commit
 from splsm.runner import docker_client, logger
 
 DOCKERFILE = "images/Dockerfile"
@@ -53,8 +54,6 @@ def build_image(
     client = docker_client(docker_host)
     args = dict(buildargs or {})
     args.setdefault("SPLSM_IMAGE", tag)
-    from core.stage import git_commit
-
     args.setdefault("GIT_COMMIT", git_commit() or "")
     tail: list[str] = []
     with tempfile.TemporaryFile() as ctx:

@@ -138,14 +138,14 @@ def run_stage_cli(
             _run_subprocess(stage, args)
         else:
             run_in_container(stage, args, cfg, ctx.options, workdir, execution.container)
-    return read_summary(ctx.paths, stage.name)
+    return read_summary(stage.marker_of(ctx), stage.name)
 
 
-def read_summary(paths: WorkPaths, stage: str) -> dict:
-    """The summary the stage's last run left in its marker, with its lineage run id."""
-    done = read_marker(paths.marker(stage))
+def read_summary(marker: Path, stage: str) -> dict:
+    """The summary a stage's run left in its marker, with its lineage run id."""
+    done = read_marker(marker)
     if done is None:
-        raise StageFailed(f"{stage} finished but left no readable marker at {paths.marker(stage)}")
+        raise StageFailed(f"{stage} finished but left no readable marker at {marker}")
     return {"run_id": done.get("run_id"), **done.get("summary", {})}
 
 

@@ -110,7 +110,7 @@ def record(stage: Stage, ctx: Context, force: bool) -> StageResult:
         lambda: body(ctx),
         stage.package,
         force,
-        marker=ctx.paths.generate.worker_marker(o.worker, o.workers),
+        marker=marker(ctx),
     )
     if res.summary.get("merged"):  # this worker finished last: record the merged tables as the stage's output
         return run_stage(
@@ -126,6 +126,12 @@ def record(stage: Stage, ctx: Context, force: bool) -> StageResult:
     return res
 
 
+def marker(ctx: Context):
+    o = ctx.options
+    g = ctx.paths.generate
+    return g.worker_marker(o.worker, o.workers) if o.workers > 1 else ctx.paths.marker("generate")
+
+
 STAGE = Stage(
     name="generate",
     help="Ask the LLM each (utterance, task) instruction; write WORKDIR/generate/responses.parquet.",
@@ -136,6 +142,7 @@ STAGE = Stage(
     body=body,
     options=GenerateOptions,
     record=record,
+    marker=marker,
     retries=2,
     retry_delay_s=30,
 )
