@@ -165,7 +165,7 @@ def test_every_flow_is_deployed_with_its_pool_and_the_regeneration_with_its_cron
 def test_demo_deployment_run_completes_and_its_lineage_is_there(server, tmp_path):
     work = tmp_path / "demo"
     run = server.run_deployment("self_powered_pipeline/demo", workdir=str(work))
-    store = LineageStore(work / "lineage.duckdb")
+    store = LineageStore(WorkPaths(work).lineage)
     rows = store.dicts("SELECT stage, status, flow_run_id, flow_name, git_commit, task_run_id FROM runs")
     assert sorted(r["stage"] for r in rows) == sorted(
         ["harvest", "models", "generate", "build", "train", "evaluate"]
@@ -186,7 +186,7 @@ def test_demo_deployment_run_completes_and_its_lineage_is_there(server, tmp_path
     assert gpu == {"train", "evaluate"}
     assert (WorkPaths(work).evaluate.table("metrics")).exists()
     # exported for Marquez: every stage run a child of this flow run
-    from core.lineage.store import openlineage_events
+    from core.lineage.openlineage import openlineage_events
 
     events = openlineage_events(store)
     assert len(events) == 12
@@ -209,14 +209,14 @@ def test_scheduled_regeneration_after_new_clips_asks_only_for_their_answers(serv
     config, work = _regen_config(tmp_path, corpus), tmp_path / "work"
 
     first = server.run_deployment("regenerate_dataset/regenerate", config=str(config), workdir=str(work))
-    gen1 = json.loads((work / "generate" / "_stage.json").read_text())["summary"]
+    gen1 = json.loads(WorkPaths(work).marker("generate").read_text())["summary"]
     assert (gen1["requests"], gen1["requested"], gen1["cached"]) == (8, 8, 0)
     llm_files = {p: p.stat().st_mtime_ns for p in (WorkPaths(work).models.llm).iterdir()}
 
     copy_librispeech(corpus, ADDED)  # new clips land in the corpus
     second = server.run_deployment("regenerate_dataset/regenerate", config=str(config), workdir=str(work))
-    gen2 = json.loads((work / "generate" / "_stage.json").read_text())["summary"]
-    harvest2 = json.loads((work / "harvest" / "_stage.json").read_text())["summary"]
+    gen2 = json.loads(WorkPaths(work).marker("generate").read_text())["summary"]
+    harvest2 = json.loads(WorkPaths(work).marker("harvest").read_text())["summary"]
     assert harvest2["transcripts"] == 6
     # only the two new clips' answers were requested (2 clips x 2 tasks); the rest came from the cache
     assert (gen2["requests"], gen2["requested"], gen2["cached"]) == (12, 4, 8)
@@ -229,7 +229,7 @@ def test_scheduled_regeneration_after_new_clips_asks_only_for_their_answers(serv
     # the LLM was not rebuilt, which would have invalidated every cached answer
     assert {p: p.stat().st_mtime_ns for p in (WorkPaths(work).models.llm).iterdir()} == llm_files
 
-    store = LineageStore(work / "lineage.duckdb")
+    store = LineageStore(WorkPaths(work).lineage)
     rows = store.dicts("SELECT stage, flow_run_id FROM runs WHERE status = 'succeeded' ORDER BY started_at")
     assert [r["stage"] for r in rows] == [
         "harvest",
@@ -241,4 +241,4 @@ def test_scheduled_regeneration_after_new_clips_asks_only_for_their_answers(serv
         "build",
     ]
     assert [r["flow_run_id"] for r in rows] == [first["id"]] * 4 + [second["id"]] * 3
-    shutil.rmtree(work / "models")  # keep tmp small
+    shutil.rmtree(WorkPaths(work).models.dir)  # keep tmp small

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GEN_TASKS, REPO, run_stage
-from core.config import GenerateConfig, load_config
+from core.config import GenerateConfig, TransformersBackendConfig, load_config
 from core.paths import GeneratePaths, WorkPaths
 from core.tables import read_table
 from schemas import RESPONSES, TRANSCRIPTS
@@ -101,7 +101,7 @@ def test_workers_split_by_utterance_hash_without_overlap_and_the_last_one_merges
     generated, harvested, tiny_models_dir, tmp_path
 ):
     served, g, _ = generated
-    g3 = g.model_copy(update={"backend": "transformers", "tasks": ["repeat"], "shard_size": 3})
+    g3 = g.model_copy(update={"backend": TransformersBackendConfig(), "tasks": ["repeat"], "shard_size": 3})
     transcripts = WorkPaths(harvested).harvest.transcripts
     seen = Counter()
     for w in range(3):
