@@ -3,6 +3,7 @@ adding 1% new files.
 
     .venv/bin/python bench/harvest.py                 # 100,000 files, 3 runs (about 5 minutes on 2 cores)
     .venv/bin/python bench/harvest.py --files 20000 --runs 1
+    .venv/bin/python bench/harvest.py --vs 7f6f2b3     # beside another revision's harvest, run by run
 
 Each harvest runs in its own process (as the stage does), so imports, worker start-up and memory are
 counted. Peak RSS is sampled over that process and every process under it (the probing workers).
@@ -172,6 +173,20 @@ def fixed_costs(root: Path, new_speakers: list[Path]) -> dict:
     return {"start_s": start, "list_s": list_s, "files": n, "new_s": time.monotonic() - t, "new": len(items)}
 
 
+def checkout(rev: str, into: Path) -> Path:
+    """The tree of git revision ``rev`` (git archive), to run its harvest beside this tree's."""
+    import tarfile
+
+    data = subprocess.run(["git", "archive", rev], cwd=REPO, check=True, capture_output=True).stdout
+    into.mkdir(parents=True)
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.seek(0)
+        with tarfile.open(fileobj=f) as tar:
+            tar.extractall(into, filter="data")
+    return into
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=100_000)
@@ -179,6 +194,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=0.5, help="length of each clip")
     ap.add_argument("--dir", type=Path, default=None, help="where to build the tree (default: a temp dir)")
+    ap.add_argument(
+        "--vs",
+        default=None,
+        metavar="REV",
+        help="also harvest with the code of git revision REV, interleaved run by run, and compare",
+    )
     args = ap.parse_args()
 
     base = Path(args.dir or tempfile.mkdtemp(prefix="bench-harvest-"))
@@ -194,18 +215,33 @@ def main() -> None:
     )
 
     cold, inc, floor = [], [], []
+    vs_tree = checkout(args.vs, base / "vs") if args.vs else None
+    vs_cold, vs_inc = [], []
+
+    def cold_then_rerun(run: int, repo: Path) -> tuple[dict, dict]:
+        for d in (root / "train-bench").iterdir():  # back to the original tree
+            if int(d.name) - 10000 >= first_new_speaker:
+                shutil.rmtree(d)
+        out = base / f"out{run}"
+        shutil.rmtree(out, ignore_errors=True)
+        c = timed_harvest(root, out, repo)
+        assert c["transcripts"] == n and c["probed"] == n, c
+        make_tree(root, n_added, templates, first_speaker=first_new_speaker)
+        i = timed_harvest(root, out, repo)
+        assert i["transcripts"] == n + n_added and i["probed"] == n_added, i
+        shutil.rmtree(out, ignore_errors=True)
+        return c, i
+
     try:
         for run in range(args.runs):
-            for d in (root / "train-bench").iterdir():  # back to the original tree
-                if int(d.name) - 10000 >= first_new_speaker:
-                    shutil.rmtree(d)
-            out = base / f"out{run}"
-            shutil.rmtree(out, ignore_errors=True)
-            c = timed_harvest(root, out)
-            assert c["transcripts"] == n and c["probed"] == n, c
-            make_tree(root, n_added, templates, first_speaker=first_new_speaker)
-            i = timed_harvest(root, out)
-            assert i["transcripts"] == n + n_added and i["probed"] == n_added, i
+            if vs_tree is not None:  # interleaved: load on the machine hits both trees alike
+                vc, vi = cold_then_rerun(run, vs_tree)
+                vs_cold.append(vc)
+                vs_inc.append(vi)
+                print(
+                    f"run {run + 1}: {args.vs}: cold {vc['wall_s']:.1f}s; +{n_added:,} files: {vi['wall_s']:.2f}s"
+                )
+            c, i = cold_then_rerun(run, REPO)
             cold.append(c)
             inc.append(i)
             new = [d for d in (root / "train-bench").iterdir() if int(d.name) - 10000 >= first_new_speaker]
@@ -266,6 +302,18 @@ def main() -> None:
     ratio = inc_s / cold_s
     goal("incremental_cost", f"{ratio:.1%} of cold", "<= 5% of cold", ratio <= 0.05)
     goal("peak_rss", f"{peak / 2**20:,.0f} MiB", "< 1,024 MiB", peak < 2**30)
+    if vs_tree is not None:
+        vs_cold_s, vs_inc_s = med(c["wall_s"] for c in vs_cold), med(i["wall_s"] for i in vs_inc)
+        print(f"\n{'median wall s':24}{'this tree':>18}{args.vs:>18}{'ratio':>10}")
+        print(f"{'cold':24}{cold_s:>18.2f}{vs_cold_s:>18.2f}{cold_s / vs_cold_s:>10.3f}")
+        print(f"{'+' + f'{args.added:.0%} rerun':24}{inc_s:>18.2f}{vs_inc_s:>18.2f}{inc_s / vs_inc_s:>10.3f}")
+        worst = max(cold_s / vs_cold_s, inc_s / vs_inc_s)
+        goal(
+            f"as_fast_as_{args.vs}",
+            f"{worst:.3f}x its wall time (the slower of cold and rerun)",
+            "<= 1.10x",
+            worst <= 1.10,
+        )
 
 
 if __name__ == "__main__":

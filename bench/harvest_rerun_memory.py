@@ -19,16 +19,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harvest import _templates, timed_harvest  # noqa: E402
+from harvest import _templates, checkout, timed_harvest  # noqa: E402
 
 LINKS_PER_FILE = 60_000  # ext4 allows 65,000 links to one inode
 
@@ -47,18 +45,6 @@ def make_clips(root: Path, n: int, templates) -> list[str]:
         os.link(src, clips / f"u{i:07d}.flac")
         lines.append(json.dumps({"audio": f"clips/u{i:07d}.flac", "text": templates[t][1]}))
     return lines
-
-
-def checkout(rev: str, into: Path) -> Path:
-    """The tree of ``rev`` (git archive), to run the baseline's code beside this tree's."""
-    data = subprocess.run(["git", "archive", rev], cwd=REPO, check=True, capture_output=True).stdout
-    into.mkdir(parents=True)
-    with tempfile.TemporaryFile() as f:
-        f.write(data)
-        f.seek(0)
-        with tarfile.open(fileobj=f) as tar:
-            tar.extractall(into, filter="data")
-    return into
 
 
 def rerun_peak(
