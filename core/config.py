@@ -128,7 +128,7 @@ class ServeBackendConfig(ClientSettings):
 
 
 class TransformersBackendConfig(Strict):
-    """The LLM in this process (``stages.generate.backends.inprocess``)."""
+    """The LLM in this process (``stages.generate.backends.transformers_local``)."""
 
     kind: Literal["transformers"] = "transformers"
     # auto: static (faster than continuous and equal to HF generate's greedy answers on CPU and CUDA, measured)

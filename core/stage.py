@@ -147,7 +147,8 @@ class Stage:
 
     def context(
         self, cfg: ExperimentConfig, workdir: str | os.PathLike, options: dict | BaseModel | None = None
-    ):
+    ) -> Context:
+        """The context a run of this stage gets; ``options`` are validated against the stage's options."""
         opts = options if isinstance(options, self.options) else self.options.model_validate(options or {})
         return Context(cfg, WorkPaths(workdir), opts)
 
