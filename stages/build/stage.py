@@ -1,0 +1,67 @@
+"""The build stage: transcripts and the LLM's (or the reference's) answers in, examples and shards out."""
+
+from __future__ import annotations
+
+from core.catalog import load_catalog
+from core.stage import Artifact, Context, Stage
+
+
+def _answer_tables(ctx: Context) -> list[Artifact]:
+    """The responses tables this build joins: none for an ASR-only build; the generated answers, and the
+    reference's imported ones when ``splsm import-reference`` has made them."""
+    if all(t == "asr" for t in ctx.cfg.build.tasks):
+        return []
+    arts = [Artifact("responses", ctx.paths.generate.responses, "table", made_by="generate")]
+    if ctx.paths.imported.responses.exists():
+        arts.append(Artifact("imported_responses", ctx.paths.imported.responses, "table"))
+    return arts
+
+
+def inputs(ctx: Context) -> list[Artifact]:
+    return [
+        Artifact("transcripts", ctx.paths.harvest.transcripts, "table", made_by="harvest"),
+        Artifact("catalog", load_catalog(ctx.cfg.generate.catalog).path, "file"),
+        *_answer_tables(ctx),
+    ]
+
+
+def outputs(ctx: Context) -> list[Artifact]:
+    out = ctx.paths.build
+    return [
+        Artifact("examples", out.examples, "table"),
+        Artifact("shard_manifest", out.shard_manifest, "table"),
+        Artifact("shards", out.shards, "shards"),
+        Artifact("rejects", out.rejects, "table"),
+    ]
+
+
+def params(ctx: Context) -> dict:
+    return {**ctx.cfg.build.model_dump(), "prompt_format": ctx.cfg.generate.prompt_format}
+
+
+def body(ctx: Context) -> dict:
+    from stages.build.examples import build, print_summary
+
+    s = build(
+        ctx.paths.harvest.transcripts,
+        [a.path for a in _answer_tables(ctx)] or None,
+        ctx.paths.build,
+        ctx.cfg.build,
+        load_catalog(ctx.cfg.generate.catalog),
+        ctx.cfg.generate.prompt_format,
+    )
+    print_summary(s)
+    return s.__dict__
+
+
+STAGE = Stage(
+    name="build",
+    help="Join transcripts and answers into WORKDIR/build/examples.parquet and the loader's WORKDIR/build/shards/.",
+    package="stages.build",
+    inputs=inputs,
+    outputs=outputs,
+    params=params,
+    body=body,
+    retries=1,
+    retry_delay_s=10,
+)
