@@ -54,7 +54,14 @@ def dedup_utterances(rows: list[dict], eval_splits: list[str]) -> tuple[list[dic
         if k in kept_by_key:
             first = kept_by_key[k]
             rejects.append(
-                reject_row(r["corpus"], r["audio_path"], r["utt_id"], "utterance", "duplicate_utterance", f"same normalized transcript and audio as {first['utt_id']} ({first['split']})")
+                reject_row(
+                    r["corpus"],
+                    r["audio_path"],
+                    r["utt_id"],
+                    "utterance",
+                    "duplicate_utterance",
+                    f"same normalized transcript and audio as {first['utt_id']} ({first['split']})",
+                )
             )
         else:
             kept_by_key[k] = r

@@ -120,14 +120,28 @@ def build(
             if not found:
                 missing += 1
                 rejects.append(
-                    reject_row(t["corpus"], str(transcripts), t["utt_id"], "answer", "missing_answer", f"no {task} answer in the responses")
+                    reject_row(
+                        t["corpus"],
+                        str(transcripts),
+                        t["utt_id"],
+                        "answer",
+                        "missing_answer",
+                        f"no {task} answer in the responses",
+                    )
                 )
                 continue
             for origin, r in found:
                 if r.get("rejected_by"):  # the generate stage's filters flagged this answer
                     filtered += 1
                     rejects.append(
-                        reject_row(t["corpus"], str(transcripts), t["utt_id"], "answer", f"answer_{r['rejected_by']}", f"{task} answer rejected by the generate filter {r['rejected_by']}")
+                        reject_row(
+                            t["corpus"],
+                            str(transcripts),
+                            t["utt_id"],
+                            "answer",
+                            f"answer_{r['rejected_by']}",
+                            f"{task} answer rejected by the generate filter {r['rejected_by']}",
+                        )
                     )
                     continue
                 imported += origin.startswith("reference:")
@@ -158,7 +172,14 @@ def build(
         for e in rows:
             if e["example_id"] in dropped:
                 rejects.append(
-                    reject_row("", e["example_id"], e["utt_id"], "answer", "near_duplicate_answer", f"{e['task']} answer nearly repeats that of example {dropped[e['example_id']]}")
+                    reject_row(
+                        "",
+                        e["example_id"],
+                        e["utt_id"],
+                        "answer",
+                        "near_duplicate_answer",
+                        f"{e['task']} answer nearly repeats that of example {dropped[e['example_id']]}",
+                    )
                 )
         rows = [e for e in rows if e["example_id"] not in dropped]
 
