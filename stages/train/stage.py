@@ -8,7 +8,7 @@ from core.stage import Artifact, Context, Stage
 
 def inputs(ctx: Context) -> list[Artifact]:
     whisper, llm = ctx.paths.model_dirs(ctx.cfg)
-    made_by = "models tiny" if ctx.cfg.models.tiny is not None else None
+    made_by = ctx.paths.models_made_by(ctx.cfg)
     return [
         Artifact("examples", ctx.paths.build.examples, "table", made_by="build"),
         Artifact("whisper", whisper, "model", made_by=made_by),
