@@ -83,7 +83,7 @@ def main() -> None:
 
     from stages.evaluate.evaluator import _load_model
 
-    cfg = load_config(REPO / "configs" / "demo.yaml")
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
     e = cfg.evaluate
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint or demo_checkpoint(Path(tmp), cfg)

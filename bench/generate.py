@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from core.catalog import load_catalog  # noqa: E402
 from core.config import (  # noqa: E402
-    DEMO_CONFIG,
     LLM_TASKS,
+    TINY_CONFIG,
     ClientSettings,
     GenerateConfig,
     TransformersBackendConfig,
@@ -118,7 +118,7 @@ def main() -> None:
     from stages.tiny_models.models import build_tiny_models, corpus_texts
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
-    cfg = load_config(DEMO_CONFIG)
+    cfg = load_config(TINY_CONFIG)
     STAGES["harvest"].run(STAGES["harvest"].context(cfg, tmp))
     paths = WorkPaths(tmp)
     transcripts = paths.harvest.transcripts

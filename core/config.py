@@ -19,7 +19,8 @@ from core.catalog import FILTERS, CatalogError, load_catalog
 from core.paths import REPO_ROOT
 
 CONFIG_DIR = REPO_ROOT / "configs"
-DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"  # `splsm demo`: the real pretrained models
+TINY_CONFIG = CONFIG_DIR / "tiny.yaml"  # tiny random-weight models: the tests' plumbing runs
 
 TASKS = ("asr", "repeat", "keywords", "intent", "sentiment", "continuation", "translation")
 LLM_TASKS = TASKS[1:]
@@ -99,14 +100,25 @@ class ModelsConfig(Strict):
 class HarvestConfig(Strict):
     max_duration_s: float = 30.0  # Whisper's window: longer audio would be cut by the encoder
     min_duration_s: float = 0.0
-    # openai-whisper checkpoint file ({"dims", "model_state_dict"}) that transcribes audio without a
-    # transcript; relative to the config file. None: such audio becomes a ``no_transcript`` reject.
+    # Audio without a transcript is transcribed by Whisper: ``whisper_checkpoint`` names a Hugging Face Whisper
+    # directory or an openai-whisper checkpoint file ({"dims", "model_state_dict"}), relative to the config
+    # file; ``label_with_models_whisper`` uses the config's own Whisper (models.whisper, or the pretrained or
+    # tiny one under WORKDIR/models). Neither: such audio becomes a ``no_transcript`` reject.
     whisper_checkpoint: Path | None = None
+    label_with_models_whisper: bool = False
     whisper_language: str | None = "en"  # None: Whisper detects it
     whisper_batch_size: int = Field(8, ge=1)
     whisper_max_tokens: int | None = Field(None, ge=1)  # None: Whisper's own limit (224)
     workers: int | None = Field(None, ge=1)  # probing processes; default: every core
     content_hash: bool = True  # hash audio bytes, so a touched but unchanged file is not probed again
+
+    @model_validator(mode="after")
+    def _one_labeller(self):
+        if self.whisper_checkpoint is not None and self.label_with_models_whisper:
+            raise ValueError(
+                "harvest.label_with_models_whisper: give it or harvest.whisper_checkpoint, not both"
+            )
+        return self
 
 
 class ClientSettings(Strict):
@@ -372,6 +384,8 @@ class EvaluateConfig(Strict):
     qa_max_new_tokens: int = Field(8, ge=1)
     baseline: Path | None = None  # a baseline's workdir (e.g. the ASR-only model) to plot the probe against
     worst_n: int = Field(10, ge=1)  # worst utterances listed and plotted in the report
+    # The reference row: the Whisper the encoder came from transcribes the same eval clips on its own.
+    whisper_reference: bool = True
 
     @model_validator(mode="after")
     def _check(self):
@@ -410,6 +424,11 @@ class ExperimentConfig(Strict):
             raise ValueError(
                 f"evaluate.eval_sets: {bad[0]!r} is a split the build stage never writes; it writes "
                 f"{', '.join(sorted(made))} (build.eval_splits, and dev/test where their fractions are above 0)"
+            )
+        if self.harvest.label_with_models_whisper and self.models.tiny is not None:
+            raise ValueError(
+                "harvest.label_with_models_whisper: tiny models are made from the harvested transcripts, so their "
+                "Whisper cannot label them; use pretrained models or a Whisper directory"
             )
         if "asr" not in b.tasks:
             raise ValueError(

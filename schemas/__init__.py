@@ -177,13 +177,15 @@ SHARDS = TableSchema(
 
 PREDICTIONS = TableSchema(
     "predictions",
-    2,
+    3,
     pa.schema(
         [
             _f("example_id", pa.string()),
             _f("utt_id", pa.string()),
             _f("eval_set", pa.string()),
             _f("task", pa.string()),
+            # v3: who transcribed: "lsm" (the speech-text model), or "whisper" (its Whisper alone, the reference)
+            _f("system", pa.string()),
             _f("reference", pa.string()),
             _f("hypothesis", pa.string()),
             _f("reference_norm", pa.string()),
@@ -200,11 +202,12 @@ PREDICTIONS = TableSchema(
 
 METRICS = TableSchema(
     "metrics",
-    2,
+    3,
     pa.schema(
         [
             _f("eval_set", pa.string()),
             _f("task", pa.string()),
+            _f("system", pa.string()),  # v3: "lsm", or "whisper" (the reference row: its Whisper alone)
             _f("n_utterances", pa.int32()),
             _f("n_ref_words", pa.int32()),
             _f("substitutions", pa.int32()),

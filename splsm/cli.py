@@ -215,10 +215,13 @@ def _show_results(workdir: Path) -> None:
     paths = WorkPaths(workdir)
     metrics = paths.evaluate.table("metrics")
     if metrics.exists():
-        t = Table("eval set", "task", "utterances", "ref words", "S", "D", "I", "WER %", title="WER")
+        t = Table(
+            "eval set", "system", "task", "utterances", "ref words", "S", "D", "I", "WER %", title="WER"
+        )
         for m in read_table(metrics, METRICS).to_pylist():
             t.add_row(
                 m["eval_set"],
+                m["system"],
                 m["task"],
                 str(m["n_utterances"]),
                 str(m["n_ref_words"]),

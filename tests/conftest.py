@@ -28,27 +28,27 @@ def run_stage(name: str, cfg, workdir: Path, force: bool = False, **options):
 
 
 @pytest.fixture(scope="session")
-def demo_config():
+def tiny_config():
     from core.config import load_config
 
-    return load_config(REPO / "configs" / "demo.yaml")
+    return load_config(REPO / "configs" / "tiny.yaml")
 
 
 @pytest.fixture(scope="session")
-def harvested(tmp_path_factory, demo_config) -> Path:
+def harvested(tmp_path_factory, tiny_config) -> Path:
     """The demo corpora harvested once: WORKDIR/harvest/{transcripts,rejects}.parquet."""
     work = tmp_path_factory.mktemp("harvested")
-    run_stage("harvest", demo_config, work)
+    run_stage("harvest", tiny_config, work)
     return work
 
 
 @pytest.fixture(scope="session")
-def tiny_models_dir(tmp_path_factory, harvested, demo_config) -> Path:
+def tiny_models_dir(tmp_path_factory, harvested, tiny_config) -> Path:
     """Tiny Whisper + Llama (tokenizer trained on the demo transcripts), as saved by save_pretrained."""
     from stages.tiny_models.models import build_tiny_models, corpus_texts
 
     out = tmp_path_factory.mktemp("tiny")
-    build_tiny_models(corpus_texts(WorkPaths(harvested).harvest.transcripts), out, demo_config.models.tiny)
+    build_tiny_models(corpus_texts(WorkPaths(harvested).harvest.transcripts), out, tiny_config.models.tiny)
     return out
 
 

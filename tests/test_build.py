@@ -300,7 +300,7 @@ def test_importing_the_reference_sample_counts_every_missing_clip(harvested, tmp
     assert read_table(tmp_path / "imp" / "responses.parquet", RESPONSES).num_rows == 0
 
 
-def test_imported_answers_become_examples_and_bad_lines_rejects(harvested, demo_config, tmp_path):
+def test_imported_answers_become_examples_and_bad_lines_rejects(harvested, tiny_config, tmp_path):
     tr = read_table(_transcripts(harvested), TRANSCRIPTS).to_pylist()
     libri = [t for t in tr if "/LibriSpeech/" in t["audio_path"]][:3]
     sample = [json.loads(ln) for ln in FIXTURE.read_text().splitlines()]
@@ -333,7 +333,7 @@ def test_imported_answers_become_examples_and_bad_lines_rejects(harvested, demo_
             "--root",
             str(DEMO),
             "--config",
-            str(demo_config.source),
+            str(tiny_config.source),
             "--workdir",
             str(work),
         ],
@@ -356,7 +356,7 @@ def test_imported_answers_become_examples_and_bad_lines_rejects(harvested, demo_
     ]
 
     # build takes the imported answers as examples of their task, with the reference's own instruction
-    cfg = demo_config.model_copy(
+    cfg = tiny_config.model_copy(
         update={
             "build": BuildConfig(
                 tasks=["asr", "continuation", "repeat", "sentiment"], eval_splits=["test-clean"]

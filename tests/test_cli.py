@@ -5,7 +5,7 @@ from click.testing import CliRunner
 from conftest import REPO
 from splsm.cli import main
 
-DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO = str(REPO / "configs" / "tiny.yaml")
 
 
 def test_every_stage_has_a_subcommand_with_workdir():

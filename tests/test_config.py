@@ -33,7 +33,7 @@ def test_paper_config_carries_the_reference_settings():
 
 
 def test_demo_paths_resolve_relative_to_the_config():
-    cfg = load_config(REPO / "configs" / "demo.yaml")
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
     assert all(c.root.is_dir() for c in cfg.corpora)
 
 

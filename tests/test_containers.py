@@ -23,14 +23,14 @@ from core.tables import read_table
 from schemas import REJECTS, TRANSCRIPTS
 from splsm.runner import ContainerConfig, ExecutionConfig, StageFailed, run_stage_cli
 
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 TAG = "localhost/splsm:cpu-test"
 IMAGE_UID = 1000  # the images' non-root user
 
 
 def test_harvest_in_a_subprocess_records_the_callers_flow_run(tmp_path, monkeypatch):
     monkeypatch.setenv("SPLSM_FLOW_RUN_ID", "flow-run-from-caller")
-    run_stage_cli("harvest", DEMO_CONFIG, tmp_path, execution=ExecutionConfig(mode="subprocess"))
+    run_stage_cli("harvest", TINY_CONFIG, tmp_path, execution=ExecutionConfig(mode="subprocess"))
     assert read_table(WorkPaths(tmp_path).harvest.transcripts, TRANSCRIPTS).num_rows == 17
     (row,) = LineageStore(WorkPaths(tmp_path).lineage).dicts(
         "SELECT status, flow_run_id, git_commit FROM runs"
@@ -41,7 +41,7 @@ def test_harvest_in_a_subprocess_records_the_callers_flow_run(tmp_path, monkeypa
 
 def test_a_failing_stage_in_a_subprocess_fails_with_its_message(tmp_path):
     with pytest.raises(StageFailed, match="transcripts .* does not exist"):
-        run_stage_cli("build", DEMO_CONFIG, tmp_path, execution=ExecutionConfig(mode="subprocess"))
+        run_stage_cli("build", TINY_CONFIG, tmp_path, execution=ExecutionConfig(mode="subprocess"))
 
 
 # ----- container mode ---------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def test_harvest_runs_in_its_container_and_records_the_image(engine, cpu_image, 
         mode="container", container=ContainerConfig(image=cpu_image, docker_host=engine)
     )
     with caplog.at_level(logging.INFO, logger="splsm.runner"):
-        run_stage_cli("harvest", DEMO_CONFIG, work, execution=execution)
+        run_stage_cli("harvest", TINY_CONFIG, work, execution=execution)
 
     assert read_table(WorkPaths(work).harvest.transcripts, TRANSCRIPTS).num_rows == 17
     rejects = read_table(WorkPaths(work).harvest.rejects, REJECTS)
@@ -161,7 +161,7 @@ def test_harvest_runs_in_its_container_and_records_the_image(engine, cpu_image, 
             " WHERE io.direction = 'input'"
         )
     }
-    corpora = load_config(DEMO_CONFIG).corpora
+    corpora = load_config(TINY_CONFIG).corpora
     assert {(str(c.root), Artifact("c", c.root, "corpus").ref().content_hash) for c in corpora} <= recorded
 
 
@@ -175,7 +175,7 @@ def test_a_failing_stage_in_its_container_fails_and_is_removed(engine, cpu_image
         mode="container", container=ContainerConfig(image=cpu_image, docker_host=engine)
     )
     with pytest.raises(StageFailed, match=r"(?s)exited with 1.*checkpoint .* does not exist"):
-        run_stage_cli("evaluate", DEMO_CONFIG, work, execution=execution)
+        run_stage_cli("evaluate", TINY_CONFIG, work, execution=execution)
     assert not client.containers.list(all=True, filters={"label": "splsm.stage=evaluate"})
 
 
@@ -190,7 +190,7 @@ def test_a_container_the_engine_cannot_start_fails_the_stage_and_is_removed(engi
         container=ContainerConfig(image=cpu_image, docker_host=engine, user="no-such-user"),
     )
     with pytest.raises(StageFailed, match=r"harvest: the engine could not start .*no-such-user"):
-        run_stage_cli("harvest", DEMO_CONFIG, work, execution=execution)
+        run_stage_cli("harvest", TINY_CONFIG, work, execution=execution)
     assert not client.containers.list(all=True, filters={"label": "splsm.stage=harvest"})
 
 

@@ -164,7 +164,10 @@ def test_every_flow_is_deployed_with_its_pool_and_the_regeneration_with_its_cron
 
 def test_demo_deployment_run_completes_and_its_lineage_is_there(server, tmp_path):
     work = tmp_path / "demo"
-    run = server.run_deployment("self_powered_pipeline/demo", workdir=str(work))
+    # the demo deployment, on the tiny models: the deployment's mechanics, not the real models (tests/test_demo.py)
+    run = server.run_deployment(
+        "self_powered_pipeline/demo", config=str(REPO / "configs" / "tiny.yaml"), workdir=str(work)
+    )
     store = LineageStore(WorkPaths(work).lineage)
     rows = store.dicts("SELECT stage, status, flow_run_id, flow_name, git_commit, task_run_id FROM runs")
     assert sorted(r["stage"] for r in rows) == sorted(
@@ -195,7 +198,7 @@ def test_demo_deployment_run_completes_and_its_lineage_is_there(server, tmp_path
 
 
 def _regen_config(tmp_path: Path, corpus: Path) -> Path:
-    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     cfg["corpora"] = [{"name": "ls", "kind": "librispeech", "root": str(corpus), "split": "train"}]
     cfg["generate"].update(tasks=["repeat", "translation"], max_new_tokens=8)
     cfg["build"]["tasks"] = ["asr", "repeat", "translation"]

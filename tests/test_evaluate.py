@@ -326,7 +326,7 @@ def test_report_says_the_data_is_partial_and_has_tables_and_plots(setup):
     md = (out / "report.md").read_text()
     assert "**Partial data**: 5 eval rows or questions were rejected" in md  # 1 ASR, 2 probe, 2 QA
     (m,) = _read(setup, "metrics", METRICS)
-    assert f"| test-clean | asr | 3 | {m['n_ref_words']} | {m['substitutions']} |" in md
+    assert f"| test-clean | lsm | asr | 3 | {m['n_ref_words']} | {m['substitutions']} |" in md
     for cat in PROBE_TASKS:
         assert f"| test-clean | {cat} | 3 |" in md
     html = (out / "report.html").read_text()
@@ -409,7 +409,7 @@ def test_cli_evaluate_reports_a_wrong_checkpoint_cleanly(setup, tmp_path):
 
     WorkPaths(tmp_path).build.dir.mkdir()
     shutil.copy(setup["examples"], WorkPaths(tmp_path).build.examples)
-    cfg = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    cfg = setup["config_file"]  # the tests' tiny models; no Whisper reference row
     out = CliRunner().invoke(
         main,
         [

@@ -27,7 +27,7 @@ def demo_run(tmp_path_factory, prefect_api):
     from flows.pipeline import self_powered_pipeline
 
     work = tmp_path_factory.mktemp("demo")
-    summary = self_powered_pipeline(config=str(REPO / "configs" / "demo.yaml"), workdir=str(work))
+    summary = self_powered_pipeline(config=str(REPO / "configs" / "tiny.yaml"), workdir=str(work))
     return work, summary
 
 
@@ -111,6 +111,6 @@ def test_rerun_with_nothing_changed_does_no_stage_work(demo_run):
     store = LineageStore(work / "lineage.duckdb")
     before = store.query("SELECT count(*) FROM runs")[0][0]
     metrics = (WorkPaths(work).evaluate.table("metrics")).read_bytes()
-    self_powered_pipeline(config=str(REPO / "configs" / "demo.yaml"), workdir=str(work))
+    self_powered_pipeline(config=str(REPO / "configs" / "tiny.yaml"), workdir=str(work))
     assert store.query("SELECT count(*) FROM runs")[0][0] == before
     assert (WorkPaths(work).evaluate.table("metrics")).read_bytes() == metrics

@@ -179,8 +179,8 @@ def test_too_long_audio_is_rejected_with_the_bound(tmp_path):
     assert "11.66s" in rejects[0]["detail"]
 
 
-def test_harvest_stage_reuses_its_output_when_nothing_changed(tmp_path, demo_config):
-    first = run_stage("harvest", demo_config, tmp_path)
-    second = run_stage("harvest", demo_config, tmp_path)
+def test_harvest_stage_reuses_its_output_when_nothing_changed(tmp_path, tiny_config):
+    first = run_stage("harvest", tiny_config, tmp_path)
+    second = run_stage("harvest", tiny_config, tmp_path)
     assert not first.reused and second.reused
     assert first.summary["transcripts"] == 17 and first.summary["reject_counts"] == {"missing_audio": 2}

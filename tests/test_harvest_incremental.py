@@ -65,9 +65,9 @@ def test_rerun_probes_exactly_the_added_and_changed_files(tmp_path):
     assert short.reject_counts == {"corrupt_audio": 1, "too_long": 2}  # 7.895 s and 4.555 s (README)
 
 
-def test_new_transcripts_version_points_at_the_old_one_in_lineage(tmp_path, demo_config):
+def test_new_transcripts_version_points_at_the_old_one_in_lineage(tmp_path, tiny_config):
     root = copy_librispeech(tmp_path / "c", FIRST)
-    cfg = demo_config.model_copy(update={"corpora": [CorpusConfig(name="ls", kind="librispeech", root=root)]})
+    cfg = tiny_config.model_copy(update={"corpora": [CorpusConfig(name="ls", kind="librispeech", root=root)]})
     work = tmp_path / "w"
     first = run_stage("harvest", cfg, work)
     v1 = sha256_file(WorkPaths(work).harvest.transcripts)

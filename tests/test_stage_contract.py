@@ -45,7 +45,7 @@ def test_every_stage_has_the_same_contract_a_command_and_a_flow_task():
         assert TASKS[name].retries == stage.retries and ("gpu" in TASKS[name].tags) == stage.gpu
 
 
-def test_a_stages_code_is_its_package_and_what_it_imports(demo_config, tmp_path):
+def test_a_stages_code_is_its_package_and_what_it_imports(tiny_config, tmp_path):
     build = closure("stages.build")
     files = {str(p.relative_to(REPO)) for p in build.values()}
     # its own modules, and the shared ones it runs: the normalizer (dedup), prompts, catalog, tables, schemas
@@ -58,7 +58,7 @@ def test_a_stages_code_is_its_package_and_what_it_imports(demo_config, tmp_path)
     train = {str(p.relative_to(REPO)) for p in closure("stages.train").values()}
     assert {"core/lsm/model.py", "core/lsm/loader.py", "core/lsm/batch.py", "core/lsm/features.py"} <= train
     # every stage's outputs key on a hash of that code
-    ctx = Context(demo_config, WorkPaths(tmp_path))
+    ctx = Context(tiny_config, WorkPaths(tmp_path))
     assert STAGES["build"].outputs(ctx) and len(code_hash("stages.build")) == 64
 
 
@@ -82,7 +82,7 @@ def test_editing_a_shared_module_build_uses_makes_build_run_again(tmp_path):
     tree = _copy_project(tmp_path / "tree")
     config = tree / "configs" / "asr.yaml"
     config.write_text(
-        (tree / "configs" / "demo.yaml").read_text().replace("build:\n", "build:\n  tasks: [asr]\n")
+        (tree / "configs" / "tiny.yaml").read_text().replace("build:\n", "build:\n  tasks: [asr]\n")
     )
     work = tmp_path / "work"
     marker = WorkPaths(work).marker("build")

@@ -115,9 +115,11 @@ class LSMForConditionalGeneration(PreTrainedModel):
         self.qformer = Blip2QFormerModel(config.qformer_config)
         self.llm = llm if llm is not None else AutoModelForCausalLM.from_config(config.llm_config)
         if config.lora:
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig, inject_adapter_in_model
 
-            self.llm = get_peft_model(self.llm, LoraConfig(task_type="CAUSAL_LM", **config.lora))
+            # Injected in place, not wrapped in a PeftModel: the LLM's own parameters keep their names, so tied
+            # embeddings (SmolLM2's) and checkpoints keep their paths; the adapters add lora_A/lora_B beside them.
+            inject_adapter_in_model(LoraConfig(task_type="CAUSAL_LM", **config.lora), self.llm)
             if llm is not None:  # peft initialized the adapters (B = 0, so no change yet): keep them so
                 for m in self.llm.modules():
                     m._is_hf_initialized = True
@@ -259,7 +261,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
             part.requires_grad_(False)
         if self.config.freeze_qformer:
             self.query_tokens.requires_grad_(False)
-        if self.config.lora:  # peft already froze the base LLM; only the adapters train
+        if self.config.lora:  # only the adapters of the LLM train
             for name, p in self.llm.named_parameters():
                 p.requires_grad_("lora_" in name)
         self.train(self.training)

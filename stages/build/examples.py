@@ -95,8 +95,11 @@ def build(
     b: BuildConfig,
     catalog: Catalog,
     prompt_format: str = "vicuna_v1.1",
+    tokenizer=None,
 ) -> BuildSummary:
-    """Write the examples table, its shards and the rejects (``BuildPaths``, or a folder to hold them)."""
+    """Write the examples table, its shards and the rejects (``BuildPaths``, or a folder to hold them).
+
+    ``tokenizer``: the backbone LLM's tokenizer (or its directory), which ``chat_template`` prompts need."""
     out = out if isinstance(out, BuildPaths) else BuildPaths(Path(out))
     tr = read_table(transcripts, TRANSCRIPTS).to_pylist()
     paths = [] if responses is None else [responses] if isinstance(responses, Path | str) else responses
@@ -145,7 +148,7 @@ def build(
                     )
                     continue
                 imported += origin.startswith("reference:")
-                p = speech_prompt(r["instruction"], prompt_format)
+                p = speech_prompt(r["instruction"], prompt_format, tokenizer)
                 rows.append(
                     dict(
                         example_id=example_id(t["utt_id"], task, origin),

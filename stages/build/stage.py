@@ -17,12 +17,20 @@ def _answer_tables(ctx: Context) -> list[Artifact]:
     return arts
 
 
+def _tokenizer_dir(ctx: Context):
+    """The LLM directory whose tokenizer renders ``chat_template`` prompts (None for Vicuna's format)."""
+    return ctx.paths.model_dirs(ctx.cfg)[1] if ctx.cfg.generate.prompt_format == "chat_template" else None
+
+
 def inputs(ctx: Context) -> list[Artifact]:
-    return [
+    arts = [
         Artifact("transcripts", ctx.paths.harvest.transcripts, "table", made_by="harvest"),
         Artifact("catalog", load_catalog(ctx.cfg.generate.catalog).path, "file"),
         *_answer_tables(ctx),
     ]
+    if (llm := _tokenizer_dir(ctx)) is not None:
+        arts.append(Artifact("llm", llm, "model", made_by=ctx.paths.models_made_by(ctx.cfg)))
+    return arts
 
 
 def outputs(ctx: Context) -> list[Artifact]:
@@ -49,6 +57,7 @@ def body(ctx: Context) -> dict:
         ctx.cfg.build,
         load_catalog(ctx.cfg.generate.catalog),
         ctx.cfg.generate.prompt_format,
+        _tokenizer_dir(ctx),
     )
     print_summary(s)
     return s.__dict__

@@ -57,7 +57,15 @@ def compare(workdir_a: Path, workdir_b: Path) -> dict:
     return dict(
         a=str(workdir_a),
         b=str(workdir_b),
-        wer=join(lambda r: (r["eval_set"], r["task"]), a["metrics"], b["metrics"], ["wer", "rtfx"]),
+        wer=join(
+            lambda r: (
+                r["eval_set"],
+                r["task"] if r["system"] == "lsm" else f"{r['task']} ({r['system']} alone)",
+            ),
+            a["metrics"],
+            b["metrics"],
+            ["wer", "rtfx"],
+        ),
         probe=join(
             lambda r: (r["eval_set"], r["category"]),
             a["probe_metrics"],

@@ -47,11 +47,14 @@ class Item:
         )
 
     @classmethod
-    def asking(cls, key: str, example: dict, instruction: str, fmt: str, max_new_tokens: int) -> Item:
-        """An item that asks ``instruction`` about the speech of an examples-table row."""
+    def asking(
+        cls, key: str, example: dict, instruction: str, fmt: str, max_new_tokens: int, tokenizer=None
+    ) -> Item:
+        """An item that asks ``instruction`` about the speech of an examples-table row (``tokenizer``: the
+        model's, which ``chat_template`` prompts need)."""
         from core.prompts import speech_prompt
 
-        p = speech_prompt(instruction, fmt)
+        p = speech_prompt(instruction, fmt, tokenizer)
         return cls(
             key,
             example["split"],

@@ -47,7 +47,7 @@ from schemas import (
     reject_row,
     to_table,
 )
-from stages.evaluate import decoding, probe, qa, report
+from stages.evaluate import decoding, probe, qa, reference, report
 from stages.evaluate.wer import corpus_metrics, word_errors
 
 TASK = "asr"
@@ -104,6 +104,52 @@ def _reject(part: str, eval_set: str, path: str, utt_id: str, err) -> dict:
     return reject_row(eval_set, path, utt_id, "audio", err.reason, f"{part}: {err.detail}")
 
 
+def _score(rows: list[dict], dec, cfg: EvaluateConfig, rejects: list[dict], system: str, beams: int):
+    """Predictions and per-set metrics of one system's transcripts of the eval rows."""
+    preds = []
+    for i, r in enumerate(rows):
+        if f"asr/{i}" not in dec.texts:
+            continue
+        hyp = dec.texts[f"asr/{i}"]
+        ref_norm, hyp_norm = normalize(r["transcript"]), normalize(hyp)
+        c = word_errors(ref_norm, hyp_norm)
+        preds.append(
+            dict(
+                example_id=r["example_id"],
+                utt_id=r["utt_id"],
+                eval_set=r["split"],
+                task=r["task"],
+                system=system,
+                reference=r["transcript"],
+                hypothesis=hyp,
+                reference_norm=ref_norm,
+                hypothesis_norm=hyp_norm,
+                ref_words=len(ref_norm.split()),
+                substitutions=c["substitutions"],
+                deletions=c["deletions"],
+                insertions=c["insertions"],
+                hits=c["hits"],
+                errors=c["substitutions"] + c["deletions"] + c["insertions"],
+                duration_s=r["duration_s"],
+            )
+        )
+    rejected = Counter(rj["corpus"] for rj in rejects)
+    metrics = []
+    for s in cfg.eval_sets:
+        m = corpus_metrics(s, [p for p in preds if p["eval_set"] == s], TASK)
+        audio_s, decode_s = dec.audio_s.get(s, 0.0), dec.decode_s.get(s, 0.0)
+        m.update(
+            system=system,
+            rejected=rejected[s],
+            audio_s=audio_s,
+            decode_s=decode_s,
+            rtfx=audio_s / decode_s if decode_s else float("nan"),
+            num_beams=beams,
+        )
+        metrics.append(m)
+    return preds, metrics
+
+
 def evaluate(
     checkpoint: Path,
     examples: Path,
@@ -114,9 +160,11 @@ def evaluate(
     baseline: Path | None = None,
     prompt_format: str = "vicuna_v1.1",
     device: str | None = None,
+    whisper_dir: Path | None = None,
 ) -> dict:
     """Decode, score and write the outputs (``EvaluatePaths``, or a folder to hold them); returns a summary
-    (WER, anchor rate, QA accuracy, rejects). ``baseline``: another work directory whose probe to compare."""
+    (WER, anchor rate, QA accuracy, rejects). ``baseline``: another work directory whose probe to compare;
+    ``whisper_dir``: the Whisper the encoder came from, whose own WER on the same clips is the reference row."""
     import torch
 
     checkpoint = Path(checkpoint)
@@ -157,45 +205,22 @@ def evaluate(
         for i, r in enumerate(rows)
         if f"asr/{i}" in dec.failed
     ]
-    preds = []
-    for i, r in enumerate(rows):
-        if f"asr/{i}" not in dec.texts:
-            continue
-        hyp = dec.texts[f"asr/{i}"]
-        ref_norm, hyp_norm = normalize(r["transcript"]), normalize(hyp)
-        c = word_errors(ref_norm, hyp_norm)
-        preds.append(
-            dict(
-                example_id=r["example_id"],
-                utt_id=r["utt_id"],
-                eval_set=r["split"],
-                task=r["task"],
-                reference=r["transcript"],
-                hypothesis=hyp,
-                reference_norm=ref_norm,
-                hypothesis_norm=hyp_norm,
-                ref_words=len(ref_norm.split()),
-                substitutions=c["substitutions"],
-                deletions=c["deletions"],
-                insertions=c["insertions"],
-                hits=c["hits"],
-                errors=c["substitutions"] + c["deletions"] + c["insertions"],
-                duration_s=r["duration_s"],
-            )
-        )
-    rejected = Counter(rj["corpus"] for rj in rejects)
-    metrics = []
-    for s in cfg.eval_sets:
-        m = corpus_metrics(s, [p for p in preds if p["eval_set"] == s], TASK)
-        audio_s, decode_s = dec.audio_s.get(s, 0.0), dec.decode_s.get(s, 0.0)
-        m.update(
-            rejected=rejected[s],
-            audio_s=audio_s,
-            decode_s=decode_s,
-            rtfx=audio_s / decode_s if decode_s else float("nan"),
-            num_beams=cfg.num_beams,
-        )
-        metrics.append(m)
+    preds, metrics = _score(rows, dec, cfg, rejects, "lsm", cfg.num_beams)
+    # The reference row: the Whisper the encoder came from, transcribing the same clips on its own.
+    reference_note = ""
+    if not cfg.whisper_reference:
+        reference_note = "evaluate.whisper_reference is off"
+    elif whisper_dir is None:
+        reference_note = "no Whisper directory given"
+    else:
+        try:
+            ref = reference.decode(whisper_dir, asr_items, cfg.batch_size, device)
+        except reference.NoReference as e:
+            reference_note = str(e)
+        else:
+            ref_preds, ref_metrics = _score(rows, ref, cfg, [], "whisper", 1)
+            preds += ref_preds
+            metrics += ref_metrics
 
     # ----- probe and QA: one decoding pass over both -----
     p_items, p_meta, probe_note = [], {}, ""
@@ -206,7 +231,7 @@ def evaluate(
     else:
         resp = read_table(responses, RESPONSES).to_pylist()
         p_items, p_meta = probe.probe_items(
-            rows, resp, cfg.probe_tasks, cfg.probe_max_new_tokens, prompt_format
+            rows, resp, cfg.probe_tasks, cfg.probe_max_new_tokens, prompt_format, model.tokenizer
         )
         if not p_items:
             probe_note = f"{responses} has no non-ASR answers on the eval utterances"
@@ -215,7 +240,9 @@ def evaluate(
         qa_note = "evaluate.qa is off"
     else:
         questions = questions if questions is not None else qa.word_presence_questions(rows)
-        q_items, q_meta, unknown = qa.qa_items(questions, rows, cfg.qa_max_new_tokens, prompt_format)
+        q_items, q_meta, unknown = qa.qa_items(
+            questions, rows, cfg.qa_max_new_tokens, prompt_format, model.tokenizer
+        )
         if not q_items:
             qa_note = "no question is about an eval utterance"
     # The question set as asked, so that a generated set can be read, kept and supplied again.
@@ -265,7 +292,8 @@ def evaluate(
             out.table(name),
             schema,
         )
-    worst = report.worst_utterances(preds, cfg.worst_n)
+    lsm = [p for p in preds if p["system"] == "lsm"]
+    worst = report.worst_utterances(lsm, cfg.worst_n)
     report.write_plots(out, metrics, probe_m, base_rows, worst)
     settings = (
         ("greedy" if cfg.num_beams == 1 else f"beam search, {cfg.num_beams} beams")
@@ -279,7 +307,8 @@ def evaluate(
             examples_hash="sha256:" + sha256_file(Path(examples)),
             settings=settings,
             metrics=metrics,
-            preds=preds,
+            preds=lsm,
+            reference_note=reference_note,
             probe=probe_m,
             probe_note=probe_note,
             qa=qa_m,
@@ -294,14 +323,16 @@ def evaluate(
     write_text(out.report, md)
     write_text(out.report_html, report.report_html(md))
     print_table(metrics, probe_m, qa_m)
+    by = {sys_: [m for m in metrics if m["system"] == sys_] for sys_ in ("lsm", "whisper")}
     return {
-        "wer": {m["eval_set"]: m["wer"] for m in metrics},
-        "rtfx": {m["eval_set"]: m["rtfx"] for m in metrics},
+        "wer": {m["eval_set"]: m["wer"] for m in by["lsm"]},
+        "whisper_wer": {m["eval_set"]: m["wer"] for m in by["whisper"]},
+        "rtfx": {m["eval_set"]: m["rtfx"] for m in by["lsm"]},
         "anchor_rate": {f"{r['eval_set']}/{r['category']}": r["anchor_rate"] for r in probe_m},
         "qa_accuracy": {r["eval_set"]: r["accuracy"] for r in qa_m},
-        "predictions": len(preds),
+        "predictions": len(lsm),
         "rejects": len(rejects),
-        "empty_references": sum(m["empty_references"] for m in metrics),
+        "empty_references": sum(m["empty_references"] for m in by["lsm"]),
         "partial": bool(rejects or missing_sets),
         "seconds": time.time() - t0,
     }
@@ -312,6 +343,7 @@ def print_table(metrics: list[dict], probe_m: list[dict], qa_m: list[dict]) -> N
 
     t = Table(
         "eval set",
+        "system",
         "utterances",
         "ref words",
         "sub",
@@ -326,6 +358,7 @@ def print_table(metrics: list[dict], probe_m: list[dict], qa_m: list[dict]) -> N
     for m in metrics:
         t.add_row(
             m["eval_set"],
+            m["system"],
             str(m["n_utterances"]),
             str(m["n_ref_words"]),
             str(m["substitutions"]),

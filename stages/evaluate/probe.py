@@ -23,7 +23,12 @@ from stages.evaluate.wer import utterance_wer
 
 
 def probe_items(
-    asr_rows: list[dict], responses: list[dict], tasks: list[str] | None, max_new_tokens: int, fmt: str
+    asr_rows: list[dict],
+    responses: list[dict],
+    tasks: list[str] | None,
+    max_new_tokens: int,
+    fmt: str,
+    tokenizer=None,
 ) -> tuple[list[Item], dict[str, dict]]:
     """Items to decode and, by item key, what scoring needs (transcript, the LLM's answer, ...)."""
     by_utt = {r["utt_id"]: r for r in asr_rows}
@@ -33,7 +38,7 @@ def probe_items(
         if ex is None or r["task"] == "asr" or (tasks is not None and r["task"] not in tasks):
             continue
         key = f"probe/{ex['split']}/{r['utt_id']}/{r['task']}"
-        items.append(Item.asking(key, ex, r["instruction"], fmt, max_new_tokens))
+        items.append(Item.asking(key, ex, r["instruction"], fmt, max_new_tokens, tokenizer))
         meta[key] = dict(
             utt_id=r["utt_id"],
             eval_set=ex["split"],

@@ -121,7 +121,7 @@ def load_questions(path: Path) -> list[dict]:
 
 
 def qa_items(
-    questions: list[dict], asr_rows: list[dict], max_new_tokens: int, fmt: str
+    questions: list[dict], asr_rows: list[dict], max_new_tokens: int, fmt: str, tokenizer=None
 ) -> tuple[list[Item], dict[str, dict], list[dict]]:
     """Items to decode, scoring data by key, and the questions about utterances no eval set has."""
     by_utt = {r["utt_id"]: r for r in asr_rows}
@@ -132,7 +132,7 @@ def qa_items(
             unknown.append(q)
             continue
         key = f"qa/{q['id']}"
-        items.append(Item.asking(key, ex, q["question"], fmt, max_new_tokens))
+        items.append(Item.asking(key, ex, q["question"], fmt, max_new_tokens, tokenizer))
         meta[key] = dict(
             qa_id=q["id"],
             utt_id=q["utt_id"],

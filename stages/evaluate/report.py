@@ -83,13 +83,13 @@ def _bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], tit
 
 
 def plot_wer(path: Path, metrics: list[dict]) -> None:
-    _bar_plot(
-        path,
-        [m["eval_set"] for m in metrics],
-        {"WER %": [100 * m["wer"] for m in metrics]},
-        "WER per eval set",
-        "WER %",
-    )
+    """WER per eval set: the speech-text model, and its Whisper alone beside it where there is that row."""
+    sets = list(dict.fromkeys(m["eval_set"] for m in metrics))
+    by = {(m["eval_set"], m["system"]): m["wer"] for m in metrics}
+    series = {"LSM WER %": [100 * by.get((s, "lsm"), float("nan")) for s in sets]}
+    if any(sys_ == "whisper" for _, sys_ in by):
+        series["Whisper alone WER %"] = [100 * by.get((s, "whisper"), float("nan")) for s in sets]
+    _bar_plot(path, sets, series, "WER per eval set", "WER %")
 
 
 def plot_anchor(
@@ -129,8 +129,8 @@ def write_plots(out: EvaluatePaths, metrics, probe, baseline, worst) -> None:
 
 
 def report_markdown(ctx: dict) -> str:
-    """ctx: checkpoint, examples, examples_hash, settings, metrics, preds, probe, probe_note, qa, qa_note,
-    rejects, missing_sets, baseline (probe metrics or None), baseline_name, worst."""
+    """ctx: checkpoint, examples, examples_hash, settings, metrics, preds (the LSM's), reference_note, probe,
+    probe_note, qa, qa_note, rejects, missing_sets, baseline (probe metrics or None), baseline_name, worst."""
     m, rejects = ctx["metrics"], ctx["rejects"]
     lines = ["# Evaluation report", ""]
     partial = []
@@ -150,12 +150,17 @@ def report_markdown(ctx: dict) -> str:
         "## WER",
         "",
         "WER (%) after openai-whisper's English text normalizer on both sides, corpus-level per eval set "
-        "(all errors over all reference words). RTFx: seconds of audio per second of decoding.",
+        "(all errors over all reference words). RTFx: seconds of audio per second of decoding. System `lsm` is "
+        "the speech-text model; `whisper` is the Whisper its encoder came from, transcribing the same clips on "
+        "its own (the reference row).",
         "",
     ]
+    if ctx.get("reference_note"):
+        lines += [f"Whisper reference row: not run: {ctx['reference_note']}.", ""]
     lines += table_md(
         [
             "eval set",
+            "system",
             "task",
             "utterances",
             "ref words",
@@ -173,6 +178,7 @@ def report_markdown(ctx: dict) -> str:
         [
             [
                 r["eval_set"],
+                r["system"],
                 r["task"],
                 r["n_utterances"],
                 r["n_ref_words"],
@@ -189,7 +195,7 @@ def report_markdown(ctx: dict) -> str:
             ]
             for r in m
         ],
-        "ll" + "r" * 12,
+        "lll" + "r" * 12,
     )
     lines += ["", f"![WER per eval set]({PLOTS['wer_plot']})", "", "## Speech-anchor-bias probe", ""]
     if ctx["probe"]:

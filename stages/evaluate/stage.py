@@ -31,12 +31,19 @@ def _responses(ctx: Context) -> Path | None:
     return r if ctx.cfg.evaluate.probe and r.exists() else None
 
 
+def _whisper(ctx: Context) -> Path | None:
+    """The Whisper the encoder came from, for the reference row (where the config asks for it)."""
+    return ctx.paths.model_dirs(ctx.cfg)[0] if ctx.cfg.evaluate.whisper_reference else None
+
+
 def inputs(ctx: Context) -> list[Artifact]:
     e = ctx.cfg.evaluate
     arts = [
         Artifact("checkpoint", _checkpoint(ctx), "checkpoint", made_by="train"),
         Artifact("examples", ctx.paths.build.examples, "table", made_by="build"),
     ]
+    if (whisper := _whisper(ctx)) is not None:
+        arts.append(Artifact("whisper", whisper, "model", made_by=ctx.paths.models_made_by(ctx.cfg)))
     if (responses := _responses(ctx)) is not None:
         arts.append(Artifact("responses", responses, "table"))
     if e.qa and e.qa_file is not None:
@@ -83,6 +90,7 @@ def body(ctx: Context) -> dict:
         e.qa_file if e.qa else None,
         e.baseline,
         ctx.cfg.generate.prompt_format,
+        whisper_dir=_whisper(ctx),
     )
 
 

@@ -331,9 +331,9 @@ def harvest(
     paths = out if isinstance(out, HarvestPaths) else HarvestPaths(Path(out))
     labeler = None
     if whisper_checkpoint is not None:
-        from stages.harvest.pseudolabel import WhisperLabeler
+        from stages.harvest.pseudolabel import labeler as make_labeler
 
-        labeler = WhisperLabeler(whisper_checkpoint, whisper_language, whisper_batch_size, whisper_max_tokens)
+        labeler = make_labeler(whisper_checkpoint, whisper_language, whisper_batch_size, whisper_max_tokens)
     context = row_context(content_hash, labeler)
     prev = Previous(paths, context)
     admission = Admission(

@@ -1,9 +1,11 @@
-"""Whisper pseudo-labels: transcribe audio that has no transcript with openai-whisper.
+"""Whisper pseudo-labels: transcribe audio that has no transcript.
 
-The checkpoint is a local file in openai-whisper's own format (``{"dims": ..., "model_state_dict": ...}``).
-We load it ourselves with ``torch.load(weights_only=True)`` rather than through ``whisper.load_model``,
-which downloads when given a model name and decides on ``weights_only`` by comparing version strings.
-Every label records its provenance as ``whisper:<sha256 of the checkpoint file>``.
+Two kinds of Whisper are read (``labeler``): a Hugging Face Whisper directory (the pipeline's own, e.g. the
+converted Whisper tiny.en, through transformers), or a local file in openai-whisper's own format
+(``{"dims": ..., "model_state_dict": ...}``), which we load ourselves with ``torch.load(weights_only=True)``
+rather than through ``whisper.load_model``, which downloads when given a model name and decides on
+``weights_only`` by comparing version strings. Greedy decoding, no timestamps, at most 30 s a clip. Every
+label records its provenance as ``whisper:<sha256 of the weights file>``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,57 @@ from core.digest import sha256_file
 
 # Whisper's encoder sees 30 s; longer audio would be cut silently, so it is refused instead.
 WINDOW_S = 30.0
+
+
+def labeler(
+    path: str | Path, language: str | None = "en", batch_size: int = 8, max_tokens: int | None = None
+):
+    """The labeller for ``path``: a Hugging Face Whisper directory, or an openai-whisper checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        return HFWhisperLabeler(path, language, batch_size, max_tokens)
+    return WhisperLabeler(path, language, batch_size, max_tokens)
+
+
+class HFWhisperLabeler:
+    """A Hugging Face Whisper directory (``WhisperForConditionalGeneration``, its feature extractor and
+    tokenizer), decoding greedily in batches."""
+
+    def __init__(
+        self, directory: Path, language: str | None = "en", batch_size: int = 8, max_tokens: int | None = None
+    ):
+        self.directory = Path(directory)
+        weights = self.directory / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"harvest Whisper: {self.directory} has no model.safetensors")
+        self.source = f"whisper:{sha256_file(weights)}"
+        self.language, self.batch_size, self.max_tokens = language, batch_size, max_tokens
+        self._model = None
+
+    def _load(self):
+        if self._model is None:
+            from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+            self._model = WhisperForConditionalGeneration.from_pretrained(self.directory).eval()
+            self._processor = WhisperProcessor.from_pretrained(self.directory)
+        return self._model, self._processor
+
+    def transcribe(self, clips: list[np.ndarray]) -> list[str]:
+        """Text for each 16 kHz mono clip (at most 30 s each), greedy, without timestamps."""
+        import torch
+
+        model, proc = self._load()
+        kw = {"max_new_tokens": self.max_tokens or 224}
+        if getattr(model.generation_config, "is_multilingual", False):
+            kw.update(language=self.language, task="transcribe")  # an English-only Whisper takes neither
+        texts: list[str] = []
+        with torch.inference_mode():
+            for i in range(0, len(clips), self.batch_size):
+                batch = [np.asarray(c, dtype=np.float32) for c in clips[i : i + self.batch_size]]
+                feats = proc(batch, sampling_rate=16_000, return_tensors="pt").input_features
+                ids = model.generate(feats, **kw)
+                texts.extend(t.strip() for t in proc.batch_decode(ids, skip_special_tokens=True))
+        return texts
 
 
 class WhisperLabeler:

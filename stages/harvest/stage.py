@@ -5,12 +5,21 @@ from __future__ import annotations
 from core.stage import Artifact, Context, Stage
 
 
+def _labeller(ctx: Context):
+    """The Whisper that labels audio without a transcript, if any: a configured one, or the config's own."""
+    h = ctx.cfg.harvest
+    if h.label_with_models_whisper:
+        return ctx.paths.model_dirs(ctx.cfg)[0]
+    return h.whisper_checkpoint
+
+
 def inputs(ctx: Context) -> list[Artifact]:
     cfg, out = ctx.cfg, ctx.paths.harvest
     arts = [Artifact(f"corpus:{c.name}", c.root, "corpus") for c in cfg.corpora]
     arts += [Artifact(f"manifest:{c.name}", c.manifest, "file") for c in cfg.corpora if c.manifest]
-    if cfg.harvest.whisper_checkpoint is not None:
-        arts.append(Artifact("whisper_checkpoint", cfg.harvest.whisper_checkpoint, "model"))
+    if (whisper := _labeller(ctx)) is not None:
+        made_by = ctx.paths.models_made_by(cfg) if cfg.harvest.label_with_models_whisper else None
+        arts.append(Artifact("whisper_checkpoint", whisper, "model", made_by=made_by))
     if out.transcripts.exists():
         # A rerun copies the previous table's unchanged rows: lineage records it as an input, but it is not
         # part of the reuse key (otherwise every rerun would see a "new" input and never be reused).
@@ -40,7 +49,7 @@ def body(ctx: Context) -> dict:
         max_duration_s=h.max_duration_s,
         min_duration_s=h.min_duration_s,
         workers=h.workers,
-        whisper_checkpoint=h.whisper_checkpoint,
+        whisper_checkpoint=_labeller(ctx),
         whisper_language=h.whisper_language,
         whisper_batch_size=h.whisper_batch_size,
         content_hash=h.content_hash,

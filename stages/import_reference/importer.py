@@ -37,6 +37,7 @@ def import_reference(
     out: ImportPaths | Path,
     catalog: Catalog,
     prompt_format: str = "vicuna_v1.1",
+    tokenizer=None,
 ) -> ImportSummary:
     """The reference's ``{instruction, audio, text}`` lines -> a responses table and a rejects table
     (``ImportPaths``, or a folder to hold them).
@@ -107,7 +108,7 @@ def import_reference(
             reject("line", "duplicate_line", f"{t['utt_id']}/{task} with this instruction came earlier")
             continue
         seen.add((t["utt_id"], task, rec["instruction"]))
-        prompt = text_prompt(rec["instruction"], t["text"], prompt_format)
+        prompt = text_prompt(rec["instruction"], t["text"], prompt_format, tokenizer)
         rows.append(
             dict(
                 utt_id=t["utt_id"],

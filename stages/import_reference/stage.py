@@ -22,15 +22,23 @@ class ImportOptions(BaseModel):
     )
 
 
+def _tokenizer_dir(ctx: Context):
+    """The LLM directory whose tokenizer renders ``chat_template`` prompts (None for Vicuna's format)."""
+    return ctx.paths.model_dirs(ctx.cfg)[1] if ctx.cfg.generate.prompt_format == "chat_template" else None
+
+
 def inputs(ctx: Context) -> list[Artifact]:
     from stages.import_reference.mapper import REFERENCE_INSTRUCTIONS
 
-    return [
+    arts = [
         Artifact("reference_manifest", ctx.options.manifest, "file"),
         Artifact("transcripts", ctx.paths.harvest.transcripts, "table", made_by="harvest"),
         Artifact("catalog", load_catalog(ctx.cfg.generate.catalog).path, "file"),
         Artifact("reference_instructions", REFERENCE_INSTRUCTIONS, "file"),
     ]
+    if (llm := _tokenizer_dir(ctx)) is not None:
+        arts.append(Artifact("llm", llm, "model", made_by=ctx.paths.models_made_by(ctx.cfg)))
+    return arts
 
 
 def outputs(ctx: Context) -> list[Artifact]:
@@ -55,6 +63,7 @@ def body(ctx: Context) -> dict:
         ctx.paths.imported,
         load_catalog(ctx.cfg.generate.catalog),
         ctx.cfg.generate.prompt_format,
+        _tokenizer_dir(ctx),
     )
     console.print(
         f"import-reference: {s.lines} lines -> {s.answers} answers {s.by_task}, {s.rejects} rejects "
