@@ -81,6 +81,20 @@ class Catalog:
         return choices[int.from_bytes(h[:8], "big") % len(choices)]
 
 
+def sample_tasks(utt_id: str, tasks: list[str], per_utterance: int | None, seed: int) -> list[str]:
+    """The LLM tasks one utterance gets: every one of ``tasks``, or ``per_utterance`` of them drawn by a hash of
+    (seed, utterance, task), in ``tasks`` order. The reference ran each category over its own manifest, so an
+    utterance got one LLM task; its draw was unseeded, this one is the same on every run and every worker."""
+    if per_utterance is None or per_utterance >= len(tasks):
+        return list(tasks)
+
+    def rank(task: str) -> bytes:
+        return hashlib.sha256(f"{seed}\0{utt_id}\0{task}\0sample".encode()).digest()
+
+    kept = set(sorted(tasks, key=rank)[:per_utterance])
+    return [t for t in tasks if t in kept]
+
+
 class CatalogError(ValueError):
     pass
 

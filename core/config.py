@@ -182,6 +182,9 @@ class GenerateConfig(Strict):
     # a bare name (``backend: transformers``) takes that backend's defaults.
     backend: BackendConfig = Field(default_factory=ServeBackendConfig)
     tasks: list[str] = Field(default_factory=lambda: list(LLM_TASKS))
+    # None: every task for every utterance. 1: one task per utterance, drawn with the seed, as the reference's
+    # per-category manifests gave it (build then expects an answer only for the drawn task).
+    tasks_per_utterance: int | None = Field(None, ge=1)
     catalog: Path | None = None  # default: the bundled catalog
     prompt_format: Literal["vicuna_v1.1", "chat_template"] = "vicuna_v1.1"
     max_new_tokens: int = Field(225, ge=1)  # cap; a catalog category may ask for fewer

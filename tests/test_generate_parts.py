@@ -8,8 +8,8 @@ from core.catalog import DEFAULT_CATALOG, CatalogError, load_catalog
 from core.config import GenerateConfig
 from core.paths import GeneratePaths, WorkPaths
 from core.prompts import speech_prompt, text_prompt
-from core.tables import read_table
-from schemas import RESPONSES, TRANSCRIPTS
+from core.tables import read_table, write_table
+from schemas import RESPONSES, TRANSCRIPTS, to_table
 from stages.generate.driver import generate, plan_requests
 from stages.generate.filters import FilterSettings, ends_in_punctuation, failures, script_fraction
 
@@ -221,3 +221,67 @@ def test_in_process_greedy_loop_gives_generates_tokens(tiny_models_dir, harveste
         stopped = ours()
         assert stopped == hf(common)
         assert any(len(r) < 12 for r in stopped)
+
+
+def test_one_task_per_utterance_is_drawn_with_the_seed_and_build_expects_only_that_answer(
+    harvested, tmp_path
+):
+    """The reference's sampling: each utterance gets one LLM task (its per-category manifests), here drawn by a
+    hash of the seed, so a rerun or another worker draws the same, and build counts no other pair missing."""
+    from collections import Counter
+
+    from core.catalog import sample_tasks
+    from core.config import LLM_TASKS, BuildConfig
+    from stages.build.examples import build
+
+    transcripts = WorkPaths(harvested).harvest.transcripts
+    utts = read_table(transcripts, TRANSCRIPTS).column("utt_id").to_pylist()
+    g = GenerateConfig(tasks=list(LLM_TASKS), tasks_per_utterance=1, seed=3)
+    reqs = plan_requests(transcripts, load_catalog(), g, "m", "rev")
+    per_utt = Counter(r.utt_id for r in reqs)
+    assert sorted(per_utt) == sorted(utts) and set(per_utt.values()) == {1}
+    assert [(r.utt_id, r.task) for r in reqs] == [
+        (r.utt_id, r.task) for r in plan_requests(transcripts, load_catalog(), g, "m", "rev")
+    ]
+    other_seed = plan_requests(transcripts, load_catalog(), g.model_copy(update={"seed": 4}), "m", "rev")
+    assert {(r.utt_id, r.task) for r in reqs} != {(r.utt_id, r.task) for r in other_seed}
+    # over many ids the draw covers every task about equally
+    counts = Counter(sample_tasks(f"u{i}", list(LLM_TASKS), 1, 1)[0] for i in range(6000))
+    assert set(counts) == set(LLM_TASKS) and min(counts.values()) > 850
+    assert sample_tasks("u1", list(LLM_TASKS), 2, 1) == [
+        t for t in LLM_TASKS if t in sample_tasks("u1", list(LLM_TASKS), 2, 1)
+    ]
+    assert sample_tasks("u1", ["repeat", "intent"], None, 1) == ["repeat", "intent"]
+
+    rows = [
+        dict(
+            utt_id=r.utt_id,
+            task=r.task,
+            instruction_id=r.instruction_id,
+            instruction=r.instruction,
+            prompt=r.prompt,
+            answer="An answer.",
+            model="m",
+            finish_reason="stop",
+            prompt_tokens=1,
+            completion_tokens=1,
+            request_key=r.key,
+            sampling="{}",
+            rejected_by=None,
+        )
+        for r in reqs
+    ]
+    resp = tmp_path / "responses.parquet"
+    write_table(to_table(rows, RESPONSES), resp, RESPONSES)
+    b = BuildConfig(eval_splits=["test-clean"])
+    s = build(
+        transcripts,
+        resp,
+        tmp_path / "out",
+        b,
+        load_catalog(),
+        sampled=lambda u: sample_tasks(u, list(LLM_TASKS), 1, 3),
+    )
+    assert s.missing_answers == 0 and s.examples == 2 * len(utts)  # its ASR example and its one task's
+    unsampled = build(transcripts, resp, tmp_path / "all", b, load_catalog())
+    assert unsampled.missing_answers == 5 * len(utts)  # without the draw, every other pair is missing

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,10 +97,13 @@ def build(
     catalog: Catalog,
     prompt_format: str = "vicuna_v1.1",
     tokenizer=None,
+    sampled: Callable[[str], list[str]] | None = None,
 ) -> BuildSummary:
     """Write the examples table, its shards and the rejects (``BuildPaths``, or a folder to hold them).
 
-    ``tokenizer``: the backbone LLM's tokenizer (or its directory), which ``chat_template`` prompts need."""
+    ``tokenizer``: the backbone LLM's tokenizer (or its directory), which ``chat_template`` prompts need.
+    ``sampled``: the LLM tasks generate asked about an utterance (``core.catalog.sample_tasks``); a task it did
+    not ask is not a missing answer. None: every task of ``b.tasks``."""
     out = out if isinstance(out, BuildPaths) else BuildPaths(Path(out))
     tr = read_table(transcripts, TRANSCRIPTS).to_pylist()
     paths = [] if responses is None else [responses] if isinstance(responses, Path | str) else responses
@@ -113,7 +117,15 @@ def build(
     rows, missing, imported, filtered = [], 0, 0, 0
     for t in tr:
         split = assign_split(t["split"], t["speaker"], t["utt_id"], b)
+        asked = None if sampled is None else set(sampled(t["utt_id"]))
         for task in b.tasks:
+            if (
+                asked is not None
+                and task != "asr"
+                and task not in asked
+                and (t["utt_id"], task) not in answers
+            ):
+                continue  # generate never asked this pair: not a missing answer
             if task == "asr":
                 found = [
                     ("", {"instruction": catalog.draw("asr", t["utt_id"], b.seed).text, "answer": t["text"]})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.catalog import load_catalog
+from core.catalog import load_catalog, sample_tasks
 from core.stage import Artifact, Context, Stage
 
 
@@ -44,7 +44,17 @@ def outputs(ctx: Context) -> list[Artifact]:
 
 
 def params(ctx: Context) -> dict:
-    return {**ctx.cfg.build.model_dump(), "prompt_format": ctx.cfg.generate.prompt_format}
+    g = ctx.cfg.generate
+    sampling = {"tasks": g.tasks, "tasks_per_utterance": g.tasks_per_utterance, "seed": g.seed}
+    return {**ctx.cfg.build.model_dump(), "prompt_format": g.prompt_format, "generate_sampling": sampling}
+
+
+def _sampled(ctx: Context):
+    """Which LLM tasks generate asked about an utterance (None: all of them)."""
+    g = ctx.cfg.generate
+    if g.tasks_per_utterance is None:
+        return None
+    return lambda utt_id: sample_tasks(utt_id, g.tasks, g.tasks_per_utterance, g.seed)
 
 
 def body(ctx: Context) -> dict:
@@ -58,6 +68,7 @@ def body(ctx: Context) -> dict:
         load_catalog(ctx.cfg.generate.catalog),
         ctx.cfg.generate.prompt_format,
         _tokenizer_dir(ctx),
+        _sampled(ctx),
     )
     print_summary(s)
     return s.__dict__

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.catalog import Catalog, load_catalog
+from core.catalog import Catalog, load_catalog, sample_tasks
 from core.config import GenerateConfig, OpenAIBackendConfig, ServeBackendConfig, VLLMBackendConfig
 from core.digest import fingerprint_dir
 from core.log import console, progress
@@ -74,7 +74,7 @@ def plan_requests(
     for utt_id, text in zip(
         table.column("utt_id").to_pylist(), table.column("text").to_pylist(), strict=True
     ):
-        for task in g.tasks:
+        for task in sample_tasks(utt_id, g.tasks, g.tasks_per_utterance, g.seed):
             ins = catalog.draw(task, utt_id, g.seed)
             prompt = text_prompt(ins.text, text, g.prompt_format, tokenizer)
             sampling = sampling_params(g, catalog.categories[task].max_new_tokens)
