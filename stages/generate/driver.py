@@ -205,9 +205,12 @@ def generate(
     out = out if isinstance(out, GeneratePaths) else GeneratePaths(Path(out))
     catalog = load_catalog(g.catalog)
     model = served_model(g, llm_dir)
+    # The answers' identity in the cache: the served name, or a local directory's name with its content's
+    # fingerprint, not its path: the same LLM linked into another work directory keeps its cached answers.
+    model_id = Path(llm_dir).name if llm_dir is not None and model == str(llm_dir) else model
     revision = fingerprint_dir(llm_dir) if llm_dir else ""
     tok = _local_tokenizer(llm_dir)
-    reqs = plan_requests(transcripts, catalog, g, model, revision, tok)
+    reqs = plan_requests(transcripts, catalog, g, model_id, revision, tok)
     skipped: set[str] = set()
     n_tokens: dict[str, int] = {}
     if tok is not None:  # without a local tokenizer the server's count decides, after the answer

@@ -1,0 +1,428 @@
+"""The paper's central result in miniature: an LSM tuned on ASR alone answers other instructions with the
+transcript (speech anchor bias); one tuned on its own LLM's answers (self-powered) follows them.
+
+    .venv/bin/python bench/reproduce.py                       # cold: synthesis, generation, two trainings, evaluation
+    .venv/bin/python bench/reproduce.py --rerun-lr 5e-4       # then: only the training settings change
+    .venv/bin/python bench/reproduce.py --quick               # a smoke run: 200 utterances, a few steps
+
+1. Speech: espeak-ng (``-s 140``, en-us) reads the 2,098 real transcripts of the reference's own manifest
+   (``../shared/seed-data/raw_manifest_example.jsonl``; GigaSpeech's spaced punctuation and tags made plain
+   first, ``core.text.readable``), once, into ``data/reproduce/``; about 10% are held out by utterance hash.
+   The bundled real clips (LibriSpeech dev-clean and test-clean) are a second held-out set.
+2. Two experiments, identical but for their data (``configs/reproduce.yaml``, ``configs/reproduce-asr-only.yaml``):
+   Whisper tiny.en's encoder frozen, a window-level Q-Former and projection trained, SmolLM2-135M-Instruct frozen.
+   The self-powered one trains on ASR plus SmolLM2's answer to one instruction per utterance (drawn with the
+   seed, as the reference's per-category manifests); the ASR-only one on ASR alone. The second experiment
+   takes the first's harvest and answer cache, so SmolLM2 answers each prompt once.
+3. Both are evaluated on both held-out sets: WER (beside Whisper tiny.en's own, measured in the same run),
+   anchor rate per category (an answer within WER 0.3 of the transcript is a transcript), chrF against
+   SmolLM2's own answers to the same instructions about the true transcripts, spoken yes/no QA. A third row
+   is SmolLM2 itself on the text transcripts: its own anchor rate (the floor) and chrF 100 by definition.
+
+Writes ``bench/RESULTS-reproduce.md`` and ``bench/reproduce-anchor-rate.png`` and ends with the goal lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SEED_MANIFEST = REPO.parent / "shared" / "seed-data" / "raw_manifest_example.jsonl"
+SPEECH = REPO / "data" / "reproduce"
+CONFIGS = {
+    "self-powered": REPO / "configs" / "reproduce.yaml",
+    "asr-only": REPO / "configs" / "reproduce-asr-only.yaml",
+}
+NON_ASR = ("keywords", "intent", "sentiment", "continuation", "translation")  # the goal's categories
+RESULTS = REPO / "bench" / "RESULTS-reproduce.md"
+PLOT = REPO / "bench" / "reproduce-anchor-rate.png"
+
+
+def held_out(utt_id: str) -> bool:
+    return int.from_bytes(hashlib.sha256(utt_id.encode()).digest()[:8], "big") % 10 == 0
+
+
+def synthesize(out: Path, limit: int | None = None, rate: int = 140, voice: str = "en-us") -> dict:
+    """espeak-ng speech of the seed manifest's transcripts, once: ``out/{train,heldout}.jsonl`` + ``out/wav/``.
+
+    A finished synthesis leaves ``out/done.json`` (what it read and how); a run with the same settings reuses it.
+    """
+    from core.text import readable
+
+    rows = [json.loads(line) for line in SEED_MANIFEST.read_text().splitlines() if line.strip()]
+    rows = rows[:limit] if limit else rows
+    settings = {
+        "source": str(SEED_MANIFEST),
+        "source_sha256": hashlib.sha256(SEED_MANIFEST.read_bytes()).hexdigest(),
+        "rows": len(rows),
+        "rate": rate,
+        "voice": voice,
+        "espeak": subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout.strip(),
+    }
+    done = out / "done.json"
+    if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
+        return json.loads(done.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "wav").mkdir(parents=True)
+    items = []
+    for i, r in enumerate(rows):
+        text = readable(r["text"])
+        if text:
+            items.append((f"rp{i:04d}", text))
+
+    def speak(item: tuple[str, str]) -> None:
+        utt, text = item
+        subprocess.run(
+            ["espeak-ng", "-s", str(rate), "-v", voice, "-w", str(out / "wav" / f"{utt}.wav"), text],
+            check=True,
+            capture_output=True,
+        )
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        list(pool.map(speak, items))
+    for name, keep in (("train", False), ("heldout", True)):
+        lines = [
+            json.dumps({"id": utt, "audio": f"wav/{utt}.wav", "text": text})
+            for utt, text in items
+            if held_out(utt) == keep
+        ]
+        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    state = {"settings": settings, "utterances": len(items), "seconds": time.monotonic() - t0}
+    done.write_text(json.dumps(state, indent=2))
+    return state
+
+
+def experiment_config(name: str, work: Path, overrides: dict) -> Path:
+    """The experiment's config with ``overrides`` applied (nested keys by dots), written into its work dir."""
+    import yaml
+
+    cfg = yaml.safe_load(CONFIGS[name].read_text())
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    # paths stay relative to the bundled config's folder
+    for c in cfg["corpora"]:
+        for k in ("root", "manifest"):
+            if c.get(k):
+                c[k] = str((CONFIGS[name].parent / c[k]).resolve())
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_experiment(config: Path, work: Path) -> float:
+    """The whole DAG through ``splsm run`` in its own process (a Prefect flow); returns its wall seconds."""
+    t0 = time.monotonic()
+    log = work / "run.log"
+    with open(log, "w") as f:
+        proc = subprocess.run(
+            [str(Path(sys.executable).with_name("splsm")), "run", str(config), "--workdir", str(work)],
+            cwd=REPO,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    if proc.returncode != 0:
+        sys.exit(f"reproduce: {config.name} failed (exit {proc.returncode}); see {log}")
+    return time.monotonic() - t0
+
+
+def share_cached_work(src: Path, dst: Path) -> None:
+    """The second experiment starts from the first's converted models, harvest and answer cache (hard links
+    where the filesystem allows): SmolLM2 answers each prompt once."""
+    from core.paths import WorkPaths
+
+    a, b = WorkPaths(src), WorkPaths(dst)
+    for d in (a.models.dir, a.harvest.dir, a.generate.dir, a.stage_dir("pretrained")):
+        target = b.root / d.relative_to(a.root)
+        if d.exists() and not target.exists():
+            shutil.copytree(d, target, copy_function=os.link)
+
+
+def llm_ceiling(work: Path, eval_sets: list[str], threshold: float) -> dict[str, float]:
+    """SmolLM2 itself on the text transcripts: how often its own answers are the transcript, per category."""
+    from core.paths import WorkPaths
+    from core.tables import read_table
+    from core.text import normalize
+    from schemas import EXAMPLES, RESPONSES
+    from stages.evaluate.wer import utterance_wer
+
+    p = WorkPaths(work)
+    evals = {
+        e["utt_id"]: e["transcript"]
+        for e in read_table(p.build.examples, EXAMPLES).to_pylist()
+        if e["split"] in eval_sets and e["task"] == "asr"
+    }
+    hits: dict[str, list[bool]] = {}
+    for r in read_table(p.generate.responses, RESPONSES).to_pylist():
+        if r["utt_id"] in evals and r["rejected_by"] is None:
+            ref = normalize(evals[r["utt_id"]])
+            if ref.split():
+                hits.setdefault(r["task"], []).append(utterance_wer(ref, normalize(r["answer"])) < threshold)
+    return {task: sum(h) / len(h) for task, h in hits.items()}
+
+
+def collect(work: Path) -> dict:
+    from core.paths import WorkPaths
+    from core.tables import read_table
+    from schemas import METRICS, PROBE_METRICS, QA_METRICS
+
+    e = WorkPaths(work).evaluate
+    return {
+        "metrics": read_table(e.table("metrics"), METRICS).to_pylist(),
+        "probe": read_table(e.table("probe_metrics"), PROBE_METRICS).to_pylist(),
+        "qa": read_table(e.table("qa_metrics"), QA_METRICS).to_pylist(),
+    }
+
+
+def mean(xs) -> float:
+    xs = [x for x in xs if x == x]
+    return statistics.mean(xs) if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=REPO / "work" / "reproduce")
+    ap.add_argument("--quick", action="store_true", help="200 utterances, 20 steps: checks the bench runs")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the configs')")
+    ap.add_argument(
+        "--lora", action="store_true", help="train the LLM through LoRA instead of keeping it frozen"
+    )
+    ap.add_argument("--rerun-lr", type=float, default=None, help="rerun with only this learning rate changed")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not shutil.which("espeak-ng"):
+        sys.exit("espeak-ng is not installed: scripts/setup.sh installs it (apt-get)")
+
+    t_start = time.monotonic()
+    speech = synthesize(SPEECH, limit=200 if args.quick else None)
+    print(f"speech: {speech['utterances']} utterances in {SPEECH} ({speech['seconds']:.0f}s to synthesize)")
+    overrides: dict = {}
+    if args.quick:
+        overrides.update({"train.max_steps": 20, "train.checkpoint_every": 0, "train.warmup_steps": 2})
+    if args.steps:
+        overrides["train.max_steps"] = args.steps
+    if args.lora:
+        overrides.update({"train.freeze_llm": False, "train.lora": {"r": 8, "alpha": 16, "dropout": 0.05}})
+    if args.rerun_lr is not None:
+        overrides["train.lr"] = args.rerun_lr
+    timings = {}
+    works = {name: args.workdir / name for name in CONFIGS}
+    for name in ("self-powered", "asr-only"):
+        if name == "asr-only":
+            share_cached_work(works["self-powered"], works[name])
+        config = experiment_config(name, works[name], overrides)
+        timings[name] = run_experiment(config, works[name])
+        print(f"{name}: {timings[name] / 60:.1f} min ({works[name]})")
+    total = time.monotonic() - t_start
+
+    from core.config import load_config
+
+    cfg = load_config(experiment_config("self-powered", works["self-powered"], overrides))
+    eval_sets, threshold = cfg.evaluate.eval_sets, cfg.evaluate.anchor_wer_threshold
+    res = {name: collect(w) for name, w in works.items()}
+    ceiling = llm_ceiling(works["self-powered"], eval_sets, threshold)
+    report(res, ceiling, eval_sets, timings, total, speech, args, cfg)
+
+
+def report(
+    res: dict, ceiling: dict, eval_sets: list[str], timings: dict, total: float, speech: dict, args, cfg
+):
+    def wer(name: str, s: str, system: str = "lsm") -> float:
+        return next(
+            (m["wer"] for m in res[name]["metrics"] if m["eval_set"] == s and m["system"] == system),
+            float("nan"),
+        )
+
+    def probe(name: str, s: str, cat: str, key: str) -> float:
+        return next(
+            (r[key] for r in res[name]["probe"] if r["eval_set"] == s and r["category"] == cat), float("nan")
+        )
+
+    def qa(name: str, s: str) -> float:
+        return next((r["accuracy"] for r in res[name]["qa"] if r["eval_set"] == s), float("nan"))
+
+    cats = sorted({r["category"] for n in res for r in res[n]["probe"]})
+    lines = [
+        "# The paper's central result in miniature",
+        "",
+        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
+        f"{len(os.sched_getaffinity(0))} CPU cores, no GPU; python {platform.python_version()}",
+        f"- command: `.venv/bin/python bench/reproduce.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- speech: espeak-ng -s 140 en-us, {speech['utterances']} utterances of the reference's manifest; "
+        "held out by utterance hash (`heldout`); the bundled real clips (`real`)",
+        f"- models: Whisper tiny.en (encoder frozen) + Q-Former + SmolLM2-135M-Instruct "
+        f"({'LoRA' if cfg.train.lora else 'frozen'}); {cfg.train.max_steps} steps of {cfg.train.batch_size} x "
+        f"{cfg.train.nproc_per_node} processes, lr {cfg.train.lr:g}",
+        f"- wall time: self-powered {timings['self-powered'] / 60:.1f} min, ASR-only {timings['asr-only'] / 60:.1f} "
+        f"min, in all {total / 60:.1f} min",
+        "",
+        "## WER % (Whisper tiny.en alone, measured in the same run, beside the LSMs)",
+        "",
+        "| eval set | Whisper tiny.en | ASR-only LSM | self-powered LSM |",
+        "|---|---:|---:|---:|",
+    ]
+    for s in eval_sets:
+        lines.append(
+            f"| {s} | {100 * wer('self-powered', s, 'whisper'):.1f} | {100 * wer('asr-only', s):.1f} | "
+            f"{100 * wer('self-powered', s):.1f} |"
+        )
+    lines += [
+        "",
+        "## Anchor rate % (lower: the model does the task instead of transcribing) and chrF vs SmolLM2",
+        "",
+    ]
+    lines += [
+        "| eval set | category | SmolLM2 on text (floor) | ASR-only | self-powered | chrF ASR-only | chrF self-powered |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in eval_sets:
+        for c in cats:
+            lines.append(
+                f"| {s} | {c} | {100 * ceiling.get(c, float('nan')):.1f} | "
+                f"{100 * probe('asr-only', s, c, 'anchor_rate'):.1f} | {100 * probe('self-powered', s, c, 'anchor_rate'):.1f} | "
+                f"{probe('asr-only', s, c, 'self_consistency_chrf'):.1f} | {probe('self-powered', s, c, 'self_consistency_chrf'):.1f} |"
+            )
+    lines += [
+        "",
+        "## Spoken yes/no QA accuracy %",
+        "",
+        "| eval set | ASR-only | self-powered |",
+        "|---|---:|---:|",
+    ]
+    for s in eval_sets:
+        lines.append(f"| {s} | {100 * qa('asr-only', s):.1f} | {100 * qa('self-powered', s):.1f} |")
+    lines += ["", f"![Anchor rate per category]({PLOT.name})", ""]
+
+    # goals: on the held-out synthetic set, as the issue states them
+    s = eval_sets[0]
+    anchor = {n: mean(probe(n, s, c, "anchor_rate") for c in NON_ASR) for n in res}
+    chrf = {n: mean(probe(n, s, c, "self_consistency_chrf") for c in cats) for n in res}
+    w_whisper = wer("self-powered", s, "whisper")
+    goals = [
+        (
+            "anchor_rate_halved",
+            f"self-powered {100 * anchor['self-powered']:.1f}% vs ASR-only {100 * anchor['asr-only']:.1f}%",
+            "self-powered <= half of ASR-only",
+            anchor["self-powered"] <= anchor["asr-only"] / 2,
+        ),
+        (
+            "chrf_above_asr_only",
+            f"self-powered {chrf['self-powered']:.1f} vs ASR-only {chrf['asr-only']:.1f}",
+            "self-powered above",
+            chrf["self-powered"] > chrf["asr-only"],
+        ),
+    ]
+    for n in ("asr-only", "self-powered"):
+        goals.append(
+            (
+                f"wer_{n.replace('-', '_')}",
+                f"{100 * wer(n, s):.1f}% vs Whisper tiny.en {100 * w_whisper:.1f}%",
+                "<= Whisper + 15 points",
+                wer(n, s) <= w_whisper + 0.15,
+            )
+        )
+    goals.append(
+        (
+            "wer_self_powered_vs_asr_only",
+            f"{100 * (wer('self-powered', s) - wer('asr-only', s)):+.1f} points",
+            "<= +5 points",
+            wer("self-powered", s) <= wer("asr-only", s) + 0.05,
+        )
+    )
+    budget = 3600 if args.rerun_lr is not None else 7200
+    goals.append(
+        (
+            "rerun_minutes" if args.rerun_lr is not None else "cold_minutes",
+            f"{total / 60:.1f}",
+            f"<= {budget // 60}",
+            total <= budget,
+        )
+    )
+    lines += ["## Goals", ""] + [
+        f"- goal {g}: {m} (target {t}) {'met' if ok else 'not met'}" for g, m, t, ok in goals
+    ]
+    RESULTS.write_text("\n".join(lines) + "\n")
+    plot(res, cats, eval_sets[0], ceiling)
+    print("\n".join(lines[8:]))
+    for g, m, t, ok in goals:
+        print(f"goal {g}: {m} (target {t}) {'met' if ok else 'not met'}")
+
+
+def plot(res: dict, cats: list[str], s: str, ceiling: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.27
+    for k, (label, vals) in enumerate(
+        (
+            ("SmolLM2 on text", [ceiling.get(c, float("nan")) for c in cats]),
+            (
+                "ASR-only",
+                [
+                    next(
+                        (
+                            r["anchor_rate"]
+                            for r in res["asr-only"]["probe"]
+                            if r["eval_set"] == s and r["category"] == c
+                        ),
+                        float("nan"),
+                    )
+                    for c in cats
+                ],
+            ),
+            (
+                "self-powered",
+                [
+                    next(
+                        (
+                            r["anchor_rate"]
+                            for r in res["self-powered"]["probe"]
+                            if r["eval_set"] == s and r["category"] == c
+                        ),
+                        float("nan"),
+                    )
+                    for c in cats
+                ],
+            ),
+        )
+    ):
+        ax.bar(
+            [i + (k - 1) * width for i in range(len(cats))],
+            [100 * (v if v == v else 0) for v in vals],
+            width,
+            label=label,
+        )
+    ax.set_xticks(range(len(cats)))
+    ax.set_xticklabels(cats, rotation=20)
+    ax.set_ylabel("anchor rate %")
+    ax.set_title(f"Speech anchor bias on the {s} set: answers that are the transcript")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
