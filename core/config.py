@@ -270,11 +270,15 @@ class LoaderConfig(Strict):
 
 ENCODER_FRAMES_PER_S = 50.0  # Whisper's encoder output rate (100 mel frames/s, halved by its second conv)
 WHISPER_CHUNK_S = 30.0
+WINDOW_MODES = ("fixed", "per_batch")  # how the Q-Former's windows are cut; see core/lsm/model.py
 
 
 class QFormerConfig(Strict):
     window_s: float = Field(0.33333, gt=0)  # encoder frames per window: round(window_s x 50)
     stride_s: float = Field(0.33333, gt=0)
+    # "fixed": windows of window_s seconds (SALMONN's); "per_batch": the reference's, kernel and stride a share
+    # (window_s / 30 s) of the batch's longest clip, so every clip gets about 90 windows (core/lsm/model.py)
+    window_mode: Literal[WINDOW_MODES] = "fixed"
     num_queries: int = Field(1, ge=1)
     num_layers: int = Field(2, ge=1)
     hidden_size: int = Field(768, ge=1)

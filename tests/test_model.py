@@ -259,3 +259,51 @@ def test_model_init_writes_one_directory_that_loads_back(parts, tmp_path):
         main, ["model", "init", "--whisper", str(tmp_path / "no"), "--llm", str(llm_dir)]
     )
     assert res.exit_code != 0 and "--whisper" in res.output
+
+
+def reference_window_tokens(durations_s: list[float], window_s: float = 0.33333) -> int:
+    """The reference's count, written from its formula (RECIPE.md section 3): T encoder frames of the batch's
+    longest clip, kernel = stride = round(T x 0.33333 / 30), F.unfold's floor((T - kernel) / stride) + 1."""
+    t = math.ceil(max(durations_s) * 50 - 1e-6)
+    kernel = round(t * window_s / 30.0)
+    return (t - kernel) // kernel + 1
+
+
+@pytest.mark.parametrize(
+    "durations",
+    [[4.8], [6.6, 16.7, 4.8], [1.0, 2.0], [29.9, 0.5], [12.34, 12.34, 3.0], [30.0], [45.0, 3.0]],
+)
+def test_per_batch_windows_give_every_clip_the_reference_formulas_count(parts, durations):
+    torch.manual_seed(0)
+    m = LSMForConditionalGeneration.from_parts(
+        *parts, TINY_QFORMER.model_copy(update={"window_mode": "per_batch"})
+    ).eval()
+    want = reference_window_tokens([min(d, 30.0) for d in durations])
+    assert 75 <= want <= 100  # about 90 speech tokens whatever the durations, unlike fixed windows' 3 per second
+    assert m.speech_token_counts(durations) == [want] * len(durations)
+    with torch.no_grad():
+        speech = m.encode_speech(torch.zeros(len(durations), 80, 3000), torch.tensor(durations))
+    assert speech.shape == (len(durations), want, m.config.llm_config.hidden_size)
+    # fixed windows (the default) follow each clip's own duration instead
+    fixed = LSMForConditionalGeneration.from_parts(*parts, TINY_QFORMER)
+    assert fixed.speech_token_counts(durations) == [min(math.ceil(d * 50 / 17), 88) for d in durations]
+
+
+def test_per_batch_windows_over_padding_are_attended_and_a_tiny_batch_gets_one_frame_windows(parts):
+    torch.manual_seed(0)
+    m = LSMForConditionalGeneration.from_parts(
+        *parts, TINY_QFORMER.model_copy(update={"window_mode": "per_batch"})
+    ).eval()
+    # The reference's formula gives kernel 0 under about 0.9 s (its unfold fails): one frame per window here.
+    assert round(math.ceil(0.5 * 50) * 0.33333 / 30) == 0
+    assert m.batch_windows([0.5, 0.3]) == (25, 1, 1, 25)
+    # A short clip beside a long one gets the long one's windows, its padding included.
+    rows_long, rows_short = torch.randn(1, 80, 3000), torch.randn(1, 80, 3000)
+    with torch.no_grad():
+        alone = m.encode_speech(rows_short, torch.tensor([2.0]))
+        beside = m.encode_speech(torch.cat([rows_short, rows_long]), torch.tensor([2.0, 20.0]))
+    assert alone.shape[1] == reference_window_tokens([2.0]) and beside.shape[1] == reference_window_tokens([20.0])
+    # the config round-trips through save_pretrained
+    assert m.config.to_dict()["window_mode"] == "per_batch"
+    with pytest.raises(ValueError, match="window_mode"):
+        type(m.config)(window_mode="sliding")

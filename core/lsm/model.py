@@ -1,19 +1,29 @@
 """The large speech-text model: Whisper encoder -> window-level Q-Former -> projection -> causal LLM.
 
-As in the reference (SALMONN's connector, used by the self-powered paper):
+The connector is SALMONN's window-level Q-Former, which the self-powered paper's code also uses:
 
   log-mel (80 x 3000, 30 s)  --WhisperEncoder (frozen)-->  1500 frames x d_model (50 Hz)
   (a tiny Whisper may take a shorter chunk: its max_source_positions / 50 seconds, its feature extractor's
   chunk_length; the windows follow)
-  --LayerNorm-->  unfold into windows of ``window_s`` with stride ``stride_s`` (17 frames for 0.33333 s)
-  --Q-Former (``num_queries`` learned queries per window, cross-attention in every layer)-->
-  --Linear-->  speech tokens in the LLM's embedding space (about 3 per second)
+  --LayerNorm-->  unfold into windows  --Q-Former (``num_queries`` learned queries per window,
+  cross-attention in every layer)-->  --Linear-->  speech tokens in the LLM's embedding space
 
-Each sample becomes ``[prefix tokens][speech tokens][suffix tokens][answer tokens + eos]``. Speech
-tokens of windows that lie wholly after the end of the clip are dropped (the Whisper input is padded
-to its chunk, 30 s, so most of them are silence); the LLM never attends to them. Training batches are padded on
-the right with labels -100 everywhere but the answer and eos; generation batches are padded on the
-left so that every row's next token sits in the last column.
+Two ways to cut the windows (``window_mode``):
+
+- ``fixed`` (SALMONN's, the project's default): ``window_s`` and ``stride_s`` seconds, 17 frames for 0.33333 s,
+  about 3 speech tokens per second of audio. Speech tokens of windows that lie wholly after the end of a clip
+  are dropped (the Whisper input is padded to its chunk, 30 s, so most of them are silence); the LLM never
+  attends to them.
+- ``per_batch`` (the reference's, src/modeling_blsp.py): the encoder output is cut to the batch's longest clip
+  (T frames) and kernel = round(T x window_s / 30), stride = round(T x stride_s / 30) frames, so every clip of
+  a batch gets the same number of windows (about 90 whatever the duration). Windows over the padding of
+  shorter clips are kept and attended, as in the reference; a clip's speech tokens therefore depend on what
+  else is in its batch. Where the reference's formula gives 0 frames (a batch whose longest clip is under
+  about 0.9 s, on which its ``F.unfold`` fails), this uses one frame.
+
+Each sample becomes ``[prefix tokens][speech tokens][suffix tokens][answer tokens + eos]``. Training batches
+are padded on the right with labels -100 everywhere but the answer and eos; generation batches are padded on
+the left so that every row's next token sits in the last column.
 
 The model is a ``PreTrainedModel``: ``save_pretrained`` writes config and safetensors, plus the LLM's
 tokenizer and Whisper's feature extractor, so one directory holds everything evaluation needs.
@@ -42,7 +52,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from core.config import ENCODER_FRAMES_PER_S, QFormerConfig, TrainConfig
+from core.config import ENCODER_FRAMES_PER_S, WINDOW_MODES, QFormerConfig, TrainConfig
 
 # What a loadable checkpoint directory must hold (one of each group).
 REQUIRED_FILES = {
@@ -69,6 +79,9 @@ class LSMConfig(PretrainedConfig):
     llm_config: dict | PretrainedConfig | None = None
     window_s: float = 0.33333
     stride_s: float = 0.33333
+    window_mode: str = (
+        "fixed"  # "fixed" (SALMONN's) or "per_batch" (the reference's); see the module docstring
+    )
     num_queries: int = 1
     freeze_encoder: bool = True
     freeze_qformer: bool = False
@@ -83,6 +96,10 @@ class LSMConfig(PretrainedConfig):
             raise ValueError(
                 f"LSMConfig: window_s, stride_s must be > 0 and num_queries >= 1, got "
                 f"{self.window_s}, {self.stride_s}, {self.num_queries}"
+            )
+        if self.window_mode not in WINDOW_MODES:
+            raise ValueError(
+                f"LSMConfig: window_mode {self.window_mode!r} is not one of {', '.join(WINDOW_MODES)}"
             )
 
     def get_text_config(self, *args, **kwargs):
@@ -135,6 +152,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
         if self.kernel > frames:
             raise ValueError(f"window_s={config.window_s} is longer than Whisper's {self.chunk_s} s input")
         self.num_windows = (frames - self.kernel) // self.stride + 1
+        self.total_frames = frames
         self.post_init()
         self._apply_freezing()
 
@@ -192,6 +210,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
             llm_config=llm.config,
             window_s=qformer.window_s,
             stride_s=qformer.stride_s,
+            window_mode=qformer.window_mode,
             num_queries=qformer.num_queries,
             freeze_encoder=freeze_encoder,
             freeze_qformer=freeze_qformer,
@@ -278,32 +297,68 @@ class LSMForConditionalGeneration(PreTrainedModel):
 
     # ----- speech -----
 
+    def encoder_frames(self, duration_s: float) -> int:
+        """Encoder frames (50 Hz) that hold audio of a clip of ``duration_s``, at least one."""
+        return max(1, min(math.ceil(duration_s * self.frames_per_s - 1e-6), self.total_frames))
+
+    def batch_windows(self, durations_s) -> tuple[int, int, int, int]:
+        """(frames, kernel, stride, windows) the Q-Former sees for a batch of clips of these durations."""
+        if self.config.window_mode == "fixed":
+            return self.total_frames, self.kernel, self.stride, self.num_windows
+        # The reference's: the encoder output cut to the batch's longest clip, windows a fixed share of it.
+        frames = max(self.encoder_frames(float(d)) for d in durations_s)
+        kernel = max(1, round(frames * self.config.window_s / self.chunk_s))
+        stride = max(1, round(frames * self.config.stride_s / self.chunk_s))
+        return frames, kernel, stride, (frames - kernel) // stride + 1
+
+    def window_summary(self) -> str:
+        """The windows in words, for logs."""
+        if self.config.window_mode == "fixed":
+            return f"{self.num_windows} windows of {self.kernel} frames every {self.stride}"
+        return (
+            f"per-batch windows ({self.config.window_s:g} s / {self.chunk_s:g} s of the batch's longest clip: "
+            f"{self.batch_windows([self.chunk_s])[3]} windows for a {self.chunk_s:g} s clip)"
+        )
+
     def num_speech_tokens(self, duration_s: float) -> int:
-        """Speech tokens kept for a clip: the windows that hold at least one encoder frame of real audio."""
-        frames = math.ceil(min(duration_s, self.chunk_s) * self.frames_per_s - 1e-6)
-        windows = min(max(1, math.ceil(frames / self.stride)), self.num_windows)
+        """Speech tokens a clip gets with fixed windows: those that hold at least one encoder frame of its audio."""
+        if self.config.window_mode != "fixed":
+            raise ValueError(
+                "num_speech_tokens: with per_batch windows the count depends on the batch; use speech_token_counts"
+            )
+        windows = min(max(1, math.ceil(self.encoder_frames(duration_s) / self.stride)), self.num_windows)
         return windows * self.config.num_queries
 
-    def encode_speech(self, input_features: torch.Tensor) -> torch.Tensor:
-        """[B, n_mels, frames] log-mels -> [B, num_windows * num_queries, llm hidden] speech embeddings."""
-        return self.connect(self.encode_frames(input_features))
+    def speech_token_counts(self, durations_s) -> list[int]:
+        """Speech tokens the LLM sees for each clip of a batch."""
+        if self.config.window_mode == "fixed":
+            return [self.num_speech_tokens(float(d)) for d in durations_s]
+        return [self.batch_windows(durations_s)[3] * self.config.num_queries] * len(durations_s)
+
+    def encode_speech(self, input_features: torch.Tensor, durations_s=None) -> torch.Tensor:
+        """[B, n_mels, frames] log-mels -> [B, W * num_queries, llm hidden] speech embeddings. ``durations_s``
+        (seconds of audio per clip) sets the per_batch windows; without it the whole chunk counts as audio."""
+        return self.connect(self.encode_frames(input_features), durations_s)
 
     def encode_frames(self, input_features: torch.Tensor) -> torch.Tensor:
         """The Whisper encoder: [B, n_mels, 2 * F] log-mels -> [B, F, d_model] frames (F = 1500 for 30 s)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
             return self.encoder(input_features.to(self.encoder.dtype)).last_hidden_state
 
-    def connect(self, frames: torch.Tensor) -> torch.Tensor:
+    def connect(self, frames: torch.Tensor, durations_s=None) -> torch.Tensor:
         """LayerNorm, windows, Q-Former and projection: [B, F, d_model] -> [B, W * Q, llm hidden]."""
-        frames = self.ln_speech(frames.to(self.ln_speech.weight.dtype))
         b, _, d = frames.shape
+        if durations_s is None:
+            durations_s = [self.chunk_s] * b
+        t, kernel, stride, w = self.batch_windows(durations_s)
+        frames = self.ln_speech(frames[:, :t].to(self.ln_speech.weight.dtype))
         # Windows of `kernel` frames every `stride` frames: [B, W, kernel, d], then one Q-Former row per window.
-        windows = frames.unfold(1, self.kernel, self.stride)[:, : self.num_windows]  # [B, W, d, kernel]
-        windows = windows.permute(0, 1, 3, 2).reshape(b * self.num_windows, self.kernel, d)
+        windows = frames.unfold(1, kernel, stride)[:, :w]  # [B, W, d, kernel]
+        windows = windows.permute(0, 1, 3, 2).reshape(b * w, kernel, d)
         queries = self.query_tokens.expand(windows.shape[0], -1, -1)
         out = self.qformer(query_embeds=queries, encoder_hidden_states=windows).last_hidden_state
         speech = self.proj(out)  # [B*W, Q, H]
-        return speech.reshape(b, self.num_windows * self.config.num_queries, -1)
+        return speech.reshape(b, w * self.config.num_queries, -1)
 
     def assemble(
         self,
@@ -318,8 +373,9 @@ class LSMForConditionalGeneration(PreTrainedModel):
         embed = self.llm.get_input_embeddings()
         device, dtype = speech.device, embed.weight.dtype
         rows, labels = [], []
+        counts = self.speech_token_counts(durations_s)
         for i in range(speech.shape[0]):
-            n = self.num_speech_tokens(float(durations_s[i]))
+            n = counts[i]
             answer = answer_ids[i] if answer_ids is not None else []
             ids = torch.tensor(
                 list(prefix_ids[i]) + list(suffix_ids[i]) + list(answer), dtype=torch.long, device=device
@@ -355,7 +411,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Teacher-forced pass; with ``answer_ids`` (answer + eos) the loss is the mean over answer tokens."""
-        speech = self.encode_speech(input_features)
+        speech = self.encode_speech(input_features, durations_s)
         embeds, mask, labels = self.assemble(speech, durations_s, prefix_ids, suffix_ids, answer_ids, "right")
         # Positions count real tokens only, so the same row gets the same positions whatever its padding.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -380,7 +436,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
     ) -> list[list[int]]:
         """Greedy (or beam search) decoding through the LLM's own ``generate`` with its KV cache, left-padded
         so every row's next token sits in the last column; each row's new tokens up to (not including) eos."""
-        speech = self.encode_speech(input_features)
+        speech = self.encode_speech(input_features, durations_s)
         embeds, mask, _ = self.assemble(speech, durations_s, prefix_ids, suffix_ids, None, "left")
         tok = getattr(self, "tokenizer", None)
         eos = kwargs.pop("eos_token_id", None)

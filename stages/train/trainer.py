@@ -131,8 +131,8 @@ class Trainer:
         n_all = sum(p.numel() for p in model.parameters())
         self.n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.say(
-            f"model: {self.n_train / 1e6:.2f}M trainable of {n_all / 1e6:.2f}M parameters; {model.num_windows} "
-            f"windows of {model.kernel} frames, {cfg.qformer.num_queries} queries each; {cfg.strategy}"
+            f"model: {self.n_train / 1e6:.2f}M trainable of {n_all / 1e6:.2f}M parameters; "
+            f"{model.window_summary()}, {cfg.qformer.num_queries} queries each; {cfg.strategy}"
         )
         self.wrapped = self._wrap(model)
 
@@ -278,11 +278,10 @@ class Trainer:
 
     def tokens(self, batch) -> int:
         """Real (unpadded) LLM positions of a batch: prompt, speech tokens and answer."""
+        speech = self.model.speech_token_counts(batch.durations_s)
         return sum(
-            len(p) + self.model.num_speech_tokens(float(d)) + len(s) + len(a)
-            for p, d, s, a in zip(
-                batch.prefix_ids, batch.durations_s, batch.suffix_ids, batch.answer_ids, strict=True
-            )
+            len(p) + n + len(s) + len(a)
+            for p, n, s, a in zip(batch.prefix_ids, speech, batch.suffix_ids, batch.answer_ids, strict=True)
         )
 
     # ---------------------------------------------------------------------------------------- the loop
