@@ -14,7 +14,25 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_CATALOG = Path(__file__).resolve().parent / "catalogs" / "instructions-v1.yaml"
+BUNDLED = Path(__file__).resolve().parent / "catalogs"
+DEFAULT_CATALOG = BUNDLED / "instructions-v1.yaml"
+
+
+def bundled_catalogs() -> dict[str, Path]:
+    """Catalogs that ship with the project, by name: ``instructions-v1`` (the project's own wordings, the
+    default) and ``reference`` (the self-powered paper's code's wordings)."""
+    return {p.stem: p for p in sorted(BUNDLED.glob("*.yaml"))}
+
+
+def resolve_catalog(value: str | Path | None, base: Path) -> Path | None:
+    """A config's ``generate.catalog``: a bundled catalog's name, or a file relative to the config's folder."""
+    if value is None:
+        return None
+    p = Path(value)
+    if not p.is_absolute() and p.suffix == "" and len(p.parts) == 1 and str(p) in bundled_catalogs():
+        return bundled_catalogs()[str(p)]
+    return (p if p.is_absolute() else base / p).resolve()
+
 
 # Order matters: the first failing one is the recorded reason.
 FILTERS = ("prompt_too_long", "empty", "truncated", "no_end_punct", "wrong_script")

@@ -15,7 +15,7 @@ from typing import Annotated, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.catalog import FILTERS, CatalogError, load_catalog
+from core.catalog import FILTERS, CatalogError, load_catalog, resolve_catalog
 from core.paths import REPO_ROOT
 
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -185,8 +185,12 @@ class GenerateConfig(Strict):
     # None: every task for every utterance. 1: one task per utterance, drawn with the seed, as the reference's
     # per-category manifests gave it (build then expects an answer only for the drawn task).
     tasks_per_utterance: int | None = Field(None, ge=1)
-    catalog: Path | None = None  # default: the bundled catalog
-    prompt_format: Literal["vicuna_v1.1", "chat_template"] = "vicuna_v1.1"
+    # a bundled catalog by name (instructions-v1, the default; reference: the paper's code's wordings) or a file
+    catalog: Path | None = None
+    prompt_format: Literal["vicuna_v1.1", "reference", "chat_template"] = "vicuna_v1.1"
+    # What the LLM reads and what the ASR target is: "readable" (casing and spacing repaired, the default) or
+    # "whisper_normalized" (openai-whisper's English normalizer, the form the reference's LLM read)
+    transcript_form: Literal["readable", "whisper_normalized"] = "readable"
     max_new_tokens: int = Field(225, ge=1)  # cap; a catalog category may ask for fewer
     temperature: float = Field(0.0, ge=0.0)  # 0: greedy, as the reference
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -379,6 +383,9 @@ class EvaluateConfig(Strict):
     # Speech runs at 2-4 words/s; a model that loops would otherwise decode to the cap on every row.
     tokens_per_s: float = Field(8.0, gt=0)
     length_slack: int = Field(10, ge=0)
+    # The ASR prompt: "example" (each eval row's own, an ASR instruction drawn from the catalog as in training)
+    # or "fixed" (one for every clip: core.prompts.asr_eval_prompt, the reference's own string in its layout)
+    asr_prompt: Literal["example", "fixed"] = "example"
     # Speech-anchor-bias probe: the model's answers to the generate stage's (utterance, instruction) pairs.
     probe: bool = True
     probe_tasks: list[str] | None = None  # default: every non-ASR task the responses table has
@@ -479,7 +486,7 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
     corpora = [c.model_copy(update={"root": res(c.root), "manifest": res(c.manifest)}) for c in cfg.corpora]
     models = cfg.models.model_copy(update={"whisper": res(cfg.models.whisper), "llm": res(cfg.models.llm)})
     harvest = cfg.harvest.model_copy(update={"whisper_checkpoint": res(cfg.harvest.whisper_checkpoint)})
-    gen = cfg.generate.model_copy(update={"catalog": res(cfg.generate.catalog)})
+    gen = cfg.generate.model_copy(update={"catalog": resolve_catalog(cfg.generate.catalog, base)})
     ev = cfg.evaluate.model_copy(
         update={"qa_file": res(cfg.evaluate.qa_file), "baseline": res(cfg.evaluate.baseline)}
     )

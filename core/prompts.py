@@ -1,13 +1,21 @@
-"""The one place prompts are formatted, for generation (text) and for training (speech).
+"""The one place prompts are formatted, for generation (text) and for training and evaluation (speech).
 
 Generation asks the LLM ``USER: {instruction}: {transcript} ASSISTANT:`` and training teaches the
 speech model ``USER: {instruction} SPEECH: <speech tokens> ASSISTANT: {answer}``. Both come from
-the same template, so the two can never drift apart.
+the same layout, so the two can never drift apart.
 
-Two formats: FastChat's ``vicuna_v1.1`` (the reference's, the default) and ``chat_template``, the
-backbone tokenizer's own ``apply_chat_template`` (Llama-3-Instruct and the like). For the latter the
-user message is the same text as in Vicuna's (``{instruction}: {transcript}``, or ``{instruction}
-SPEECH:`` followed by the speech tokens), rendered by the tokenizer's template.
+Three layouts (``generate.prompt_format``):
+
+- ``vicuna_v1.1`` (the project's default): FastChat's conversation template, the system sentence and the
+  turns joined by single spaces: ``{system} USER: {instruction}: {transcript} ASSISTANT:``.
+- ``reference``: the self-powered paper's code, character for character (its generation scripts,
+  src/speech_text_paired_dataset.py, src/evaluate_token_asr.py, src/evaluate_BoolQA.py): the same system
+  sentence, then `` \n\nUSER: {instruction}: {transcript} \nASSISTANT:`` for generation,
+  `` \n\nUSER: {instruction}\nSPEECH:`` + speech + ``\nASSISTANT:`` for training, and a fixed ASR evaluation
+  prompt whose suffix is spelt ``\nASSISTENT:``, as the reference's is.
+- ``chat_template``: the backbone tokenizer's own ``apply_chat_template`` (Llama-3-Instruct, SmolLM2 and the
+  like). The user message is the same text as in Vicuna's (``{instruction}: {transcript}``, or ``{instruction}
+  SPEECH:`` followed by the speech tokens), rendered by the tokenizer's template.
 """
 
 from __future__ import annotations
@@ -21,7 +29,19 @@ VICUNA_V11_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-PROMPT_FORMATS = ("vicuna_v1.1", "chat_template")
+PROMPT_FORMATS = ("vicuna_v1.1", "reference", "chat_template")
+
+# The reference's strings (RECIPE.md sections 1, 2 and 5). Its system sentence is Vicuna's; what differs is
+# the layout around it: a space and a blank line before USER, newlines before SPEECH and ASSISTANT.
+REFERENCE_SYSTEM = VICUNA_V11_SYSTEM + " \n\nUSER: "
+REFERENCE_ASR_EVAL_INSTRUCTION = "Provide the transcription corresponding to the speech:"
+REFERENCE_EVAL_SUFFIX = "\nASSISTENT:"  # misspelled in the reference's evaluation scripts, kept as it ran
+REFERENCE_BOOLQA_INSTRUCTION = (
+    "Answer the questions in speech based on the CONTEXT given,your answer is only true or false, "
+    "you don\u2019t need to answer anything else \nCONTEXT: {passage}"
+)
+# The project's own evaluation instruction for ASR where the layout has no fixed one.
+ASR_EVAL_INSTRUCTION = "Transcribe the speech"
 
 # Stands in for the speech tokens while the chat template renders; no tokenizer has it in its vocabulary.
 _SPEECH_SLOT = "\u0000SPLSM_SPEECH\u0000"
@@ -78,6 +98,8 @@ def text_prompt(instruction: str, transcript: str, fmt: str = "vicuna_v1.1", tok
     _check(fmt)
     if fmt == "chat_template":
         return _render_user(f"{instruction}: {transcript}", tokenizer)
+    if fmt == "reference":
+        return f"{REFERENCE_SYSTEM}{instruction}: {transcript} \nASSISTANT:"
     return f"{VICUNA_V11_SYSTEM} USER: {instruction}: {transcript} ASSISTANT:"
 
 
@@ -92,4 +114,27 @@ def speech_prompt(instruction: str, fmt: str = "vicuna_v1.1", tokenizer=None) ->
                 "prompt format chat_template: the template does not keep the user message verbatim"
             )
         return SpeechPrompt(prefix=prefix, suffix=suffix)
+    if fmt == "reference":
+        return SpeechPrompt(prefix=f"{REFERENCE_SYSTEM}{instruction}\nSPEECH:", suffix="\nASSISTANT:")
     return SpeechPrompt(prefix=f"{VICUNA_V11_SYSTEM} USER: {instruction} SPEECH:", suffix=" ASSISTANT:")
+
+
+def asr_eval_prompt(fmt: str = "vicuna_v1.1", tokenizer=None) -> SpeechPrompt:
+    """The fixed prompt ASR is evaluated with: the reference's own string (with its misspelled suffix) in its
+    layout, the training layout around ``ASR_EVAL_INSTRUCTION`` in the others."""
+    _check(fmt)
+    if fmt == "reference":
+        return SpeechPrompt(
+            prefix=f"{REFERENCE_SYSTEM}{REFERENCE_ASR_EVAL_INSTRUCTION}\nSPEECH:",
+            suffix=REFERENCE_EVAL_SUFFIX,
+        )
+    return speech_prompt(ASR_EVAL_INSTRUCTION, fmt, tokenizer)
+
+
+def boolqa_prompt(passage: str, fmt: str = "vicuna_v1.1", tokenizer=None) -> SpeechPrompt:
+    """Spoken QA the reference's way: a text passage as context, the question spoken, true or false."""
+    _check(fmt)
+    instruction = REFERENCE_BOOLQA_INSTRUCTION.format(passage=passage)
+    if fmt == "reference":
+        return SpeechPrompt(prefix=f"{REFERENCE_SYSTEM}{instruction}\nSPEECH: ", suffix=REFERENCE_EVAL_SUFFIX)
+    return speech_prompt(instruction, fmt, tokenizer)

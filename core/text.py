@@ -58,6 +58,33 @@ def garbage_tags(text: str) -> list[str]:
     return [t for t in GIGASPEECH_GARBAGE if t in text]
 
 
+# What the LLM reads and what the ASR target is, by ``generate.transcript_form``: the transcripts table's column.
+TRANSCRIPT_FORMS = {
+    "readable": "text",  # the project's default: casing and spacing repaired (``readable``)
+    "whisper_normalized": "text_norm",  # the reference's: its LibriSpeech manifest text is Whisper-normalized
+}
+
+
+def transcript_column(form: str) -> str:
+    """The transcripts-table column that holds the transcript in ``form``."""
+    if form not in TRANSCRIPT_FORMS:
+        raise ValueError(f"unknown transcript form {form!r}; known: {', '.join(TRANSCRIPT_FORMS)}")
+    return TRANSCRIPT_FORMS[form]
+
+
+def transcript_forms(text_raw: str) -> tuple[str, str]:
+    """(readable, whisper-normalized) forms of a transcript as a corpus gives it: the transcripts table's
+    ``text`` and ``text_norm``."""
+    text = readable(text_raw.strip())
+    return text, normalize(text)
+
+
+def fed_transcript(text_raw: str, form: str) -> str:
+    """The transcript as the recipe feeds it to the LLM and as the ASR target, in ``form``."""
+    text, norm = transcript_forms(text_raw)
+    return {"text": text, "text_norm": norm}[transcript_column(form)]
+
+
 def readable(text: str) -> str:
     """The transcript as the LLM should read it: all-caps corpora lower-cased, spacing repaired."""
     t = " ".join(gigaspeech_tags_to_punctuation(text).replace("\u3002", ".").split())

@@ -152,6 +152,62 @@ def model_init(whisper: Path, llm: Path, out: Path, config_path: Path | None) ->
 
 
 @main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=DEMO_CONFIG,
+    show_default=True,
+    help="The experiment config whose recipe to show.",
+)
+@click.option("--task", required=True, help="A category of the config's catalog: asr, repeat, keywords, ...")
+@click.option("--text", required=True, help="The transcript as harvested (the corpus's own line).")
+@click.option(
+    "--instruction", default=None, help="An instruction wording (default: the catalog's seeded draw)."
+)
+@click.option(
+    "--utt-id", default="example", show_default=True, help="The utterance id the draw is seeded on."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the readable view.")
+@workdir_opt
+def prompts(
+    config_path: Path,
+    task: str,
+    text: str,
+    instruction: str | None,
+    utt_id: str,
+    as_json: bool,
+    workdir: Path,
+) -> None:
+    """Exactly what the recipe gives the models for one transcript: the LLM's prompt, the training example
+    around the speech tokens, the ASR evaluation prompt."""
+    import json
+
+    from core.recipe import recipe_prompts
+
+    cfg = _cfg(config_path)
+    tokenizer = None
+    if cfg.generate.prompt_format == "chat_template":  # the LLM's own template renders the prompts
+        tokenizer = WorkPaths(workdir).model_dirs(cfg)[1]
+        if not (tokenizer / "tokenizer_config.json").is_file():
+            raise click.ClickException(
+                f"prompt format chat_template needs the LLM's tokenizer, and {tokenizer} has none: run the "
+                f"config's models stage first (splsm {WorkPaths(workdir).models_made_by(cfg) or 'run'}), or "
+                "point --workdir at a work directory that has it"
+            )
+    try:
+        view = recipe_prompts(cfg, task, text, instruction, utt_id, tokenizer)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(view, ensure_ascii=False))
+        return
+    for key, value in view.items():
+        console.print(f"[bold]{key}[/]", markup=True)
+        console.print(repr(value) if isinstance(value, str) else str(value), markup=False, highlight=False)
+
+
+@main.command()
 @click.argument("workdir_a", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("workdir_b", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(

@@ -29,7 +29,14 @@ def test_paper_config_carries_the_reference_settings():
         768,
     )
     assert cfg.generate.max_new_tokens == 225 and cfg.generate.temperature == 0.0
-    assert cfg.generate.prompt_format == "vicuna_v1.1"
+    g = cfg.generate
+    assert (g.prompt_format, g.catalog.stem, g.transcript_form, g.tasks_per_utterance) == (
+        "reference",
+        "reference",
+        "whisper_normalized",
+        1,
+    )
+    assert t.qformer.window_mode == "per_batch" and cfg.evaluate.asr_prompt == "fixed"
 
 
 def test_demo_paths_resolve_relative_to_the_config():

@@ -41,6 +41,7 @@ from core.log import console
 from core.paths import BuildPaths
 from core.prompts import speech_prompt
 from core.tables import read_table, write_table
+from core.text import transcript_column
 from schemas import EXAMPLES, REJECTS, RESPONSES, TRANSCRIPTS, reject_row, to_table
 from stages.build.dedup import dedup_utterances, near_duplicates
 from stages.build.mix import mix_split
@@ -98,12 +99,14 @@ def build(
     prompt_format: str = "vicuna_v1.1",
     tokenizer=None,
     sampled: Callable[[str], list[str]] | None = None,
+    transcript_form: str = "readable",
 ) -> BuildSummary:
     """Write the examples table, its shards and the rejects (``BuildPaths``, or a folder to hold them).
 
     ``tokenizer``: the backbone LLM's tokenizer (or its directory), which ``chat_template`` prompts need.
     ``sampled``: the LLM tasks generate asked about an utterance (``core.catalog.sample_tasks``); a task it did
-    not ask is not a missing answer. None: every task of ``b.tasks``."""
+    not ask is not a missing answer. None: every task of ``b.tasks``. ``transcript_form``: which form of the
+    transcript is the ASR target (``core.text.TRANSCRIPT_FORMS``), the one generate gave the LLM."""
     out = out if isinstance(out, BuildPaths) else BuildPaths(Path(out))
     tr = read_table(transcripts, TRANSCRIPTS).to_pylist()
     paths = [] if responses is None else [responses] if isinstance(responses, Path | str) else responses
@@ -115,6 +118,7 @@ def build(
     dup_utts = len(rejects)
 
     rows, missing, imported, filtered = [], 0, 0, 0
+    column = transcript_column(transcript_form)
     for t in tr:
         split = assign_split(t["split"], t["speaker"], t["utt_id"], b)
         asked = None if sampled is None else set(sampled(t["utt_id"]))
@@ -128,7 +132,7 @@ def build(
                 continue  # generate never asked this pair: not a missing answer
             if task == "asr":
                 found = [
-                    ("", {"instruction": catalog.draw("asr", t["utt_id"], b.seed).text, "answer": t["text"]})
+                    ("", {"instruction": catalog.draw("asr", t["utt_id"], b.seed).text, "answer": t[column]})
                 ]
             else:
                 found = answers.get((t["utt_id"], task), [])
@@ -171,7 +175,7 @@ def build(
                         prefix=p.prefix,
                         suffix=p.suffix,
                         answer=r["answer"],
-                        transcript=t["text"],
+                        transcript=t[column],
                         audio_path=t["audio_path"],
                         offset_s=t["offset_s"],
                         duration_s=t["duration_s"],

@@ -46,7 +46,12 @@ def outputs(ctx: Context) -> list[Artifact]:
 def params(ctx: Context) -> dict:
     g = ctx.cfg.generate
     sampling = {"tasks": g.tasks, "tasks_per_utterance": g.tasks_per_utterance, "seed": g.seed}
-    return {**ctx.cfg.build.model_dump(), "prompt_format": g.prompt_format, "generate_sampling": sampling}
+    return {
+        **ctx.cfg.build.model_dump(),
+        "prompt_format": g.prompt_format,
+        "transcript_form": g.transcript_form,
+        "generate_sampling": sampling,
+    }
 
 
 def _sampled(ctx: Context):
@@ -69,6 +74,7 @@ def body(ctx: Context) -> dict:
         ctx.cfg.generate.prompt_format,
         _tokenizer_dir(ctx),
         _sampled(ctx),
+        ctx.cfg.generate.transcript_form,
     )
     print_summary(s)
     return s.__dict__

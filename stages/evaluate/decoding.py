@@ -32,8 +32,13 @@ class Item:
     utt_id: str = ""
 
     @classmethod
-    def of_row(cls, key: str, example: dict, max_new_tokens: int, group: str | None = None) -> Item:
-        """An item for an examples-table row as it stands: its own prompt around the speech."""
+    def of_row(
+        cls, key: str, example: dict, max_new_tokens: int, group: str | None = None, prompt=None
+    ) -> Item:
+        """An item for an examples-table row: its own prompt around the speech, or ``prompt`` (a
+        ``core.prompts.SpeechPrompt``) in its place."""
+        if prompt is not None:
+            example = {**example, "prefix": prompt.prefix, "suffix": prompt.suffix}
         return cls(
             key,
             example["split"] if group is None else group,

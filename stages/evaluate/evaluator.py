@@ -31,6 +31,7 @@ from core.config import EvaluateConfig
 from core.digest import sha256_file
 from core.log import console
 from core.paths import EvaluatePaths, WorkPaths
+from core.prompts import asr_eval_prompt
 from core.stage import StageError
 from core.tables import read_table, write_table
 from core.text import normalize
@@ -191,11 +192,15 @@ def evaluate(
     t0 = time.time()
 
     # ----- ASR and WER -----
+    # "example": each row's own prompt (the ASR instruction drawn for it, as in training); "fixed": one prompt
+    # for every clip, the reference's own string in its layout.
+    fixed = asr_eval_prompt(prompt_format, model.tokenizer) if cfg.asr_prompt == "fixed" else None
     asr_items = [
         decoding.Item.of_row(
             f"asr/{i}",
             r,
             decoding.length_bound(r["duration_s"], cfg.tokens_per_s, cfg.length_slack, cfg.max_new_tokens),
+            prompt=fixed,
         )
         for i, r in enumerate(rows)
     ]

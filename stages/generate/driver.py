@@ -35,6 +35,7 @@ from core.paths import GeneratePaths
 from core.prompts import text_prompt
 from core.stage import StageError
 from core.tables import read_table, write_table
+from core.text import transcript_column
 from schemas import GENERATE_STATS, RESPONSES, TRANSCRIPTS, to_table
 from stages.generate.backends.base import BackendError, Meter, Request
 from stages.generate.cache import Answer, AnswerCache, request_key
@@ -72,7 +73,9 @@ def plan_requests(
     table = read_table(transcripts, TRANSCRIPTS)
     reqs = []
     for utt_id, text in zip(
-        table.column("utt_id").to_pylist(), table.column("text").to_pylist(), strict=True
+        table.column("utt_id").to_pylist(),
+        table.column(transcript_column(g.transcript_form)).to_pylist(),
+        strict=True,
     ):
         for task in sample_tasks(utt_id, g.tasks, g.tasks_per_utterance, g.seed):
             ins = catalog.draw(task, utt_id, g.seed)

@@ -12,7 +12,7 @@ import os
 from typing import NamedTuple
 
 from core import audio
-from core.text import normalize, readable
+from core.text import transcript_forms
 
 
 class FileProbe(NamedTuple):
@@ -56,8 +56,7 @@ def probe_file(path: str, content_hash: bool) -> FileProbe:
 def text_forms(text_raw: str | None) -> tuple[str | None, str | None]:
     if text_raw is None:
         return None, None
-    text = readable(text_raw.strip())
-    return text, normalize(text)
+    return transcript_forms(text_raw)
 
 
 def probe_items(

@@ -17,6 +17,7 @@ from core.catalog import Catalog
 from core.paths import ImportPaths
 from core.prompts import text_prompt
 from core.tables import read_table, write_table
+from core.text import transcript_column
 from schemas import REJECTS, RESPONSES, TRANSCRIPTS, reject_row, to_table
 from stages.import_reference.mapper import InstructionMapper
 
@@ -38,6 +39,7 @@ def import_reference(
     catalog: Catalog,
     prompt_format: str = "vicuna_v1.1",
     tokenizer=None,
+    transcript_form: str = "readable",
 ) -> ImportSummary:
     """The reference's ``{instruction, audio, text}`` lines -> a responses table and a rejects table
     (``ImportPaths``, or a folder to hold them).
@@ -108,7 +110,9 @@ def import_reference(
             reject("line", "duplicate_line", f"{t['utt_id']}/{task} with this instruction came earlier")
             continue
         seen.add((t["utt_id"], task, rec["instruction"]))
-        prompt = text_prompt(rec["instruction"], t["text"], prompt_format, tokenizer)
+        prompt = text_prompt(
+            rec["instruction"], t[transcript_column(transcript_form)], prompt_format, tokenizer
+        )
         rows.append(
             dict(
                 utt_id=t["utt_id"],

@@ -48,7 +48,14 @@ def outputs(ctx: Context) -> list[Artifact]:
 
 def params(ctx: Context) -> dict:
     o = ctx.options
-    return {"manifest": str(Path(o.manifest).resolve()), "root": str(Path(o.root).resolve())}
+    g = ctx.cfg.generate
+    return {
+        "manifest": str(Path(o.manifest).resolve()),
+        "root": str(Path(o.root).resolve()),
+        # the prompt each answer is recorded with follows these
+        "prompt_format": g.prompt_format,
+        "transcript_form": g.transcript_form,
+    }
 
 
 def body(ctx: Context) -> dict:
@@ -64,6 +71,7 @@ def body(ctx: Context) -> dict:
         load_catalog(ctx.cfg.generate.catalog),
         ctx.cfg.generate.prompt_format,
         _tokenizer_dir(ctx),
+        ctx.cfg.generate.transcript_form,
     )
     console.print(
         f"import-reference: {s.lines} lines -> {s.answers} answers {s.by_task}, {s.rejects} rejects "
