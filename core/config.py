@@ -338,8 +338,13 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     lr: float = 2e-5
     weight_decay: float = 0.05
+    # "matrices": norms, biases and other vectors are not decayed (nanoGPT's, SALMONN's); "all": every trainable
+    # parameter is, as the reference's optimizer did
+    weight_decay_on: Literal["matrices", "all"] = "matrices"
     warmup_steps: int = 100
-    lr_schedule: Literal["cosine", "linear"] = "cosine"  # decay after warm-up, to 0 at max_steps
+    # cosine or linear: linear warm-up, then decay to 0 at max_steps. warmup_decay: DeepSpeed's WarmupDecayLR as
+    # the reference ran it (logarithmic warm-up, lr x log(step + 1) / log(warmup_steps), then linear to 0)
+    lr_schedule: Literal["cosine", "linear", "warmup_decay"] = "cosine"
     grad_clip: float = 1.0
     bf16: bool = False
     seed: int = 1

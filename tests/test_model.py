@@ -279,7 +279,9 @@ def test_per_batch_windows_give_every_clip_the_reference_formulas_count(parts, d
         *parts, TINY_QFORMER.model_copy(update={"window_mode": "per_batch"})
     ).eval()
     want = reference_window_tokens([min(d, 30.0) for d in durations])
-    assert 75 <= want <= 100  # about 90 speech tokens whatever the durations, unlike fixed windows' 3 per second
+    assert (
+        75 <= want <= 100
+    )  # about 90 speech tokens whatever the durations, unlike fixed windows' 3 per second
     assert m.speech_token_counts(durations) == [want] * len(durations)
     with torch.no_grad():
         speech = m.encode_speech(torch.zeros(len(durations), 80, 3000), torch.tensor(durations))
@@ -302,7 +304,9 @@ def test_per_batch_windows_over_padding_are_attended_and_a_tiny_batch_gets_one_f
     with torch.no_grad():
         alone = m.encode_speech(rows_short, torch.tensor([2.0]))
         beside = m.encode_speech(torch.cat([rows_short, rows_long]), torch.tensor([2.0, 20.0]))
-    assert alone.shape[1] == reference_window_tokens([2.0]) and beside.shape[1] == reference_window_tokens([20.0])
+    assert alone.shape[1] == reference_window_tokens([2.0]) and beside.shape[1] == reference_window_tokens(
+        [20.0]
+    )
     # the config round-trips through save_pretrained
     assert m.config.to_dict()["window_mode"] == "per_batch"
     with pytest.raises(ValueError, match="window_mode"):

@@ -111,3 +111,25 @@ def test_lr_warms_up_then_decays_to_zero():
         assert lrs[4:] == sorted(lrs[4:], reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
     mid = TrainConfig(lr=1.0, warmup_steps=0, max_steps=10, lr_schedule="cosine")
     assert lr_at(5, mid) == pytest.approx(0.5)
+
+
+def test_warmup_decay_is_deepspeeds_warmupdecaylr_as_the_reference_ran_it():
+    # DeepSpeed's WarmupDecayLR, warmup_type "log" (its default), min lr 0: gamma = log(step + 1) / log(W) while
+    # step < W, then (T - step) / (T - W). Values worked out by hand for W = 100, T = 1000.
+    cfg = TrainConfig(lr=2.0, warmup_steps=100, max_steps=1000, lr_schedule="warmup_decay")
+    want = {0: 0.0, 9: 1.0, 99: 2.0, 100: 2.0, 550: 1.0, 910: 0.2, 1000: 0.0}
+    assert {s: lr_at(s, cfg) for s in want} == pytest.approx(want)
+    # logarithmic, not linear: most of the rate comes early in the warm-up
+    assert lr_at(9, cfg) > 5 * cfg.lr * 9 / 100
+
+
+def test_weight_decay_on_all_decays_norms_and_biases_too():
+    from torch import nn
+
+    from stages.train.trainer import param_groups
+
+    params = list(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).parameters())  # weight, bias, gain, bias
+    groups = param_groups(params, TrainConfig(weight_decay=0.05))
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(1, 0.05), (3, 0.0)]
+    groups = param_groups(params, TrainConfig(weight_decay=0.05, weight_decay_on="all"))
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(4, 0.05)]

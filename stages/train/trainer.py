@@ -32,7 +32,15 @@ from stages.train.logs import TrainLogs
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from 0 over ``warmup_steps``, then linear or cosine decay to 0 at ``max_steps``."""
+    """The learning rate of 0-based ``step``. cosine and linear: linear warm-up from 0 over ``warmup_steps``, then
+    that decay to 0 at ``max_steps``. warmup_decay: DeepSpeed's WarmupDecayLR with its default logarithmic
+    warm-up (0 at step 0, the full rate at ``warmup_steps``), then linear decay to 0 at ``max_steps``."""
+    if cfg.lr_schedule == "warmup_decay":
+        if step < cfg.warmup_steps:
+            return (
+                cfg.lr * math.log(step + 1) / math.log(cfg.warmup_steps) if cfg.warmup_steps > 1 else cfg.lr
+            )
+        return cfg.lr * max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     span = max(1, cfg.max_steps - cfg.warmup_steps)
@@ -40,6 +48,17 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if cfg.lr_schedule == "linear":
         return cfg.lr * (1.0 - progress)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(params: list, cfg: TrainConfig) -> list[dict]:
+    """AdamW's groups: weight decay on matrices only (nanoGPT's and SALMONN's choice: decaying a norm's gain or a
+    bias only pulls it from what it needs), or on every trainable parameter, as the reference did."""
+    if cfg.weight_decay_on == "all":
+        return [{"params": list(params), "weight_decay": cfg.weight_decay}]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 def decoder_layers(llm) -> list:
@@ -136,12 +155,9 @@ class Trainer:
         )
         self.wrapped = self._wrap(model)
 
-        # Weight decay on matrices only; norms, biases and other vectors are not decayed (as nanoGPT, SALMONN).
         self.params = [p for p in model.parameters() if p.requires_grad]  # after FSDP: its DTensors
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            param_groups(self.params, cfg),
             lr=cfg.lr,
             betas=(0.9, 0.999),
             fused=self.device.type == "cuda",
