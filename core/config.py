@@ -239,6 +239,9 @@ class BuildConfig(Strict):
     # None (the default): off, because the demo's random tiny LLM repeats itself and every answer counts there.
     near_dup_threshold: float | None = Field(None, gt=0.0, le=1.0)
     minhash_perms: int = Field(128, ge=16)
+    # The reference's answer-length rule, on every split: an example is kept when LOW < tokens of its answer plus
+    # eos (the LLM's tokenizer) < HIGH; the reference's is [5, 2048]. None (the default): no length rule.
+    answer_tokens_between: tuple[int, int] | None = None
     rows_per_shard: int = Field(100_000, ge=1)
     row_group_rows: int = Field(2048, ge=1, le=65536)  # streaming reads one row group at a time
 
@@ -249,6 +252,12 @@ class BuildConfig(Strict):
             raise ValueError(f"build.tasks: unknown task {bad[0]!r}; known: {', '.join(TASKS)}")
         if self.dev_fraction + self.test_fraction > 1.0:
             raise ValueError("build: dev_fraction + test_fraction must be at most 1")
+        if self.answer_tokens_between is not None:
+            low, high = self.answer_tokens_between
+            if not 0 <= low < high - 1:
+                raise ValueError(
+                    f"build.answer_tokens_between: [{low}, {high}] keeps no length (kept: {low} < tokens < {high})"
+                )
         if self.mix is not None:
             extra = [t for t in self.mix if t not in self.tasks]
             if extra:

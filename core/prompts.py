@@ -65,6 +65,13 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
+def load_tokenizer(tokenizer):
+    """A tokenizer object as it is, or the one in a directory (loaded once per process)."""
+    if isinstance(tokenizer, str | Path):
+        return _load_tokenizer(str(Path(tokenizer).resolve()))
+    return tokenizer
+
+
 def _tokenizer(tokenizer):
     if tokenizer is None:
         raise ValueError(

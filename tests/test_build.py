@@ -115,6 +115,53 @@ def test_missing_answers_are_counted_not_silent(harvested, generated, tmp_path):
     assert all("sentiment" in r["detail"] and r["field"] == "answer" for r in rejects)
 
 
+def test_the_answer_length_rule_rejects_by_token_count_with_eos_and_names_each(
+    harvested, generated, tiny_models_dir, tmp_path
+):
+    from transformers import AutoTokenizer
+
+    gen_dir, g, _ = generated
+    tok = AutoTokenizer.from_pretrained(tiny_models_dir / "llm")
+    everything = BuildConfig(tasks=["asr", *g.tasks], eval_splits=["test-clean"])
+    build(_transcripts(harvested), _kept(gen_dir, tmp_path), tmp_path / "all", everything, load_catalog())
+    ex = read_table(tmp_path / "all" / "examples.parquet", EXAMPLES).to_pylist()
+    n = {e["example_id"]: len(tok(e["answer"], add_special_tokens=False)["input_ids"]) + 1 for e in ex}
+    # bounds that cut on both sides of this data: the shortest and the longest answers go
+    low, high = sorted(n.values())[len(n) // 4], sorted(n.values())[-len(n) // 4]
+    b = everything.model_copy(update={"answer_tokens_between": (low, high)})
+    s = build(
+        _transcripts(harvested),
+        _kept(gen_dir, tmp_path),
+        tmp_path / "cut",
+        b,
+        load_catalog(),
+        llm_tokenizer=tiny_models_dir / "llm",
+    )
+    kept = read_table(tmp_path / "cut" / "examples.parquet", EXAMPLES).to_pylist()
+    assert {e["example_id"] for e in kept} == {k for k, v in n.items() if low < v < high}
+    assert {e["split"] for e in kept} >= {
+        "test-clean",
+        "train",
+    }  # the rule covers eval sets too, as the reference's
+    rejects = read_table(tmp_path / "cut" / "rejects.parquet", REJECTS).to_pylist()
+    short = [r for r in rejects if r["reason"] == "answer_too_short"]
+    long_ = [r for r in rejects if r["reason"] == "answer_too_long"]
+    assert len(short) == s.answers_too_short == sum(v <= low for v in n.values()) > 0
+    assert len(long_) == s.answers_too_long == sum(v >= high for v in n.values()) > 0
+    assert all(r["corpus"] and f"< tokens < {high}" in r["detail"] for r in short + long_)
+    with pytest.raises(ValueError, match="tokenizer"):
+        build(_transcripts(harvested), _kept(gen_dir, tmp_path), tmp_path / "no-tok", b, load_catalog())
+
+
+def test_whisper_normalized_transcripts_are_the_asr_target(harvested, tmp_path):
+    b = BuildConfig(tasks=["asr"], eval_splits=["test-clean"])
+    build(_transcripts(harvested), None, tmp_path, b, load_catalog(), transcript_form="whisper_normalized")
+    tr = {t["utt_id"]: t for t in read_table(_transcripts(harvested), TRANSCRIPTS).to_pylist()}
+    ex = read_table(tmp_path / "examples.parquet", EXAMPLES).to_pylist()
+    assert ex and all(e["answer"] == e["transcript"] == tr[e["utt_id"]]["text_norm"] for e in ex)
+    assert any(tr[e["utt_id"]]["text_norm"] != tr[e["utt_id"]]["text"] for e in ex)  # the forms differ here
+
+
 def test_splits_follow_the_speaker_and_are_stable():
     b = BuildConfig(eval_splits=["test-clean"], dev_fraction=0.2, test_fraction=0.2, seed=3)
     speakers = [f"spk{i}" for i in range(400)]

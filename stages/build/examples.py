@@ -39,7 +39,7 @@ from core.catalog import Catalog
 from core.config import BuildConfig
 from core.log import console
 from core.paths import BuildPaths
-from core.prompts import speech_prompt
+from core.prompts import load_tokenizer, speech_prompt
 from core.tables import read_table, write_table
 from core.text import transcript_column
 from schemas import EXAMPLES, REJECTS, RESPONSES, TRANSCRIPTS, reject_row, to_table
@@ -78,6 +78,8 @@ class BuildSummary:
     shards: int = 0
     imported_answers: int = 0
     filtered_answers: int = 0  # flagged by the generate stage's filters (rejected_by)
+    answers_too_short: int = 0  # build.answer_tokens_between
+    answers_too_long: int = 0
 
 
 def _answers(paths: list[Path]) -> dict[tuple[str, str], list[tuple[str, dict]]]:
@@ -100,13 +102,15 @@ def build(
     tokenizer=None,
     sampled: Callable[[str], list[str]] | None = None,
     transcript_form: str = "readable",
+    llm_tokenizer=None,
 ) -> BuildSummary:
     """Write the examples table, its shards and the rejects (``BuildPaths``, or a folder to hold them).
 
     ``tokenizer``: the backbone LLM's tokenizer (or its directory), which ``chat_template`` prompts need.
     ``sampled``: the LLM tasks generate asked about an utterance (``core.catalog.sample_tasks``); a task it did
     not ask is not a missing answer. None: every task of ``b.tasks``. ``transcript_form``: which form of the
-    transcript is the ASR target (``core.text.TRANSCRIPT_FORMS``), the one generate gave the LLM."""
+    transcript is the ASR target (``core.text.TRANSCRIPT_FORMS``), the one generate gave the LLM.
+    ``llm_tokenizer``: the LLM's tokenizer (or its directory), which ``b.answer_tokens_between`` counts with."""
     out = out if isinstance(out, BuildPaths) else BuildPaths(Path(out))
     tr = read_table(transcripts, TRANSCRIPTS).to_pylist()
     paths = [] if responses is None else [responses] if isinstance(responses, Path | str) else responses
@@ -183,6 +187,35 @@ def build(
                     )
                 )
 
+    too_short = too_long = 0
+    if b.answer_tokens_between is not None:
+        low, high = b.answer_tokens_between
+        if llm_tokenizer is None:
+            raise ValueError("build.answer_tokens_between counts answer tokens: it needs the LLM's tokenizer")
+        tok = load_tokenizer(llm_tokenizer)
+        corpus_of = {t["utt_id"]: t["corpus"] for t in tr}
+        ids = tok([e["answer"] for e in rows], add_special_tokens=False)["input_ids"] if rows else []
+        kept = []
+        for e, answer_ids in zip(rows, ids, strict=True):
+            n = len(answer_ids) + 1  # the answer and its eos, as the loss sees them
+            if low < n < high:
+                kept.append(e)
+                continue
+            short = n <= low
+            too_short += short
+            too_long += not short
+            rejects.append(
+                reject_row(
+                    corpus_of.get(e["utt_id"], ""),
+                    str(transcripts),
+                    e["utt_id"],
+                    "answer",
+                    "answer_too_short" if short else "answer_too_long",
+                    f"{e['split']}/{e['task']} answer has {n} tokens with eos; kept when {low} < tokens < {high}",
+                )
+            )
+        rows = kept
+
     near = 0
     if b.near_dup_threshold is not None:
         pool = [e for e in rows if e["task"] != "asr" and e["split"] not in b.eval_splits]
@@ -243,6 +276,8 @@ def build(
         len(manifest),
         imported,
         filtered,
+        too_short,
+        too_long,
     )
 
 
@@ -266,6 +301,8 @@ def print_summary(s: BuildSummary) -> None:
     notes = [
         (s.missing_answers, "(utterance, task) pairs have no answer"),
         (s.filtered_answers, "answers were rejected by the generate filters"),
+        (s.answers_too_short, "answers were too short for build.answer_tokens_between"),
+        (s.answers_too_long, "answers were too long for build.answer_tokens_between"),
         (s.duplicate_utterances, "utterances duplicate another (same normalized text and audio)"),
         (s.near_duplicate_answers, "answers nearly repeat another answer of their task"),
     ]

@@ -18,8 +18,15 @@ def _answer_tables(ctx: Context) -> list[Artifact]:
 
 
 def _tokenizer_dir(ctx: Context):
-    """The LLM directory whose tokenizer renders ``chat_template`` prompts (None for Vicuna's format)."""
+    """The LLM directory whose tokenizer renders ``chat_template`` prompts (None for the other layouts)."""
     return ctx.paths.model_dirs(ctx.cfg)[1] if ctx.cfg.generate.prompt_format == "chat_template" else None
+
+
+def _llm_dir(ctx: Context):
+    """The LLM directory build reads: its chat template, or its tokenizer to count answer tokens with."""
+    if _tokenizer_dir(ctx) is not None or ctx.cfg.build.answer_tokens_between is not None:
+        return ctx.paths.model_dirs(ctx.cfg)[1]
+    return None
 
 
 def inputs(ctx: Context) -> list[Artifact]:
@@ -28,7 +35,7 @@ def inputs(ctx: Context) -> list[Artifact]:
         Artifact("catalog", load_catalog(ctx.cfg.generate.catalog).path, "file"),
         *_answer_tables(ctx),
     ]
-    if (llm := _tokenizer_dir(ctx)) is not None:
+    if (llm := _llm_dir(ctx)) is not None:
         arts.append(Artifact("llm", llm, "model", made_by=ctx.paths.models_made_by(ctx.cfg)))
     return arts
 
@@ -75,6 +82,7 @@ def body(ctx: Context) -> dict:
         _tokenizer_dir(ctx),
         _sampled(ctx),
         ctx.cfg.generate.transcript_form,
+        _llm_dir(ctx),
     )
     print_summary(s)
     return s.__dict__
