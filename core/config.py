@@ -297,9 +297,9 @@ class QFormerConfig(Strict):
     hidden_size: int = Field(768, ge=1)
     num_heads: int = Field(12, ge=1)
     intermediate_size: int = Field(3072, ge=1)
-    # Weight init of a fresh Q-Former (BERT's 0.02, as the reference's BERT-initialized one). From scratch, 0.02
-    # leaves its outputs nearly the same for every window (the learned query outweighs what it cross-attends
-    # to), which a tiny model takes long to learn its way out of; the learning check uses 0.2.
+    # Weight init of a fresh Q-Former: BERT's 0.02 (the reference builds its Q-Former from a default BertConfig).
+    # From scratch, 0.02 leaves its outputs nearly the same for every window (the learned query outweighs what it
+    # cross-attends to), which a tiny model takes long to learn its way out of; the learning check uses 0.2.
     init_std: float = Field(0.02, gt=0)
 
     @model_validator(mode="after")
@@ -324,7 +324,8 @@ class QFormerConfig(Strict):
 
 
 class LoraSettings(Strict):
-    """LoRA on the LLM through peft (the reference's config carries rank 4, alpha 32, dropout 0.1)."""
+    """LoRA on the LLM through peft. The reference's config carries rank 4, alpha 32, dropout 0.1, but its training
+    never reads them: it fine-tunes the whole LLM."""
 
     r: int = Field(4, ge=1)
     alpha: int = 32

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from core.catalog import Catalog
+from core.catalog import Catalog, bundled_catalogs, load_catalog
 
 REFERENCE_INSTRUCTIONS = Path(__file__).resolve().parent / "reference-instructions.yaml"
 
@@ -34,15 +34,19 @@ def _stems(s: str) -> list[str]:
 
 
 class InstructionMapper:
-    """Instruction wording -> catalog category: by exact wording (our catalog, then the reference's own
-    wordings in ``reference-instructions.yaml`` beside this module), else by TF-IDF cosine similarity to each
-    category's wordings, accepted only when clearly ahead of the runner-up."""
+    """Instruction wording -> catalog category: by exact wording (the run's catalog, the reference's wordings in
+    the bundled ``reference`` catalog, and those of its released data in ``reference-instructions.yaml`` beside
+    this module), else by TF-IDF cosine similarity to each category's wordings, accepted only when clearly ahead
+    of the runner-up."""
 
     def __init__(self, catalog: Catalog, aliases: Path = REFERENCE_INSTRUCTIONS, min_score=0.15, margin=0.1):
         raw = yaml.safe_load(aliases.read_text()) or {}
         wordings: dict[str, list[str]] = defaultdict(list)
+        reference = load_catalog(bundled_catalogs()["reference"])
         for name, cat in catalog.categories.items():
             wordings[name] += [i.text for i in cat.instructions]
+            if name in reference.categories and reference.path != catalog.path:
+                wordings[name] += [i.text for i in reference.categories[name].instructions]
         for name, texts in (raw.get("categories") or {}).items():
             if name not in catalog.categories:
                 raise ValueError(f"{aliases}: category {name!r} is not in the catalog {catalog.path}")
