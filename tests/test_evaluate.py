@@ -318,6 +318,62 @@ def test_a_user_question_file_is_asked_and_unknown_utterances_are_rejects(setup,
     assert "Not run: evaluate.probe is off" in (out / "report.md").read_text()
 
 
+def test_the_references_spoken_boolqa_puts_the_passage_in_the_prompt_and_the_question_in_speech(
+    setup, tmp_path
+):
+    import subprocess
+
+    from core.prompts import boolqa_prompt
+
+    assert shutil.which("espeak-ng"), (
+        "espeak-ng is missing: run scripts/setup.sh (it installs it with apt-get)"
+    )
+    (tmp_path / "spoken").mkdir()
+    lines = []
+    for qid, question, answer in (("q1", "is the sky blue", True), ("q2", "is fire cold", False)):
+        subprocess.run(["espeak-ng", "-w", str(tmp_path / "spoken" / f"{qid}.wav"), question], check=True)
+        lines.append(
+            {
+                "id": qid,
+                "passage": f"A passage for {qid}.",
+                "audio": f"spoken/{qid}.wav",
+                "question": question,
+                "answer": answer,
+            }
+        )
+    lines.append({"id": "q3", "passage": "Gone.", "audio": "spoken/gone.wav", "answer": True})
+    qfile = tmp_path / "boolqa.jsonl"
+    qfile.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    questions = qa.load_questions(qfile)
+
+    items, meta, unreadable = qa.qa_items(questions, [], 4, "reference")
+    # the reference's prompt: passage as text context, the spoken question as the speech
+    for it, q in zip(items, lines[:2], strict=True):
+        p = boolqa_prompt(q["passage"], "reference")
+        assert (it.prefix, it.suffix, it.group) == (p.prefix, p.suffix, qa.SPOKEN_SET)
+        assert it.prefix.endswith(f"CONTEXT: {q['passage']}\nSPEECH: ") and it.suffix == "\nASSISTENT:"
+        assert it.audio_path == str(tmp_path / "spoken" / f"{q['id']}.wav") and it.duration_s > 0.3
+    assert [(q["id"], q["reason"]) for q in unreadable] == [("q3", "missing_audio")]
+    assert qa.parse_yes_no("True.") == "yes" and qa.parse_yes_no("false, it is not") == "no"
+
+    cfg = _config(qa_file=qfile, probe=False)
+    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"prompt_format": "reference"})})
+    work = tmp_path / "w"
+    _evaluate(cfg, work, setup["ckpt"], setup["examples"])
+    out = work / "evaluate"
+    rows = read_table(out / "qa.parquet", QA).to_pylist()
+    assert sorted((r["qa_id"], r["eval_set"], r["reference"]) for r in rows) == [
+        ("q1", "boolqa", True),
+        ("q2", "boolqa", False),
+    ]
+    (m,) = read_table(out / "qa_metrics.parquet", QA_METRICS).to_pylist()
+    assert (m["eval_set"], m["n_questions"], m["n_correct"]) == ("boolqa", 2, sum(r["correct"] for r in rows))
+    rejects = read_table(out / "rejects.parquet", REJECTS).to_pylist()
+    assert ("boolqa:q3", "missing_audio", "audio") in {
+        (r["utt_id"], r["reason"], r["field"]) for r in rejects
+    }
+
+
 # ----- report, lineage, reuse -----
 
 

@@ -257,9 +257,11 @@ def evaluate(
             corpus="qa",
             source=qa_source,
             utt_id=q["utt_id"],
-            field="utt_id",
-            reason="unknown_utt_id",
-            detail=f"qa: question {q['id']!r} is about an utterance in none of the eval sets {cfg.eval_sets}",
+            field="audio" if "reason" in q else "utt_id",
+            reason=q.get("reason", "unknown_utt_id"),
+            detail=f"qa: question {q['id']!r}: {q['detail']}"
+            if "reason" in q
+            else f"qa: question {q['id']!r} is about an utterance in none of the eval sets {cfg.eval_sets}",
         )
         for q in unknown
     ]

@@ -8,13 +8,22 @@ where BoolQ's text passage is replaced by the speech of ``utt_id`` (an utterance
 ``id`` is optional (default: the line number). The question is the instruction, the speech the input;
 the model never sees the transcript.
 
+A line may instead be the reference's spoken BoolQA (src/evaluate_BoolQA.py): a text passage as context, the
+question spoken, true or false,
+
+    {"id": "q2", "passage": "Persian is ...", "audio": "boolqa/q2.wav", "question": "is persian ...", "answer": true}
+
+where ``audio`` (relative to the question file) holds the spoken question and ``question`` its text, kept for
+the report only. The prompt is ``core.prompts.boolqa_prompt`` in the run's layout (the reference's strings in
+``reference``), and these questions are scored as their own set, ``boolqa``.
+
 Without a file, ``word_presence_questions`` makes a small set from the eval transcripts themselves,
 so the reference answer is known from the transcript: for each utterance one question about a content
 word it contains (yes) and one about a content word of another eval utterance that it does not
 contain (no), each picked by a hash of the utterance id, so the set is the same on every run.
 
-An answer counts as yes or no by its first word that is "yes" or "no"; an answer with neither is
-unparsed and counted wrong (and counted separately).
+An answer counts as yes or no by its first word that is "yes" or "no" ("true" and "false" count as yes and no,
+the reference's BoolQA answers); an answer with neither is unparsed and counted wrong (and counted separately).
 """
 
 from __future__ import annotations
@@ -24,9 +33,13 @@ import json
 import re
 from pathlib import Path
 
+from core import audio
+from core.prompts import boolqa_prompt
 from core.stage import StageError
 from core.text import normalize
 from stages.evaluate.decoding import Item
+
+SPOKEN_SET = "boolqa"  # the eval set name of spoken-question (reference BoolQA) lines
 
 GENERATED = "generated:word-presence-v1"
 QUESTION = 'Does the speaker say the word "{word}"? Answer yes or no.'
@@ -86,8 +99,14 @@ def word_presence_questions(asr_rows: list[dict]) -> list[dict]:
     return out
 
 
+def _text_field(path: Path, n: int, obj: dict, name: str) -> str:
+    if not isinstance(obj.get(name), str) or not obj[name].strip():
+        raise QAFileError(f"{path}:{n}: field {name!r}: expected a non-empty string, found {obj.get(name)!r}")
+    return obj[name].strip()
+
+
 def load_questions(path: Path) -> list[dict]:
-    """Read a BoolQ-style JSONL question file; a bad line is an error naming file, line and field."""
+    """Read a question file (module doc); a bad line is an error naming file, line and field."""
     path = Path(path)
     if not path.is_file():
         raise QAFileError(f"QA file {path} does not exist")
@@ -101,11 +120,6 @@ def load_questions(path: Path) -> list[dict]:
             raise QAFileError(f"{path}:{n}: not a JSON object ({e})") from e
         if not isinstance(obj, dict):
             raise QAFileError(f"{path}:{n}: expected a JSON object, found {type(obj).__name__}")
-        for name in ("utt_id", "question"):
-            if not isinstance(obj.get(name), str) or not obj[name].strip():
-                raise QAFileError(
-                    f"{path}:{n}: field {name!r}: expected a non-empty string, found {obj.get(name)!r}"
-                )
         if not isinstance(obj.get("answer"), bool):
             raise QAFileError(
                 f"{path}:{n}: field 'answer': expected true or false, found {obj.get('answer')!r}"
@@ -114,7 +128,22 @@ def load_questions(path: Path) -> list[dict]:
         if qid in seen:
             raise QAFileError(f"{path}:{n}: field 'id': {qid!r} appears twice")
         seen.add(qid)
-        out.append(dict(id=qid, utt_id=obj["utt_id"], question=obj["question"].strip(), answer=obj["answer"]))
+        if "passage" in obj or "audio" in obj:  # the reference's BoolQA: passage as text, question as speech
+            passage, spoken = _text_field(path, n, obj, "passage"), _text_field(path, n, obj, "audio")
+            question = obj.get("question") if isinstance(obj.get("question"), str) else ""
+            out.append(
+                dict(
+                    id=qid,
+                    utt_id=f"{SPOKEN_SET}:{qid}",
+                    question=question.strip(),
+                    answer=obj["answer"],
+                    passage=passage,
+                    audio=str((path.parent / spoken).resolve()),
+                )
+            )
+            continue
+        utt_id, question = _text_field(path, n, obj, "utt_id"), _text_field(path, n, obj, "question")
+        out.append(dict(id=qid, utt_id=utt_id, question=question, answer=obj["answer"]))
     if not out:
         raise QAFileError(f"QA file {path} has no questions")
     return out
@@ -123,10 +152,40 @@ def load_questions(path: Path) -> list[dict]:
 def qa_items(
     questions: list[dict], asr_rows: list[dict], max_new_tokens: int, fmt: str, tokenizer=None
 ) -> tuple[list[Item], dict[str, dict], list[dict]]:
-    """Items to decode, scoring data by key, and the questions about utterances no eval set has."""
+    """Items to decode, scoring data by key, and the questions about utterances no eval set has (with a spoken
+    question: whose audio cannot be read, with the reason)."""
     by_utt = {r["utt_id"]: r for r in asr_rows}
     items, meta, unknown = [], {}, []
     for q in questions:
+        if "passage" in q:
+            key = f"qa/{q['id']}"
+            try:
+                duration = audio.probe(q["audio"]).duration_s
+            except audio.AudioError as e:
+                unknown.append({**q, "reason": e.reason, "detail": e.detail})
+                continue
+            p = boolqa_prompt(q["passage"], fmt, tokenizer)
+            items.append(
+                Item(
+                    key,
+                    SPOKEN_SET,
+                    q["audio"],
+                    0.0,
+                    duration,
+                    p.prefix,
+                    p.suffix,
+                    max_new_tokens,
+                    q["utt_id"],
+                )
+            )
+            meta[key] = dict(
+                qa_id=q["id"],
+                utt_id=q["utt_id"],
+                eval_set=SPOKEN_SET,
+                question=q["question"],
+                reference=q["answer"],
+            )
+            continue
         ex = by_utt.get(q["utt_id"])
         if ex is None:
             unknown.append(q)
@@ -147,6 +206,8 @@ def parse_yes_no(answer: str) -> str | None:
     for w in re.findall(r"[a-z]+", answer.lower()):
         if w in ("yes", "no"):
             return w
+        if w in ("true", "false"):  # the reference's BoolQA asks for true or false
+            return "yes" if w == "true" else "no"
     return None
 
 
