@@ -19,7 +19,13 @@ transcript (speech anchor bias); one tuned on its own LLM's answers (self-powere
    SmolLM2's own answers to the same instructions about the true transcripts, spoken yes/no QA. A third row
    is SmolLM2 itself on the text transcripts: its own anchor rate (the floor) and chrF 100 by definition.
 
-Writes ``bench/RESULTS-reproduce.md`` and ``bench/reproduce-anchor-rate.png`` and ends with the goal lines.
+``--recipe reference`` runs the same two experiments with the reference code's own recipe (the options
+``configs/paper.yaml`` selects: its prompt layout, wordings, Whisper-normalized transcripts, per-batch windows,
+WarmupDecayLR, weight decay on everything, the answer-length rule, its fixed ASR prompt; ``docs/reference.md``)
+into ``work/reproduce-reference``.
+
+Writes its recipe's section of ``bench/RESULTS-reproduce.md`` (the other recipe's section, when it has one, stays
+beside it) and ``bench/reproduce-anchor-rate[-reference].png``, and ends with the goal lines.
 """
 
 from __future__ import annotations
@@ -49,7 +55,27 @@ CONFIGS = {
 }
 NON_ASR = ("keywords", "intent", "sentiment", "continuation", "translation")  # the goal's categories
 RESULTS = REPO / "bench" / "RESULTS-reproduce.md"
-PLOT = REPO / "bench" / "reproduce-anchor-rate.png"
+SECTIONS = REPO / "bench" / "results"  # one section of RESULTS per recipe: reproduce-{recipe}.md
+RECIPES = ("default", "reference")
+# The reference code's recipe as overrides of the reproduce configs (each a named option; docs/reference.md).
+REFERENCE_RECIPE = {
+    "generate.prompt_format": "reference",
+    "generate.catalog": "reference",
+    "generate.transcript_form": "whisper_normalized",
+    "build.answer_tokens_between": [5, 2048],
+    "train.qformer.window_mode": "per_batch",
+    "train.lr_schedule": "warmup_decay",
+    "train.weight_decay_on": "all",
+    "evaluate.asr_prompt": "fixed",
+}
+
+
+def plot_path(recipe: str) -> Path:
+    return (
+        REPO
+        / "bench"
+        / ("reproduce-anchor-rate.png" if recipe == "default" else f"reproduce-anchor-rate-{recipe}.png")
+    )
 
 
 def held_out(utt_id: str) -> bool:
@@ -237,7 +263,10 @@ def mean(xs) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=REPO / "work" / "reproduce")
+    ap.add_argument(
+        "--recipe", choices=RECIPES, default="default", help="the project's defaults or the reference's"
+    )
+    ap.add_argument("--workdir", type=Path, default=None, help="default: work/reproduce[-reference]")
     ap.add_argument("--quick", action="store_true", help="200 utterances, 20 steps: checks the bench runs")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the configs')")
     ap.add_argument(
@@ -257,7 +286,10 @@ def main() -> None:
     t_start = time.monotonic()
     speech = synthesize(SPEECH, limit=200 if args.quick else None)
     print(f"speech: {speech['utterances']} utterances in {SPEECH} ({speech['seconds']:.0f}s to synthesize)")
-    overrides: dict = {}
+    args.workdir = args.workdir or REPO / "work" / (
+        "reproduce" if args.recipe == "default" else f"reproduce-{args.recipe}"
+    )
+    overrides: dict = dict(REFERENCE_RECIPE) if args.recipe == "reference" else {}
     if args.quick:
         overrides.update({"train.max_steps": 20, "train.checkpoint_every": 0, "train.warmup_steps": 2})
     if args.steps:
@@ -311,8 +343,13 @@ def report(
         return next((r["accuracy"] for r in res[name]["qa"] if r["eval_set"] == s), float("nan"))
 
     cats = sorted({r["category"] for n in res for r in res[n]["probe"]})
+    title = (
+        "Project defaults"
+        if args.recipe == "default"
+        else "The reference code's recipe (`--recipe reference`)"
+    )
     lines = [
-        "# The paper's central result in miniature",
+        f"## {title}",
         "",
         f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
         f"{len(os.sched_getaffinity(0))} CPU cores, no GPU; python {platform.python_version()}",
@@ -339,7 +376,7 @@ def report(
         f"{cost['cold_s'] / 60:.1f} min; a rerun that changes only training settings (train and evaluate of "
         f"both): {cost['rerun_s'] / 60:.1f} min. Both leave out each flow's start-up (about 20 s).",
         "",
-        "## WER % (Whisper tiny.en alone, measured in the same run, beside the LSMs)",
+        "### WER % (Whisper tiny.en alone, measured in the same run, beside the LSMs)",
         "",
         "| eval set | Whisper tiny.en | ASR-only LSM | self-powered LSM |",
         "|---|---:|---:|---:|",
@@ -351,7 +388,7 @@ def report(
         )
     lines += [
         "",
-        "## Anchor rate % (lower: the model does the task instead of transcribing) and chrF vs SmolLM2",
+        "### Anchor rate % (lower: the model does the task instead of transcribing) and chrF vs SmolLM2",
         "",
     ]
     lines += [
@@ -367,14 +404,14 @@ def report(
             )
     lines += [
         "",
-        "## Spoken yes/no QA accuracy %",
+        "### Spoken yes/no QA accuracy %",
         "",
         "| eval set | ASR-only | self-powered |",
         "|---|---:|---:|",
     ]
     for s in eval_sets:
         lines.append(f"| {s} | {100 * qa('asr-only', s):.1f} | {100 * qa('self-powered', s):.1f} |")
-    lines += ["", f"![Anchor rate per category]({PLOT.name})", ""]
+    lines += ["", f"![Anchor rate per category]({plot_path(args.recipe).name})", ""]
 
     # goals: on the held-out synthetic set, as the issue states them
     s = eval_sets[0]
@@ -414,17 +451,24 @@ def report(
     )
     goals.append(("cold_minutes", f"{cost['cold_s'] / 60:.1f}", "<= 120", cost["cold_s"] <= 7200))
     goals.append(("rerun_minutes", f"{cost['rerun_s'] / 60:.1f}", "<= 60", cost["rerun_s"] <= 3600))
-    lines += ["## Goals", ""] + [
+    lines += ["### Goals", ""] + [
         f"- goal {g}: {m} (target {t}) {'met' if ok else 'not met'}" for g, m, t, ok in goals
     ]
-    RESULTS.write_text("\n".join(lines) + "\n")
-    plot(res, cats, eval_sets[0], ceiling)
+    SECTIONS.mkdir(exist_ok=True)
+    (SECTIONS / f"reproduce-{args.recipe}.md").write_text("\n".join(lines) + "\n")
+    parts = [SECTIONS / f"reproduce-{r}.md" for r in RECIPES if (SECTIONS / f"reproduce-{r}.md").exists()]
+    RESULTS.write_text(
+        "# The paper's central result in miniature\n\n"
+        "Each section comes from one `bench/reproduce.py` invocation (its command and date are in it).\n\n"
+        + "\n".join(p.read_text() for p in parts)
+    )
+    plot(res, cats, eval_sets[0], ceiling, plot_path(args.recipe))
     print("\n".join(lines[8:]))
     for g, m, t, ok in goals:
         print(f"goal {g}: {m} (target {t}) {'met' if ok else 'not met'}")
 
 
-def plot(res: dict, cats: list[str], s: str, ceiling: dict) -> None:
+def plot(res: dict, cats: list[str], s: str, ceiling: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -477,7 +521,7 @@ def plot(res: dict, cats: list[str], s: str, ceiling: dict) -> None:
     ax.set_title(f"Speech anchor bias on the {s} set: answers that are the transcript")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
