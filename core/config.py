@@ -344,6 +344,10 @@ class TrainConfig(Strict):
     backend: Literal["gloo", "nccl"] = "gloo"
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards the LLM's decoder layers (FSDP2 fully_shard)
     max_steps: int = Field(10, ge=1)
+    # Train this many passes over the train split instead of max_steps (the reference's num_train_epochs 1): the
+    # steps are counted from the loader's plan before training starts (optimizer steps of the rank with the
+    # most batches; ranks with fewer start the next pass early), and the schedule decays to 0 at the last.
+    epochs: int | None = Field(None, ge=1)
     batch_size: int = Field(2, ge=1)  # per process
     grad_accum: int = Field(1, ge=1)
     lr: float = 2e-5
@@ -386,6 +390,8 @@ class TrainConfig(Strict):
                 "train: every part is frozen (freeze_encoder, freeze_qformer, freeze_proj, freeze_llm are all "
                 "true); nothing would train"
             )
+        if self.epochs is not None and "max_steps" in self.model_fields_set:
+            raise ValueError("train: give max_steps or epochs, not both (epochs counts the steps itself)")
         return self
 
 

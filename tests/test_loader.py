@@ -83,6 +83,19 @@ def test_two_ranks_of_two_workers_see_every_row_exactly_once_per_epoch(shards):
     assert per_epoch[0] != per_epoch[1]  # a new epoch, a new order
 
 
+def test_the_plan_counts_each_ranks_batches_without_reading_audio(shards):
+    for epoch in range(2):
+        counts = []
+        for rank in range(2):
+            loader = ExampleLoader(shards, "train", rank=rank, world_size=2, num_workers=2, **_opts())
+            loader.set_epoch(epoch)
+            counts.append(len(list(loader)))  # the batches this rank really delivers
+        # every rank computes the same list from the metadata alone
+        for rank in range(2):
+            other = ExampleLoader(shards, "train", rank=rank, world_size=2, num_workers=2, **_opts())
+            assert other.batches_per_rank(epoch) == counts
+
+
 def _rows_from(shards: Path, split: str) -> list[dict]:
     import pyarrow.parquet as pq
 

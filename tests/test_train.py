@@ -93,6 +93,36 @@ def test_worker_failure_raises_with_the_tail_of_its_output(trained, tmp_path):
         train.train(cfg, trained["whisper"], trained["llm"], no_train, tmp_path / "out")
 
 
+@pytest.mark.slow
+def test_one_epoch_trains_the_steps_the_plan_counts_then_stops(trained, tmp_path):
+    from core.lsm.loader import ExampleLoader
+
+    settings = experiment(grad_accum=2, warmup_steps=1).train.model_dump()
+    del settings["max_steps"]
+    cfg = TrainConfig.model_validate({**settings, "epochs": 1})
+    # what the ranks' plans hold: 20 train rows in batches of at most 2, then accumulation over 2
+    from transformers import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor.from_pretrained(trained["whisper"])
+    plan = ExampleLoader.from_config(
+        trained["examples"],
+        cfg.loader,
+        split="train",
+        world_size=2,
+        seed=cfg.seed,
+        max_batch_size=cfg.batch_size,
+        n_mels=fe.feature_size,
+        chunk_s=fe.chunk_length,
+    ).batches_per_rank(0)
+    want = -(-max(plan) // 2)
+    summary = train.train(cfg, trained["whisper"], trained["llm"], trained["examples"], tmp_path / "out")
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == want == len(lines)  # the rank with fewer batches may start epoch 1 early
+    assert lines[-1]["lr"] == pytest.approx(lr_at(want - 1, cfg.model_copy(update={"max_steps": want})))
+    with pytest.raises(ValueError, match="max_steps or epochs"):
+        TrainConfig(max_steps=5, epochs=1)
+
+
 def test_train_rows_whose_audio_is_all_gone_fail_with_a_reason_not_a_hang(trained, tmp_path):
     # the loader skips unreadable clips (each a warning); with none left the workers must stop and say why
     gone = [{**r, "audio_path": str(tmp_path / f"gone-{i}.flac")} for i, r in enumerate(demo_rows())]

@@ -50,6 +50,7 @@ its audio, and the same shards then serve any LLM's tokenizer.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -298,6 +299,17 @@ class ExampleLoader:
         """Rows this rank sees per epoch (before unreadable clips are skipped)."""
         total = self.total_rows
         return total * (self.rank + 1) // self.world_size - total * self.rank // self.world_size
+
+    def batches_per_rank(self, epoch: int) -> list[int]:
+        """How many batches each rank's plan holds in ``epoch``: the plan replayed from row metadata, no audio
+        read. Every rank computes the same list (the plans depend on seed, epoch, rank and worker only)."""
+        counts = []
+        for rank in range(self.world_size):
+            other = copy.copy(self)
+            other.rank = rank
+            stream = _Stream(other, epoch, [0] * self.workers)
+            counts.append(sum(sum(1 for _ in stream.plans(w)) for w in range(self.workers)))
+        return counts
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning at the next iteration."""

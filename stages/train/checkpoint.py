@@ -32,7 +32,10 @@ STATE_KEYS = ("step", "epoch", "batch_in_epoch", "samples_seen")
 
 
 def resume_key(cfg: TrainConfig, world: int) -> dict:
-    return {"world_size": world, **cfg.model_dump(mode="json", exclude=TrainConfig.RESUME_EXEMPT)}
+    exempt = set(TrainConfig.RESUME_EXEMPT)
+    if cfg.epochs is not None:  # the steps follow from the epochs (and the data), which the key holds
+        exempt.add("max_steps")
+    return {"world_size": world, **cfg.model_dump(mode="json", exclude=exempt)}
 
 
 def latest(paths: TrainPaths) -> Path | None:

@@ -51,7 +51,8 @@ def write_args(
                 "llm_dir": str(Path(llm_dir).resolve()),
                 "examples": str(Path(examples).resolve()),
                 "out_dir": str(paths.dir.resolve()),
-                "train": cfg.model_dump(mode="json"),
+                # with epochs the workers count the steps; a max_steps beside it would contradict them
+                "train": cfg.model_dump(mode="json", exclude={"max_steps"} if cfg.epochs else None),
             },
             indent=2,
         ),
@@ -72,7 +73,7 @@ def _clear_stale_checkpoints(cfg: TrainConfig, paths: TrainPaths) -> None:
         why = "train.resume is off"
     elif state.get("settings") != checkpoint.resume_key(cfg, cfg.nproc_per_node):
         why = "they were written with other settings"
-    elif state.get("step", 0) >= cfg.max_steps:
+    elif cfg.epochs is None and state.get("step", 0) >= cfg.max_steps:  # with epochs, the trainer counts
         why = "their run already finished"
     if why:
         console.print(f"train: starting afresh; removing the checkpoints in {paths.checkpoints} ({why})")
@@ -118,7 +119,9 @@ def train(cfg: TrainConfig, whisper_dir: Path, llm_dir: Path, examples: Path, ou
     def on_line(line: str) -> None:  # the workers' lines on our console; the step lines move the bar
         m = STEP_LINE.match(line)
         if m:
-            bar.update(task, completed=int(m.group(1)), status=f"loss {m.group(2)}")
+            bar.update(
+                task, completed=int(m.group(1)), total=int(m.group("total")), status=f"loss {m.group(3)}"
+            )
         bar.console.print(line, markup=False, highlight=False)
 
     child = Child(cmd, env=worker_env(), cwd=REPO_ROOT, on_line=on_line, keep=TAIL_LINES)

@@ -14,7 +14,7 @@ from pathlib import Path
 from core.atomic import atomic_file, write_text
 from core.paths import TrainPaths
 
-STEP_LINE = re.compile(r"^step (\d+)/\d+ \| epoch \d+ \| loss (\S+)")
+STEP_LINE = re.compile(r"^step (\d+)/(?P<total>\d+) \| epoch \d+ \| loss (\S+)")
 SCALARS = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s")
 
 

@@ -127,6 +127,13 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         self.n_rows = self.loader.total_rows
+        if cfg.epochs is not None:
+            # Every rank counts the same plan, so all agree on the step count without talking.
+            per_epoch = [
+                -(-max(self.loader.batches_per_rank(e)) // cfg.grad_accum) for e in range(cfg.epochs)
+            ]
+            self.cfg = cfg = cfg.model_copy(update={"max_steps": sum(per_epoch)})
+            self.say(f"data: {cfg.epochs} epochs are {cfg.max_steps} optimizer steps ({per_epoch} per epoch)")
         self.say(
             f"data: {self.n_rows} train rows; up to {cfg.batch_size * cfg.grad_accum * self.world} samples per "
             f"optimizer step ({cfg.batch_size} x {cfg.grad_accum} accumulation x {self.world} processes; batches "
