@@ -100,6 +100,9 @@ class ModelsConfig(Strict):
 class HarvestConfig(Strict):
     max_duration_s: float = 30.0  # Whisper's window: longer audio would be cut by the encoder
     min_duration_s: float = 0.0
+    # Audio longer than max_duration_s: "reject" it (too_long), or "cut" it to its first max_duration_s seconds
+    # and keep the whole transcript, as the reference's feature extractor did to every clip
+    long_audio: Literal["reject", "cut"] = "reject"
     # Audio without a transcript is transcribed by Whisper: ``whisper_checkpoint`` names a Hugging Face Whisper
     # directory or an openai-whisper checkpoint file ({"dims", "model_state_dict"}), relative to the config
     # file; ``label_with_models_whisper`` uses the config's own Whisper (models.whisper, or the pretrained or

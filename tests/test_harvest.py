@@ -179,6 +179,33 @@ def test_too_long_audio_is_rejected_with_the_bound(tmp_path):
     assert "11.66s" in rejects[0]["detail"]
 
 
+def test_long_audio_cut_keeps_the_first_seconds_and_the_whole_transcript_and_a_policy_change_redoes_it(
+    tmp_path,
+):
+    root = copy_librispeech(tmp_path / "c", ["2412-153948-0000", "3752-4944-0002"])  # 11.66 s and 3.2 s
+    corpora = [CorpusConfig(name="ls", kind="librispeech", root=root)]
+    cut = harvest(corpora, tmp_path / "o", max_duration_s=10.0, long_audio="cut")
+    rows = {
+        r["utt_id"]: r for r in read_table(tmp_path / "o" / "transcripts.parquet", TRANSCRIPTS).to_pylist()
+    }
+    assert (cut.transcripts, cut.rejects, cut.cut) == (2, 0, 1)
+    long_, short = rows["2412-153948-0000"], rows["3752-4944-0002"]
+    assert (long_["offset_s"], long_["duration_s"]) == (0.0, 10.0) and short["duration_s"] == pytest.approx(
+        3.225
+    )
+    line = next(
+        x
+        for x in (root / "dev-clean-2" / "2412" / "153948" / "2412-153948.trans.txt").read_text().splitlines()
+        if x.startswith("2412-153948-0000 ")
+    )
+    assert long_["text_raw"] == line.split(" ", 1)[1]  # the whole transcript, though the audio is cut
+    again = harvest(corpora, tmp_path / "o", max_duration_s=10.0, long_audio="cut")
+    assert (again.transcripts, again.reused, again.probed) == (2, 2, 0)
+    # back to rejecting: the cut row is not reused as if it were short
+    rejecting = harvest(corpora, tmp_path / "o", max_duration_s=10.0)
+    assert rejecting.transcripts == 1 and rejecting.reject_counts == {"too_long": 1}
+
+
 def test_harvest_stage_reuses_its_output_when_nothing_changed(tmp_path, tiny_config):
     first = run_stage("harvest", tiny_config, tmp_path)
     second = run_stage("harvest", tiny_config, tmp_path)

@@ -94,10 +94,18 @@ class Admission:
     """The state that admission keeps across a run: ids seen, units, the previous tables."""
 
     def __init__(
-        self, prev: Previous, max_s: float, min_s: float, labeler_source: str | None, content_hash: bool
+        self,
+        prev: Previous,
+        max_s: float,
+        min_s: float,
+        labeler_source: str | None,
+        content_hash: bool,
+        cut_long: bool = False,
     ):
         self.prev = prev
         self.max_s, self.min_s = max_s, min_s
+        self.cut_long = cut_long  # longer audio is cut to max_s (by the prober), not rejected
+        self.cut = 0
         self.labeler_source = labeler_source  # None: no Whisper, so a candidate without text is a reject
         self.content_hash = content_hash
         self.seen: dict[str, str | int] = {}  # utterance id -> where it came from (see ``_packed``)

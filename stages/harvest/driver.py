@@ -75,6 +75,7 @@ class HarvestSummary:
     probed: int = 0  # audio files opened and probed in this run
     reused: int = 0  # rows (and byte-level rejects) copied from the previous run unprobed
     transcribed: int = 0  # rows labelled by Whisper in this run
+    cut: int = 0  # new rows whose audio was cut to max_duration_s (harvest.long_audio: cut)
     seconds: float = 0.0
 
 
@@ -97,9 +98,11 @@ def _progress() -> Progress:
     )
 
 
-def row_context(content_hash: bool, labeler) -> str:
-    """What every row depends on besides its own files: the code that made it and row-shaping settings."""
-    return f"{code_hash('stages.harvest')}\0{content_hash}\0{labeler.source if labeler else ''}"
+def row_context(content_hash: bool, labeler, cut_s: float | None = None) -> str:
+    """What every row depends on besides its own files: the code that made it and row-shaping settings
+    (``cut_s``: the length long audio is cut to, None when it is rejected instead)."""
+    cut = "" if cut_s is None else f"\0cut:{cut_s}"
+    return f"{code_hash('stages.harvest')}\0{content_hash}\0{labeler.source if labeler else ''}{cut}"
 
 
 class Prober:
@@ -194,6 +197,9 @@ class Prober:
             return "segment_out_of_range", f"segment ends at {offset + duration:.3f}s, file is {file_s:.3f}s"
         if duration <= 0:
             return "empty_audio", f"{file['audio_path']} has no samples at {offset:.3f}s"
+        if self.admission.cut_long and duration > self.admission.max_s:
+            duration = self.admission.max_s  # its first max_duration_s seconds, the transcript whole
+            self.admission.cut += 1
         bound = self.admission.bounds(duration)
         if bound:
             return bound
@@ -322,6 +328,7 @@ def harvest(
     whisper_batch_size: int = 8,
     content_hash: bool = True,
     whisper_max_tokens: int | None = None,
+    long_audio: str = "reject",
 ) -> HarvestSummary:
     """Read every corpus, probe new or changed audio, write the transcripts and rejects tables.
 
@@ -334,10 +341,11 @@ def harvest(
         from stages.harvest.pseudolabel import labeler as make_labeler
 
         labeler = make_labeler(whisper_checkpoint, whisper_language, whisper_batch_size, whisper_max_tokens)
-    context = row_context(content_hash, labeler)
+    cut = long_audio == "cut"
+    context = row_context(content_hash, labeler, max_duration_s if cut else None)
     prev = Previous(paths, context)
     admission = Admission(
-        prev, max_duration_s, min_duration_s, labeler.source if labeler else None, content_hash
+        prev, max_duration_s, min_duration_s, labeler.source if labeler else None, content_hash, cut
     )
     prober = Prober(admission, workers or len(os.sched_getaffinity(0)), labeler, content_hash)
     s = HarvestSummary(0, 0, {}, 0.0)
@@ -417,6 +425,7 @@ def harvest(
     s.rejects = len(rejects)
     s.reject_counts = dict(Counter(r.reason for r in rejects).most_common())
     s.probed, s.reused, s.transcribed = prober.probed, admission.reused, prober.transcribed
+    s.cut = admission.cut
     s.seconds = time.monotonic() - t0
     return s
 
@@ -428,6 +437,7 @@ def print_summary(s: HarvestSummary) -> None:
         f"harvest: {s.transcripts} transcripts ({s.hours * 60:.1f} min of audio), {s.rejects} rejects; "
         f"{s.listed} listed, {s.probed} files probed, {s.reused} reused from the previous run, "
         f"{s.transcribed} transcribed by Whisper, {s.seconds:.1f}s"
+        + (f"; {s.cut} new clips cut to the duration bound (harvest.long_audio: cut)" if s.cut else "")
     )
     if s.reject_counts:
         t = Table("reject reason", "rows", title="rejects by reason")

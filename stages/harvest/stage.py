@@ -54,6 +54,7 @@ def body(ctx: Context) -> dict:
         whisper_batch_size=h.whisper_batch_size,
         content_hash=h.content_hash,
         whisper_max_tokens=h.whisper_max_tokens,
+        long_audio=h.long_audio,
     )
     print_summary(s)
     return s.__dict__
