@@ -37,6 +37,17 @@ def test_paper_config_carries_the_reference_settings():
         1,
     )
     assert t.qformer.window_mode == "per_batch" and cfg.evaluate.asr_prompt == "fixed"
+    assert (t.lr_schedule, t.weight_decay_on, t.epochs) == ("warmup_decay", "all", 1)
+    assert (cfg.build.answer_tokens_between, cfg.harvest.long_audio) == ((5, 2048), "cut")
+    # LibriSpeech-960 (three training folders), Common Voice 4.0 English and GigaSpeech-L
+    kinds = [
+        (c.kind, c.subset if c.kind == "gigaspeech" else None) for c in cfg.corpora if "test" not in c.name
+    ]
+    assert (
+        kinds.count(("librispeech", None)) == 3
+        and ("commonvoice", None) in kinds
+        and ("gigaspeech", "L") in kinds
+    )
 
 
 def test_demo_paths_resolve_relative_to_the_config():

@@ -374,6 +374,45 @@ def test_the_references_spoken_boolqa_puts_the_passage_in_the_prompt_and_the_que
     }
 
 
+def test_a_fixed_asr_prompt_is_the_one_every_clip_is_decoded_with(setup, tmp_path):
+    from core.prompts import asr_eval_prompt
+    from stages.evaluate.decoding import Item, decode, length_bound
+
+    cfg = _config(asr_prompt="fixed", probe=False, qa=False)
+    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"prompt_format": "reference"})})
+    work = tmp_path / "w"
+    _evaluate(cfg, work, setup["ckpt"], setup["examples"])
+    preds = {
+        p["utt_id"]: p for p in read_table(work / "evaluate" / "predictions.parquet", PREDICTIONS).to_pylist()
+    }
+    # decode the same rows ourselves around the reference's fixed prompt: the same hypotheses
+    model = LSMForConditionalGeneration.from_pretrained(setup["ckpt"]).eval()
+    fixed = asr_eval_prompt("reference")
+    assert fixed.suffix == "\nASSISTENT:"
+    e = cfg.evaluate
+    rows = [
+        r for r in setup["rows"] if r["task"] == "asr" and r["split"] == "test-clean" and r["utt_id"] in preds
+    ]
+    items = [
+        Item.of_row(
+            r["utt_id"],
+            r,
+            length_bound(r["duration_s"], e.tokens_per_s, e.length_slack, e.max_new_tokens),
+            prompt=fixed,
+        )
+        for r in rows
+    ]
+    got = decode(model, items, e.batch_size)
+    assert rows and all(
+        got.texts[r["utt_id"]].strip() == preds[r["utt_id"]]["hypothesis"].strip() for r in rows
+    )
+    # and the prompt matters to this model: each row's own prompt gives other hypotheses
+    own = decode(
+        model, [Item.of_row(it.key, r, it.max_new_tokens) for it, r in zip(items, rows, strict=True)], 4
+    )
+    assert any(own.texts[r["utt_id"]] != got.texts[r["utt_id"]] for r in rows)
+
+
 # ----- report, lineage, reuse -----
 
 
