@@ -215,6 +215,8 @@ def test_question_file_errors_name_file_line_and_field(tmp_path):
             "q.jsonl:2: field 'id': 'x' appears twice",
         ),
         ("", "has no questions"),
+        ('{"audio": "q.wav", "question": "Q?", "answer": true}', "q.jsonl:1: field 'passage'"),
+        ('{"audio": "q.wav", "utt_id": "u", "passage": "P", "answer": true}', "q.jsonl:1: give 'utt_id'"),
     ]
     for text, msg in cases:
         p.write_text(text)

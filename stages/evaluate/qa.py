@@ -128,7 +128,12 @@ def load_questions(path: Path) -> list[dict]:
         if qid in seen:
             raise QAFileError(f"{path}:{n}: field 'id': {qid!r} appears twice")
         seen.add(qid)
-        if "passage" in obj or "audio" in obj:  # the reference's BoolQA: passage as text, question as speech
+        if "audio" in obj and "utt_id" in obj:
+            raise QAFileError(
+                f"{path}:{n}: give 'utt_id' (an eval clip is the speech) or 'audio' (a spoken question with a "
+                "text 'passage'), not both"
+            )
+        if "audio" in obj:  # the reference's BoolQA: passage as text, question as speech
             passage, spoken = _text_field(path, n, obj, "passage"), _text_field(path, n, obj, "audio")
             question = obj.get("question") if isinstance(obj.get("question"), str) else ""
             out.append(
@@ -157,7 +162,7 @@ def qa_items(
     by_utt = {r["utt_id"]: r for r in asr_rows}
     items, meta, unknown = [], {}, []
     for q in questions:
-        if "passage" in q:
+        if "audio" in q:
             key = f"qa/{q['id']}"
             try:
                 duration = audio.probe(q["audio"]).duration_s
