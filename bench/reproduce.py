@@ -55,6 +55,7 @@ CONFIGS = {
 }
 NON_ASR = ("keywords", "intent", "sentiment", "continuation", "translation")  # the goal's categories
 RESULTS = REPO / "bench" / "RESULTS-reproduce.md"
+WORKS: dict[str, Path] = {}  # the experiments' work dirs, once main has them
 SECTIONS = REPO / "bench" / "results"  # one section of RESULTS per recipe: reproduce-{recipe}.md
 RECIPES = ("default", "reference")
 # The reference code's recipe as overrides of the reproduce configs (each a named option; docs/reference.md).
@@ -243,6 +244,44 @@ def costs(works: dict[str, Path], speech: dict) -> dict:
     return {"stages": per, "cold_s": cold, "rerun_s": rerun}
 
 
+def grounding(work: Path, eval_set: str, n: int = 48, batch: int = 8) -> dict[str, float]:
+    """Does the trained model use the speech? Mean answer-token loss on ``n`` held-out ASR examples with their own
+    speech, and with each row's speech swapped for another clip's (rotated by one inside each batch). Equal
+    losses: the connector passes nothing the LLM can use, whatever the prompt says."""
+    import torch
+
+    from core import audio
+    from core.lsm.batch import Collate
+    from core.lsm.model import LSMForConditionalGeneration
+    from core.paths import WorkPaths
+    from core.tables import read_table
+    from schemas import EXAMPLES
+
+    p = WorkPaths(work)
+    rows = [
+        r
+        for r in read_table(p.build.examples, EXAMPLES).to_pylist()
+        if r["split"] == eval_set and r["task"] == "asr"
+    ]
+    rows = sorted(rows, key=lambda r: r["example_id"])[:n]
+    model = LSMForConditionalGeneration.from_pretrained(p.train.checkpoint).eval()
+    collate = Collate.for_model(model)
+    own = swapped = 0.0
+    for i in range(0, len(rows), batch):
+        part = rows[i : i + batch]
+        b = collate(part, [audio.load(r["audio_path"], r["offset_s"], r["duration_s"]) for r in part], True)
+        k = b.kwargs()
+        with torch.no_grad():
+            own += float(model(**k).loss) * len(part)
+            roll = {
+                **k,
+                "input_features": k["input_features"].roll(1, 0),
+                "durations_s": k["durations_s"].roll(1, 0),
+            }
+            swapped += float(model(**roll).loss) * len(part)
+    return {"own": own / len(rows), "swapped": swapped / len(rows), "n": len(rows)}
+
+
 def collect(work: Path) -> dict:
     from core.paths import WorkPaths
     from core.tables import read_table
@@ -300,6 +339,7 @@ def main() -> None:
         overrides["train.lr"] = args.rerun_lr
     timings = {name: float("nan") for name in CONFIGS}
     works = {name: args.workdir / name for name in CONFIGS}
+    WORKS.update(works)
     for name in () if args.report_only else ("self-powered", "asr-only"):
         if name == "asr-only":
             share_cached_work(works["self-powered"], works[name])
@@ -412,6 +452,19 @@ def report(
     for s in eval_sets:
         lines.append(f"| {s} | {100 * qa('asr-only', s):.1f} | {100 * qa('self-powered', s):.1f} |")
     lines += ["", f"![Anchor rate per category]({plot_path(args.recipe).name})", ""]
+    lines += [
+        "### Does the model use the speech?",
+        "",
+        "Mean answer-token loss on held-out ASR examples with their own speech, and with each row's speech swapped "
+        "for another clip's. Equal losses mean the connector passes nothing the LLM can use yet.",
+        "",
+        "| model | own speech | swapped speech | examples |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in ("asr-only", "self-powered"):
+        g = grounding(WORKS[name], eval_sets[0])
+        lines.append(f"| {name} | {g['own']:.3f} | {g['swapped']:.3f} | {g['n']} |")
+    lines.append("")
 
     # goals: on the held-out synthetic set, as the issue states them
     s = eval_sets[0]

