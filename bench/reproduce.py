@@ -475,8 +475,9 @@ def report(
         (
             "anchor_rate_halved",
             f"self-powered {100 * anchor['self-powered']:.1f}% vs ASR-only {100 * anchor['asr-only']:.1f}%",
-            "self-powered <= half of ASR-only",
-            anchor["self-powered"] <= anchor["asr-only"] / 2,
+            "self-powered <= half of ASR-only, with an ASR-only anchor rate above 0 to halve",
+            # 0 <= 0 / 2 would read as met when neither model transcribes at all: that shows no effect
+            anchor["asr-only"] > 0 and anchor["self-powered"] <= anchor["asr-only"] / 2,
         ),
         (
             "chrf_above_asr_only",
