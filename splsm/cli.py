@@ -257,7 +257,8 @@ def run(config_path: Path, workdir: Path, force: bool) -> None:
 @workdir_opt
 @force_opt
 def demo(workdir: Path, force: bool) -> None:
-    """Run the whole DAG on the bundled demo data with tiny models, then show WER and lineage."""
+    """Run the whole DAG on the bundled demo data with the real pretrained models (Whisper tiny.en and
+    SmolLM2-135M-Instruct), then show WER and lineage."""
     _run_flow(DEMO_CONFIG, workdir, force)
     _show_results(workdir)
 
