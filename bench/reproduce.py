@@ -375,9 +375,7 @@ def report(
         )
 
     def probe(name: str, s: str, cat: str, key: str) -> float:
-        return next(
-            (r[key] for r in res[name]["probe"] if r["eval_set"] == s and r["category"] == cat), float("nan")
-        )
+        return probe_value(res, name, s, cat, key)
 
     def qa(name: str, s: str) -> float:
         return next((r["accuracy"] for r in res[name]["qa"] if r["eval_set"] == s), float("nan"))
@@ -522,6 +520,13 @@ def report(
         print(f"goal {g}: {m} (target {t}) {'met' if ok else 'not met'}")
 
 
+def probe_value(res: dict, name: str, s: str, cat: str, key: str) -> float:
+    """One figure of experiment ``name``'s probe metrics for eval set ``s`` and category ``cat`` (nan if none)."""
+    return next(
+        (r[key] for r in res[name]["probe"] if r["eval_set"] == s and r["category"] == cat), float("nan")
+    )
+
+
 def plot(res: dict, cats: list[str], s: str, ceiling: dict, path: Path) -> None:
     import matplotlib
 
@@ -530,39 +535,12 @@ def plot(res: dict, cats: list[str], s: str, ceiling: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 3.6))
     width = 0.27
-    for k, (label, vals) in enumerate(
-        (
-            ("SmolLM2 on text", [ceiling.get(c, float("nan")) for c in cats]),
-            (
-                "ASR-only",
-                [
-                    next(
-                        (
-                            r["anchor_rate"]
-                            for r in res["asr-only"]["probe"]
-                            if r["eval_set"] == s and r["category"] == c
-                        ),
-                        float("nan"),
-                    )
-                    for c in cats
-                ],
-            ),
-            (
-                "self-powered",
-                [
-                    next(
-                        (
-                            r["anchor_rate"]
-                            for r in res["self-powered"]["probe"]
-                            if r["eval_set"] == s and r["category"] == c
-                        ),
-                        float("nan"),
-                    )
-                    for c in cats
-                ],
-            ),
-        )
-    ):
+    rows = [("SmolLM2 on text", [ceiling.get(c, float("nan")) for c in cats])]
+    rows += [
+        (label, [probe_value(res, name, s, c, "anchor_rate") for c in cats])
+        for name, label in (("asr-only", "ASR-only"), ("self-powered", "self-powered"))
+    ]
+    for k, (label, vals) in enumerate(rows):
         ax.bar(
             [i + (k - 1) * width for i in range(len(cats))],
             [100 * (v if v == v else 0) for v in vals],

@@ -92,6 +92,23 @@ def _clip(path: str, offset_s: float, duration_s: float):
     return audio.load(path, offset_s, duration_s)
 
 
+def loaded_batches(order: list[Item], batch_size: int, failed: dict, load=audio.load):
+    """``order`` in batches of ``batch_size``, each batch's clips loaded and split by group: yields (items in the
+    batch, {group: [(item, clip)]}). An item whose audio cannot be loaded lands in ``failed``. Timings stay per
+    group: with ``order`` sorted by group first, a batch seldom holds two."""
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        groups: dict[str, list] = {}
+        for it in chunk:
+            try:
+                clip = load(it.audio_path, it.offset_s, it.duration_s)
+            except audio.AudioError as e:
+                failed[it.key] = e
+                continue
+            groups.setdefault(it.group, []).append((it, clip))
+        yield len(chunk), groups
+
+
 def decode(model, items: list[Item], batch_size: int, num_beams: int = 1, label: str = "decode") -> Decoded:
     """Decode every item; an item whose audio cannot be loaded lands in ``failed``, never silently dropped.
 
@@ -108,18 +125,8 @@ def decode(model, items: list[Item], batch_size: int, num_beams: int = 1, label:
     _clip.cache_clear()
     with progress() as bar:
         task = bar.add_task(label, total=len(order), status="")
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            kept, clips = [], []
-            for it in chunk:
-                try:
-                    clips.append(_clip(it.audio_path, it.offset_s, it.duration_s))
-                    kept.append(it)
-                except audio.AudioError as e:
-                    res.failed[it.key] = e
-            # Timings per group: a batch never mixes groups, because the order is by group first.
-            for group in dict.fromkeys(it.group for it in kept):
-                rows = [(it, c) for it, c in zip(kept, clips, strict=True) if it.group == group]
+        for n, groups in loaded_batches(order, batch_size, res.failed, _clip):
+            for group, rows in groups.items():
                 t0 = time.perf_counter()
                 batch = collate(
                     [dict(prefix=it.prefix, suffix=it.suffix) for it, _ in rows],
@@ -143,7 +150,7 @@ def decode(model, items: list[Item], batch_size: int, num_beams: int = 1, label:
                         row[: it.max_new_tokens], skip_special_tokens=True
                     ).strip()
                     res.audio_s[group] += len(c) / audio.TARGET_SR
-            bar.update(task, advance=len(chunk), status=f"{len(res.failed)} rejected" if res.failed else "")
+            bar.update(task, advance=n, status=f"{len(res.failed)} rejected" if res.failed else "")
     for key, e in res.failed.items():
         console.print(f"[yellow]{label}: warning: {key}: {e}[/]")
     return res

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from core import audio
-from stages.evaluate.decoding import Decoded, Item
+from stages.evaluate.decoding import Decoded, Item, loaded_batches
 
 
 class NoReference(Exception):
@@ -45,16 +45,8 @@ def decode(whisper_dir: Path, items: list[Item], batch_size: int, device: str = 
         kw.update(language="en", task="transcribe")  # an English-only Whisper takes neither
     res = Decoded()
     order = sorted(items, key=lambda it: (it.group, -it.duration_s, it.key))
-    for start in range(0, len(order), batch_size):
-        kept, clips = [], []
-        for it in order[start : start + batch_size]:
-            try:
-                clips.append(audio.load(it.audio_path, it.offset_s, it.duration_s))
-                kept.append(it)
-            except audio.AudioError as e:
-                res.failed[it.key] = e
-        for group in dict.fromkeys(it.group for it in kept):
-            rows = [(it, c) for it, c in zip(kept, clips, strict=True) if it.group == group]
+    for _, groups in loaded_batches(order, batch_size, res.failed):
+        for group, rows in groups.items():
             t0 = time.perf_counter()
             feats = proc(
                 [c for _, c in rows], sampling_rate=audio.TARGET_SR, return_tensors="pt"
