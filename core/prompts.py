@@ -77,8 +77,7 @@ def _tokenizer(tokenizer):
         raise ValueError(
             "prompt format chat_template needs the backbone's tokenizer (an object or its directory)"
         )
-    if isinstance(tokenizer, str | Path):
-        tokenizer = _load_tokenizer(str(Path(tokenizer).resolve()))
+    tokenizer = load_tokenizer(tokenizer)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"prompt format chat_template: tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
