@@ -171,3 +171,12 @@ def test_every_path_resolves_relative_to_the_config_file(tmp_path):
     assert cfg.harvest.whisper_checkpoint == tmp_path / "ckpt" / "tiny.pt"
     assert cfg.evaluate.qa_file == tmp_path / "qa" / "q.jsonl"
     assert cfg.evaluate.baseline == tmp_path / "runs" / "asr-only"
+
+
+@pytest.mark.parametrize("bounds", [(5, 6), (10, 3), (-1, 8)])
+def test_an_answer_length_rule_that_keeps_no_length_is_an_error(bounds):
+    from core.config import BuildConfig
+
+    with pytest.raises(ValueError, match="answer_tokens_between"):
+        BuildConfig(answer_tokens_between=bounds)
+    BuildConfig(answer_tokens_between=(5, 2048))  # the reference's keeps 6 to 2047 tokens

@@ -170,3 +170,22 @@ def test_a_task_the_catalog_lacks_is_a_clear_error():
         main, ["prompts", "--config", str(REPO / "configs" / "paper.yaml"), "--task", "poetry", "--text", RAW]
     )
     assert result.exit_code != 0 and "poetry" in result.output and "known:" in result.output
+
+
+def test_a_chat_template_config_without_its_llm_directory_says_what_to_run(tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "prompts",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--task",
+            "repeat",
+            "--text",
+            RAW,
+            "--workdir",
+            str(tmp_path / "empty"),
+        ],
+    )
+    assert result.exit_code != 0
+    assert "chat_template needs the LLM's tokenizer" in result.output and "models pretrained" in result.output
