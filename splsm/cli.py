@@ -383,5 +383,10 @@ def lineage_export_openlineage(out: Path, workdir: Path, namespace: str) -> None
     console.print(f"{n} OpenLineage events written to {out}")
 
 
+@main.group("export")
+def export() -> None:
+    """Write a work directory's transcripts and examples in the formats other tools read."""
+
+
 if __name__ == "__main__":
     sys.exit(main())
