@@ -24,24 +24,28 @@ _GIGA_TAG = re.compile("|".join(re.escape(t) for t in GIGASPEECH_PUNCTUATION))
 
 @lru_cache(maxsize=1)
 def _normalizer():
-    if "whisper.normalizers" not in sys.modules:
-        # Importing ``whisper.normalizers`` runs ``whisper/__init__``, which imports torch (seconds per
-        # process); harvest workers only need the pure-Python normalizer, so load that package alone.
-        spec = importlib.util.find_spec("whisper")
-        if spec is not None and spec.submodule_search_locations:
-            pkg_dir = spec.submodule_search_locations[0] + "/normalizers"
-            name = "_splsm_whisper_normalizers"
-            if name not in sys.modules:
-                sub = importlib.util.spec_from_file_location(
-                    name, pkg_dir + "/__init__.py", submodule_search_locations=[pkg_dir]
-                )
-                mod = importlib.util.module_from_spec(sub)
-                sys.modules[name] = mod
-                sub.loader.exec_module(mod)
-            return sys.modules[name].EnglishTextNormalizer()
-    from whisper.normalizers import EnglishTextNormalizer
+    """OpenAI Whisper's English normalizer without openai-whisper (whose install pulls triton, about 1 GB):
+    transformers carries the same code (``models/whisper/english_normalizer.py``; ``tests/test_text.py`` checks
+    it gives openai-whisper's output on thousands of real transcripts), and the British-to-American spelling
+    table it needs is the same ``english.json`` that the whisper-normalizer package ships as data.
 
-    return EnglishTextNormalizer()
+    The module file is loaded alone: importing it through ``transformers.models`` runs that package's
+    ``__init__``, which takes seconds per process, and harvest workers only need this pure-Python file."""
+    import json
+    from importlib.resources import files
+
+    name = "_splsm_whisper_english_normalizer"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec("transformers")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("Whisper's normalizer comes from transformers, which is not installed")
+        path = spec.submodule_search_locations[0] + "/models/whisper/english_normalizer.py"
+        sub = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(sub)
+        sys.modules[name] = mod
+        sub.loader.exec_module(mod)
+    spelling = json.loads(files("whisper_normalizer").joinpath("normalizers", "english.json").read_text())
+    return sys.modules[name].EnglishTextNormalizer(spelling)
 
 
 def normalize(text: str) -> str:

@@ -27,6 +27,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.config import load_config, paths_read
+from core.extras import require
 from core.paths import REPO_ROOT, WorkPaths
 from core.proc import Child, stream_lines
 from core.provenance import context_env
@@ -165,7 +166,7 @@ def _run_subprocess(stage: Stage, args: list[str]) -> None:
 
 
 def docker_client(docker_host: str | None = None):
-    import docker
+    docker = require("docker", "containers", "running stages in containers")
 
     host = docker_host or os.environ.get("DOCKER_HOST")
     return docker.DockerClient(base_url=host, timeout=600) if host else docker.from_env(timeout=600)

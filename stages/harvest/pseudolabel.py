@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from core.digest import sha256_file
+from core.extras import check
 
 # Whisper's encoder sees 30 s; longer audio would be cut silently, so it is refused instead.
 WINDOW_S = 30.0
@@ -82,6 +83,11 @@ class WhisperLabeler:
         self.checkpoint = Path(checkpoint)
         if not self.checkpoint.is_file():
             raise FileNotFoundError(f"harvest.whisper_checkpoint: {self.checkpoint} does not exist")
+        check(
+            ("whisper",),
+            "pseudolabel",
+            f"harvest.whisper_checkpoint {self.checkpoint} (an openai-whisper file)",
+        )
         self.sha256 = sha256_file(self.checkpoint)
         self.source = f"whisper:{self.sha256}"
         self.language = language

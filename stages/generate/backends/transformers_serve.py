@@ -8,6 +8,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from core.extras import check
 from core.log import console
 from core.proc import Child
 
@@ -42,6 +43,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> str:
+        check(("fastapi", "uvicorn"), "serving", "generate.backend transformers-serve")
         exe = Path(sys.executable).with_name("transformers")
         cmd = [str(exe) if exe.exists() else "transformers", "serve", str(self.model_dir)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--device", self.device]
