@@ -6,6 +6,7 @@ typed options), parse their options and call ``Stage.run``; ``run`` and ``demo``
 
 from __future__ import annotations
 
+import os
 import sys
 import typing
 from pathlib import Path
@@ -42,6 +43,12 @@ force_opt = click.option("--force", is_flag=True, help="Run even if the outputs 
 @click.version_option(package_name="splsm")
 def main() -> None:
     """Self-powered large speech-text models: harvest, generate, build, train, evaluate."""
+    # Every stage prints its own progress bar and summary. transformers' progress bar for each model load and
+    # its notes about its own generation defaults are noise beside them; it reads these variables when first
+    # imported, which is after this. Set any of them to see its output again.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's bar is a plain tqdm
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _cfg(path: Path):
@@ -235,9 +242,26 @@ def compare(workdir_a: Path, workdir_b: Path, out: Path | None) -> None:
 
 
 def _run_flow(config_path: Path, workdir: Path, force: bool) -> dict:
+    _cfg(config_path)  # a bad config fails here, before Prefect starts
+    # No telemetry from a command line run: Prefect's temporary server sends it to a host that a cluster node
+    # or a laptop offline cannot reach, and logs the failure (and, racing its own SQLite file, a traceback).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import get_current_settings
+
+    quiet = (
+        "PREFECT_LOGGING_LEVEL" not in os.environ
+        and "PREFECT_LOGGING_LOGGERS_PREFECT_LEVEL" not in os.environ
+    )
+    if quiet and not get_current_settings().api.url:
+        # A temporary server for this run only: nobody reads its per-task state lines, the stages print
+        # their own progress and summaries. Against a real server (PREFECT_API_URL) the run logs stay.
+        # Prefect configured its loggers when imported; an incremental setup applies the override.
+        from prefect.logging.configuration import setup_logging
+
+        os.environ["PREFECT_LOGGING_LOGGERS_PREFECT_LEVEL"] = "WARNING"
+        setup_logging()
     from flows.pipeline import self_powered_pipeline
 
-    _cfg(config_path)  # a bad config fails here, before Prefect starts
     return self_powered_pipeline(
         config=str(config_path.resolve()), workdir=str(workdir.resolve()), force=force
     )
@@ -386,6 +410,27 @@ def lineage_export_openlineage(out: Path, workdir: Path, namespace: str) -> None
 @main.group("export")
 def export() -> None:
     """Write a work directory's transcripts and examples in the formats other tools read."""
+
+
+@export.command("hf")
+@workdir_opt
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The dataset directory."
+)
+@click.option("--embed-audio", is_flag=True, help="Carry each clip as 16 kHz FLAC in an audio column.")
+@click.option("--name", default=None, help="The dataset's title on its card (default: OUT's name).")
+def export_hf(workdir: Path, out: Path, embed_audio: bool, name: str | None) -> None:
+    """The built examples as a Hugging Face dataset: data/{split}-*.parquet and a dataset card (README.md)
+    with the recipe, models, counts and lineage; datasets.load_dataset(OUT) loads it."""
+    from core.export.hf import ExportError
+    from core.export.hf import export_hf as run_export
+
+    try:
+        done = run_export(workdir, out, embed_audio=embed_audio, name=name)
+    except ExportError as e:
+        raise click.ClickException(str(e)) from e
+    counts = ", ".join(f"{s} {n}" for s, n in done.rows_per_split.items())
+    console.print(f"export hf: {sum(done.rows_per_split.values())} examples ({counts}) -> {done.out}")
 
 
 if __name__ == "__main__":
