@@ -6,6 +6,7 @@ import importlib.util
 import re
 import sys
 from functools import lru_cache
+from pathlib import Path
 
 # GigaSpeech-style spacing before punctuation (" ," and the ideographic full stop used as a period).
 _SPACED_PUNCT = re.compile(r"\s+([,.;:!?])")
@@ -39,7 +40,7 @@ def _normalizer():
         spec = importlib.util.find_spec("transformers")
         if spec is None or not spec.submodule_search_locations:
             raise ImportError("Whisper's normalizer comes from transformers, which is not installed")
-        path = spec.submodule_search_locations[0] + "/models/whisper/english_normalizer.py"
+        path = str(Path(spec.submodule_search_locations[0]) / "models" / "whisper" / "english_normalizer.py")
         sub = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(sub)
         sys.modules[name] = mod
