@@ -266,6 +266,8 @@ def test_lhotse_bad_entries_are_rejects_naming_file_line_and_field(tmp_path):
             ),  # 10
             json.dumps(good[1]),  # 11: a duplicate utterance
             "[1, 2]",  # 12: not an object
+            json.dumps(good[0] | {"id": "words", "start": "soon"}),  # 13: not a number
+            json.dumps(good[0] | {"id": 7}),  # 14: an id that is not a string
         ],
     )
     corpus = CorpusConfig(
@@ -291,6 +293,8 @@ def test_lhotse_bad_entries_are_rejects_naming_file_line_and_field(tmp_path):
             ("sups.jsonl:10", "audio", "outside_root", "out"),
             ("sups.jsonl:11", "utt_id", "duplicate_utt_id", LONG_UTTS[1]),
             ("sups.jsonl:12", "line", "bad_json", None),
+            ("sups.jsonl:13", "start", "bad_value", "words"),
+            ("sups.jsonl:14", "id", "bad_value", None),
         ]
     )
     assert s.rejects == len(rejects) and s.transcripts == 2
@@ -310,17 +314,19 @@ def test_lhotse_cut_kinds_the_harvest_cannot_read_and_a_cut_short_gzip_are_rejec
     mixed = a.mix(b, offset_other_by=0.5)  # a MixedCut: two recordings overlaid, no one file holds it
     padded = a.pad(duration=a.duration + 2.0).tracks[1].cut  # a PaddingCut: silence, no audio file
     off_end = c.to_dict() | {"id": "off", "start": 10.0}  # past the recording's end
+    no_start = b.to_dict()  # a supervision in a cut whose start is not a number
+    no_start["supervisions"] = [no_start["supervisions"][0] | {"start": "0"}]
     lines = [
         json.dumps(a.to_dict()),
         json.dumps(mixed.to_dict()),
         json.dumps(padded.to_dict()),
         json.dumps(off_end),
     ]
-    lines.append(json.dumps(b.to_dict()))
+    lines += [json.dumps(b.to_dict()), json.dumps(no_start)]
     whole = _jsonl(tmp_path / "cuts.jsonl.gz", lines)
     # a gzip file of two members (as `cat a.gz b.gz` makes), the second broken off: lines 1-4 whole, 5 cut short
     cut_short = tmp_path / "short.jsonl.gz"
-    head, tail = ("".join(ln + "\n" for ln in part).encode() for part in (lines[:4], lines[4:]))
+    head, tail = ("".join(ln + "\n" for ln in part).encode() for part in (lines[:4], lines[4:5]))
     cut_short.write_bytes(gzip.compress(head) + gzip.compress(tail)[:-10])
 
     harvest([CorpusConfig(name="lh", kind="lhotse", root=root, cuts=whole)], tmp_path / "whole")
@@ -329,6 +335,7 @@ def test_lhotse_cut_kinds_the_harvest_cannot_read_and_a_cut_short_gzip_are_rejec
         ("cuts.jsonl.gz:2", "type", "unsupported_cut", mixed.id),
         ("cuts.jsonl.gz:3", "type", "unsupported_cut", padded.id),
         ("cuts.jsonl.gz:4", "supervisions[0].start", "segment_out_of_range", LONG_UTTS[2]),
+        ("cuts.jsonl.gz:6", "supervisions[0].start", "bad_value", LONG_UTTS[1]),
     ]
     harvest([CorpusConfig(name="lh", kind="lhotse", root=root, cuts=cut_short)], tmp_path / "short")
     assert sorted(_rows(tmp_path / "short")) == [LONG_UTTS[0]]  # the lines before the break are kept

@@ -34,8 +34,18 @@ from core.config import CorpusConfig
 from stages.harvest.corpora.records import Candidate, Reject, decode, join, missing
 
 TOLERANCE_S = 1e-3  # the driver's own slack between a segment's end and its file's length
-RECORDING_KEYS = ("id", "sources", "sampling_rate", "num_samples", "duration")
-SUPERVISION_KEYS = ("id", "recording_id", "start", "duration")
+# The fields the harvest relies on, with their JSON types: lhotse's from_dict builds objects without checking
+# them, and a string where a number belongs would otherwise fail later, far from its line.
+NUMBER = (int, float)
+RECORDING_FIELDS = {
+    "id": str,
+    "sources": list,
+    "sampling_rate": NUMBER,
+    "num_samples": NUMBER,
+    "duration": NUMBER,
+}
+SUPERVISION_FIELDS = {"id": str, "recording_id": str, "start": NUMBER, "duration": NUMBER}
+CUT_FIELDS = {"id": str, "start": NUMBER, "duration": NUMBER}
 # lhotse recipes name their files PREFIX_{recordings,supervisions,cuts}_PART.jsonl.gz: PART is the split
 _RECIPE_NAME = re.compile(r"^.+_(?:cuts|supervisions|recordings)_(?P<part>.+)$")
 
@@ -103,18 +113,29 @@ def _lines(corpus: CorpusConfig, path: Path) -> Iterator[tuple[str, dict | Rejec
         yield str(path), Reject(corpus.name, str(path), None, "manifest", "bad_manifest", detail)
 
 
+def _wrong(get: Callable[[str], object], fields: dict, what: str) -> tuple[str, str, str] | None:
+    """(field, reason, detail) of the first field that is missing or not of its type, or None."""
+    for key, typ in fields.items():
+        v = get(key)
+        if v is None:
+            return key, "missing_field", f"a {what} without {key!r}"
+        if isinstance(v, bool) or not isinstance(v, typ) or v == "":
+            return key, "bad_value", f"{key!r} of a {what} is {v!r}"
+    return None
+
+
 def _parsed(
     corpus: CorpusConfig,
     source: str,
     obj: dict,
-    keys: tuple[str, ...],
+    fields: dict,
     parse: Callable[[dict], object],
     what: str,
 ):
-    """``parse(obj)`` (a lhotse class's ``from_dict``), or a reject naming the missing key or lhotse's error."""
-    for key in keys:
-        if obj.get(key) is None:
-            return Reject(corpus.name, source, _id(obj), key, "missing_field", f"a {what} without {key!r}")
+    """``parse(obj)`` (a lhotse class's ``from_dict``), or a reject naming the bad field or lhotse's error."""
+    bad = _wrong(obj.get, fields, what)
+    if bad is not None:
+        return Reject(corpus.name, source, _id(obj), *bad)
     try:
         return parse(obj)
     except (TypeError, ValueError, KeyError, AssertionError, AttributeError, IndexError) as e:
@@ -195,7 +216,7 @@ def _utterance(
     text = sup.text
     if text is not None and not isinstance(text, str):
         return reject("text", "bad_value", f"'text' is a {type(text).__name__}")
-    speaker = sup.speaker if isinstance(sup.speaker, str) and sup.speaker else None
+    speaker = str(sup.speaker) if sup.speaker not in (None, "") else None
     return Candidate(
         sup.id,
         corpus.name,
@@ -221,7 +242,7 @@ def _read_sets(corpus: CorpusConfig, recordings: Path, supervisions: Path) -> It
         if isinstance(obj, Reject):
             yield obj
             continue
-        parsed = _parsed(corpus, source, obj, RECORDING_KEYS, Recording.from_dict, "Recording")
+        parsed = _parsed(corpus, source, obj, RECORDING_FIELDS, Recording.from_dict, "Recording")
         if isinstance(parsed, Reject):
             yield parsed
             if parsed.utt_id is not None and parsed.utt_id not in recs:
@@ -247,7 +268,7 @@ def _read_sets(corpus: CorpusConfig, recordings: Path, supervisions: Path) -> It
             yield obj
             continue
         sup = _parsed(
-            corpus, source, obj, SUPERVISION_KEYS, SupervisionSegment.from_dict, "SupervisionSegment"
+            corpus, source, obj, SUPERVISION_FIELDS, SupervisionSegment.from_dict, "SupervisionSegment"
         )
         if isinstance(sup, Reject):
             yield sup
@@ -305,7 +326,7 @@ def _read_cuts(corpus: CorpusConfig, cuts: Path) -> Iterator[Candidate | Reject]
                 f"{what}; the harvest reads MonoCut and MultiCut, whose audio is one recording",
             )
             continue
-        cut = _parsed(corpus, source, obj, ("id", "start", "duration"), deserialize_item, kind)
+        cut = _parsed(corpus, source, obj, CUT_FIELDS, deserialize_item, kind)
         if isinstance(cut, Reject):
             yield cut
             continue
@@ -360,6 +381,11 @@ def _cut(corpus: CorpusConfig, source: str, cut, split: str) -> Iterator[Candida
         )
         return
     for i, sup in enumerate(sups):
+        bad = _wrong(lambda k, sup=sup: getattr(sup, k, None), SUPERVISION_FIELDS, "SupervisionSegment")
+        if bad is not None:
+            key, reason, detail = bad
+            yield Reject(corpus.name, source, _id(sup.__dict__), f"supervisions[{i}].{key}", reason, detail)
+            continue
         if sup.recording_id != cut.recording.id:
             yield Reject(
                 corpus.name,
