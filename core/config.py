@@ -43,11 +43,18 @@ class ManifestColumns(Strict):
 
 class CorpusConfig(Strict):
     name: str
-    kind: Literal["librispeech", "commonvoice", "gigaspeech", "jsonl", "manifest", "ljspeech", "audio_folder"]
+    kind: Literal[
+        "librispeech", "commonvoice", "gigaspeech", "jsonl", "manifest", "ljspeech", "audio_folder", "lhotse"
+    ]
     root: Path  # corpus root: every audio path must resolve inside it
     # jsonl / manifest: the manifest file (relative audio paths are relative to root);
     # gigaspeech: its metadata file (default ROOT/GigaSpeech.json)
     manifest: Path | None = None
+    # lhotse: a RecordingSet and its SupervisionSet, or a CutSet (JSONL, .jsonl.gz); the audio paths they name
+    # are relative to root (absolute ones must still lie inside it)
+    recordings: Path | None = None
+    supervisions: Path | None = None
+    cuts: Path | None = None
     split: str | None = None  # override the split name (LibriSpeech: the subset folder name)
     tsvs: list[str] = Field(default_factory=lambda: ["train", "dev", "test"])  # commonvoice: ROOT/{tsv}.tsv
     subset: Literal["XS", "S", "M", "L", "XL", "DEV", "TEST"] = "XS"  # gigaspeech
@@ -56,11 +63,41 @@ class CorpusConfig(Strict):
     text_field: Literal["normalized", "raw"] = "normalized"  # ljspeech: numbers spelt out, or as printed
     extensions: list[str] = Field(default_factory=lambda: [".wav", ".flac", ".mp3", ".opus", ".ogg"])
 
+    LHOTSE_KEYS: ClassVar[tuple[str, ...]] = ("recordings", "supervisions", "cuts")
+
     @model_validator(mode="after")
     def _manifest_for_jsonl(self):
         if self.kind in ("jsonl", "manifest") and self.manifest is None:
             raise ValueError(f"corpus {self.name!r}: kind {self.kind} needs a manifest path")
         return self
+
+    @model_validator(mode="after")
+    def _lhotse_manifests(self):
+        """A lhotse corpus is a CutSet, or a RecordingSet with its SupervisionSet: exactly one of the two. The
+        three keys mean nothing to another kind, so giving one there is a mistake, not a setting to ignore."""
+        given = [k for k in self.LHOTSE_KEYS if getattr(self, k) is not None]
+        if self.kind != "lhotse":
+            if given:
+                raise ValueError(f"corpus {self.name!r}: {given[0]} is a key of kind lhotse, not {self.kind}")
+            return self
+        if self.cuts is not None and (self.recordings is not None or self.supervisions is not None):
+            raise ValueError(
+                f"corpus {self.name!r}: kind lhotse takes cuts, or recordings and supervisions, not both"
+            )
+        if self.cuts is None:
+            for key in ("recordings", "supervisions"):
+                if getattr(self, key) is None:
+                    raise ValueError(
+                        f"corpus {self.name!r}: kind lhotse needs {key} (a lhotse "
+                        f"{'RecordingSet' if key == 'recordings' else 'SupervisionSet'} file) beside "
+                        f"{'supervisions' if key == 'recordings' else 'recordings'}, or cuts (a CutSet file)"
+                    )
+        return self
+
+    def manifest_files(self) -> dict[str, Path]:
+        """Every metadata file this corpus names, by its key: what harvest reads besides the audio."""
+        keys = ("manifest", *self.LHOTSE_KEYS)
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 class TinyModels(Strict):
@@ -507,7 +544,10 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
     def res(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
 
-    corpora = [c.model_copy(update={"root": res(c.root), "manifest": res(c.manifest)}) for c in cfg.corpora]
+    corpora = [
+        c.model_copy(update={"root": res(c.root), **{k: res(p) for k, p in c.manifest_files().items()}})
+        for c in cfg.corpora
+    ]
     models = cfg.models.model_copy(update={"whisper": res(cfg.models.whisper), "llm": res(cfg.models.llm)})
     harvest = cfg.harvest.model_copy(update={"whisper_checkpoint": res(cfg.harvest.whisper_checkpoint)})
     gen = cfg.generate.model_copy(update={"catalog": resolve_catalog(cfg.generate.catalog, base)})
@@ -525,8 +565,7 @@ def paths_read(cfg: ExperimentConfig) -> list[Path]:
     out = [cfg.source.parent] if cfg.source else []
     for c in cfg.corpora:
         out.append(c.root)
-        if c.manifest:
-            out.append(c.manifest)
+        out += c.manifest_files().values()
     out += [cfg.models.whisper, cfg.models.llm, cfg.generate.catalog, cfg.harvest.whisper_checkpoint]
     out += [cfg.evaluate.qa_file, cfg.evaluate.baseline]
     return [p for p in out if p is not None]

@@ -433,5 +433,27 @@ def export_hf(workdir: Path, out: Path, embed_audio: bool, name: str | None) -> 
     console.print(f"export hf: {sum(done.rows_per_split.values())} examples ({counts}) -> {done.out}")
 
 
+@export.command("lhotse")
+@workdir_opt
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for splsm_cuts_transcripts.jsonl.gz and splsm_cuts_examples.jsonl.gz.",
+)
+def export_lhotse_cmd(workdir: Path, out: Path) -> None:
+    """The harvest transcripts and the built examples as lhotse CutSets (instruction, answer in custom)."""
+    from core.export.lhotse import ExportError, export_lhotse
+
+    try:
+        res = export_lhotse(workdir, out)
+    except ExportError as e:
+        raise click.ClickException(str(e)) from e
+    for part, path in res.files.items():
+        console.print(f"{res.cuts[part]} cuts of the {part} written to {path}")
+    for part, path in res.absent.items():
+        console.print(f"no {part} in the work directory ({path}): not exported")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,11 @@ def _labeller(ctx: Context):
 def inputs(ctx: Context) -> list[Artifact]:
     cfg, out = ctx.cfg, ctx.paths.harvest
     arts = [Artifact(f"corpus:{c.name}", c.root, "corpus") for c in cfg.corpora]
-    arts += [Artifact(f"manifest:{c.name}", c.manifest, "file") for c in cfg.corpora if c.manifest]
+    arts += [
+        Artifact(f"{key}:{c.name}", path, "file")
+        for c in cfg.corpora
+        for key, path in c.manifest_files().items()
+    ]
     if (whisper := _labeller(ctx)) is not None:
         made_by = ctx.paths.models_made_by(cfg) if cfg.harvest.label_with_models_whisper else None
         arts.append(Artifact("whisper_checkpoint", whisper, "model", made_by=made_by))

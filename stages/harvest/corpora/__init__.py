@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from core.config import CorpusConfig
-from stages.harvest.corpora import audio_folder, commonvoice, gigaspeech, librispeech, ljspeech, manifests
+from stages.harvest.corpora import (
+    audio_folder,
+    commonvoice,
+    gigaspeech,
+    lhotse_manifests,
+    librispeech,
+    ljspeech,
+    manifests,
+)
 from stages.harvest.corpora.records import Candidate, Reject, Unit
 
 Reader = Callable[[CorpusConfig], Iterator[Candidate | Reject | Unit]]
@@ -22,4 +30,5 @@ READERS: dict[str, Reader] = {
     "manifest": manifests.read_generic,
     "ljspeech": ljspeech.read,
     "audio_folder": audio_folder.read,
+    "lhotse": lhotse_manifests.read,
 }
