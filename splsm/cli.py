@@ -369,18 +369,57 @@ def lineage_runs(workdir: Path, limit: int) -> None:
 
 
 @lineage.command("export-openlineage")
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path), required=False)
 @workdir_opt
 @click.option("--namespace", default="splsm", show_default=True, help="OpenLineage job namespace.")
-def lineage_export_openlineage(out: Path, workdir: Path, namespace: str) -> None:
-    """Write every recorded run as OpenLineage run events (JSON lines) to OUT, for Marquez and the like."""
-    from core.lineage.openlineage import export_openlineage
+@click.option(
+    "--url",
+    default=None,
+    help="Send the events to this OpenLineage HTTP endpoint (Marquez: http://HOST:5000).",
+)
+@click.option(
+    "--endpoint", default="api/v1/lineage", show_default=True, help="The path under --url events go to."
+)
+@click.option(
+    "--api-key",
+    envvar="OPENLINEAGE_API_KEY",
+    default=None,
+    help="Bearer token for --url (or OPENLINEAGE_API_KEY).",
+)
+@click.option("--timeout", "timeout_s", default=5.0, show_default=True, help="Seconds per HTTP request.")
+@click.option("--console", "to_console", is_flag=True, help="Print the events to stdout, one JSON line each.")
+def lineage_export_openlineage(
+    out: Path | None,
+    workdir: Path,
+    namespace: str,
+    url: str | None,
+    endpoint: str,
+    api_key: str | None,
+    timeout_s: float,
+    to_console: bool,
+) -> None:
+    """Every recorded run as OpenLineage run events, for Marquez and the like, through the OpenLineage
+    client's transports: to the file OUT (JSON lines), to an HTTP endpoint (--url), or to stdout (--console)."""
+    from core.lineage import openlineage as ol
 
+    if sum([out is not None, url is not None, to_console]) != 1:
+        raise click.UsageError("give exactly one of OUT, --url URL or --console")
     db = lineage_path(workdir)
     if not db.exists():
         raise click.ClickException(f"no lineage store at {db}")
-    n = export_openlineage(LineageStore(db), out, namespace)
-    console.print(f"{n} OpenLineage events written to {out}")
+    store = LineageStore(db)
+    try:
+        if out is not None:
+            n = ol.export_openlineage(store, out, namespace)
+            console.print(f"{n} OpenLineage events written to {out}")
+        elif url is not None:
+            n = ol.send_openlineage(store, ol.http_transport(url, endpoint, api_key, timeout_s), namespace)
+            console.print(f"{n} OpenLineage events sent to {url.rstrip('/')}/{endpoint.lstrip('/')}")
+        else:
+            with ol.console_output():
+                ol.send_openlineage(store, ol.console_transport(), namespace)
+    except (ol.OpenLineageSendError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
 
 
 @main.group("export")
