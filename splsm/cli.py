@@ -393,18 +393,200 @@ def lineage_runs(workdir: Path, limit: int) -> None:
 
 
 @lineage.command("export-openlineage")
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path), required=False)
 @workdir_opt
 @click.option("--namespace", default="splsm", show_default=True, help="OpenLineage job namespace.")
-def lineage_export_openlineage(out: Path, workdir: Path, namespace: str) -> None:
-    """Write every recorded run as OpenLineage run events (JSON lines) to OUT, for Marquez and the like."""
-    from core.lineage.openlineage import export_openlineage
+@click.option(
+    "--url",
+    default=None,
+    help="Send the events to this OpenLineage HTTP endpoint (Marquez: http://HOST:5000).",
+)
+@click.option(
+    "--endpoint", default="api/v1/lineage", show_default=True, help="The path under --url events go to."
+)
+@click.option(
+    "--api-key",
+    envvar="OPENLINEAGE_API_KEY",
+    default=None,
+    help="Bearer token for --url (or OPENLINEAGE_API_KEY).",
+)
+@click.option("--timeout", "timeout_s", default=5.0, show_default=True, help="Seconds per HTTP request.")
+@click.option("--console", "to_console", is_flag=True, help="Print the events to stdout, one JSON line each.")
+def lineage_export_openlineage(
+    out: Path | None,
+    workdir: Path,
+    namespace: str,
+    url: str | None,
+    endpoint: str,
+    api_key: str | None,
+    timeout_s: float,
+    to_console: bool,
+) -> None:
+    """Every recorded run as OpenLineage run events, for Marquez and the like, through the OpenLineage
+    client's transports: to the file OUT (JSON lines), to an HTTP endpoint (--url), or to stdout (--console)."""
+    from core.lineage import openlineage as ol
+
+    if sum([out is not None, url is not None, to_console]) != 1:
+        raise click.UsageError("give exactly one of OUT, --url URL or --console")
+    db = lineage_path(workdir)
+    if not db.exists():
+        raise click.ClickException(f"no lineage store at {db}")
+    store = LineageStore(db)
+    try:
+        if out is not None:
+            n = ol.export_openlineage(store, out, namespace)
+            console.print(f"{n} OpenLineage events written to {out}")
+        elif url is not None:
+            n = ol.send_openlineage(store, ol.http_transport(url, endpoint, api_key, timeout_s), namespace)
+            console.print(f"{n} OpenLineage events sent to {url.rstrip('/')}/{endpoint.lstrip('/')}")
+        else:
+            with ol.console_output():
+                ol.send_openlineage(store, ol.console_transport(), namespace)
+    except (ol.OpenLineageSendError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+@lineage.command("diff")
+@click.argument("path", type=click.Path(path_type=Path))
+@workdir_opt
+@click.option(
+    "--from",
+    "before",
+    default=None,
+    help="Version: number (1 = oldest), content-hash or run-id prefix. Default: the one before --to.",
+)
+@click.option("--to", "after", default=None, help="Version, as --from. Default: the latest.")
+@click.option(
+    "--from-data",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="A kept copy of the --from version's data (its hash is checked): splsm keeps only the latest.",
+)
+@click.option(
+    "--to-data",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="A kept copy of the --to version's data.",
+)
+@click.option(
+    "--key", default=None, help="Comma-separated columns that identify a row (default: the table's own key)."
+)
+@click.option("--sample", default=5, show_default=True, help="Keys shown of each of added, removed, changed.")
+@click.option("--json", "as_json", is_flag=True, help="The whole result as one JSON object.")
+def lineage_diff(
+    path: Path,
+    workdir: Path,
+    before: str | None,
+    after: str | None,
+    from_data: Path | None,
+    to_data: Path | None,
+    key: str | None,
+    sample: int,
+    as_json: bool,
+) -> None:
+    """What changed between two versions of PATH (a table, a checkpoint): the runs, parameters, code and input
+    versions that made them, and, where both versions' data exist, the rows added, removed and changed."""
+    from core.lineage.diff import DiffError, diff_versions
 
     db = lineage_path(workdir)
     if not db.exists():
         raise click.ClickException(f"no lineage store at {db}")
-    n = export_openlineage(LineageStore(db), out, namespace)
-    console.print(f"{n} OpenLineage events written to {out}")
+    keys = tuple(k.strip() for k in key.split(",") if k.strip()) if key else None
+    try:
+        d = diff_versions(LineageStore(db), path, before, after, from_data, to_data, keys, sample)
+    except DiffError as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        import dataclasses
+        import json
+
+        click.echo(json.dumps(dataclasses.asdict(d), default=str, ensure_ascii=False))
+        return
+    _print_diff(d)
+
+
+def _print_diff(d) -> None:
+    from rich.table import Table
+
+    def short(h: str | None) -> str:
+        return "" if h is None else h.split(":", 1)[-1][:12]
+
+    t = Table(
+        "",
+        "version",
+        "content",
+        "rows",
+        "written by",
+        "at",
+        title=f"{d.location}: {len(d.versions)} versions",
+    )
+    for v in d.versions:
+        mark = "from" if v is d.before else "to" if v is d.after else ""
+        w = v.writer
+        t.add_row(
+            mark,
+            str(v.number),
+            short(v.content_hash),
+            "" if v.row_count is None else str(v.row_count),
+            f"{w.stage} {w.run_id[:8]}" if w else "(read only)",
+            f"{v.recorded_at:%Y-%m-%d %H:%M:%S}",
+        )
+    console.print(t)
+    for title, changes in (("run", d.run_changes), ("parameters", d.param_changes)):
+        if changes:
+            ct = Table(
+                "field", f"version {d.before.number}", f"version {d.after.number}", title=f"{title} changed"
+            )
+            for c in changes:
+                ct.add_row(c.name, str(c.before), str(c.after))
+            console.print(ct)
+
+    def rows(n: int | None) -> str:
+        return "" if n is None else f" ({n} rows)"
+
+    if d.input_changes:
+        it = Table(
+            "input",
+            "location",
+            f"version {d.before.number}",
+            f"version {d.after.number}",
+            "",
+            title="inputs changed",
+        )
+        for c in d.input_changes:
+            it.add_row(
+                c.role,
+                c.location,
+                (short(c.before) or "-") + rows(c.before_rows),
+                (short(c.after) or "-") + rows(c.after_rows),
+                c.status,
+            )
+        console.print(it)
+    elif d.before.writer and d.after.writer:
+        console.print("inputs: the same versions")
+    r = d.rows
+    if r is None:
+        console.print(f"[yellow]rows not compared[/]: {d.rows_unavailable}")
+    else:
+        how = f"by ({', '.join(r.key)})" if r.key else "as whole rows"
+        changed = "" if r.changed is None else f", {r.changed} changed, {r.unchanged} unchanged"
+        console.print(
+            f"rows {how}: {r.before_rows} -> {r.after_rows}: [green]{r.added} added[/], [red]{r.removed} removed[/]{changed}"
+        )
+        if r.changed_columns:
+            console.print("changed columns: " + ", ".join(f"{c} ({n})" for c, n in r.changed_columns.items()))
+        for c in r.columns_added:
+            console.print(f"column added: {c}")
+        for c in r.columns_removed:
+            console.print(f"column removed: {c}")
+        for kind, keys in r.samples.items():
+            if keys:
+                console.print(
+                    f"  {kind}: " + "; ".join(", ".join(f"{k}={v}" for k, v in s.items()) for s in keys),
+                    markup=False,
+                )
+    for n in d.notes:
+        console.print(f"[dim]note: {n}[/]")
 
 
 @main.group("export")

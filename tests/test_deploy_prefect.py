@@ -189,9 +189,11 @@ def test_demo_deployment_run_completes_and_its_lineage_is_there(server, tmp_path
     assert gpu == {"train", "evaluate"}
     assert (WorkPaths(work).evaluate.table("metrics")).exists()
     # exported for Marquez: every stage run a child of this flow run
+    from openlineage.client.serde import Serde
+
     from core.lineage.openlineage import openlineage_events
 
-    events = openlineage_events(store)
+    events = [Serde.to_dict(e) for e in openlineage_events(store)]
     assert len(events) == 12
     assert {e["run"]["facets"]["parent"]["run"]["runId"] for e in events} == {run["id"]}
     assert {e["run"]["facets"]["parent"]["job"]["name"] for e in events} == {"self_powered_pipeline"}

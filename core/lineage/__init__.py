@@ -1,1 +1,2 @@
-"""Lineage: the DuckDB store of runs and datasets (``store``) and its OpenLineage export (``openlineage``)."""
+"""Lineage: the DuckDB store of runs and datasets (``store``), its OpenLineage events and their transports
+(``openlineage``), and what changed between two versions of a dataset (``diff``)."""

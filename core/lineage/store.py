@@ -16,7 +16,8 @@ exclusive to write, shared to read) around each short transaction, so concurrent
 in containers sharing the volume, queue instead of failing; a retry loop covers processes that do not
 take the lock (a user's DuckDB shell).
 
-``core.lineage.openlineage`` exports the store as OpenLineage run events for Marquez and similar tools.
+``core.lineage.openlineage`` exports the store as OpenLineage run events for Marquez and similar tools;
+``core.lineage.diff`` compares two versions of a dataset: their runs, inputs and, where kept, rows.
 """
 
 from __future__ import annotations
