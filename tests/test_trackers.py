@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from helpers_lsm import build_models, experiment, write_examples
 
 from conftest import run_stage
 from core.config import TINY_CONFIG, ConfigError, load_config
-from core.paths import TrainPaths, WorkPaths
+from core.paths import REPO_ROOT, TrainPaths, WorkPaths
 from stages.train import checkpoint
 from stages.train import launcher as train
 
@@ -222,6 +226,66 @@ def test_a_resumed_run_continues_the_same_mlflow_and_wandb_runs(tracked, tmp_pat
         "mlflow": run.info.run_id,
         "wandb": first["id"],
     }
+
+
+LAUNCH = """
+import sys
+from pathlib import Path
+from core.config import TrainConfig
+from stages.train import launcher as train
+cfg = TrainConfig.model_validate_json(sys.argv[1])
+train.train(cfg, *map(Path, sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_ends_mlflow_killed_and_wandb_exit_3_then_resumes_both(tracked, tmp_path):
+    """SIGTERM to the stage (a cancelled flow run): the workers checkpoint, the MLflow run is KILLED and the W&B
+    run exits with the worker's stop status 3; the rerun resumes, and both runs end finished with every step."""
+    w, cfg = WorkPaths(tracked["work"]), tracked["cfg"]
+    settings = experiment(nproc_per_node=1, max_steps=12, loggers=["mlflow", "wandb"]).train
+    inputs = [*w.model_dirs(cfg), w.build.examples]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, settings.model_dump_json(), *map(str, inputs), str(out)],
+        cwd=REPO_ROOT,
+        env=train.worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and "stopped by signal" in output, output[-3000:]
+    stopped_at = checkpoint.read_state(checkpoint.latest(TrainPaths(out)))["step"]
+    assert 1 <= stopped_at < settings.max_steps
+
+    client = mlflow_client(out)
+    (run,) = client.search_runs([client.get_experiment_by_name("splsm").experiment_id])
+    assert run.info.status == "KILLED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(
+        range(1, stopped_at + 1)
+    )
+    (first_dir,) = (out / "wandb").glob("offline-run-*")
+    first = wandb_run(first_dir)
+    assert first["exit_code"] == 3 and sorted(first["history"]) == list(range(1, stopped_at + 1))
+
+    resumed = train.train(settings, *inputs, out)
+    assert resumed["resumed_from_step"] == stopped_at and resumed["steps"] == settings.max_steps
+    (again,) = client.search_runs([client.get_experiment_by_name("splsm").experiment_id])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert {m.step: m.value for m in history} == pytest.approx(jsonl_losses(out), rel=1e-12)
+    assert len(history) == settings.max_steps  # the stop checkpointed its last step: nothing logged twice
+    (second_dir,) = [d for d in (out / "wandb").glob("offline-run-*") if d != first_dir]
+    second = wandb_run(second_dir)
+    assert second["id"] == first["id"] and second["exit_code"] == 0
+    assert sorted(second["history"]) == list(range(stopped_at + 1, settings.max_steps + 1))
 
 
 # ------------------------------------------------------------------------------------------- config
