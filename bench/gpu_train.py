@@ -39,7 +39,7 @@ def run_variant(name: str, work: Path, whisper: Path, llm: Path, examples: Path,
 
     from stages.train import launcher as train
 
-    cfg = experiment(nproc_per_node=1, backend="nccl", tensorboard=False, **overrides).train
+    cfg = experiment(nproc_per_node=1, backend="nccl", loggers=[], **overrides).train
     out = work / name
     t0 = time.monotonic()
     summary = train.train(cfg, whisper, llm, examples, out)

@@ -34,7 +34,7 @@ def throughput(work: Path, whisper: Path, llm: Path, examples: Path, nproc: int,
 
     from stages.train import launcher as train
 
-    cfg = experiment(nproc_per_node=nproc, max_steps=steps, batch_size=BATCH, tensorboard=False).train
+    cfg = experiment(nproc_per_node=nproc, max_steps=steps, batch_size=BATCH, loggers=[]).train
     out = work / f"run-{nproc}-{time.monotonic_ns()}"
     train.train(cfg, whisper, llm, examples, out)
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]

@@ -377,7 +377,16 @@ class TrainConfig(Strict):
     # Settings that change how long or how often, not what is trained: neither the stage's reuse key nor a
     # resumable checkpoint's settings hold them.
     RESUME_EXEMPT: ClassVar[frozenset[str]] = frozenset(
-        {"timeout_s", "checkpoint_every", "keep_checkpoints", "resume", "tensorboard", "stop_grace_s"}
+        {
+            "timeout_s",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "resume",
+            "loggers",
+            "mlflow_uri",
+            "tracker_project",
+            "stop_grace_s",
+        }
     )
 
     nproc_per_node: int = Field(2, ge=1)
@@ -415,9 +424,35 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable checkpoints; 0: none
     keep_checkpoints: int = Field(2, ge=1)
     resume: bool = True  # continue from the latest resumable checkpoint of the same settings
-    tensorboard: bool = True
+    # Experiment trackers rank 0 logs to (stages.train.trackers): the settings once, every step's scalars.
+    # tensorboard: OUT/tensorboard; mlflow: a SQLite store OUT/mlflow/mlflow.db, or mlflow_uri; wandb: offline
+    # runs in OUT/wandb, never the network. mlflow and wandb come with the extra: pip install 'splsm[trackers]'.
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    # MLflow's tracking URI (a server's http(s)://..., or sqlite:///PATH.db, relative to the config file);
+    # None: the local store under the train output directory
+    mlflow_uri: str | None = None
+    tracker_project: str = "splsm"  # the MLflow experiment and the W&B project the runs are filed under
     stop_grace_s: float = 120.0  # on SIGTERM, how long the workers get to write their checkpoint
     timeout_s: float = 3600.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "tensorboard" in data:
+            raise ValueError(
+                "train.tensorboard is gone: train.loggers replaces it, a list of tensorboard, mlflow, wandb "
+                "(tensorboard: true is loggers: [tensorboard], the default; tensorboard: false is loggers: [])"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _trackers(self):
+        dup = sorted({x for x in self.loggers if self.loggers.count(x) > 1})
+        if dup:
+            raise ValueError(f"train.loggers: {dup[0]!r} appears twice")
+        if self.mlflow_uri is not None and "mlflow" not in self.loggers:
+            raise ValueError("train.mlflow_uri is set but mlflow is not in train.loggers")
+        return self
 
     @model_validator(mode="after")
     def _what_trains(self):
@@ -554,8 +589,19 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
     ev = cfg.evaluate.model_copy(
         update={"qa_file": res(cfg.evaluate.qa_file), "baseline": res(cfg.evaluate.baseline)}
     )
+    uri = cfg.train.mlflow_uri
+    if uri is not None and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_absolute():
+        uri = f"sqlite:///{res(Path(uri[len('sqlite:///') :]))}"  # the workers run elsewhere (the repo root)
+    train = cfg.train.model_copy(update={"mlflow_uri": uri})
     return cfg.model_copy(
-        update={"corpora": corpora, "models": models, "harvest": harvest, "generate": gen, "evaluate": ev}
+        update={
+            "corpora": corpora,
+            "models": models,
+            "harvest": harvest,
+            "generate": gen,
+            "train": train,
+            "evaluate": ev,
+        }
     )
 
 

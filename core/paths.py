@@ -9,7 +9,7 @@
                  parts/of-NNNN/worker-WWWW/shard-*.parquet  (+ worker-WWWW.json: a worker's marker)
       import/    responses.parquet rejects.parquet          the reference's answers (import-reference)
       build/     examples.parquet rejects.parquet shards/{manifest.parquet,SPLIT-NNNNN.parquet}
-      train/     checkpoint/ checkpoints/step-N/ metrics.jsonl loss.png tensorboard/
+      train/     checkpoint/ checkpoints/step-N/ metrics.jsonl loss.png tensorboard/ mlflow/ wandb/
                  train_args.json summary.json errors/rankR.txt
       evaluate/  predictions metrics probe probe_metrics qa qa_metrics rejects (.parquet)
                  report.md report.html qa_questions.jsonl *.png
@@ -175,6 +175,16 @@ class TrainPaths:
     @property
     def tensorboard(self) -> Path:
         return self.dir / "tensorboard"
+
+    @property
+    def mlflow(self) -> Path:
+        """The local MLflow store (``mlflow.db``, ``artifacts/``) when no tracking URI is configured."""
+        return self.dir / "mlflow"
+
+    @property
+    def wandb(self) -> Path:
+        """W&B's offline runs (``offline-run-*``): wandb.init(dir=OUT) writes them into OUT/wandb."""
+        return self.dir / "wandb"
 
     @property
     def args(self) -> Path:

@@ -24,7 +24,7 @@ STEPS, EVERY = 6, 3
 
 
 def settings(**kw):
-    base = dict(max_steps=STEPS, checkpoint_every=EVERY, warmup_steps=2, lr=1e-3, tensorboard=True)
+    base = dict(max_steps=STEPS, checkpoint_every=EVERY, warmup_steps=2, lr=1e-3, loggers=["tensorboard"])
     base.update(kw)
     return experiment(**base).train
 

@@ -6,7 +6,8 @@
       scheduler.json           the LR scheduler's state
       rng-rank{R}.safetensors  torch (+cuda) RNG states of each rank; rng-rank{R}.json python and numpy's
       loader-rank{R}.json      each rank's data position (ExampleLoader.state_dict: epoch, batches delivered)
-      trainer_state.json       step, rank 0's data position, samples seen, and the settings that wrote it
+      trainer_state.json       step, rank 0's data position, samples seen, and the settings that wrote it;
+                               the MLflow / W&B run ids a resumed run continues (``trackers``)
 
 Tensors go to safetensors and everything else to JSON, so resuming unpickles nothing. A checkpoint is
 written into a temporary folder by every rank and renamed by rank 0 (``core.atomic``), so a folder named

@@ -37,9 +37,15 @@ class TrainError(StageError):
 
 
 def write_args(
-    cfg: TrainConfig, whisper_dir: Path, llm_dir: Path, examples: Path, out: TrainPaths | Path
+    cfg: TrainConfig,
+    whisper_dir: Path,
+    llm_dir: Path,
+    examples: Path,
+    out: TrainPaths | Path,
+    run_name: str | None = None,
 ) -> Path:
-    """The arguments every worker reads; resumable checkpoints of other settings are cleared."""
+    """The arguments every worker reads; resumable checkpoints of other settings are cleared. ``run_name``:
+    the experiment's name, the trackers' name for the run (default: the work directory's name)."""
     paths = out if isinstance(out, TrainPaths) else TrainPaths(Path(out))
     paths.dir.mkdir(parents=True, exist_ok=True)
     _clear_stale_checkpoints(cfg, paths)
@@ -51,6 +57,7 @@ def write_args(
                 "llm_dir": str(Path(llm_dir).resolve()),
                 "examples": str(Path(examples).resolve()),
                 "out_dir": str(paths.dir.resolve()),
+                "run_name": run_name,
                 # with epochs the workers count the steps; a max_steps beside it would contradict them
                 "train": cfg.model_dump(mode="json", exclude={"max_steps"} if cfg.epochs else None),
             },
@@ -105,13 +112,20 @@ def worker_env() -> dict:
     return env
 
 
-def train(cfg: TrainConfig, whisper_dir: Path, llm_dir: Path, examples: Path, out: TrainPaths | Path) -> dict:
+def train(
+    cfg: TrainConfig,
+    whisper_dir: Path,
+    llm_dir: Path,
+    examples: Path,
+    out: TrainPaths | Path,
+    run_name: str | None = None,
+) -> dict:
     """Run torchrun with ``cfg.nproc_per_node`` workers; return rank 0's summary. Raises TrainError.
 
     A rerun after a crash or a stop resumes from the latest resumable checkpoint.
     """
     paths = out if isinstance(out, TrainPaths) else TrainPaths(Path(out))
-    cmd = torchrun_command(cfg, write_args(cfg, whisper_dir, llm_dir, examples, paths))
+    cmd = torchrun_command(cfg, write_args(cfg, whisper_dir, llm_dir, examples, paths, run_name))
     console.print(f"train: {' '.join(cmd)}", markup=False, highlight=False)
     bar = progress()
     task = bar.add_task("train", total=cfg.max_steps, status="")

@@ -1,8 +1,9 @@
-"""Rank 0's record of a training run: metrics.jsonl, TensorBoard events, the loss plot, the summary.
+"""Rank 0's record of a training run: metrics.jsonl, the experiment trackers, the loss plot, the summary.
 
 Every optimizer step is one JSON line in ``metrics.jsonl`` (a resumed run first cuts the file back to the
-step it resumes from, so the file is the run's history without repeats), one point per scalar in
-TensorBoard, and one printed line that the launcher's progress bar parses (``STEP_LINE``).
+step it resumes from, so the file is the run's history without repeats), one point per scalar in each
+tracker of ``train.loggers`` (``stages.train.trackers``: TensorBoard, MLflow, W&B), and one printed line that
+the launcher's progress bar parses (``STEP_LINE``). The run's settings go to the trackers once, at the start.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from pathlib import Path
 
 from core.atomic import atomic_file, write_text
 from core.paths import TrainPaths
+from stages.train.trackers import Ending, Tracker, run_ids, step_scalars
 
 STEP_LINE = re.compile(r"^step (\d+)/(?P<total>\d+) \| epoch \d+ \| loss (\S+)")
-SCALARS = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s")
 
 
 class TrainLogs:
-    def __init__(self, paths: TrainPaths, start_step: int, tensorboard: bool):
+    def __init__(self, paths: TrainPaths, start_step: int, trackers: list[Tracker], params: dict):
+        """``trackers``: opened by ``stages.train.trackers.open_trackers``; ``params``: the run's resolved
+        settings, flattened, logged to each of them now."""
         self.paths = paths
         kept = []
         if start_step and paths.metrics.is_file():
@@ -30,24 +33,16 @@ class TrainLogs:
             ]
         write_text(paths.metrics, "".join(ln + "\n" for ln in kept))  # cut back whole, then appended to
         self.metrics = open(paths.metrics, "a")
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise RuntimeError(
-                    "train.tensorboard is on but the tensorboard package is missing: pip install tensorboard"
-                ) from e
-            self.writer = SummaryWriter(
-                str(paths.tensorboard), purge_step=start_step + 1 if start_step else None
-            )
+        self.trackers = trackers
+        for t in trackers:
+            t.log_params(params)
 
     def step(self, rec: dict, max_steps: int) -> None:
         self.metrics.write(json.dumps(rec) + "\n")
         self.metrics.flush()
-        if self.writer is not None:
-            for k in SCALARS:
-                self.writer.add_scalar(f"train/{k}", rec[k], rec["step"])
+        scalars = step_scalars(rec)
+        for t in self.trackers:
+            t.log_step(scalars, rec["step"])
         print(
             f"step {rec['step']}/{max_steps} | epoch {rec['epoch']} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
             f"grad-norm {rec['grad_norm']:.3f} | {rec['samples_per_s']:.2f} samples/s | "
@@ -61,10 +56,15 @@ class TrainLogs:
     def summary(self, summary: dict) -> None:
         write_text(self.paths.summary, json.dumps(summary, indent=2))
 
-    def close(self) -> None:
+    def run_ids(self) -> dict[str, str]:
+        """The trackers' run ids, for the resumable checkpoint: a resumed run continues these runs."""
+        return run_ids(self.trackers)
+
+    def close(self, ending: Ending = "finished") -> None:
         self.metrics.close()
-        if self.writer is not None:
-            self.writer.close()
+        trackers, self.trackers = self.trackers, []  # closed once, even if close is called again on failure
+        for t in trackers:
+            t.close(ending)
         self.plot()
 
 

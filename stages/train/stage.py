@@ -31,7 +31,9 @@ def body(ctx: Context) -> dict:
     from stages.train.launcher import train
 
     whisper, llm = ctx.paths.model_dirs(ctx.cfg)
-    summary = train(ctx.cfg.train, whisper, llm, ctx.paths.build.examples, ctx.paths.train)
+    summary = train(
+        ctx.cfg.train, whisper, llm, ctx.paths.build.examples, ctx.paths.train, run_name=ctx.cfg.name
+    )
     console.print(
         f"train: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
         f"{summary['samples_seen']} samples in {summary['seconds']:.1f}s"

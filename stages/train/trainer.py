@@ -29,6 +29,7 @@ from core.config import TrainConfig
 from core.paths import TrainPaths
 from stages.train import checkpoint
 from stages.train.logs import TrainLogs
+from stages.train.trackers import flatten, open_trackers
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -251,6 +252,8 @@ class Trainer:
         checkpoint.write_rank(tmp, self.rank, self.loader.state_dict())
         if self.master:
             state = {**self.state, "settings": checkpoint.resume_key(self.cfg, self.world)}
+            if self.logs is not None:  # the tracker runs a resumed run continues
+                state["trackers"] = self.logs.run_ids()
             keep = checkpoint.saved_names(self.model)
             checkpoint.write_shared(tmp, msd, keep, osd, self.scheduler.state_dict(), state)
         dist.barrier()
@@ -307,6 +310,31 @@ class Trainer:
             for p, n, s, a in zip(batch.prefix_ids, speech, batch.suffix_ids, batch.answer_ids, strict=True)
         )
 
+    # ---------------------------------------------------------------------------------------- the logs
+
+    def open_logs(self, start_step: int) -> TrainLogs:
+        """Rank 0's logs: metrics.jsonl and the trackers of ``train.loggers``, given the run's resolved settings
+        (after ``epochs`` became steps) and, when resuming, the tracker runs the checkpoint names."""
+        cfg, a = self.cfg, self.args
+        resume_ids = checkpoint.read_state(self.resume_from).get("trackers") if self.resume_from else None
+        trackers = open_trackers(
+            cfg.loggers,
+            self.paths,
+            start_step,
+            mlflow_uri=cfg.mlflow_uri,
+            project=cfg.tracker_project,
+            run_name=a.get("run_name") or self.paths.dir.parent.name,
+            resume_ids=resume_ids,
+        )
+        params = {
+            "train": cfg.model_dump(mode="json"),
+            **{k: a[k] for k in ("whisper_dir", "llm_dir", "examples")},
+            "world_size": self.world,
+            "train_rows": self.n_rows,
+            "trainable_params": self.n_train,
+        }
+        return TrainLogs(self.paths, start_step, trackers, flatten(params))
+
     # ---------------------------------------------------------------------------------------- the loop
 
     def fit(self) -> dict:
@@ -322,7 +350,7 @@ class Trainer:
         stream = self.batches()
         start_step = self.state["step"]
         if self.master:
-            self.logs = TrainLogs(self.paths, start_step, cfg.tensorboard)
+            self.logs = self.open_logs(start_step)
         if self.resume_from is not None:  # last, so nothing after it draws numbers before the first step
             checkpoint.restore_rng(self.resume_from, self.rank)
         t_start, loss_avg, stopped = time.time(), float("nan"), False
@@ -424,9 +452,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ cleanup
 
-    def cleanup(self) -> None:
-        """Close the logs (with the loss plot) and wait for every rank; the process group stays up until the
-        worker exits (see ``stages.train.worker``)."""
+    def cleanup(self, stopped: bool = False) -> None:
+        """Close the logs (with the loss plot; the trackers' runs marked finished, or stopped when a signal
+        stopped the run) and wait for every rank; the process group stays up until the worker exits (see
+        ``stages.train.worker``)."""
         if self.logs is not None:
-            self.logs.close()
+            self.logs.close("stopped" if stopped else "finished")
         dist.barrier()

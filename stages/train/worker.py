@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--args", type=Path, required=True, help="train_args.json written by the launcher")
     ns = parser.parse_args(argv)
+    trainer = None
     try:
         from transformers.utils import logging as hf_logging
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
         hf_logging.disable_progress_bar()
         trainer = Trainer(json.loads(ns.args.read_text())).setup()
         summary = trainer.fit()
-        trainer.cleanup()
+        trainer.cleanup(stopped=bool(summary.get("stopped")))
         # Everything is written and every rank has passed the final barrier. Leave without running any
         # destructor: freeing the trainer tears down DDP's reducer and with it the gloo process group, which
         # joins gloo's worker thread while holding the GIL, and that thread may be waiting for the GIL to free
@@ -36,6 +37,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(STOPPED_EXIT if summary.get("stopped") else 0)
     except BaseException as e:
+        # The trackers' runs end as failed rather than left running (rank 0 only has logs).
+        if trainer is not None and trainer.logs is not None:
+            try:
+                trainer.logs.close("failed")
+            except Exception as close_error:  # said, then the run's own error goes on
+                print(f"closing the trackers failed too: {close_error!r}", file=sys.stderr, flush=True)
         # Leave the traceback where the launcher finds it: torchrun's own report buries it in the output.
         rank = os.environ.get("RANK", "0")
         try:
