@@ -5,7 +5,6 @@ one the paper's WER is defined by, on real transcripts and LLM answers."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -103,12 +103,15 @@ def torchrun_command(cfg: TrainConfig, args_path: Path) -> list[str]:
     ]
 
 
-def worker_env() -> dict:
+def worker_env(nproc_per_node: int = 1) -> dict:
     # The environment passes through unchanged (SPLSM_FLOW_RUN_ID, CUDA_VISIBLE_DEVICES, HF_* ...); we only
     # make sure the workers import this checkout of the project.
     env = os.environ.copy()
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if nproc_per_node > 1:
+        # torchrun's own choice for several workers, made here so that it does not print a banner about it
+        env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 
@@ -138,7 +141,7 @@ def train(
             )
         bar.console.print(line, markup=False, highlight=False)
 
-    child = Child(cmd, env=worker_env(), cwd=REPO_ROOT, on_line=on_line, keep=TAIL_LINES)
+    child = Child(cmd, env=worker_env(cfg.nproc_per_node), cwd=REPO_ROOT, on_line=on_line, keep=TAIL_LINES)
     with bar, _sigterm_raises():
         child.start()
         try:
