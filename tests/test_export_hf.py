@@ -66,7 +66,7 @@ def test_datasets_loads_the_examples_parquet_as_built(built):
     assert ds["example_id"] == want.column("example_id").to_pylist()
 
 
-def test_export_hf_loads_as_one_split_per_build_split_with_the_clips(built, tmp_path):
+def test_export_hf_datasets_loads_one_split_per_build_split_with_the_clips(built, tmp_path):
     paths = WorkPaths(built)
     out = tmp_path / "ds"
     result = CliRunner().invoke(
@@ -94,7 +94,7 @@ def test_export_hf_loads_as_one_split_per_build_split_with_the_clips(built, tmp_
     assert sorted(i for part in ds.values() for i in part["example_id"]) == sorted(src)
 
 
-def test_the_dataset_card_has_the_counts_the_recipe_and_the_lineage(built, tmp_path):
+def test_export_hf_datasets_card_has_the_counts_the_recipe_and_the_lineage(built, tmp_path):
     paths = WorkPaths(built)
     export_hf(built, tmp_path / "ds", name="tiny self-powered")
     card = (tmp_path / "ds" / "README.md").read_text()
@@ -110,7 +110,7 @@ def test_the_dataset_card_has_the_counts_the_recipe_and_the_lineage(built, tmp_p
     assert corpora and all(f"`{c}`" in card for c in corpora)  # the chain goes back to the corpora
 
 
-def test_export_hf_refuses_what_it_cannot_do(built, tmp_path):
+def test_export_hf_datasets_refuses_what_it_cannot_do(built, tmp_path):
     with pytest.raises(ExportError, match=r"examples.parquet does not exist: run `splsm build`"):
         export_hf(tmp_path / "empty-work", tmp_path / "out")
     mine = tmp_path / "my-notes"
