@@ -179,8 +179,8 @@ class LSMForConditionalGeneration(PreTrainedModel):
         if lora and freeze_llm:
             raise ValueError("from_parts: lora trains the LLM through adapters; it cannot go with freeze_llm")
         qformer = qformer or QFormerConfig()
-        encoder = WhisperModel.from_pretrained(str(whisper_dir), dtype=dtype).encoder
-        llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype)
+        encoder = WhisperModel.from_pretrained(str(whisper_dir), dtype=dtype, use_safetensors=True).encoder
+        llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, use_safetensors=True)
         # The pretrained weights are final: mark them so that post_init's weight initialization skips them.
         for part in (encoder, llm):
             for m in part.modules():
@@ -230,6 +230,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
         path = Path(pretrained_model_name_or_path)
         if path.is_dir():
             check_checkpoint(path)
+        kwargs.setdefault("use_safetensors", True)  # never a pickle: a checkpoint is data, not code
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = (
             loaded[0] if isinstance(loaded, tuple) else loaded

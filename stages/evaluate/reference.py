@@ -26,7 +26,9 @@ def load(whisper_dir: Path, device: str):
     whisper_dir = Path(whisper_dir)
     if not (whisper_dir / "generation_config.json").is_file():
         raise NoReference(f"{whisper_dir} has no generation config for transcription")
-    model = WhisperForConditionalGeneration.from_pretrained(whisper_dir).to(device).eval()
+    model = (
+        WhisperForConditionalGeneration.from_pretrained(whisper_dir, use_safetensors=True).to(device).eval()
+    )
     gc = model.generation_config
     if getattr(gc, "no_timestamps_token_id", None) is None or gc.decoder_start_token_id is None:
         raise NoReference(

@@ -286,9 +286,17 @@ def report_markdown(ctx: dict) -> str:
 
 
 def report_html(markdown_text: str, title: str = "Evaluation report") -> str:
+    import html
+
     import markdown
 
-    body = markdown.markdown(markdown_text, extensions=["tables"])
+    # The report quotes data (reject details, ids, model answers): none of it may become markup in the page.
+    # Python-Markdown passes raw HTML through; without its two raw-HTML rules it escapes it as text.
+    md = markdown.Markdown(extensions=["tables"])
+    md.preprocessors.deregister("html_block")
+    md.inlinePatterns.deregister("html")
+    body = md.convert(markdown_text)
+    title = html.escape(title)
     style = (
         "body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em}"

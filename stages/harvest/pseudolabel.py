@@ -50,7 +50,9 @@ class HFWhisperLabeler:
         if self._model is None:
             from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-            self._model = WhisperForConditionalGeneration.from_pretrained(self.directory).eval()
+            self._model = WhisperForConditionalGeneration.from_pretrained(
+                self.directory, use_safetensors=True
+            ).eval()
             self._processor = WhisperProcessor.from_pretrained(self.directory)
         return self._model, self._processor
 

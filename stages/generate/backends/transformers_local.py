@@ -33,7 +33,9 @@ class TransformersBackend:
         self.tok = AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=False)
         self.tok.padding_side = "left"
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-        self.model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype="auto", trust_remote_code=False)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            llm_dir, dtype="auto", trust_remote_code=False, use_safetensors=True
+        )
         self.model.to(device).eval()
         self.device = device
         self.batching = settings.batching
