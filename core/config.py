@@ -177,7 +177,10 @@ class OpenAIBackendConfig(ClientSettings):
 
     kind: Literal["openai"] = "openai"
     base_urls: list[str] = Field(min_length=1)  # e.g. [http://vllm:8000/v1]; one vLLM per GPU
-    api_key_env: str = "OPENAI_API_KEY"  # the environment variable that holds the API key
+    # The environment variable holding the key the servers require; vLLM's own name for it by default, the one
+    # name compose and .env.example use too. Set but empty or unset is an error before any request; null: the
+    # servers need no key.
+    api_key_env: str | None = "VLLM_API_KEY"
     served_model: str | None = None  # the model name the servers know; default: the LLM directory
 
 

@@ -53,7 +53,9 @@ class ContainerConfig(BaseModel):
     docker_host: str | None = None  # default: DOCKER_HOST, else the engine's default socket
     gpus: int | list[str] | None = None  # GPU device request for GPU stages: a count, or device ids
     env: dict[str, str] = Field(default_factory=dict)  # extra environment for the container
-    pass_env: list[str] = Field(default_factory=lambda: ["OPENAI_API_KEY", "HF_TOKEN"])  # copied if set
+    pass_env: list[str] = Field(
+        default_factory=lambda: ["HF_TOKEN"]
+    )  # copied if set (and generate's key variable)
     mounts: list[str] = Field(default_factory=list)  # extra host paths mounted read-only at the same path
     user: str | None = None  # default: the image's own (non-root) user
     network: str | None = None  # e.g. the compose network, to reach a vLLM service by name
@@ -217,12 +219,14 @@ def run_in_container(
     stage: Stage, args: list[str], cfg, options: BaseModel | None, workdir: Path, spec: ContainerConfig
 ) -> None:
     """Run ``splsm ARGS`` in the stage's image; its log goes to the Prefect log, a failure raises StageFailed."""
-    from docker.errors import APIError
+    APIError = require("docker.errors", "containers", "running stages in containers").APIError
 
     log = logger()
     client = docker_client(spec.docker_host)
     image = spec.train_image if stage.image == "train" and spec.train_image else spec.image
-    env = {k: os.environ[k] for k in spec.pass_env if os.environ.get(k)}
+    # the API key variable the config names reaches the generate container under the same name
+    key_env = getattr(cfg.generate.backend, "api_key_env", None)
+    env = {k: os.environ[k] for k in [*spec.pass_env, *([key_env] if key_env else [])] if os.environ.get(k)}
     env.update(context_env())
     env.update(spec.env)
     env["SPLSM_IMAGE"] = image

@@ -36,6 +36,7 @@ def test_server_killed_and_restarted_mid_run_completes_with_nothing_lost(
     g2 = g.model_copy(
         update={
             "backend": OpenAIBackendConfig(
+                api_key_env=None,  # transformers serve needs no key
                 base_urls=[server.url],
                 served_model=str(llm),
                 concurrency=2,
@@ -110,6 +111,7 @@ def test_a_server_that_stays_down_is_a_clear_error_that_says_how_to_resume(
     g2 = g.model_copy(
         update={
             "backend": OpenAIBackendConfig(
+                api_key_env=None,  # transformers serve needs no key
                 base_urls=[f"http://127.0.0.1:{free_port()}/v1"],  # nothing listens there
                 served_model=str(tiny_models_dir / "llm"),
                 max_retries=2,
@@ -125,3 +127,28 @@ def test_a_server_that_stays_down_is_a_clear_error_that_says_how_to_resume(
     assert m and 8 <= int(m.group(1)) < 16, msg
     assert "after 2 retries" in msg and "run the same command again to resume" in msg
     assert not (GeneratePaths(out).responses).exists()
+
+
+def test_an_unset_api_key_variable_is_an_error_before_any_request(
+    harvested, generated, tmp_path, monkeypatch
+):
+    """The configured key variable unset: the run stops naming it, before a request leaves (no silent 'EMPTY')."""
+    import socket
+
+    _, g, _ = generated
+    monkeypatch.delenv("SPLSM_TEST_KEY", raising=False)
+    with socket.socket() as listener:  # the "server": it only counts whether anyone connects
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.5)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        backend = OpenAIBackendConfig(base_urls=[url], served_model="m", api_key_env="SPLSM_TEST_KEY")
+        with pytest.raises(GenerateError, match="api_key_env names SPLSM_TEST_KEY, which is unset or empty"):
+            generate(
+                _subset(harvested, tmp_path),
+                tmp_path / "gen",
+                g.model_copy(update={"backend": backend}),
+                None,
+            )
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nothing connected

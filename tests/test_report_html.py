@@ -17,7 +17,14 @@ def test_report_html_escapes_data_in_tables_lists_and_the_title():
     )
     page = report_html(md, title=f"report {HOSTILE}")
     assert "<script" not in page and "<img" not in page
-    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 3  # the title, the table cell, the reject line
+    assert (
+        page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 3
+    )  # the title, the table cell, the reject line
     assert page.count("&lt;img src=x") == 3  # the table cell, the code span, the quote
     # the report's own markup still renders
-    assert "<table>" in page and "<li><code>" in page and "<blockquote>" in page and "<h1>Evaluation</h1>" in page
+    assert (
+        "<table>" in page
+        and "<li><code>" in page
+        and "<blockquote>" in page
+        and "<h1>Evaluation</h1>" in page
+    )

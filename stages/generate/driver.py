@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -159,7 +160,15 @@ def make_backend(g: GenerateConfig, llm_dir: Path | None, model: str, server_log
     if isinstance(b, OpenAIBackendConfig):
         from stages.generate.backends.openai_server import OpenAIBackend
 
-        return OpenAIBackend(b.base_urls, model, b, b.api_key_env), None
+        key = None
+        if b.api_key_env:
+            key = os.environ.get(b.api_key_env)
+            if not key:
+                raise GenerateError(
+                    f"generate.backend.api_key_env names {b.api_key_env}, which is unset or empty: set it to the"
+                    " key the servers require, or give api_key_env: null for servers that need none"
+                )
+        return OpenAIBackend(b.base_urls, model, b, api_key=key), None
     if llm_dir is None:
         raise GenerateError(f"generate.backend {b.kind} needs the LLM directory")
     if isinstance(b, ServeBackendConfig):

@@ -6,7 +6,6 @@ balanced by their number of requests in flight.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 
 from core.config import ClientSettings
@@ -32,13 +31,11 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(
-        self, base_urls: list[str], model: str, client: ClientSettings, api_key_env: str = "OPENAI_API_KEY"
-    ):
+    def __init__(self, base_urls: list[str], model: str, client: ClientSettings, api_key: str | None = None):
         if not base_urls:
             raise ValueError("OpenAIBackend needs at least one base URL")
         self.urls, self.model, self.g = list(base_urls), model, client
-        self.api_key_env = api_key_env
+        self.api_key = api_key  # None: the servers need no key
 
     def run(self, shards: list[list[Request]], sink: Sink, meter: Meter) -> None:
         todo = [r for s in shards for r in s]
@@ -53,7 +50,7 @@ class OpenAIBackend:
         from openai import AsyncOpenAI
 
         g = self.g
-        key = os.environ.get(self.api_key_env) or "EMPTY"
+        key = self.api_key or "no-key"  # the client insists on a string; a server without auth ignores it
         clients = [
             AsyncOpenAI(base_url=u, api_key=key, timeout=g.request_timeout_s, max_retries=0)
             for u in self.urls
