@@ -23,7 +23,6 @@ probes the file and checks the segment against the file's real length, as for ev
 from __future__ import annotations
 
 import gzip
-import json
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -31,7 +30,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from core.config import CorpusConfig
-from stages.harvest.corpora.records import Candidate, Reject, decode, join, missing
+from stages.harvest.corpora.manifests import json_lines
+from stages.harvest.corpora.records import Candidate, Reject, join, missing
 
 TOLERANCE_S = 1e-3  # the driver's own slack between a segment's end and its file's length
 # The fields the harvest relies on, with their JSON types: lhotse's from_dict builds objects without checking
@@ -91,23 +91,9 @@ def _lines(corpus: CorpusConfig, path: Path) -> Iterator[tuple[str, dict | Rejec
     lineno = 0
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                source = f"{path}:{lineno}"
-                line = decode(raw, corpus.name, source)
-                if isinstance(line, Reject):
-                    yield source, line
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield source, Reject(corpus.name, source, None, "line", "bad_json", str(e))
-                    continue
-                if not isinstance(obj, dict):
-                    yield source, Reject(corpus.name, source, None, "line", "bad_json", "not a JSON object")
-                    continue
-                yield source, obj
+            for read, source, item in json_lines(corpus, path, f):
+                lineno = read  # where a gzip that breaks off broke off
+                yield source, item
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         detail = f"after line {lineno}: {type(e).__name__}: {e}"
         yield str(path), Reject(corpus.name, str(path), None, "manifest", "bad_manifest", detail)

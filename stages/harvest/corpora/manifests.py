@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from core.config import CorpusConfig
@@ -24,28 +24,35 @@ def _parse_audio_field(value: str) -> tuple[str, tuple[int, int] | None]:
     return value, None
 
 
+def json_lines(
+    corpus: CorpusConfig, path: Path, lines: Iterable[bytes]
+) -> Iterator[tuple[int, str, dict | Reject]]:
+    """``(LINE, FILE:LINE, JSON object)`` for each non-blank line of ``lines`` (a file opened in binary, plain or
+    gzip), or a reject naming the line that is not one."""
+    for lineno, raw in enumerate(lines, start=1):
+        source = f"{path}:{lineno}"
+        if not raw.strip():
+            continue
+        line = decode(raw, corpus.name, source)
+        if isinstance(line, Reject):
+            yield lineno, source, line
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield lineno, source, Reject(corpus.name, source, None, "line", "bad_json", str(e))
+            continue
+        if not isinstance(obj, dict):
+            reject = Reject(corpus.name, source, None, "line", "bad_json", "the line is not a JSON object")
+            yield lineno, source, reject
+            continue
+        yield lineno, source, obj
+
+
 def _jsonl_rows(corpus: CorpusConfig, manifest: Path) -> Iterator[tuple[str, dict | Reject]]:
     with open(manifest, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            source = f"{manifest}:{lineno}"
-            if not raw.strip():
-                continue
-            line = decode(raw, corpus.name, source)
-            if isinstance(line, Reject):
-                yield source, line
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield source, Reject(corpus.name, source, None, "line", "bad_json", str(e))
-                continue
-            if not isinstance(obj, dict):
-                yield (
-                    source,
-                    Reject(corpus.name, source, None, "line", "bad_json", "the line is not a JSON object"),
-                )
-                continue
-            yield source, obj
+        for _, source, item in json_lines(corpus, manifest, f):
+            yield source, item
 
 
 def read_reference(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
