@@ -7,6 +7,7 @@ long file by seeking rather than decoding from the start, downmixes to mono and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,11 @@ import soundfile as sf
 import soxr
 
 TARGET_SR = 16_000
+
+# What decoding a file can raise besides libsndfile's own error: a file cut short or changed under us
+# (RuntimeError, EOFError, OSError), a header with impossible numbers (ValueError, OverflowError), soxr on a
+# degenerate input (ValueError), a header announcing more samples than memory holds (MemoryError).
+DECODE_ERRORS = (sf.LibsndfileError, RuntimeError, EOFError, OSError, ValueError, OverflowError, MemoryError)
 
 
 class AudioError(Exception):
@@ -89,7 +95,7 @@ def probe(path: str | Path, head: bytes | None = None) -> AudioInfo:
             return fast
     try:
         info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError) as e:
+    except DECODE_ERRORS as e:
         raise AudioError("corrupt_audio", f"{path}: {e}") from e
     if info.frames <= 0 or info.samplerate <= 0:
         raise AudioError("empty_audio", f"{path} has no samples")
@@ -99,8 +105,17 @@ def probe(path: str | Path, head: bytes | None = None) -> AudioInfo:
 def load(
     path: str | Path, offset_s: float = 0.0, duration_s: float | None = None, sr: int = TARGET_SR
 ) -> np.ndarray:
-    """Mono float32 samples at ``sr``, from ``offset_s`` for ``duration_s`` seconds (to the end if None)."""
+    """Mono float32 samples at ``sr``, from ``offset_s`` for ``duration_s`` seconds (to the end if None).
+
+    Every way this can fail (no file, a segment no file has, bytes libsndfile or soxr cannot decode) is an
+    ``AudioError`` with a reject reason, so a caller that counts skips never meets another exception.
+    """
     path = Path(path)
+    for name, v in (("offset", offset_s), ("duration", duration_s)):
+        if v is None and name == "duration":
+            continue
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise AudioError("bad_segment", f"{path}: {name} {v!r} s is not a finite number of seconds >= 0")
     if not path.is_file():
         raise AudioError("missing_audio", f"{path} does not exist")
     try:
@@ -111,11 +126,13 @@ def load(
                 f.seek(start)
             frames = -1 if duration_s is None else int(round(duration_s * native))
             x = f.read(frames, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError) as e:
-        raise AudioError("corrupt_audio", f"{path}: {e}") from e
-    if x.shape[0] == 0:
-        raise AudioError("empty_audio", f"{path} has no samples at {offset_s}s")
-    x = x.mean(axis=1)
-    if native != sr:
-        x = soxr.resample(x, native, sr, quality="HQ")
+        if x.shape[0] == 0:
+            raise AudioError("empty_audio", f"{path} has no samples at {offset_s}s")
+        x = x.mean(axis=1)
+        if native != sr:
+            x = soxr.resample(x, native, sr, quality="HQ")
+    except AudioError:
+        raise
+    except DECODE_ERRORS as e:
+        raise AudioError("corrupt_audio", f"{path}: {type(e).__name__}: {e}") from e
     return np.ascontiguousarray(x, dtype=np.float32)

@@ -35,7 +35,9 @@ def resolve_catalog(value: str | Path | None, base: Path) -> Path | None:
 
 
 # Order matters: the first failing one is the recorded reason.
-FILTERS = ("prompt_too_long", "empty", "truncated", "no_end_punct", "wrong_script")
+# request_error: the server refused the request itself (a 400 for an over-long context); it judges every
+# category's error rows, whatever the catalog lists, and cannot be skipped: an error has no answer to keep.
+FILTERS = ("request_error", "prompt_too_long", "empty", "truncated", "no_end_punct", "wrong_script")
 
 # Scripts (first word of a character's Unicode name) accepted as "written in" a target language.
 SCRIPTS = {

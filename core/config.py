@@ -245,6 +245,9 @@ class GenerateConfig(Strict):
     )  # translation: share of letters in the target script
     skip_filters: list[str] = Field(default_factory=list)
     shard_size: int = Field(256, ge=1)  # answers per committed output shard (not part of the reuse key)
+    # A request the server refused (HTTP 400, 413, 422: an over-long context) is an error row, rejected by the
+    # request_error filter, and cached like an answer: a rerun does not ask again unless this is true.
+    retry_errors: bool = False
 
     @field_validator("backend", mode="before")
     @classmethod
@@ -263,6 +266,11 @@ class GenerateConfig(Strict):
         bad = [f for f in self.skip_filters if f not in FILTERS]
         if bad:
             raise ValueError(f"generate.skip_filters: unknown filter {bad[0]!r}; known: {', '.join(FILTERS)}")
+        if "request_error" in self.skip_filters:
+            raise ValueError(
+                "generate.skip_filters: request_error cannot be skipped: a refused request has no answer to keep"
+                " (generate.retry_errors: true asks again)"
+            )
         return self
 
 

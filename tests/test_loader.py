@@ -172,17 +172,26 @@ def test_an_unreadable_clip_is_skipped_with_a_counted_warning(harvested, tmp_pat
     corrupt.write_bytes(b"fLaC not really a flac file")
     rows[2]["audio_path"] = str(corrupt)
     rows[7]["audio_path"] = str(tmp_path / "gone.flac")
+    # values no harvest writes, in a table someone else made: a segment nowhere in any file
+    rows[4]["offset_s"] = float("nan")
+    rows[9]["duration_s"] = -1.0
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"RIFF\xff\xff\xff\x7fWAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00" + bytes(40))
+    rows[11]["audio_path"] = str(garbage)
     write_shards(rows, tmp_path / "shards", BuildConfig(row_group_rows=5))
     loader = ExampleLoader(tmp_path / "shards", "train", **_opts(max_batch_size=2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = list(loader)
-    bad = {rows[2]["example_id"], rows[7]["example_id"]}
+    bad = {rows[i]["example_id"] for i in (2, 4, 7, 9, 11)}
     assert sorted(_ids(batches)) == sorted(r["example_id"] for r in rows if r["example_id"] not in bad)
-    assert sum(b["skipped"] for b in batches) == 2
+    assert sum(b["skipped"] for b in batches) == 5
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert any(rows[2]["example_id"] in m and "corrupt.flac" in m for m in messages)
     assert any(rows[7]["example_id"] in m and "gone.flac" in m for m in messages)
+    assert any(rows[4]["example_id"] in m and "bad_segment" in m for m in messages)
+    assert any(rows[9]["example_id"] in m and "bad_segment" in m for m in messages)
+    assert any(rows[11]["example_id"] in m and "garbage.wav" in m for m in messages)
 
 
 def test_tokens_come_from_the_tokenizer_and_the_config_builds_a_loader(shards, tiny_models_dir):

@@ -40,7 +40,7 @@ from core.text import transcript_column
 from schemas import GENERATE_STATS, RESPONSES, TRANSCRIPTS, to_table
 from stages.generate.backends.base import BackendError, Meter, Request
 from stages.generate.cache import Answer, AnswerCache, request_key
-from stages.generate.filters import FILTERS, FilterSettings, failures
+from stages.generate.filters import FILTERS, FilterSettings, failures, is_error
 
 NOT_REQUESTED = "not_requested"  # finish_reason of a prompt rejected before it was sent
 
@@ -124,6 +124,22 @@ def shard_plan(
             Shard(f"shard-{k:05d}-{h.hexdigest()[:16]}.parquet", part, {r.key for r in part} & skipped)
         )
     return shards
+
+
+def _committed(path: Path, retry_errors: bool) -> bool:
+    """Whether a shard file is there to reuse. One that cannot be read (cut short by a power loss) is removed
+    and made again, with a warning; with ``retry_errors`` a shard holding refused requests is made again."""
+    if not path.exists():
+        return False
+    try:
+        reasons = read_table(path, RESPONSES).column("finish_reason").to_pylist()
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same case: it is not a shard
+        console.print(
+            f"[yellow]generate: warning: {path} cannot be read ({type(e).__name__}: {e}); made again[/]"
+        )
+        path.unlink(missing_ok=True)
+        return False
+    return not (retry_errors and any(is_error(f) for f in reasons))
 
 
 def _row(r: Request, a: Answer, model: str) -> dict:
@@ -233,11 +249,13 @@ def generate(
     shards = shard_plan(reqs, worker, workers, g.shard_size, skipped)
     pdir = out.parts(worker, workers)
     pdir.mkdir(parents=True, exist_ok=True)
-    pending = [s for s in shards if not (pdir / s.name).exists()]
+    pending = [s for s in shards if not _committed(pdir / s.name, g.retry_errors)]
     mine = sum(len(s.reqs) for s in shards)
     cache = AnswerCache(out.cache(worker, workers), out.caches())
     try:
         answers = cache.get_many([r.key for s in pending for r in s.reqs if r.key not in skipped])
+        if g.retry_errors:  # refused requests are asked again; everything answered stays as it is
+            answers = {k: a for k, a in answers.items() if not is_error(a.finish_reason)}
         for k in skipped:
             answers[k] = Answer("", NOT_REQUESTED, n_tokens[k], 0)
         remaining: dict[str, int] = {}
@@ -310,7 +328,7 @@ def generate(
         mine, mine - len(todo) - too_long, len(todo), too_long, meter.tokens, worker=worker, workers=workers
     )
     plans = [shard_plan(reqs, w, workers, g.shard_size, skipped) for w in range(workers)]
-    if all((out.parts(w, workers) / s.name).exists() for w, p in enumerate(plans) for s in p):
+    if all(_committed(out.parts(w, workers) / s.name, False) for w, p in enumerate(plans) for s in p):
         kept, rejected = merge(reqs, plans, out, g, catalog, workers)
         summary.merged, summary.kept, summary.rejected = True, kept, rejected
     else:
@@ -354,6 +372,8 @@ def merge(
         applies = _applies(g, catalog, task)
         if row["finish_reason"] == NOT_REQUESTED:
             applies = ("prompt_too_long",)
+        elif is_error(row["finish_reason"]):
+            applies = ("request_error",)
         bad = failures(
             row["answer"],
             row["finish_reason"],

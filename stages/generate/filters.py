@@ -47,6 +47,13 @@ def script_fraction(text: str, language: str) -> float:
     return sum(s in want for s in letters) / len(letters) if letters else 0.0
 
 
+ERROR = "error"  # finish_reason of a refused request: "error: HTTP 400: <the server's message>"
+
+
+def is_error(finish_reason: str) -> bool:
+    return finish_reason == ERROR or finish_reason.startswith(ERROR + ":")
+
+
 def failures(
     answer: str,
     finish_reason: str,
@@ -60,7 +67,9 @@ def failures(
     for name in FILTERS:
         if name not in applies:
             continue
-        if name == "prompt_too_long":
+        if name == "request_error":
+            bad = is_error(finish_reason)
+        elif name == "prompt_too_long":
             bad = prompt_tokens >= s.max_prompt_tokens
         elif name == "empty":
             bad = not answer.strip()

@@ -13,6 +13,7 @@ rows), its ``probes`` the files to open, its ``rejects`` the rejects with the un
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import stat
 from concurrent.futures import Future
@@ -82,6 +83,32 @@ def bounds(duration: float, max_s: float, min_s: float) -> tuple[str, str] | Non
         return "too_long", f"{duration:.2f}s is longer than the {max_s}s bound"
     if duration < min_s:
         return "too_short", f"{duration:.2f}s is shorter than the {min_s}s bound"
+    return None
+
+
+def bad_value(c: Candidate) -> tuple[str, str] | None:
+    """The first field of ``c`` a reader let through with a value no row may hold: (field, detail), or None.
+
+    Readers parse their own formats; this is the one check every candidate passes, whatever read it, so a
+    NaN offset or a numeric id in any manifest is a ``bad_value`` reject here, not a crash hours later in
+    the loader (``float('nan')`` seeks nowhere) or in the Parquet writer (an int where a string belongs).
+    """
+    if not isinstance(c.utt_id, str) or not c.utt_id:
+        return (
+            "utt_id",
+            f"the utterance id is {c.utt_id!r} ({type(c.utt_id).__name__}), not a non-empty string",
+        )
+    if c.speaker is not None and not isinstance(c.speaker, str):
+        return "speaker", f"the speaker is {c.speaker!r} ({type(c.speaker).__name__}), not a string"
+    if c.text_raw is not None and not isinstance(c.text_raw, str):
+        return "text", f"the transcript is a {type(c.text_raw).__name__}, not a string"
+    for name, v in (("offset_s", c.offset_s), ("duration_s", c.duration_s)):
+        if v is None and name == "duration_s":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return name, f"{name} is {v!r}, not a finite number of seconds"
+        if v < 0 or (name == "duration_s" and v == 0):
+            return name, f"{name} is {v!r}; it must be {'positive' if name == 'duration_s' else 'at least 0'}"
     return None
 
 
@@ -240,6 +267,12 @@ class Admission:
         def reject(field: str, reason: str, detail: str, **file) -> None:
             chunk.rejects.append((Reject(c.corpus, c.source, c.utt_id, field, reason, detail, **file), unit))
 
+        bad = bad_value(c)
+        if bad is not None:
+            if bad[0] == "utt_id":  # the reject's own utt_id column holds strings only
+                chunk.rejects.append((Reject(c.corpus, c.source, None, bad[0], "bad_value", bad[1]), unit))
+                return
+            return reject(bad[0], "bad_value", bad[1])
         if c.utt_id in self.seen:
             first = self._where(self.seen[c.utt_id])
             return reject("utt_id", "duplicate_utt_id", f"{c.utt_id} already came from {first}")

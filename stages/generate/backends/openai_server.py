@@ -12,6 +12,27 @@ from core.config import ClientSettings
 from core.log import console
 from stages.generate.backends.base import BackendError, Meter, Request, Sink
 from stages.generate.cache import Answer
+from stages.generate.filters import ERROR
+
+
+def _refused(e: BaseException) -> int | None:
+    """The status of an error that belongs to this one request (its prompt or parameters), not to the server
+    or the setup: an over-long context (400), a body too large (413), parameters the model refuses (422)."""
+    import openai
+
+    if isinstance(e, openai.APIStatusError) and e.status_code in (400, 413, 422):
+        return e.status_code
+    return None
+
+
+def _server_message(e: BaseException) -> str:
+    """What the server said: the ``message`` of its error body (vLLM's and OpenAI's shape), else the error."""
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        if isinstance(inner.get("message"), str):
+            return inner["message"]
+    return str(e)
 
 
 def _retryable(e: BaseException) -> bool:
@@ -83,6 +104,12 @@ class OpenAIBackend:
                         )
                         break
                     except Exception as e:
+                        status = _refused(e)
+                        if status is not None:  # this request only: an error row, the run goes on
+                            detail = " ".join(_server_message(e).split())[:500]
+                            sink(r, Answer("", f"{ERROR}: HTTP {status}: {detail}", 0, 0))
+                            meter.answered(0)
+                            return
                         if not _retryable(e):
                             fatal.append(
                                 BackendError(

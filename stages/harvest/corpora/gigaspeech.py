@@ -21,7 +21,7 @@ import ijson
 
 from core.config import CorpusConfig
 from core.text import garbage_tags
-from stages.harvest.corpora.records import Candidate, Reject, missing
+from stages.harvest.corpora.records import Candidate, Reject, label, missing
 
 
 def read(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
@@ -66,7 +66,8 @@ def _audio(corpus: CorpusConfig, root: Path, where: str, audio, tag: str, split:
             begin, end = float(seg["begin_time"]), float(seg["end_time"])
             text = seg["text_tn"]
         except (KeyError, TypeError, ValueError) as e:
-            yield Reject(corpus.name, source, sid, "segment", "bad_row", f"bad or missing field: {e}")
+            who = sid if isinstance(sid, str) else None
+            yield Reject(corpus.name, source, who, "segment", "bad_row", f"bad or missing field: {e}")
             continue
         if not isinstance(sid, str) or not sid:
             yield Reject(corpus.name, source, None, "sid", "missing_field", "segment without a 'sid'")
@@ -92,7 +93,7 @@ def _audio(corpus: CorpusConfig, root: Path, where: str, audio, tag: str, split:
                 f"{' '.join(garbage)} marks a segment without speech: {text!r}",
             )
             continue
-        speaker = seg.get("speaker") or audio_speaker
+        speaker = label(seg.get("speaker") or audio_speaker)
         yield Candidate(
             sid,
             corpus.name,

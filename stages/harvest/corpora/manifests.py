@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from core.config import CorpusConfig
-from stages.harvest.corpora.records import Candidate, Reject, decode, join, missing, stem
+from stages.harvest.corpora.records import Candidate, Reject, decode, join, label, missing, stem
 
 
 def _parse_audio_field(value: str) -> tuple[str, tuple[int, int] | None]:
@@ -70,7 +71,7 @@ def read_reference(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
             yield Reject(corpus.name, source, None, "audio", "missing_field", "no 'audio' string in the row")
             continue
         path, frames = _parse_audio_field(obj["audio"])
-        utt_id = obj.get("id") or stem(path) + (f"_{frames[0]}" if frames else "")
+        utt_id = label(obj.get("id")) or stem(path) + (f"_{frames[0]}" if frames else "")
         text = obj.get("text")
         if text is not None and not isinstance(text, str):
             yield Reject(
@@ -83,7 +84,7 @@ def read_reference(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
             split,
             join(corpus.root, path),
             text,
-            obj.get("speaker"),
+            label(obj.get("speaker")),
             source,
             frames=frames,
         )
@@ -127,6 +128,29 @@ def _table_rows(corpus: CorpusConfig, manifest: Path, fmt: str) -> Iterator[tupl
             yield source, dict(zip(header, fields, strict=True))
 
 
+class _BadSeconds(ValueError):
+    def __init__(self, column: str, detail: str):
+        super().__init__(detail)
+        self.column, self.detail = column, detail
+
+
+def _seconds(obj: dict, column: str | None) -> float | None:
+    """A column's value as seconds: None if the column is not configured or the cell is empty; a value that
+    is not a finite number >= 0 (text, NaN, Infinity, a negative number) raises ``_BadSeconds``."""
+    if not column or obj.get(column) in (None, ""):
+        return None
+    v = obj[column]
+    try:
+        if isinstance(v, bool):
+            raise TypeError("a boolean")
+        seconds = float(v)
+    except (TypeError, ValueError):
+        raise _BadSeconds(column, f"{column!r} is {v!r}, not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise _BadSeconds(column, f"{column!r} is {v!r}, not a finite number of seconds >= 0")
+    return seconds
+
+
 def read_generic(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
     """A JSONL, CSV or TSV manifest whose columns ``corpus.columns`` names."""
     manifest = Path(corpus.manifest)
@@ -148,32 +172,33 @@ def read_generic(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
             )
             continue
         try:
-            offset = (
-                float(obj[cols.offset]) if cols.offset and obj.get(cols.offset) not in (None, "") else 0.0
-            )
-            duration = (
-                float(obj[cols.duration])
-                if cols.duration and obj.get(cols.duration) not in (None, "")
-                else None
-            )
-        except (TypeError, ValueError) as e:
-            yield Reject(corpus.name, source, None, cols.offset or cols.duration, "bad_value", str(e))
+            offset = _seconds(obj, cols.offset)
+            duration = _seconds(obj, cols.duration)
+        except _BadSeconds as e:
+            yield Reject(corpus.name, source, None, e.column, "bad_value", e.detail)
             continue
-        utt_id = obj.get(cols.id) if cols.id else None
-        if not utt_id:
+        offset = 0.0 if offset is None else offset
+        if duration is not None and duration == 0:
+            yield Reject(
+                corpus.name, source, None, cols.duration, "bad_value", f"{cols.duration!r} is 0 seconds"
+            )
+            continue
+        utt_id = label(obj.get(cols.id)) if cols.id else None
+        if utt_id in (None, ""):
             utt_id = stem(audio) + (f"_{round(offset * 1000)}" if cols.offset and offset else "")
         text = obj.get(cols.text) if cols.text else None
         if text is not None and not isinstance(text, str):
-            yield Reject(corpus.name, source, str(utt_id), cols.text, "bad_value", f"a {type(text).__name__}")
+            who = utt_id if isinstance(utt_id, str) else None
+            yield Reject(corpus.name, source, who, cols.text, "bad_value", f"a {type(text).__name__}")
             continue
-        speaker = obj.get(cols.speaker) if cols.speaker else None
+        speaker = label(obj.get(cols.speaker)) if cols.speaker else None
         yield Candidate(
-            str(utt_id),
+            utt_id,
             corpus.name,
             split,
             join(corpus.root, audio),
             text,
-            str(speaker) if speaker not in (None, "") else None,
+            None if speaker == "" else speaker,
             source,
             offset_s=offset,
             duration_s=duration,

@@ -60,6 +60,15 @@ class Unit:
     items: Iterator[Candidate | Reject]
 
 
+def label(value: object) -> object:
+    """An id or speaker as a row holds it: a string as it is, an integer (JSON's ``"speaker": 103``) as its
+    decimal digits; anything else (a float, a bool, a list) comes back unchanged, for admission to reject
+    with its type named rather than to be turned into text nobody wrote."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
 def decode(raw: bytes, corpus: str, source: str, utt_id: str | None = None) -> str | Reject:
     """UTF-8 text of one line, or a ``non_utf8_transcript`` reject naming where it came from."""
     try:

@@ -1,0 +1,144 @@
+"""A request the server refuses (HTTP 400, as vLLM answers a prompt longer than its context) is one error row,
+not the end of the run; a rerun does not ask again unless ``generate.retry_errors`` says so.
+
+vLLM cannot run on these machines and `transformers serve` answers an over-long prompt with a 500 of its own,
+so the server here is a scripted stand-in speaking the OpenAI completions protocol over real HTTP: it refuses
+the prompts of one utterance with vLLM's 400 body and answers the rest."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from core.config import GenerateConfig, OpenAIBackendConfig
+from core.paths import GeneratePaths, WorkPaths
+from core.tables import read_table, write_table
+from schemas import GENERATE_STATS, RESPONSES, TRANSCRIPTS
+from stages.generate.driver import generate
+
+VLLM_400 = (
+    "This model's maximum context length is 2048 tokens. However, you requested 2400 tokens "
+    "(2176 in the messages, 224 in the completion). Please reduce the length of the messages or completion."
+)
+
+
+class ScriptedServer:
+    """/v1/completions: 400 with vLLM's error body for a prompt holding ``refuse``, else a short answer."""
+
+    def __init__(self):
+        self.refuse: str | None = None
+        self.prompts: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.prompts.append(body["prompt"])
+                if outer.refuse and outer.refuse in body["prompt"]:
+                    err = {"object": "error", "message": VLLM_400, "type": "BadRequestError", "code": 400}
+                    self._send(400, {"error": err} | err)
+                    return
+                choice = {"index": 0, "text": " A fine answer.", "finish_reason": "stop", "logprobs": None}
+                usage = {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
+                resp = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"]}
+                self._send(200, resp | {"choices": [choice], "usage": usage})
+
+            def _send(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = ScriptedServer()
+    yield s
+    s.close()
+
+
+def test_scripted_server_400_is_an_error_row_and_is_not_asked_again_unless_told(harvested, tmp_path, server):
+    table = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS).slice(0, 5)
+    transcripts = write_table(table, tmp_path / "transcripts.parquet", TRANSCRIPTS)
+    victim = table.column("utt_id")[2].as_py()
+    server.refuse = table.column("text")[2].as_py()
+    g = GenerateConfig(
+        tasks=["repeat", "keywords"],
+        backend=OpenAIBackendConfig(
+            base_urls=[server.url], served_model="scripted", api_key_env=None, max_retries=2, concurrency=2
+        ),
+    )
+    out = GeneratePaths(tmp_path / "gen")
+    s = generate(transcripts, out, g, None)
+    rows = read_table(out.responses, RESPONSES).to_pylist()
+    assert s.merged and len(rows) == 10 and len({(r["utt_id"], r["task"]) for r in rows}) == 10
+    bad = [r for r in rows if r["utt_id"] == victim]
+    assert len(bad) == 2
+    for r in bad:
+        assert r["rejected_by"] == "request_error" and r["answer"] == ""
+        assert r["finish_reason"].startswith("error: HTTP 400: This model's maximum context length is 2048")
+    assert all(
+        r["rejected_by"] is None and r["answer"] == "A fine answer." for r in rows if r["utt_id"] != victim
+    )
+    stats = read_table(out.stats, GENERATE_STATS).to_pylist()
+    assert {(x["task"], x["rejected"]) for x in stats if x["filter"] == "request_error"} == {
+        ("repeat", 1),
+        ("keywords", 1),
+    }
+    asked = len(server.prompts)
+    assert asked == 10
+
+    # a rerun (the same command, nothing changed) asks nothing: the refusals are cached like answers
+    generate(transcripts, out, g, None)
+    assert len(server.prompts) == asked
+    # told to retry, it asks exactly the refused prompts again; the server now answers them
+    server.refuse = None
+    g2 = g.model_copy(update={"retry_errors": True})
+    generate(transcripts, out, g2, None)
+    again = server.prompts[asked:]
+    assert sorted(again) == sorted(r["prompt"] for r in bad)
+    rows = read_table(out.responses, RESPONSES).to_pylist()
+    assert len(rows) == 10 and all(r["rejected_by"] is None for r in rows)
+
+
+def test_request_error_cannot_be_skipped():
+    with pytest.raises(ValueError, match="request_error cannot be skipped"):
+        GenerateConfig(skip_filters=["request_error"])
+
+
+def test_scripted_server_run_with_a_shard_cut_to_zero_bytes_makes_it_again_from_the_cache(
+    harvested, tmp_path, server, capsys
+):
+    table = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS).slice(0, 6)
+    transcripts = write_table(table, tmp_path / "transcripts.parquet", TRANSCRIPTS)
+    g = GenerateConfig(
+        tasks=["repeat"],
+        shard_size=2,
+        backend=OpenAIBackendConfig(base_urls=[server.url], served_model="scripted", api_key_env=None),
+    )
+    out = GeneratePaths(tmp_path / "gen")
+    generate(transcripts, out, g, None)
+    first = read_table(out.responses, RESPONSES)
+    asked = len(server.prompts)
+    shard = sorted(out.parts(0, 1).glob("shard-*.parquet"))[1]
+    shard.write_bytes(b"")  # a power loss after the rename, before the data reached the disk
+    out.responses.unlink()
+    capsys.readouterr()
+    generate(transcripts, out, g, None)
+    assert "cannot be read" in capsys.readouterr().out
+    assert len(server.prompts) == asked  # the answers came from the cache
+    assert read_table(out.responses, RESPONSES).equals(first)
