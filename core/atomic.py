@@ -92,6 +92,55 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale(dirs: list[Path]) -> list[Path]:
+    """Remove the temporaries that killed writers left in ``dirs`` (a stage calls it as it starts); returns
+    what went.
+
+    A temporary whose writer is still running (its pid, in the name, is alive on this host) is left alone: two
+    workers may share a folder. ``.NAME.tmp-old-*`` is the previous output an ``atomic_dir`` swap had moved
+    aside when it was killed; where NAME itself is missing, it is put back instead of removed.
+    """
+    gone = []
+    for d in {Path(x) for x in dirs}:
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            name = e.name
+            if not name.startswith(".") or TMP_MARK not in name:
+                continue
+            final, _, tail = name[1:].partition(TMP_MARK)
+            path = Path(e.path)
+            if tail.startswith("old-"):
+                target = path.with_name(final)
+                if not target.exists():
+                    os.replace(path, target)
+                    continue
+            else:
+                pid = tail.split("-", 1)[0]
+                if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                    continue
+                if pid.isdigit() and int(pid) == os.getpid():
+                    continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            gone.append(path)
+    return gone
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(text)

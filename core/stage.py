@@ -27,13 +27,13 @@ from typing import Literal
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
-from core.atomic import write_text
+from core.atomic import remove_stale, write_text
 from core.codehash import code_hash
 from core.config import ExperimentConfig
 from core.digest import fingerprint_dir, sha256_file
 from core.lineage.store import DatasetRef, LineageStore
 from core.log import console
-from core.paths import WorkPaths
+from core.paths import MARKER, WorkPaths
 from core.provenance import run_context
 from schemas import META_KEY
 
@@ -199,6 +199,7 @@ def run_stage(
     paths = paths if isinstance(paths, WorkPaths) else WorkPaths(paths)
     marker = marker or paths.marker(name)
     in_refs = [a.ref() for a in inputs]
+    _check_published(paths, name, inputs, in_refs)
     key = hashlib.sha256(
         json.dumps(
             {
@@ -232,6 +233,10 @@ def run_stage(
     store = LineageStore(paths.lineage)
     run_id = store.start_run(name, params, run_context())
     console.rule(f"[bold]{name}[/] (run {run_id[:8]})")
+    # what a killed run of this stage left half-written (a whole checkpoint, at times) goes before this one
+    gone = remove_stale([marker.parent, *{Path(a.path).parent for a in outputs}])
+    if gone:
+        console.print(f"{name}: removed {len(gone)} temporaries of an interrupted run ({gone[0].name}, ...)")
     try:
         summary = body() or {}
         out_refs = [a.ref() for a in outputs]
@@ -253,6 +258,8 @@ def run_stage(
                 "run_id": run_id,
                 "summary": summary,
                 "outputs": {r.role: r.content_hash for r in out_refs},
+                # where each output is: a reader checks the files it takes against these hashes
+                "locations": {r.role: r.location for r in out_refs},
             },
             indent=2,
             default=str,
@@ -261,14 +268,51 @@ def run_stage(
     return StageResult(name, False, run_id, out_paths, time.monotonic() - t0, summary)
 
 
+def _check_published(paths: WorkPaths, name: str, inputs: list[Artifact], refs: list[DatasetRef]) -> None:
+    """Refuse inputs that are not one published version of the stage that made them.
+
+    A stage publishes several files one at a time, then its marker, last, with each file's hash: the marker
+    is the version. An input whose hash differs from the one its maker's marker holds was written by a run
+    that has not finished (still running, or killed between two files), so it may sit beside a sibling of
+    the previous run: read it now and the two are mixed. The maker's rerun publishes a consistent set.
+    """
+    made: dict[str, tuple[str, Path]] = {}
+    for m in [*paths.root.glob(f"*/{MARKER}"), *paths.root.glob(f"*/*/{MARKER}")]:
+        done = read_marker(m)
+        if done is None:
+            continue
+        for role, loc in (done.get("locations") or {}).items():
+            h = (done.get("outputs") or {}).get(role)
+            if h is not None:
+                made[loc] = (h, m)
+    for a, r in zip(inputs, refs, strict=True):
+        if not a.keyed or r.location not in made:
+            continue
+        h, m = made[r.location]
+        if r.content_hash != h:
+            raise StageError(
+                f"{name}: input {r.location} is not the version its stage published ({m} records another): "
+                f"a run of that stage is still writing or was interrupted. Rerun it (`splsm {m.parent.name}`"
+                " with the same config) so that its outputs are one version again."
+            )
+
+
 def read_marker(marker: Path) -> dict | None:
-    """A stage's marker, or None where there is none or it cannot be read (a run that died writing it
-    reruns the stage rather than failing it)."""
+    """A stage's marker, or None where there is none or it cannot be read: a marker cut short by a power
+    loss reruns the stage (with a warning) rather than failing it."""
     try:
         done = json.loads(Path(marker).read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
-    return done if isinstance(done, dict) else None
+    except (OSError, ValueError) as e:
+        console.print(
+            f"[yellow]warning: {marker} cannot be read ({type(e).__name__}); the stage runs again[/]"
+        )
+        return None
+    if not isinstance(done, dict):
+        console.print(f"[yellow]warning: {marker} is not a stage marker; the stage runs again[/]")
+        return None
+    return done
 
 
 def _outputs_unchanged(outputs: list[Artifact], recorded: dict[str, str]) -> bool:

@@ -12,6 +12,15 @@ directory and options; the flows pick the mode with one switch (``ExecutionConfi
   options name read-only), so the config resolves alike on both sides and lineage records the same
   locations. The log is streamed, a non-zero exit fails the task, the container is removed afterwards.
 
+Container mode is reachable by whoever may start a flow run, and the engine's socket is root on its host,
+so what a container may be is the deployment's to say, never a flow parameter's (``ContainerPolicy``):
+the images it may run (``SPLSM_ALLOWED_IMAGES``), the root every work directory must lie under
+(``SPLSM_WORKDIR_ROOT``), its network, user, extra mounts, passed-through variables and the engine
+(``SPLSM_CONTAINER_NETWORK``, ``SPLSM_CONTAINER_USER``, ``SPLSM_CONTAINER_MOUNTS``,
+``SPLSM_CONTAINER_PASS_ENV``, ``DOCKER_HOST``). A parameter naming one of those is refused with the setting
+to use instead. Every container runs with all capabilities dropped, ``no-new-privileges``, a read-only root
+filesystem with a tmpfs for scratch, and pids and memory limits.
+
 Whatever the mode, the stage's summary is read back from the marker its run leaves (``read_summary``).
 """
 
@@ -21,17 +30,18 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.config import load_config, paths_read
 from core.extras import require
 from core.paths import REPO_ROOT, WorkPaths
 from core.proc import Child, stream_lines
 from core.provenance import context_env
-from core.stage import Stage, read_marker
+from core.stage import Stage, StageError, read_marker
 from stages.registry import stage as get_stage
 
 Mode = Literal["in-process", "subprocess", "container"]
@@ -41,25 +51,94 @@ class StageFailed(RuntimeError):
     """A stage failed in a subprocess or container; the message carries the end of its log."""
 
 
+class PolicyError(StageError):
+    """A flow asked for a container the deployment's settings do not allow; the message names the setting."""
+
+
+# Fields a flow parameter may not set: each belongs to the deployment, under this environment variable.
+DEPLOYMENT_ONLY = {
+    "docker_host": "DOCKER_HOST",
+    "network": "SPLSM_CONTAINER_NETWORK",
+    "user": "SPLSM_CONTAINER_USER",
+    "mounts": "SPLSM_CONTAINER_MOUNTS",
+    "pass_env": "SPLSM_CONTAINER_PASS_ENV",
+}
+
+
 class ContainerConfig(BaseModel):
-    """How container mode runs a stage; flows and prefect.yaml pass it as a parameter."""
+    """How container mode runs a stage; flows and prefect.yaml pass it as a parameter. What reaches the host
+    (engine, network, user, mounts, secrets) is not here: it is the deployment's ``ContainerPolicy``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = "splsm:cpu"
+    image: str = "splsm:cpu"  # must be one of SPLSM_ALLOWED_IMAGES
     train_image: str | None = (
         None  # the image of stages that need the train image (train); default: ``image``
     )
-    docker_host: str | None = None  # default: DOCKER_HOST, else the engine's default socket
     gpus: int | list[str] | None = None  # GPU device request for GPU stages: a count, or device ids
     env: dict[str, str] = Field(default_factory=dict)  # extra environment for the container
-    pass_env: list[str] = Field(
-        default_factory=lambda: ["HF_TOKEN"]
-    )  # copied if set (and generate's key variable)
-    mounts: list[str] = Field(default_factory=list)  # extra host paths mounted read-only at the same path
-    user: str | None = None  # default: the image's own (non-root) user
-    network: str | None = None  # e.g. the compose network, to reach a vLLM service by name
     shm_size: str = "1g"
+    memory: str = "16g"  # the container's memory limit (a GPU stage's host memory, a 7B model's shards)
+    pids: int = Field(4096, ge=64)  # the most processes and threads it may hold (torchrun, loader workers)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_host_settings(cls, data):
+        if isinstance(data, dict):
+            for key, var in DEPLOYMENT_ONLY.items():
+                if data.get(key) not in (None, [], ""):
+                    raise ValueError(
+                        f"container.{key} cannot come from flow parameters: the deployment sets it ({var} in the"
+                        " worker's environment), so that starting a flow run does not choose what reaches the host"
+                    )
+        return data
+
+
+def _split(value: str | None, sep: str = ",") -> tuple[str, ...]:
+    return tuple(x.strip() for x in (value or "").split(sep) if x.strip())
+
+
+@dataclass(frozen=True)
+class ContainerPolicy:
+    """The deployment's word on containers, read from the worker's environment (``from_env``)."""
+
+    images: tuple[str, ...] = ("splsm:cpu", "splsm:train")
+    workdir_roots: tuple[Path, ...] = (REPO_ROOT / "work",)
+    network: str | None = None  # e.g. the compose network, to reach a vLLM service by name
+    user: str | None = None  # default: the image's own (non-root) user
+    mounts: tuple[str, ...] = ()  # extra host paths mounted read-only at the same path
+    pass_env: tuple[str, ...] = ("HF_TOKEN",)  # copied if set (and generate's key variable)
+    docker_host: str | None = None  # default: the engine's default socket
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> ContainerPolicy:
+        env = os.environ if env is None else env
+        d = cls()
+        roots = _split(env.get("SPLSM_WORKDIR_ROOT"), os.pathsep)
+        return cls(
+            images=_split(env.get("SPLSM_ALLOWED_IMAGES")) or d.images,
+            workdir_roots=tuple(Path(r).resolve() for r in roots) or d.workdir_roots,
+            network=env.get("SPLSM_CONTAINER_NETWORK") or None,
+            user=env.get("SPLSM_CONTAINER_USER") or None,
+            mounts=_split(env.get("SPLSM_CONTAINER_MOUNTS"), os.pathsep),
+            pass_env=_split(env["SPLSM_CONTAINER_PASS_ENV"])
+            if "SPLSM_CONTAINER_PASS_ENV" in env
+            else d.pass_env,
+            docker_host=env.get("DOCKER_HOST") or None,
+        )
+
+    def check(self, image: str, workdir: Path) -> None:
+        """Refuse an image off the allow-list and a work directory outside every configured root."""
+        if image not in self.images:
+            raise PolicyError(
+                f"container image {image!r} is not allowed; SPLSM_ALLOWED_IMAGES allows {', '.join(self.images)}"
+            )
+        real = Path(os.path.realpath(workdir))
+        if not any(real == r or real.is_relative_to(r) for r in self.workdir_roots):
+            raise PolicyError(
+                f"work directory {workdir} (really {real}) is outside SPLSM_WORKDIR_ROOT "
+                f"({os.pathsep.join(map(str, self.workdir_roots))}): it is mounted read-write into the container"
+            )
 
 
 class ExecutionConfig(BaseModel):
@@ -215,6 +294,21 @@ def gpu_requests(stage: Stage, gpus: int | list[str] | None) -> list | None:
     return [DeviceRequest(driver="nvidia", device_ids=[str(g) for g in gpus], capabilities=[["gpu"]])]
 
 
+def confinement(spec: ContainerConfig) -> dict:
+    """What every stage container runs under: no capabilities, no privilege gain, a read-only root
+    filesystem (the work directory is its one writable mount, plus a tmpfs for scratch), bounded processes
+    and memory. The stages need nothing more: they read and write files and talk HTTP."""
+    return dict(
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        read_only=True,
+        tmpfs={"/tmp": "rw,nosuid,nodev,size=2g"},
+        pids_limit=spec.pids,
+        mem_limit=spec.memory,
+        shm_size=spec.shm_size,
+    )
+
+
 def run_in_container(
     stage: Stage, args: list[str], cfg, options: BaseModel | None, workdir: Path, spec: ContainerConfig
 ) -> None:
@@ -222,12 +316,16 @@ def run_in_container(
     APIError = require("docker.errors", "containers", "running stages in containers").APIError
 
     log = logger()
-    client = docker_client(spec.docker_host)
+    policy = ContainerPolicy.from_env()
     image = spec.train_image if stage.image == "train" and spec.train_image else spec.image
+    policy.check(image, workdir)
+    client = docker_client(policy.docker_host)
     # the API key variable the config names reaches the generate container under the same name
     key_env = getattr(cfg.generate.backend, "api_key_env", None)
-    env = {k: os.environ[k] for k in [*spec.pass_env, *([key_env] if key_env else [])] if os.environ.get(k)}
+    env = {k: os.environ[k] for k in [*policy.pass_env, *([key_env] if key_env else [])] if os.environ.get(k)}
     env.update(context_env())
+    # the root filesystem is read-only: every cache and config a library writes goes to the scratch tmpfs
+    env.update(HOME="/tmp/home", XDG_CACHE_HOME="/tmp/cache", MPLCONFIGDIR="/tmp/matplotlib")
     env.update(spec.env)
     env["SPLSM_IMAGE"] = image
     env["SPLSM_IMAGE_DIGEST"] = image_digest(client, image)
@@ -237,14 +335,14 @@ def run_in_container(
     container = client.containers.create(
         image,
         command=args,
-        volumes=config_mounts(cfg, options, workdir, spec.mounts),
+        volumes=config_mounts(cfg, options, workdir, policy.mounts),
         environment=env,
         device_requests=gpu_requests(stage, spec.gpus),
-        user=spec.user,
-        network=spec.network,
-        shm_size=spec.shm_size,
+        user=policy.user,
+        network=policy.network,
         working_dir=str(workdir),
         labels={"splsm.stage": stage.name, "splsm.flow_run_id": env.get("SPLSM_FLOW_RUN_ID", "")},
+        **confinement(spec),
     )
     try:
         try:

@@ -106,6 +106,15 @@ def cpu_image(engine) -> str:
     return TAG
 
 
+@pytest.fixture
+def deployment(engine, tmp_path, monkeypatch):
+    """The deployment's settings a worker would have: this engine, the test image, the test's work root."""
+    monkeypatch.setenv("DOCKER_HOST", engine)
+    monkeypatch.setenv("SPLSM_ALLOWED_IMAGES", TAG)
+    monkeypatch.setenv("SPLSM_WORKDIR_ROOT", str(tmp_path))
+    return monkeypatch
+
+
 def _workdir(tmp_path: Path) -> Path:
     work = tmp_path / "work"
     work.mkdir()
@@ -123,16 +132,14 @@ def test_image_runs_as_a_non_root_user(engine, cpu_image):
 
 
 @pytest.mark.slow
-def test_harvest_runs_in_its_container_and_records_the_image(engine, cpu_image, tmp_path, caplog):
+def test_harvest_runs_in_its_container_and_records_the_image(engine, cpu_image, deployment, tmp_path, caplog):
     import docker
 
     from core.provenance import git_commit
 
     client = docker.DockerClient(base_url=engine)
     work = _workdir(tmp_path)
-    execution = ExecutionConfig(
-        mode="container", container=ContainerConfig(image=cpu_image, docker_host=engine)
-    )
+    execution = ExecutionConfig(mode="container", container=ContainerConfig(image=cpu_image))
     with caplog.at_level(logging.INFO, logger="splsm.runner"):
         run_stage_cli("harvest", TINY_CONFIG, work, execution=execution)
 
@@ -166,32 +173,104 @@ def test_harvest_runs_in_its_container_and_records_the_image(engine, cpu_image, 
 
 
 @pytest.mark.slow
-def test_a_failing_stage_in_its_container_fails_and_is_removed(engine, cpu_image, tmp_path):
+def test_a_failing_stage_in_its_container_fails_and_is_removed(engine, cpu_image, deployment, tmp_path):
     import docker
 
     client = docker.DockerClient(base_url=engine)
     work = _workdir(tmp_path)
-    execution = ExecutionConfig(
-        mode="container", container=ContainerConfig(image=cpu_image, docker_host=engine)
-    )
+    execution = ExecutionConfig(mode="container", container=ContainerConfig(image=cpu_image))
     with pytest.raises(StageFailed, match=r"(?s)exited with 1.*checkpoint .* does not exist"):
         run_stage_cli("evaluate", TINY_CONFIG, work, execution=execution)
     assert not client.containers.list(all=True, filters={"label": "splsm.stage=evaluate"})
 
 
 @pytest.mark.slow
-def test_a_container_the_engine_cannot_start_fails_the_stage_and_is_removed(engine, cpu_image, tmp_path):
+def test_a_container_the_engine_cannot_start_fails_the_stage_and_is_removed(
+    engine, cpu_image, deployment, tmp_path
+):
     import docker
 
     client = docker.DockerClient(base_url=engine)
     work = _workdir(tmp_path)
-    execution = ExecutionConfig(
-        mode="container",
-        container=ContainerConfig(image=cpu_image, docker_host=engine, user="no-such-user"),
-    )
+    deployment.setenv("SPLSM_CONTAINER_USER", "no-such-user")
+    execution = ExecutionConfig(mode="container", container=ContainerConfig(image=cpu_image))
     with pytest.raises(StageFailed, match=r"harvest: the engine could not start .*no-such-user"):
         run_stage_cli("harvest", TINY_CONFIG, work, execution=execution)
     assert not client.containers.list(all=True, filters={"label": "splsm.stage=harvest"})
+
+
+@pytest.mark.slow
+def test_stage_containers_hold_no_capabilities_no_privilege_gain_and_a_read_only_root(engine, cpu_image):
+    import docker
+
+    from splsm.runner import confinement
+
+    client = docker.DockerClient(base_url=engine)
+    probe = (
+        "grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status;"
+        " touch /usr/x 2>/dev/null && echo root-writable || echo root-read-only;"
+        " touch /tmp/x && echo tmp-writable;"
+        " cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/memory.max 2>/dev/null || true"
+    )
+    spec = ContainerConfig(pids=300, memory="1g")
+    out = client.containers.run(cpu_image, entrypoint=["sh", "-c", probe], remove=True, **confinement(spec))
+    lines = out.decode().split()
+    status = dict(zip(lines[0:6:2], lines[1:6:2], strict=True))
+    assert status == {"CapEff:": "0000000000000000", "CapBnd:": "0000000000000000", "NoNewPrivs:": "1"}
+    assert "root-read-only" in lines and "tmp-writable" in lines
+    assert "300" in lines and str(1 << 30) in lines  # the limits, as the container's cgroup holds them
+
+
+def test_flow_parameters_cannot_choose_what_reaches_the_host():
+    from splsm.runner import DEPLOYMENT_ONLY
+
+    for key, value in [
+        ("network", "host"),
+        ("user", "root"),
+        ("mounts", ["/"]),
+        ("docker_host", "tcp://elsewhere:2375"),
+        ("pass_env", ["POSTGRES_PASSWORD"]),
+    ]:
+        with pytest.raises(
+            ValueError, match=f"container.{key} cannot come from flow parameters.*{DEPLOYMENT_ONLY[key]}"
+        ):
+            ExecutionConfig.model_validate(
+                {"mode": "container", "container": {"image": "splsm:cpu", key: value}}
+            )
+
+
+def test_images_off_the_allow_list_and_workdirs_outside_the_root_are_refused_before_the_engine(
+    tmp_path, monkeypatch
+):
+    from splsm.runner import PolicyError
+
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")  # never reached
+    monkeypatch.setenv("SPLSM_ALLOWED_IMAGES", "splsm:cpu, splsm:train")
+    monkeypatch.setenv("SPLSM_WORKDIR_ROOT", str(tmp_path / "allowed"))
+    (tmp_path / "allowed").mkdir()
+    run = dict(mode="container")
+    with pytest.raises(
+        PolicyError, match="image 'evil:latest' is not allowed; SPLSM_ALLOWED_IMAGES allows splsm:cpu"
+    ):
+        run_stage_cli(
+            "harvest",
+            TINY_CONFIG,
+            tmp_path / "allowed" / "w",
+            execution=ExecutionConfig(**run, container={"image": "evil:latest"}),
+        )
+    with pytest.raises(PolicyError, match="train image.*|image 'other:1' is not allowed"):
+        run_stage_cli(
+            "train",
+            TINY_CONFIG,
+            tmp_path / "allowed" / "w",
+            execution=ExecutionConfig(**run, container={"train_image": "other:1"}),
+        )
+    with pytest.raises(PolicyError, match="outside SPLSM_WORKDIR_ROOT"):
+        run_stage_cli("harvest", TINY_CONFIG, tmp_path / "elsewhere", execution=ExecutionConfig(**run))
+    # a link inside the root to a directory outside it is outside
+    (tmp_path / "allowed" / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(PolicyError, match="really .*elsewhere"):
+        run_stage_cli("harvest", TINY_CONFIG, tmp_path / "allowed" / "link", execution=ExecutionConfig(**run))
 
 
 def test_gpu_stages_request_gpus_by_count_or_id_and_cpu_stages_none():

@@ -364,3 +364,34 @@ def test_the_api_key_has_one_name_in_compose_config_and_runner():
     assert "OPENAI_API_KEY" not in COMPOSE.read_text()
     paper = load_config(COMPOSE.parent / "configs" / "paper.yaml")
     assert paper.generate.backend.api_key_env == "VLLM_API_KEY"
+
+
+def test_every_service_is_confined_and_every_api_client_authenticates():
+    """Issue 17, point 2 and 1: no capabilities (postgres: the five its entrypoint needs), no privilege gain, a
+    read-only root with a tmpfs, pids and memory limits; the server requires the auth string, every service
+    that talks to it sends it, from the one required variable."""
+    services = _services()
+    for name, svc in services.items():
+        assert svc.get("cap_drop") == ["ALL"], f"{name} keeps capabilities"
+        assert set(svc.get("cap_add") or []) <= (
+            {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"} if name == "postgres" else set()
+        ), f"{name} adds capabilities"
+        assert "no-new-privileges:true" in (svc.get("security_opt") or []), name
+        assert svc.get("read_only") is True and any(t.startswith("/tmp") for t in svc.get("tmpfs") or []), (
+            name
+        )
+        assert int(svc.get("pids_limit", 0)) > 0 and svc.get("mem_limit"), name
+        assert not svc.get("privileged"), name
+    server = _environment(services["prefect-server"])
+    assert (
+        server["PREFECT_SERVER_API_AUTH_STRING"] == "${PREFECT_AUTH_STRING:?set PREFECT_AUTH_STRING in .env}"
+    )
+    clients = [n for n, s in services.items() if "PREFECT_API_URL" in _environment(s)]
+    assert {"prefect-worker", "demo", "harvest", "train"} <= set(clients)
+    for name in clients:
+        assert (
+            _environment(services[name]).get("PREFECT_API_AUTH_STRING")
+            == server["PREFECT_SERVER_API_AUTH_STRING"]
+        )
+    worker = _environment(services["prefect-worker"])
+    assert worker["SPLSM_WORKDIR_ROOT"] == "/data/work" and worker["SPLSM_ALLOWED_IMAGES"]

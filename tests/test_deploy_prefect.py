@@ -41,10 +41,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+AUTH = ("splsm", "test-only-" + os.urandom(8).hex())  # the server requires it, every client sends it
+
+
 class Server:
     def __init__(self, home: Path, port: int):
         self.url = f"http://127.0.0.1:{port}/api"
         self.env = {
+            "PREFECT_SERVER_API_AUTH_STRING": ":".join(AUTH),
+            "PREFECT_API_AUTH_STRING": ":".join(AUTH),
             **os.environ,
             "PREFECT_HOME": str(home),
             "PREFECT_API_URL": self.url,
@@ -66,7 +71,7 @@ class Server:
         return proc
 
     def api(self, method: str, path: str, **kw):
-        r = httpx.request(method, self.url + path, timeout=60, **kw)
+        r = httpx.request(method, self.url + path, timeout=60, auth=AUTH, **kw)
         r.raise_for_status()
         return r.json()
 
@@ -137,6 +142,15 @@ def server(tmp_path_factory):
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait()
         log.close()
+
+
+def test_the_api_refuses_a_request_without_the_auth_string(server):
+    """The deploy, the worker and every flow run below reach the API with the string; nothing else does."""
+    assert httpx.get(server.url + "/health", timeout=30).status_code == 200  # probes stay open
+    for auth in (None, ("splsm", "wrong")):
+        r = httpx.post(server.url + "/deployments/filter", json={}, auth=auth, timeout=30)
+        assert r.status_code == 401, r.text
+    assert httpx.post(server.url + "/deployments/filter", json={}, auth=AUTH, timeout=30).status_code == 200
 
 
 def test_every_flow_is_deployed_with_its_pool_and_the_regeneration_with_its_cron(server):

@@ -59,7 +59,9 @@ def test_failures_are_listed_in_order_and_only_where_they_apply():
     assert failures("", "stop", 10, every, None, s) == ["empty", "no_end_punct"]
     assert failures("no stop", "length", 10, ("empty",), None, s) == []
     # a refused request: request_error first, whatever else an empty answer fails
-    assert failures("", "error: HTTP 400: too long", 0, ("request_error", *every), None, s)[0] == "request_error"
+    assert (
+        failures("", "error: HTTP 400: too long", 0, ("request_error", *every), None, s)[0] == "request_error"
+    )
     assert failures("Fine.", "stop", 10, ("request_error",), None, s) == []
 
 

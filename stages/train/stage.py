@@ -27,9 +27,17 @@ def params(ctx: Context) -> dict:
 
 
 def body(ctx: Context) -> dict:
+    from core.atomic import remove_stale
     from core.log import console
     from stages.train.launcher import train
 
+    # a checkpoint the ranks were writing when the run was killed (as big as the trainable weights and their
+    # optimizer state): resuming starts from the last published one, so the staging folder only takes space
+    gone = remove_stale([ctx.paths.train.checkpoints])
+    if gone:
+        console.print(
+            f"train: removed {len(gone)} unfinished checkpoints of an interrupted run ({gone[0].name})"
+        )
     whisper, llm = ctx.paths.model_dirs(ctx.cfg)
     summary = train(
         ctx.cfg.train, whisper, llm, ctx.paths.build.examples, ctx.paths.train, run_name=ctx.cfg.name
