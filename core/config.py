@@ -182,6 +182,11 @@ class OpenAIBackendConfig(ClientSettings):
     # servers need no key.
     api_key_env: str | None = "VLLM_API_KEY"
     served_model: str | None = None  # the model name the servers know; default: the LLM directory
+    # Which weights answer, for the answer cache: cached answers are reused only for the same model. Without a
+    # local copy of the LLM to fingerprint, it is this (a hash or version you give), else what the servers
+    # report for the served name (vLLM: the path or hub id it loaded); a server that reports neither is an
+    # error, since a new model behind an old name would otherwise reuse the old model's answers.
+    model_revision: str | None = None
 
 
 class ServeBackendConfig(ClientSettings):

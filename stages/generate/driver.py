@@ -170,21 +170,44 @@ def served_model(g: GenerateConfig, llm_dir: Path | None) -> str:
     return str(llm_dir)
 
 
+def api_key(b: OpenAIBackendConfig) -> str | None:
+    """The key the servers require, from the variable the config names; unset or empty is an error."""
+    if not b.api_key_env:
+        return None
+    key = os.environ.get(b.api_key_env)
+    if not key:
+        raise GenerateError(
+            f"generate.backend.api_key_env names {b.api_key_env}, which is unset or empty: set it to the"
+            " key the servers require, or give api_key_env: null for servers that need none"
+        )
+    return key
+
+
+def model_revision(g: GenerateConfig, llm_dir: Path | None, model: str) -> str:
+    """The identity of the weights that answer, part of every cache key: a local LLM directory's
+    fingerprint; for servers without one here, the revision the config gives or the one they report."""
+    b = g.backend
+    if llm_dir is not None and Path(llm_dir).exists():
+        return fingerprint_dir(llm_dir)
+    if not isinstance(b, OpenAIBackendConfig):
+        return ""
+    if b.model_revision:
+        return "given:" + b.model_revision
+    from stages.generate.backends.openai_server import served_identity
+
+    try:
+        return served_identity(b.base_urls, model, api_key(b), b.request_timeout_s)
+    except BackendError as e:
+        raise GenerateError(f"generate: {e}") from e
+
+
 def make_backend(g: GenerateConfig, llm_dir: Path | None, model: str, server_log: Path):
     """The backend and, for transformers-serve, the server process to run it against."""
     b = g.backend
     if isinstance(b, OpenAIBackendConfig):
         from stages.generate.backends.openai_server import OpenAIBackend
 
-        key = None
-        if b.api_key_env:
-            key = os.environ.get(b.api_key_env)
-            if not key:
-                raise GenerateError(
-                    f"generate.backend.api_key_env names {b.api_key_env}, which is unset or empty: set it to the"
-                    " key the servers require, or give api_key_env: null for servers that need none"
-                )
-        return OpenAIBackend(b.base_urls, model, b, api_key=key), None
+        return OpenAIBackend(b.base_urls, model, b, api_key=api_key(b)), None
     if llm_dir is None:
         raise GenerateError(f"generate.backend {b.kind} needs the LLM directory")
     if isinstance(b, ServeBackendConfig):
@@ -236,7 +259,7 @@ def generate(
     # The answers' identity in the cache: the served name, or a local directory's name with its content's
     # fingerprint, not its path: the same LLM linked into another work directory keeps its cached answers.
     model_id = Path(llm_dir).name if llm_dir is not None and model == str(llm_dir) else model
-    revision = fingerprint_dir(llm_dir) if llm_dir else ""
+    revision = model_revision(g, llm_dir, model)
     tok = _local_tokenizer(llm_dir)
     reqs = plan_requests(transcripts, catalog, g, model_id, revision, tok)
     skipped: set[str] = set()

@@ -56,11 +56,18 @@ def params(ctx: Context) -> dict:
     """The settings answers depend on: not the backend's (how fast they come), except the served name."""
     g = ctx.cfg.generate
     served = g.backend.served_model if isinstance(g.backend, OpenAIBackendConfig) else None
-    return {
+    out = {
         **g.model_dump(mode="json", exclude={"backend", "shard_size"}),
         "served_model": served,
         "catalog_hash": load_catalog(g.catalog).content_hash,
     }
+    llm = _llm(ctx)
+    if served and (llm is None or not llm.exists()):
+        # no local copy to fingerprint as an input: which weights answer is the given or reported revision
+        from stages.generate.driver import model_revision
+
+        out["served_revision"] = model_revision(g, None, served)
+    return out
 
 
 def body(ctx: Context) -> dict:

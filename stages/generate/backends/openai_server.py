@@ -45,6 +45,43 @@ def _retryable(e: BaseException) -> bool:
     return False
 
 
+def served_identity(base_urls: list[str], model: str, api_key: str | None, timeout_s: float = 30.0) -> str:
+    """What the servers say ``model`` is: the ``root`` (vLLM: the path or hub id it loaded, and its
+    ``max_model_len``) of the entry ``/v1/models`` lists under that name, the same on every replica.
+
+    Raises BackendError when a server cannot be asked, does not list the name, reports nothing beyond the name,
+    or when replicas disagree (two models behind one name would mix their answers in one table).
+    """
+    from openai import OpenAI, OpenAIError
+
+    seen: dict[str, str] = {}
+    for url in base_urls:
+        client = OpenAI(base_url=url, api_key=api_key or "no-key", timeout=timeout_s, max_retries=2)
+        try:
+            entries = list(client.models.list())
+        except OpenAIError as e:
+            raise BackendError(f"{url}: cannot list its models to identify {model!r}: {e}") from e
+        finally:
+            client.close()
+        entry = next((m for m in entries if m.id == model), None)
+        if entry is None:
+            raise BackendError(
+                f"{url} does not serve {model!r} (it serves: {', '.join(m.id for m in entries)})"
+            )
+        extra = entry.model_extra or {}
+        root = extra.get("root")
+        if not root or root == model:
+            raise BackendError(
+                f"{url} reports nothing about {model!r} beyond its name: give generate.backend.model_revision "
+                "(a hash or version of the weights it serves) so that cached answers are tied to them"
+            )
+        seen[url] = f"{root}\0{extra.get('max_model_len')}"
+    if len(set(seen.values())) > 1:
+        detail = "; ".join(f"{u}: {v.split(chr(0))[0]}" for u, v in seen.items())
+        raise BackendError(f"the servers serve different models under {model!r}: {detail}")
+    return "served:" + next(iter(seen.values()))
+
+
 class OpenAIBackend:
     """Completions over the OpenAI protocol. The client's own retries are off: ours wait longer (a
     restarting server needs tens of seconds), add jitter so replicas are not hit in lockstep, and move

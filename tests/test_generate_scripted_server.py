@@ -1,4 +1,6 @@
-"""A request the server refuses (HTTP 400, as vLLM answers a prompt longer than its context) is one error row,
+"""What a served model's server says, against the generate stage: a refused request, the model's identity.
+
+A request the server refuses (HTTP 400, as vLLM answers a prompt longer than its context) is one error row,
 not the end of the run; a rerun does not ask again unless ``generate.retry_errors`` says so.
 
 vLLM cannot run on these machines and `transformers serve` answers an over-long prompt with a 500 of its own,
@@ -26,14 +28,21 @@ VLLM_400 = (
 class ScriptedServer:
     """/v1/completions: 400 with vLLM's error body for a prompt holding ``refuse``, else a short answer."""
 
-    def __init__(self):
+    def __init__(self, root: str | None = "/models/llm-v1"):
         self.refuse: str | None = None
         self.prompts: list[str] = []
+        self.root = root  # what /v1/models reports the name serves (vLLM: the path it loaded)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *a):
                 pass
+
+            def do_GET(self):
+                entry = {"id": "scripted", "object": "model", "created": 0, "owned_by": "vllm"}
+                if outer.root:
+                    entry |= {"root": outer.root, "parent": None, "max_model_len": 2048}
+                self._send(200, {"object": "list", "data": [entry]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -142,3 +151,57 @@ def test_scripted_server_run_with_a_shard_cut_to_zero_bytes_makes_it_again_from_
     assert "cannot be read" in capsys.readouterr().out
     assert len(server.prompts) == asked  # the answers came from the cache
     assert read_table(out.responses, RESPONSES).equals(first)
+
+
+def _served(server, **kw):
+    return GenerateConfig(
+        tasks=["repeat"],
+        backend=OpenAIBackendConfig(base_urls=[server.url], served_model="scripted", api_key_env=None, **kw),
+    )
+
+
+def _two(harvested, tmp_path):
+    table = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS).slice(0, 2)
+    return write_table(table, tmp_path / "transcripts.parquet", TRANSCRIPTS)
+
+
+def test_scripted_server_with_other_weights_behind_the_same_name_is_asked_again(harvested, tmp_path, server):
+    transcripts, out = _two(harvested, tmp_path), GeneratePaths(tmp_path / "gen")
+    generate(transcripts, out, _served(server), None)
+    assert len(server.prompts) == 2
+    generate(transcripts, out, _served(server), None)
+    assert len(server.prompts) == 2  # same model: every answer from the cache
+    server.root = "/models/llm-v2"  # the operator restarted vLLM on new weights under the old name
+    generate(transcripts, out, _served(server), None)
+    assert len(server.prompts) == 4
+    # a revision the user gives stands for the weights instead of what the server reports
+    generate(transcripts, out, _served(server, model_revision="sha256:abc"), None)
+    generate(transcripts, out, _served(server, model_revision="sha256:abc"), None)
+    assert len(server.prompts) == 6
+
+
+def test_scripted_server_that_reports_nothing_but_the_name_needs_a_given_revision(harvested, tmp_path):
+    from stages.generate.driver import GenerateError
+
+    bare, other = ScriptedServer(root=None), ScriptedServer(root="/models/other")
+    try:
+        transcripts, out = _two(harvested, tmp_path), GeneratePaths(tmp_path / "gen")
+        with pytest.raises(
+            GenerateError, match="reports nothing about 'scripted' beyond its name.*model_revision"
+        ):
+            generate(transcripts, out, _served(bare), None)
+        assert bare.prompts == []
+        generate(transcripts, out, _served(bare, model_revision="v7"), None)
+        assert len(bare.prompts) == 2
+        # two replicas serving different weights under one name would mix two models in one table
+        two = GenerateConfig(
+            tasks=["repeat"],
+            backend=OpenAIBackendConfig(
+                base_urls=[ScriptedServer().url, other.url], served_model="scripted", api_key_env=None
+            ),
+        )
+        with pytest.raises(GenerateError, match="serve different models under 'scripted'"):
+            generate(transcripts, GeneratePaths(tmp_path / "gen2"), two, None)
+    finally:
+        bare.close()
+        other.close()
