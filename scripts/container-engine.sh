@@ -7,18 +7,34 @@
 #     images/Dockerfile builds FROM it with BASE_IMAGE=localhost/base:bookworm;
 #   - prints the DOCKER_HOST to use as its last line.
 # Needs root and apt. GPU device requests are ignored by podman. Stop the service with:
-#   kill "$(cat "${STATE:-/tmp/splsm-podman}/service.pid")"
+#   kill "$(cat "${STATE:-/run/splsm-podman}/service.pid")"
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-STATE=${STATE:-/tmp/splsm-podman}
+# The service's socket is root on this host: its folder is root's own, made here with mode 0700 under /run
+# (which only root may write), never a fixed name in /tmp that another local user could create first.
+STATE=${STATE:-/run/splsm-podman}
 SOCK=${SOCK:-$STATE/podman.sock}
 BASE=${BASE:-debootstrap}          # debootstrap (~30 s, 200 MB) | busybox (~1 s, 2 MB, no apt inside)
 BASE_TAG=${BASE_TAG:-localhost/base:bookworm}
-mkdir -p "$STATE"
 
 ping() { curl -sf --unix-socket "$SOCK" http://d/_ping >/dev/null 2>&1; }
 
 [ "$(id -u)" = 0 ] || { echo "container-engine.sh: needs root (rootful podman)" >&2; exit 2; }
+
+# Made by us (mkdir fails on anything already there), or refused unless it is a real directory that root
+# owns and nobody else may write: a folder someone else made first would let them replace the socket.
+if mkdir -m 0700 "$STATE" 2>/dev/null; then
+  :
+elif [ -L "$STATE" ] || [ ! -d "$STATE" ]; then
+  echo "container-engine.sh: $STATE exists and is not a directory (a link?); refusing it" >&2; exit 3
+else
+  read -r owner mode < <(stat -c '%u %a' "$STATE")
+  if [ "$owner" != 0 ] || [ $((8#$mode & 8#022)) -ne 0 ]; then
+    echo "container-engine.sh: $STATE belongs to uid $owner with mode $mode; it must be root's, not group- or" \
+         "world-writable: refusing it (remove it, or set STATE to a folder of root's own)" >&2
+    exit 3
+  fi
+fi
 
 if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v curl >/dev/null \
     || { [ "$BASE" = debootstrap ] && ! command -v debootstrap >/dev/null; }; then

@@ -209,16 +209,25 @@ def test_stage_containers_hold_no_capabilities_no_privilege_gain_and_a_read_only
     probe = (
         "grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status;"
         " touch /usr/x 2>/dev/null && echo root-writable || echo root-read-only;"
-        " touch /tmp/x && echo tmp-writable;"
-        " cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/memory.max 2>/dev/null || true"
+        " touch /tmp/x && echo tmp-writable"
     )
     spec = ContainerConfig(pids=300, memory="1g")
-    out = client.containers.run(cpu_image, entrypoint=["sh", "-c", probe], remove=True, **confinement(spec))
-    lines = out.decode().split()
-    status = dict(zip(lines[0:6:2], lines[1:6:2], strict=True))
+    c = client.containers.create(cpu_image, entrypoint=["sh", "-c", probe], **confinement(spec))
+    try:
+        host = c.attrs["HostConfig"]  # what the engine was told, and holds
+        assert (host["PidsLimit"], host["Memory"], host["ReadonlyRootfs"]) == (300, 1 << 30, True)
+        dropped = {x.upper().removeprefix("CAP_") for x in host["CapDrop"]}  # podman lists ALL one by one
+        assert "ALL" in dropped or {"CHOWN", "SETUID", "SETGID", "NET_RAW", "SYS_CHROOT"} <= dropped
+        assert not host.get("CapAdd")
+        assert any("no-new-privileges" in x for x in host["SecurityOpt"])
+        c.start()
+        assert c.wait(timeout=120)["StatusCode"] == 0
+        lines = c.logs().decode().split()
+    finally:
+        c.remove(force=True)
+    status = dict(zip(lines[0:6:2], lines[1:6:2], strict=True))  # what the process inside has
     assert status == {"CapEff:": "0000000000000000", "CapBnd:": "0000000000000000", "NoNewPrivs:": "1"}
     assert "root-read-only" in lines and "tmp-writable" in lines
-    assert "300" in lines and str(1 << 30) in lines  # the limits, as the container's cgroup holds them
 
 
 def test_flow_parameters_cannot_choose_what_reaches_the_host():
@@ -322,3 +331,39 @@ def test_container_mode_mounts_every_path_the_config_and_the_options_name(tmp_pa
     expected |= {made["models/w"].resolve(), made["models/l"].resolve()}
     assert ro == expected
     assert all(vols[str(p)]["bind"] == str(p) for p in ro | rw)  # the same paths inside
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the helper runs as root only")
+def test_the_engine_helper_refuses_a_state_folder_it_does_not_own_alone(tmp_path):
+    """Its socket is root on the host: a state folder another user made first (or a link, or one anyone may
+    write) is refused before anything is installed or started."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 1000, 1000)
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    link = tmp_path / "link"
+    link.symlink_to(theirs)
+    for state, why in [(theirs, "belongs to uid 1000"), (open_to_all, "mode 777"), (link, "not a directory")]:
+        proc = subprocess.run(
+            ["bash", str(REPO / "scripts" / "container-engine.sh")],
+            env={**os.environ, "STATE": str(state), "PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 3 and why in proc.stderr and "refusing it" in proc.stderr, proc.stderr
+    fresh = (
+        tmp_path / "fresh"
+    )  # made by the helper itself: root's, 0700 (it then goes on to start the engine)
+    proc = subprocess.run(
+        ["bash", "-c", f'source <(sed -n "1,/^fi$/p" {REPO / "scripts" / "container-engine.sh"}); echo made'],
+        env={**os.environ, "STATE": str(fresh)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "made" in proc.stdout, proc.stderr
+    st = fresh.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)

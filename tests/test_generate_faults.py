@@ -152,3 +152,48 @@ def test_an_unset_api_key_variable_is_an_error_before_any_request(
             )
         with pytest.raises(TimeoutError):
             listener.accept()  # nothing connected
+
+
+@pytest.mark.slow
+def test_a_port_taken_between_choosing_and_binding_is_not_mistaken_for_our_server(
+    tiny_models_dir, tmp_path, monkeypatch, capsys
+):
+    """Another process takes the chosen port first and answers /health itself: the server is not believed
+    ready on it (the listening socket is not our process's); ours fails to bind and starts on another port."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from stages.generate.backends import transformers_serve
+
+    class Impostor(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            body = json.dumps({"status": "ok"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    impostor = ThreadingHTTPServer(("127.0.0.1", 0), Impostor)
+    taken = impostor.server_address[1]
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    ports = iter([taken])
+    real = transformers_serve.free_port
+    monkeypatch.setattr(transformers_serve, "free_port", lambda: next(ports, None) or real())
+    try:
+        with ServerProcess(tiny_models_dir / "llm", tmp_path / "server.log", timeout_s=300) as url:
+            assert f":{taken}/" not in url
+            import urllib.request
+
+            with urllib.request.urlopen(url.rsplit("/v1", 1)[0] + "/health", timeout=10) as r:
+                assert r.status == 200
+        out = capsys.readouterr().out
+        assert f"port {taken} is answered by another process" in " ".join(out.split())
+        # a port given explicitly is not changed behind the caller's back: taken is an error
+        with pytest.raises(transformers_serve.PortTaken, match=f"port {taken} was taken"):
+            ServerProcess(tiny_models_dir / "llm", tmp_path / "s2.log", port=taken, timeout_s=300).start()
+    finally:
+        impostor.shutdown()
+        impostor.server_close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -19,6 +20,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening_inodes(port: int) -> set[str] | None:
+    """The socket inodes listening on 127.0.0.1:``port`` (or any address), from /proc/net/tcp; None where
+    there is no /proc to ask (macOS)."""
+    found: set[str] = set()
+    wanted = f":{port:04X}"
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not tables[0].exists():
+        return None
+    for table in tables:
+        try:
+            lines = table.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[1].endswith(wanted) and f[3] == "0A":  # 0A: LISTEN
+                found.add(f[9])
+    return found
+
+
+def holds_socket(pid: int, inodes: set[str]) -> bool:
+    """Whether process ``pid`` has one of the socket ``inodes`` open."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            target = os.readlink(fd_dir / name)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
+
+
+class PortTaken(RuntimeError):
+    """Another process took the port between choosing it and the server binding it."""
+
+
 class ServerProcess:
     """A ``transformers serve`` process on a loopback port; ``start``/``stop`` may be called again (the
     fault test restarts it on the same port). Its output goes to ``log_path``; the end of it is in the
@@ -34,6 +76,9 @@ class ServerProcess:
         continuous_batching: bool = False,
     ):
         self.model_dir, self.log_path = Path(model_dir), Path(log_path)
+        self.fixed_port = (
+            port is not None
+        )  # a port of our own choosing may be taken before the server binds it
         self.port = port or free_port()
         self.timeout_s, self.device, self.cb = timeout_s, device, continuous_batching
         self.child: Child | None = None
@@ -43,7 +88,23 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> str:
+        """Start the server and wait until it answers; returns its URL.
+
+        The port is chosen free, then the server binds it: another process may take it in between. The
+        server then dies (address in use) and is started again on another port, up to three times; and
+        ``ready`` only believes a health check when the listening socket belongs to our own process, so an
+        impostor answering on the port is never taken for it."""
         check(("fastapi", "uvicorn"), "serving", "generate.backend transformers-serve")
+        for attempt in range(3):
+            try:
+                return self._start_once()
+            except PortTaken:
+                if self.fixed_port or attempt == 2:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> str:
         exe = Path(sys.executable).with_name("transformers")
         cmd = [str(exe) if exe.exists() else "transformers", "serve", str(self.model_dir)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--device", self.device]
@@ -52,15 +113,20 @@ class ServerProcess:
             f"starting transformers serve for {self.model_dir} on port {self.port} (log: {self.log_path})"
         )
         self.child = Child(cmd, log_path=self.log_path, keep=40).start()
+        self._warned = False
         deadline = time.monotonic() + self.timeout_s
         while True:
             if not self.child.running:
                 rc = self.child.wait()
                 tail = "\n".join(self.child.tail())
+                if "address already in use" in tail.lower():
+                    raise PortTaken(
+                        f"port {self.port} was taken before transformers serve could bind it:\n{tail}"
+                    )
                 raise RuntimeError(f"transformers serve exited with code {rc} before it was ready:\n{tail}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and self._answered_by_us():
                         return self.url
             except OSError:
                 pass
@@ -70,6 +136,21 @@ class ServerProcess:
                     f"transformers serve was not ready after {self.timeout_s}s (log: {self.log_path})"
                 )
             time.sleep(0.5)
+
+    def _answered_by_us(self) -> bool:
+        """Whether the socket listening on our port is our server's. Without /proc (macOS) it cannot be told:
+        the health check is believed, and only the port choice guards it."""
+        inodes = listening_inodes(self.port)
+        if inodes is None:
+            return True
+        pid = self.child.proc.pid if self.child is not None and self.child.proc is not None else None
+        if pid is not None and holds_socket(pid, inodes):
+            return True
+        if inodes and not self._warned:
+            # someone else listens there while ours is still loading: it cannot bind, it will die and say so
+            console.print(f"[yellow]generate: port {self.port} is answered by another process; not ours[/]")
+            self._warned = True
+        return False
 
     def stop(self, kill: bool = False) -> None:
         """Stop the server: SIGTERM (SIGKILL after 20 s), or at once with ``kill``."""
