@@ -37,9 +37,10 @@ def outputs(ctx: Context) -> list[Artifact]:
 
 
 def params(ctx: Context) -> dict:
+    # workers: how many processes probe files, not what the table holds (rows keep reader order)
     return {
         "corpora": [c.model_dump(mode="json") for c in ctx.cfg.corpora],
-        **ctx.cfg.harvest.model_dump(mode="json"),
+        **ctx.cfg.harvest.model_dump(mode="json", exclude={"workers"}),
     }
 
 
