@@ -8,7 +8,10 @@ stage's CLI in a subprocess (the runner), ``transformers serve`` (generate). Eac
 - its stdout and stderr arrive as lines, handed to ``on_line`` (a console, a Prefect logger), appended
   to ``log_path`` if given, and the last ``keep`` of them kept for the error message;
 - ``stop`` sends SIGTERM to the group, waits ``grace_s`` (a trainer writes its checkpoint then), and
-  sends SIGKILL to whatever is left.
+  sends SIGKILL to whatever is left;
+- where util-linux is, the child gets SIGTERM when we die, however we die (``PR_SET_PDEATHSIG``): a stage killed with
+  SIGKILL leaves no ``transformers serve`` holding a port, no torchrun training on (torchrun passes the
+  SIGTERM on to its workers).
 """
 
 from __future__ import annotations
@@ -31,6 +34,16 @@ def stream_lines(lines: Iterable[str], on_line: Callable[[str], None] | None, ke
             on_line(line)
         tail.append(line)
     return list(tail)
+
+
+def _die_with_us(cmd: list[str]) -> list[str]:
+    """``cmd`` run so that it gets SIGTERM when we die, through util-linux's ``setpriv --pdeathsig`` (the
+    setting survives its exec); as it is where there is no setpriv (macOS). Not a ``preexec_fn``: that may
+    deadlock a child forked while another thread holds a lock, and flows run in threads."""
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *cmd] if setpriv else cmd
 
 
 class Child:
@@ -58,7 +71,7 @@ class Child:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            self.cmd,
+            _die_with_us(self.cmd),
             cwd=self.cwd,
             env=self.env,
             stdin=subprocess.DEVNULL,
