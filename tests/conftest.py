@@ -97,3 +97,43 @@ def pretrained(tmp_path_factory):
     stage = STAGES["pretrained"]
     stage.run(stage.context(None, work))
     return work, WorkPaths(work).models
+
+
+# ----- every harvest reject reason is produced by some test -----------------------------------------------
+# Each Reject made in this process is counted by reason; when the whole suite ran (no file, -k or -m given),
+# a reason in REASONS that no test produced fails the run (a reject path nobody exercises may no longer
+# work), and so does a reason produced that REASONS does not list.
+PRODUCED: set[str] = set()
+
+
+def _record_rejects() -> None:
+    from stages.harvest.corpora.records import Reject
+
+    made = Reject.__init__
+
+    def counted(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        PRODUCED.add(self.reason)
+
+    Reject.__init__ = counted
+
+
+_record_rejects()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from stages.harvest.corpora.records import REASONS
+
+    opt, args = session.config.option, list(session.config.invocation_params.args)
+    positional = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] != "-p")]
+    narrowed = positional or opt.keyword or opt.markexpr or getattr(opt, "lf", False) or opt.exitfirst
+    if narrowed or exitstatus != 0:
+        return
+    never, unknown = sorted(set(REASONS) - PRODUCED), sorted(PRODUCED - set(REASONS))
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    if never:
+        tr.write_line(f"reject reasons no test produced: {', '.join(never)}", red=True)
+    if unknown:
+        tr.write_line(f"reject reasons missing from records.REASONS: {', '.join(unknown)}", red=True)
+    if never or unknown:
+        session.exitstatus = 1

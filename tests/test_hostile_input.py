@@ -4,6 +4,7 @@ and never costs the good rows around it (README, "What bad input gets")."""
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,48 @@ def test_a_dangling_link_in_a_corpus_is_a_reject_and_a_warning_not_a_crash(tmp_p
     before = fingerprint_dir(root)
     shutil.copy(DEMO / CLIP, root / "test-clean" / "nowhere.wav")
     assert fingerprint_dir(root) != before
+
+
+def test_missing_roots_and_manifests_and_a_headless_common_voice_tsv_are_rejects(tmp_path):
+    cv = tmp_path / "cv"
+    (cv / "clips").mkdir(parents=True)
+    (cv / "train.tsv").write_text("client_id\tfile\ttext\nabc\tx.mp3\thello\n")  # no path/sentence columns
+    corpora = [
+        CorpusConfig(name="gone", kind="librispeech", root=tmp_path / "nowhere"),
+        CorpusConfig(name="nomanifest", kind="jsonl", root=tmp_path, manifest=tmp_path / "absent.jsonl"),
+        CorpusConfig(name="cv", kind="commonvoice", root=cv, tsvs=["train"]),
+    ]
+    harvest(corpora, tmp_path / "out")
+    _, rejects = _rows(tmp_path / "out")
+    got = {(r["corpus"], r["reason"], r["field"]) for r in rejects}
+    assert got == {
+        ("gone", "missing_corpus_root", "root"),
+        ("nomanifest", "missing_manifest", "manifest"),
+        ("cv", "bad_header", "header"),
+    }
+
+
+def test_lhotse_recordings_it_cannot_read_as_lhotse_would_are_rejects(tmp_path):
+    lhotse = pytest.importorskip("lhotse")
+    root = tmp_path / "corpus"
+    root.mkdir()
+    x, sr = sf.read(str(DEMO / CLIP), dtype="float32")
+    sf.write(str(root / "stereo.wav"), np.stack([x, x[::-1]], axis=1), sr)
+    shutil.copy(DEMO / CLIP, root / "mono.wav")
+    stereo = lhotse.Recording.from_file(root / "stereo.wav", recording_id="stereo")
+    sped = lhotse.Recording.from_file(root / "mono.wav", recording_id="sped").perturb_speed(1.1)
+    for rec in (stereo, sped):  # paths relative to the root, as the harvest reads them
+        rec.sources[0].source = Path(rec.sources[0].source).name
+    sups = [
+        lhotse.SupervisionSegment("left", "stereo", 0.0, 1.0, channel=0, text="one side only"),
+        lhotse.SupervisionSegment("fast", "sped", 0.0, 1.0, channel=0, text="heard faster"),
+    ]
+    recs, sup_file = tmp_path / "recs.jsonl", tmp_path / "sups.jsonl"
+    recs.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in (stereo, sped)))
+    sup_file.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in sups))
+    corpus = CorpusConfig(name="l", kind="lhotse", root=root, recordings=recs, supervisions=sup_file)
+    harvest([corpus], tmp_path / "out")
+    rows, rejects = _rows(tmp_path / "out")
+    assert rows == []
+    reasons = {r["reason"] for r in rejects}
+    assert {"single_channel", "unsupported_transform"} <= reasons, rejects

@@ -145,7 +145,9 @@ def _recording(corpus: CorpusConfig, source: str, rec) -> Rec | Reject:
             "unsupported_source",
             f"recording {rec.id} has sources of type {kinds}; the harvest reads one audio file (type file)",
         )
-    odd = [t.name for t in rec.transforms or [] if t.name != "Resample"]
+    # transforms come as lhotse's classes (Speed, Resample, ...; they carry no name attribute) or as dicts
+    names = [t.get("name") if isinstance(t, dict) else type(t).__name__ for t in rec.transforms or []]
+    odd = [str(n) for n in names if n != "Resample"]
     if odd:
         return Reject(
             corpus.name,

@@ -29,6 +29,40 @@ class Candidate:
     sample_rate_hz: int | None = None
 
 
+# Every reason a harvest reject can give, with what it means. The full test suite checks both ways that this
+# is the list (tests/conftest.py): a reject with a reason not here fails it, and so does a reason here that no
+# test produces.
+REASONS = {
+    "bad_json": "a line or file that is not the JSON its format needs",
+    "bad_row": "a CSV/TSV row or GigaSpeech segment of the wrong shape",
+    "bad_header": "a Common Voice TSV without the columns it needs",
+    "bad_manifest": "a lhotse manifest that cannot be read as one",
+    "bad_recording": "a lhotse recording entry lhotse cannot parse",
+    "bad_value": "a field whose value no row may hold (NaN or negative seconds, a float id, ...)",
+    "missing_field": "a required field is absent",
+    "missing_manifest": "the manifest file does not exist",
+    "missing_corpus_root": "the corpus root does not exist",
+    "missing_audio": "the audio file does not exist (or is a dangling link)",
+    "outside_root": "the audio path resolves outside the corpus root",
+    "non_utf8_transcript": "a transcript line that is not UTF-8",
+    "empty_transcript": "the transcript is empty (or Whisper heard no words)",
+    "no_transcript": "no transcript, and harvest.whisper_checkpoint is not set",
+    "garbage_utterance": "a GigaSpeech segment marked as music, noise or silence",
+    "duplicate_utt_id": "an utterance id seen before in this harvest",
+    "duplicate_recording_id": "a lhotse recording id seen before",
+    "unknown_recording": "a lhotse supervision or cut naming no known recording",
+    "unsupported_source": "a lhotse audio source that is not a file (url, command, memory)",
+    "unsupported_transform": "a lhotse transform other than Resample",
+    "unsupported_cut": "a lhotse cut that is neither a MonoCut nor a MultiCut (a MixedCut, or no type)",
+    "single_channel": "a lhotse supervision on one channel of a multi-channel recording (the harvest downmixes)",
+    "corrupt_audio": "audio bytes no decoder can read",
+    "empty_audio": "audio with no samples (in the file, or in the segment)",
+    "segment_out_of_range": "a segment that ends after its file does",
+    "too_short": "shorter than harvest.min_duration_s",
+    "too_long": "longer than harvest.max_duration_s (or Whisper's 30 s window when it labels)",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Reject:
     corpus: str
@@ -41,6 +75,12 @@ class Reject:
     file_size: int | None = None
     file_mtime_ns: int | None = None
     file_sha256: str | None = None
+
+    def __post_init__(self):
+        if self.reason not in REASONS:
+            raise ValueError(
+                f"reject reason {self.reason!r} is not in stages.harvest.corpora.records.REASONS"
+            )
 
     def row(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
