@@ -126,7 +126,7 @@ def pytest_sessionfinish(session, exitstatus):
 
     opt, args = session.config.option, list(session.config.invocation_params.args)
     positional = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] != "-p")]
-    narrowed = positional or opt.keyword or opt.markexpr or getattr(opt, "lf", False) or opt.exitfirst
+    narrowed = positional or opt.keyword or opt.markexpr or getattr(opt, "lf", False) or opt.maxfail
     if narrowed or exitstatus != 0:
         return
     never, unknown = sorted(set(REASONS) - PRODUCED), sorted(PRODUCED - set(REASONS))
