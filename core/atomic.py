@@ -98,7 +98,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
-        return True
+        pass
     return True
 
 
@@ -129,9 +129,7 @@ def remove_stale(dirs: list[Path]) -> list[Path]:
                     continue
             else:
                 pid = tail.split("-", 1)[0]
-                if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-                    continue
-                if pid.isdigit() and int(pid) == os.getpid():
+                if pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
                     continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)

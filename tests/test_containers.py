@@ -257,29 +257,24 @@ def test_images_off_the_allow_list_and_workdirs_outside_the_root_are_refused_bef
     monkeypatch.setenv("SPLSM_ALLOWED_IMAGES", "splsm:cpu, splsm:train")
     monkeypatch.setenv("SPLSM_WORKDIR_ROOT", str(tmp_path / "allowed"))
     (tmp_path / "allowed").mkdir()
-    run = dict(mode="container")
+
+    def run(stage: str, workdir, **container):
+        execution = ExecutionConfig(mode="container", container=container)
+        run_stage_cli(stage, TINY_CONFIG, workdir, execution=execution)
+
+    inside = tmp_path / "allowed" / "w"
     with pytest.raises(
         PolicyError, match="image 'evil:latest' is not allowed; SPLSM_ALLOWED_IMAGES allows splsm:cpu"
     ):
-        run_stage_cli(
-            "harvest",
-            TINY_CONFIG,
-            tmp_path / "allowed" / "w",
-            execution=ExecutionConfig(**run, container={"image": "evil:latest"}),
-        )
+        run("harvest", inside, image="evil:latest")
     with pytest.raises(PolicyError, match="train image.*|image 'other:1' is not allowed"):
-        run_stage_cli(
-            "train",
-            TINY_CONFIG,
-            tmp_path / "allowed" / "w",
-            execution=ExecutionConfig(**run, container={"train_image": "other:1"}),
-        )
+        run("train", inside, train_image="other:1")
     with pytest.raises(PolicyError, match="outside SPLSM_WORKDIR_ROOT"):
-        run_stage_cli("harvest", TINY_CONFIG, tmp_path / "elsewhere", execution=ExecutionConfig(**run))
+        run("harvest", tmp_path / "elsewhere")
     # a link inside the root to a directory outside it is outside
     (tmp_path / "allowed" / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     with pytest.raises(PolicyError, match="really .*elsewhere"):
-        run_stage_cli("harvest", TINY_CONFIG, tmp_path / "allowed" / "link", execution=ExecutionConfig(**run))
+        run("harvest", tmp_path / "allowed" / "link")
 
 
 def test_gpu_stages_request_gpus_by_count_or_id_and_cpu_stages_none():
