@@ -6,8 +6,8 @@
 #   - the base image localhost/base:bookworm comes from debootstrap (no registry is needed), and
 #     images/Dockerfile builds FROM it with BASE_IMAGE=localhost/base:bookworm;
 #   - prints the DOCKER_HOST to use as its last line.
-# Needs root and apt. GPU device requests are ignored by podman. Stop the service with:
-#   kill "$(cat "${STATE:-/run/splsm-podman}/service.pid")"
+# Needs root and apt. GPU device requests are ignored by podman. Stop the service and its health checks with:
+#   kill "$(cat "${STATE:-/run/splsm-podman}/service.pid")" "$(cat "${STATE:-/run/splsm-podman}/health.pid")"
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 # The service's socket is root on this host: its folder is root's own, made here with mode 0700 under /run
@@ -92,5 +92,18 @@ if ! ping; then
   (cd / && exec nohup podman system service --time=0 "unix://$SOCK" >"$STATE/service.log" 2>&1) &
   echo $! >"$STATE/service.pid"
   i=0; until ping; do i=$((i+1)); [ $i -lt 100 ] || { cat "$STATE/service.log" >&2; exit 1; }; sleep 0.2; done
+fi
+# Root's group may use the socket: a compose worker running as a non-root user in group 0 (DOCKER_GID=0)
+# starts stage containers through it. The folder above stays root's alone, so no host user reaches it.
+chmod 0660 "$SOCK"
+# Podman runs health checks from systemd timers; without systemd (a container, a CI machine) none ever
+# runs and every `depends_on: condition: service_healthy` waits forever. This loop runs them instead.
+if ! { [ -f "$STATE/health.pid" ] && kill -0 "$(cat "$STATE/health.pid")" 2>/dev/null; }; then
+  (cd / && exec nohup bash -c 'while sleep "${HEALTH_INTERVAL_S:-3}"; do
+      for c in $(podman ps -q --filter health=starting --filter health=healthy --filter health=unhealthy); do
+        podman healthcheck run "$c" >/dev/null 2>&1 || true
+      done
+    done' >/dev/null 2>&1) &
+  echo $! >"$STATE/health.pid"
 fi
 echo "DOCKER_HOST=unix://$SOCK"

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -98,6 +98,15 @@ def _split(value: str | None, sep: str = ",") -> tuple[str, ...]:
     return tuple(x.strip() for x in (value or "").split(sep) if x.strip())
 
 
+def _volume(spec: str) -> tuple[str, str, str]:
+    """``NAME:/mount/point[:ro|rw]`` of SPLSM_CONTAINER_VOLUMES."""
+    parts = spec.split(":")
+    mode = parts.pop() if len(parts) == 3 else "rw"
+    if len(parts) != 2 or not parts[0] or not parts[1].startswith("/") or mode not in ("rw", "ro"):
+        raise PolicyError(f"SPLSM_CONTAINER_VOLUMES: {spec!r} is not NAME:/absolute/mount/point[:ro|rw]")
+    return parts[0], parts[1], mode
+
+
 @dataclass(frozen=True)
 class ContainerPolicy:
     """The deployment's word on containers, read from the worker's environment (``from_env``)."""
@@ -107,6 +116,11 @@ class ContainerPolicy:
     network: str | None = None  # e.g. the compose network, to reach a vLLM service by name
     user: str | None = None  # default: the image's own (non-root) user
     mounts: tuple[str, ...] = ()  # extra host paths mounted read-only at the same path
+    # Where the worker itself runs in a container (compose): its paths are not the host's. A path under a
+    # volume's mount point is reached by mounting that named volume there; a path under an image path is
+    # the stage image's own (the worker runs the same image) and is not mounted at all.
+    volumes: tuple[tuple[str, str, str], ...] = ()  # (volume name, mount point, "rw" | "ro")
+    image_paths: tuple[Path, ...] = ()
     pass_env: tuple[str, ...] = ("HF_TOKEN",)  # copied if set (and generate's key variable)
     docker_host: str | None = None  # default: the engine's default socket
 
@@ -125,6 +139,8 @@ class ContainerPolicy:
             if "SPLSM_CONTAINER_PASS_ENV" in env
             else d.pass_env,
             docker_host=env.get("DOCKER_HOST") or None,
+            volumes=tuple(_volume(v) for v in _split(env.get("SPLSM_CONTAINER_VOLUMES"))),
+            image_paths=tuple(Path(p) for p in _split(env.get("SPLSM_CONTAINER_IMAGE_PATHS"), os.pathsep)),
         )
 
     def check(self, image: str, workdir: Path) -> None:
@@ -254,15 +270,18 @@ def docker_client(docker_host: str | None = None):
 
 
 def config_mounts(
-    cfg, options: BaseModel | None, workdir: Path, extra: Sequence[str] = ()
+    cfg, options: BaseModel | None, workdir: Path, policy: ContainerPolicy | None = None
 ) -> dict[str, dict]:
     """Docker SDK volume specs: the work directory read-write; read-only, every path the config reads
-    (``core.config.paths_read``), every path among the stage's options, and ``extra``; all at the same paths."""
+    (``core.config.paths_read``), every path among the stage's options, and the policy's extra mounts; all at
+    the same paths. A path under one of the policy's volumes becomes that named volume at its mount point; a
+    path under one of its image paths is left to the image."""
+    policy = policy or ContainerPolicy()
     ro: set[Path] = set(paths_read(cfg))
     if options is not None:
         ro.update(Path(v).resolve() for v in options.model_dump().values() if isinstance(v, Path))
     ro = {p if p.is_dir() else p.parent for p in ro}
-    ro.update(Path(p).resolve() for p in extra)
+    ro.update(Path(p).resolve() for p in policy.mounts)
     paths = WorkPaths(workdir)
     rw = {paths.root, paths.lineage.parent}
     for p in rw:
@@ -271,8 +290,18 @@ def config_mounts(
     ro = {p for p in ro if p.exists() and not any(p.is_relative_to(w) for w in rw)}
     ro = {p for p in ro if not any(p != q and p.is_relative_to(q) for q in ro)}
     rw = {p for p in rw if not any(p != q and p.is_relative_to(q) for q in rw)}
-    volumes = {str(p): {"bind": str(p), "mode": "rw"} for p in rw}
-    volumes.update({str(p): {"bind": str(p), "mode": "ro"} for p in ro})
+    volumes: dict[str, dict] = {}
+    for mode, group in (("rw", rw), ("ro", ro)):
+        for p in sorted(group):
+            if any(p.is_relative_to(i) for i in policy.image_paths):
+                continue
+            vol = next((v for v in policy.volumes if p.is_relative_to(v[1])), None)
+            if vol is None:
+                volumes[str(p)] = {"bind": str(p), "mode": mode}
+            elif vol[0] not in volumes:  # read-write where the stage writes, unless the volume is read-only
+                volumes[vol[0]] = {"bind": vol[1], "mode": "ro" if vol[2] == "ro" else mode}
+            elif mode == "rw" and vol[2] == "rw":
+                volumes[vol[0]]["mode"] = "rw"
     return volumes
 
 
@@ -335,7 +364,7 @@ def run_in_container(
     container = client.containers.create(
         image,
         command=args,
-        volumes=config_mounts(cfg, options, workdir, policy.mounts),
+        volumes=config_mounts(cfg, options, workdir, policy),
         environment=env,
         device_requests=gpu_requests(stage, spec.gpus),
         user=policy.user,

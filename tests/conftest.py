@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,52 @@ def pytest_sessionfinish(session, exitstatus):
         tr.write_line(f"reject reasons missing from records.REASONS: {', '.join(unknown)}", red=True)
     if never or unknown:
         session.exitstatus = 1
+
+
+# ----- a container engine (tests/test_containers.py, tests/test_compose_up.py) -----------------------
+
+
+def _ping(host: str) -> bool:
+    import docker
+
+    try:
+        return docker.DockerClient(base_url=host, timeout=10).ping()
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def engine() -> str:
+    """A Docker Engine API to run containers on: DOCKER_HOST if it answers, else rootful podman set up by
+    scripts/container-engine.sh (which needs root and apt); the test is skipped without either."""
+    host = os.environ.get("DOCKER_HOST")
+    if host and _ping(host):
+        return host
+    if os.geteuid() != 0:
+        pytest.skip("no container engine at DOCKER_HOST, and setting up rootful podman needs root")
+    if not shutil.which("apt-get"):
+        pytest.skip("no container engine at DOCKER_HOST, and no apt-get to install podman with")
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "container-engine.sh")], capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, f"container-engine.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    host = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    assert _ping(host), f"no engine answers at {host}"
+    return host
+
+
+def local_wheels() -> list[Path]:
+    """The CPU torch wheel pip finds on this machine (PIP_FIND_LINKS), so the image gets no CUDA build."""
+    dirs = [d for d in os.environ.get("PIP_FIND_LINKS", "").split() if os.path.isdir(d)]
+    return [Path(p) for d in dirs for p in glob.glob(os.path.join(d, "torch-*.whl"))]
+
+
+def ca_bundle() -> Path | None:
+    for p in (
+        os.environ.get("PIP_CERT"),
+        os.environ.get("SSL_CERT_FILE"),
+        "/etc/ssl/certs/ca-certificates.crt",
+    ):
+        if p and os.path.isfile(p):
+            return Path(p)
+    return None

@@ -7,16 +7,14 @@ debootstrap base through the Engine API, so no registry is needed (PyPI is, insi
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, ca_bundle, local_wheels
 from core.lineage.store import LineageStore
 from core.paths import WorkPaths
 from core.tables import read_table
@@ -47,50 +45,6 @@ def test_a_failing_stage_in_a_subprocess_fails_with_its_message(tmp_path):
 # ----- container mode ---------------------------------------------------------------------------
 
 
-def _ping(host: str) -> bool:
-    import docker
-
-    try:
-        return docker.DockerClient(base_url=host, timeout=10).ping()
-    except Exception:
-        return False
-
-
-@pytest.fixture(scope="session")
-def engine() -> str:
-    host = os.environ.get("DOCKER_HOST")
-    if host and _ping(host):
-        return host
-    if os.geteuid() != 0:
-        pytest.skip("no container engine at DOCKER_HOST, and setting up rootful podman needs root")
-    if not shutil.which("apt-get"):
-        pytest.skip("no container engine at DOCKER_HOST, and no apt-get to install podman with")
-    proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "container-engine.sh")], capture_output=True, text=True, timeout=1200
-    )
-    assert proc.returncode == 0, f"container-engine.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    host = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
-    assert _ping(host), f"no engine answers at {host}"
-    return host
-
-
-def _local_wheels() -> list[Path]:
-    """The CPU torch wheel pip finds on this machine (PIP_FIND_LINKS), so the image gets no CUDA build."""
-    dirs = [d for d in os.environ.get("PIP_FIND_LINKS", "").split() if os.path.isdir(d)]
-    return [Path(p) for d in dirs for p in glob.glob(os.path.join(d, "torch-*.whl"))]
-
-
-def _ca_bundle() -> Path | None:
-    for p in (
-        os.environ.get("PIP_CERT"),
-        os.environ.get("SSL_CERT_FILE"),
-        "/etc/ssl/certs/ca-certificates.crt",
-    ):
-        if p and os.path.isfile(p):
-            return Path(p)
-    return None
-
-
 @pytest.fixture(scope="session")
 def cpu_image(engine) -> str:
     from splsm.images import build_image
@@ -99,8 +53,8 @@ def cpu_image(engine) -> str:
         TAG,
         "cpu",
         {"BASE_IMAGE": "localhost/base:bookworm", "TORCH_INDEX_URL": "https://pypi.org/simple"},
-        wheels=_local_wheels(),
-        ca_bundle=_ca_bundle(),
+        wheels=local_wheels(),
+        ca_bundle=ca_bundle(),
         docker_host=engine,
     )
     return TAG
@@ -326,6 +280,43 @@ def test_container_mode_mounts_every_path_the_config_and_the_options_name(tmp_pa
     expected |= {made["models/w"].resolve(), made["models/l"].resolve()}
     assert ro == expected
     assert all(vols[str(p)]["bind"] == str(p) for p in ro | rw)  # the same paths inside
+
+
+def test_a_worker_in_a_container_mounts_named_volumes_and_leaves_the_images_own_paths(tmp_path):
+    """Under compose the worker's paths are its container's, not the host's: a path under a policy volume's
+    mount point becomes that named volume (read-write where the stage writes, never where the volume is
+    read-only), a path under an image path (the config and demo data baked into the image) is not mounted."""
+    from core.config import load_config
+    from splsm.runner import ContainerPolicy, PolicyError, config_mounts
+
+    image = tmp_path / "app"
+    (image / "cfg").mkdir(parents=True)
+    (image / "data").mkdir()
+    (image / "data" / "m.jsonl").write_text("")
+    corpora, models, work = tmp_path / "corpora", tmp_path / "models", tmp_path / "vol" / "work"
+    for d in (corpora / "a", models / "w", models / "l"):
+        d.mkdir(parents=True)
+    cfg_file = image / "cfg" / "c.yaml"
+    cfg_file.write_text(
+        "name: x\ncorpora: [{name: a, kind: jsonl, root: ../data, manifest: ../data/m.jsonl},"
+        f" {{name: b, kind: audio_folder, root: {corpora / 'a'}}}]\n"
+        f"models: {{whisper: {models / 'w'}, llm: {models / 'l'}}}\n"
+    )
+    policy = ContainerPolicy.from_env(
+        {
+            "SPLSM_CONTAINER_VOLUMES": f"splsm-work:{work.parent},splsm-models:{models}:ro,splsm-corpora:{corpora}",
+            "SPLSM_CONTAINER_IMAGE_PATHS": str(image),
+        }
+    )
+    vols = config_mounts(load_config(cfg_file), None, work, policy)
+    assert vols == {
+        "splsm-work": {"bind": str(work.parent), "mode": "rw"},
+        "splsm-models": {"bind": str(models), "mode": "ro"},
+        "splsm-corpora": {"bind": str(corpora), "mode": "ro"},
+    }
+    for bad in ("splsm-work", "splsm-work:relative", "a:/x:rx", ":/x"):
+        with pytest.raises(PolicyError, match="SPLSM_CONTAINER_VOLUMES"):
+            ContainerPolicy.from_env({"SPLSM_CONTAINER_VOLUMES": bad})
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the helper runs as root only")

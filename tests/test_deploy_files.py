@@ -101,7 +101,7 @@ def test_dockerfile_targets_and_users():
 
 def test_compose_build_defaults_match_dockerfile():
     """The base images compose passes default to the Dockerfile's own defaults, so the two cannot drift."""
-    dockerfile_defaults = dict(re.findall(r"^ARG\s+(\w+_IMAGE)=(\S+)", DOCKERFILE.read_text(), re.M))
+    dockerfile_defaults = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", DOCKERFILE.read_text(), re.M))
     assert set(dockerfile_defaults) >= {"BASE_IMAGE", "CUDA_BASE_IMAGE", "VLLM_IMAGE"}
     for name, service in _services().items():
         for arg, value in ((service.get("build") or {}).get("args") or {}).items():
@@ -110,6 +110,21 @@ def test_compose_build_defaults_match_dockerfile():
             assert m.group(2) == dockerfile_defaults[arg], (
                 f"{name}: {arg} default differs from images/Dockerfile"
             )
+
+
+def test_base_images_are_pinned_by_digest_and_compose_builds_what_it_runs():
+    """A tag can be pushed again; a digest cannot. Every image compose runs is one it builds from
+    images/Dockerfile, but Postgres (an opt-in profile), which is pinned by digest too. The vLLM base stays a
+    version tag: its digest could not be read from here (no registry), and the GPU profile does not run here."""
+    defaults = dict(re.findall(r"^ARG\s+(\w+_IMAGE)=(\S+)", DOCKERFILE.read_text(), re.M))
+    for name in ("BASE_IMAGE", "CUDA_BASE_IMAGE"):
+        assert re.search(r"@sha256:[0-9a-f]{64}$", defaults[name]), f"{name}={defaults[name]} is not pinned"
+    for name, service in _services().items():
+        if "build" in service:
+            assert service["image"] in ("splsm:cpu", "splsm:train", "splsm-vllm:latest"), name
+        else:
+            assert name == "postgres" and "postgres" in service.get("profiles", []), f"{name} is pulled"
+            assert re.search(r"@sha256:[0-9a-f]{64}\}?$", service["image"]), service["image"]
 
 
 # (2) -------------------------------------------------------------------------------------------
