@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, ca_bundle, local_wheels
@@ -160,8 +161,12 @@ def test_compose_up_runs_the_demo_deployment_with_stages_in_containers_then_leav
         for r in rows:
             assert r["status"] == "succeeded" and r["flow_run_id"] == fr["id"], r
             assert r["image"] == "splsm:cpu" and r["image_digest"] in built, (r, built)
-        summary = Path(client.volumes.get(f"{name}-work").attrs["Mountpoint"]) / "demo" / "evaluate"
-        assert any(summary.glob("*.json")), f"no evaluation summary under {summary}"
+        # and the stages' outputs on the work volume: the evaluation's metrics, one row per eval set
+        from core.paths import WorkPaths
+
+        work = WorkPaths(Path(client.volumes.get(f"{name}-work").attrs["Mountpoint"]) / "demo")
+        metrics = pq.read_table(work.evaluate.table("metrics")).to_pylist()
+        assert [m["eval_set"] for m in metrics] == ["test-clean"], metrics
     finally:
         stack.compose("down", "-v", "--remove-orphans", timeout=300, check=False)
     left = client.containers.list(all=True, filters={"label": f"com.docker.compose.project={name}"})

