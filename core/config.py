@@ -390,10 +390,12 @@ class LoraSettings(Strict):
 
 
 class TrainConfig(Strict):
-    # Settings that change how long or how often, not what is trained: neither the stage's reuse key nor a
-    # resumable checkpoint's settings hold them.
+    # Settings that change how long or how often, or where the nodes meet, not what is trained: neither the
+    # stage's reuse key nor a resumable checkpoint's settings hold them.
     RESUME_EXEMPT: ClassVar[frozenset[str]] = frozenset(
         {
+            "rdzv_endpoint",
+            "rdzv_id",
             "timeout_s",
             "checkpoint_every",
             "keep_checkpoints",
@@ -406,6 +408,13 @@ class TrainConfig(Strict):
     )
 
     nproc_per_node: int = Field(2, ge=1)
+    # Across machines: nnodes nodes of nproc_per_node processes each (world size nnodes x nproc_per_node), met
+    # through torchrun's c10d rendezvous at rdzv_endpoint, HOST:PORT (a free port on one of the nodes, usually
+    # the first: torchrun there serves it). Every node runs `splsm train --node-rank K` with this same config and
+    # work directory (a shared filesystem); node 0 clears, resumes and publishes, the others only train.
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = Field("splsm", pattern=r"^[A-Za-z0-9_.-]+$")  # the run's name at the endpoint
     backend: Literal["gloo", "nccl"] = "gloo"
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards the LLM's decoder layers (FSDP2 fully_shard)
     max_steps: int = Field(10, ge=1)
@@ -468,6 +477,32 @@ class TrainConfig(Strict):
             raise ValueError(f"train.loggers: {dup[0]!r} appears twice")
         if self.mlflow_uri is not None and "mlflow" not in self.loggers:
             raise ValueError("train.mlflow_uri is set but mlflow is not in train.loggers")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Processes over all nodes."""
+        return self.nnodes * self.nproc_per_node
+
+    @model_validator(mode="after")
+    def _nodes(self):
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(
+                f"train.nnodes is {self.nnodes} but train.rdzv_endpoint is not set: the nodes meet at HOST:PORT "
+                "(a free port on one of them, usually node 0's)"
+            )
+        if self.nnodes == 1 and self.rdzv_endpoint is not None:
+            raise ValueError(
+                "train.rdzv_endpoint is set but train.nnodes is 1: one node needs no rendezvous "
+                "(torchrun --standalone)"
+            )
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"train.rdzv_endpoint: {self.rdzv_endpoint!r} is not HOST:PORT (a host name or address and "
+                    "a port 1-65535, e.g. node0:29400)"
+                )
         return self
 
     @model_validator(mode="after")

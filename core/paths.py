@@ -195,6 +195,11 @@ class TrainPaths:
     def summary(self) -> Path:
         return self.dir / "summary.json"
 
+    def node(self, rank: int) -> Path:
+        """A following node's own folder (``train.nnodes`` > 1, node ``rank`` > 0): the arguments its workers
+        read and the marker of its part. Nobody else writes there, so node 0 never removes its temporaries."""
+        return self.dir / "nodes" / f"node-{rank}"
+
     @property
     def errors(self) -> Path:
         return self.dir / "errors"

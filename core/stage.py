@@ -198,37 +198,13 @@ def run_stage(
     t0 = time.monotonic()
     paths = paths if isinstance(paths, WorkPaths) else WorkPaths(paths)
     marker = marker or paths.marker(name)
-    in_refs = [a.ref() for a in inputs]
-    _check_published(paths, name, inputs, in_refs)
-    key = hashlib.sha256(
-        json.dumps(
-            {
-                "stage": name,
-                "params": params,
-                "code": code_hash(package),
-                "inputs": [
-                    (r.role, r.location, r.content_hash)
-                    for a, r in zip(inputs, in_refs, strict=True)
-                    if a.keyed
-                ],
-            },
-            sort_keys=True,
-            default=str,
-        ).encode()
-    ).hexdigest()
+    key, in_refs, done = reuse_check(name, paths, params, inputs, outputs, package, marker, force)
     out_paths = {a.role: Path(a.path) for a in outputs}
-
-    if not force:
-        done = read_marker(marker)
-        if (
-            done is not None
-            and done.get("key") == key
-            and _outputs_unchanged(outputs, done.get("outputs", {}))
-        ):
-            console.print(f"[green]{name}[/]: inputs, parameters and code unchanged; reused {marker.parent}")
-            return StageResult(
-                name, True, done.get("run_id"), out_paths, time.monotonic() - t0, done.get("summary", {})
-            )
+    if done is not None:
+        console.print(f"[green]{name}[/]: inputs, parameters and code unchanged; reused {marker.parent}")
+        return StageResult(
+            name, True, done.get("run_id"), out_paths, time.monotonic() - t0, done.get("summary", {})
+        )
 
     store = LineageStore(paths.lineage)
     run_id = store.start_run(name, params, run_context())
@@ -266,6 +242,45 @@ def run_stage(
         ),
     )
     return StageResult(name, False, run_id, out_paths, time.monotonic() - t0, summary)
+
+
+def reuse_check(
+    name: str,
+    paths: WorkPaths,
+    params: dict,
+    inputs: list[Artifact],
+    outputs: list[Artifact],
+    package: str,
+    marker: Path,
+    force: bool = False,
+) -> tuple[str, list[DatasetRef], dict | None]:
+    """The run's reuse key, its inputs' references, and ``marker``'s content where that run can be reused
+    (same key, outputs unchanged; never with ``force``), else None. Reads only: a process that takes part in a
+    run another one records (a following node of a training across machines) asks it too."""
+    in_refs = [a.ref() for a in inputs]
+    _check_published(paths, name, inputs, in_refs)
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "stage": name,
+                "params": params,
+                "code": code_hash(package),
+                "inputs": [
+                    (r.role, r.location, r.content_hash)
+                    for a, r in zip(inputs, in_refs, strict=True)
+                    if a.keyed
+                ],
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()
+    if force:
+        return key, in_refs, None
+    done = read_marker(marker)
+    if done is not None and done.get("key") == key and _outputs_unchanged(outputs, done.get("outputs", {})):
+        return key, in_refs, done
+    return key, in_refs, None
 
 
 def _check_published(paths: WorkPaths, name: str, inputs: list[Artifact], refs: list[DatasetRef]) -> None:

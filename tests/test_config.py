@@ -97,6 +97,12 @@ def _load(tmp_path, body: str):
         ),
         ("train: {freeze_llm: true, lora: {}}", r"train\.lora: LoRA trains the LLM through adapters"),
         ("train: {nproc_per_node: 0}", r"train\.nproc_per_node"),
+        ("train: {nnodes: 0}", r"train\.nnodes"),
+        ("train: {nnodes: 2}", r"train\.nnodes is 2 but train\.rdzv_endpoint is not set"),
+        ("train: {rdzv_endpoint: 'node0:29400'}", r"train\.rdzv_endpoint is set but train\.nnodes is 1"),
+        ("train: {nnodes: 2, rdzv_endpoint: node0}", r"train\.rdzv_endpoint: 'node0' is not HOST:PORT"),
+        ("train: {nnodes: 2, rdzv_endpoint: 'node0:0'}", r"train\.rdzv_endpoint: 'node0:0' is not HOST:PORT"),
+        ("train: {nnodes: 2, rdzv_endpoint: 'node0:1', rdzv_id: 'a b'}", r"train\.rdzv_id"),
         (
             "evaluate: {eval_sets: [dev]}",
             r"evaluate\.eval_sets: 'dev' is a split the build stage never writes",

@@ -51,7 +51,12 @@ EXEMPT = {
         "backend.base_urls": "where the replicas are; which model they serve is keyed (served_model, revision)",
         "backend.api_key_env": "which variable holds the key",
     },
-    "train": {name: "how long or how often, not what is trained" for name in TrainConfig.RESUME_EXEMPT},
+    "train": {
+        **{name: "how long or how often, not what is trained" for name in TrainConfig.RESUME_EXEMPT},
+        # tests/test_train_multinode.py: nodes that met there train as one node of as many processes does
+        "rdzv_endpoint": "where the nodes meet, not what they train",
+        "rdzv_id": "the name the nodes meet under, not what they train",
+    },
     "harvest": {"workers": "probe processes; rows are written in reader order whatever their number"},
 }
 
@@ -65,6 +70,12 @@ OVERRIDES = {
     "build.answer_tokens_between": {"build.answer_tokens_between": [6, 2048]},
     "train.mlflow_uri": {"train.loggers": ["mlflow"], "train.mlflow_uri": "sqlite:////tmp/other-mlflow.db"},
     "evaluate.probe_tasks": {"evaluate.probe_tasks": ["repeat"]},
+    "train.nnodes": {"train.nnodes": 2, "train.rdzv_endpoint": "node0:29400"},
+}
+# Settings valid only beside another: both sides of the comparison carry the first changes, then the setting
+# alone changes to the second value (path: ({path: value}, value)).
+BESIDE = {
+    "train.rdzv_endpoint": ({"train.nnodes": 2, "train.rdzv_endpoint": "node0:29400"}, "node1:29500"),
 }
 
 
@@ -162,7 +173,13 @@ def test_a_setting_changes_the_reuse_key_unless_it_is_listed_as_not_changing_the
     stage, path, tmp_path
 ):
     exempt = EXEMPT.get(stage, {}).get(path.split(".", 1)[1]) if path.startswith(stage + ".") else None
-    before, after = _params(stage, BASE, tmp_path), _params(stage, _changed(path), tmp_path)
+    base, changed = BASE, None
+    if path in BESIDE:
+        (first, value), *rest = BESIDE[path][0].items()
+        base = _set(BASE, first, value, dict(rest))
+        changed = _set(base, path, BESIDE[path][1])
+        assert base is not None and changed is not None, f"BESIDE[{path!r}] is not a valid config"
+    before, after = _params(stage, base, tmp_path), _params(stage, changed or _changed(path), tmp_path)
     if exempt:
         assert before == after, (
             f"{path} is listed as not changing {stage}'s output ({exempt}), yet it is keyed"

@@ -5,6 +5,14 @@ would not continue, and starts ``python -m torch.distributed.run --standalone --
 stages.train.worker ARGS`` as a child process (``core.proc``): its output streams under a progress bar,
 the end of it is kept for the error. SIGTERM to the stage's process (a cancelled flow run, a stopped
 container) stops the workers, who finish their step and checkpoint first; a rerun resumes.
+
+Across nodes (``train.nnodes`` > 1) every node runs this launcher with the same config and work directory
+on a shared filesystem, and torchrun's c10d rendezvous at ``train.rdzv_endpoint`` joins their workers into
+one world. Node 0 does what must happen once, before any worker starts: clear the checkpoints the run would
+not continue, drop the previous summary and worker errors, write the arguments. A following node (node
+rank > 0) only writes its own arguments (``TrainPaths.node``) and runs its workers: its torchrun cannot pass
+the rendezvous before node 0's has joined, so its workers never see what node 0 is about to clear. Global
+rank 0, on whichever node the rendezvous puts it, writes the checkpoints, logs and summary as on one node.
 """
 
 from __future__ import annotations
@@ -43,14 +51,18 @@ def write_args(
     examples: Path,
     out: TrainPaths | Path,
     run_name: str | None = None,
+    node_rank: int = 0,
 ) -> Path:
     """The arguments every worker reads; resumable checkpoints of other settings are cleared. ``run_name``:
-    the experiment's name, the trackers' name for the run (default: the work directory's name)."""
+    the experiment's name, the trackers' name for the run (default: the work directory's name). A following
+    node (``node_rank`` > 0) only writes its workers' arguments, in its own folder: node 0 clears."""
     paths = out if isinstance(out, TrainPaths) else TrainPaths(Path(out))
-    paths.dir.mkdir(parents=True, exist_ok=True)
-    _clear_stale_checkpoints(cfg, paths)
+    args = paths.args if node_rank == 0 else paths.node(node_rank) / paths.args.name
+    args.parent.mkdir(parents=True, exist_ok=True)
+    if node_rank == 0:
+        _clear_stale_checkpoints(cfg, paths)
     write_text(
-        paths.args,
+        args,
         json.dumps(
             {
                 "whisper_dir": str(Path(whisper_dir).resolve()),
@@ -64,9 +76,10 @@ def write_args(
             indent=2,
         ),
     )
-    paths.summary.unlink(missing_ok=True)
-    shutil.rmtree(paths.errors, ignore_errors=True)
-    return paths.args
+    if node_rank == 0:
+        paths.summary.unlink(missing_ok=True)
+        shutil.rmtree(paths.errors, ignore_errors=True)
+    return args
 
 
 def _clear_stale_checkpoints(cfg: TrainConfig, paths: TrainPaths) -> None:
@@ -78,7 +91,7 @@ def _clear_stale_checkpoints(cfg: TrainConfig, paths: TrainPaths) -> None:
     why = None
     if not cfg.resume:
         why = "train.resume is off"
-    elif state.get("settings") != checkpoint.resume_key(cfg, cfg.nproc_per_node):
+    elif state.get("settings") != checkpoint.resume_key(cfg, cfg.world_size):
         why = "they were written with other settings"
     elif cfg.epochs is None and state.get("step", 0) >= cfg.max_steps:  # with epochs, the trainer counts
         why = "their run already finished"
@@ -90,11 +103,22 @@ def _clear_stale_checkpoints(cfg: TrainConfig, paths: TrainPaths) -> None:
 
 
 def torchrun_command(cfg: TrainConfig, args_path: Path) -> list[str]:
+    if cfg.nnodes == 1:
+        where = ["--standalone"]
+    else:
+        # c10d: the torchrun on the endpoint's host serves the rendezvous, and the ranks follow the order the
+        # rendezvous gives the nodes (not --node-rank, which only a static rendezvous reads)
+        where = [
+            f"--nnodes={cfg.nnodes}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={cfg.rdzv_endpoint}",
+            f"--rdzv_id={cfg.rdzv_id}",
+        ]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *where,
         f"--nproc_per_node={cfg.nproc_per_node}",
         "-m",
         "stages.train.worker",
@@ -122,14 +146,25 @@ def train(
     examples: Path,
     out: TrainPaths | Path,
     run_name: str | None = None,
+    node_rank: int = 0,
 ) -> dict:
-    """Run torchrun with ``cfg.nproc_per_node`` workers; return rank 0's summary. Raises TrainError.
+    """Run torchrun with ``cfg.nproc_per_node`` workers (on node ``node_rank`` of ``cfg.nnodes``); return rank
+    0's summary. Raises TrainError.
 
     A rerun after a crash or a stop resumes from the latest resumable checkpoint.
     """
     paths = out if isinstance(out, TrainPaths) else TrainPaths(Path(out))
-    cmd = torchrun_command(cfg, write_args(cfg, whisper_dir, llm_dir, examples, paths, run_name))
+    if not 0 <= node_rank < cfg.nnodes:
+        raise TrainError(f"train: node rank {node_rank} is not one of 0..{cfg.nnodes - 1} (train.nnodes)")
+    cmd = torchrun_command(cfg, write_args(cfg, whisper_dir, llm_dir, examples, paths, run_name, node_rank))
     console.print(f"train: {' '.join(cmd)}", markup=False, highlight=False)
+    if cfg.nnodes > 1:
+        console.print(
+            f"train: node {node_rank} of {cfg.nnodes}, waiting for the others at {cfg.rdzv_endpoint}; the "
+            "steps show on the node the rendezvous gives rank 0",
+            markup=False,
+            highlight=False,
+        )
     bar = progress()
     task = bar.add_task("train", total=cfg.max_steps, status="")
 
