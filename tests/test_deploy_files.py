@@ -153,7 +153,6 @@ def test_image_locks_pin_every_requirement_of_pyproject_with_hashes(lock, extras
     version it accepts, every pin must carry hashes. A dependency changed without rerunning scripts/lock.sh
     fails here. The train image keeps its CUDA base's torch, so torch must not be in its lock."""
     import tomllib
-
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
