@@ -4,6 +4,9 @@
 #
 #   bash bench/mutations.sh            # prints the score, the surviving mutants, and the goal line
 #
+# Survivors listed in bench/mutations-equivalent.md change nothing observable (each with its reason): a new
+# survivor not there is a gap in the tests, or belongs there with a reason.
+#
 # mutmut 3 copies the tree into mutants/ and runs, for each mutant, the tests that cover its function. It runs
 # here in a scratch copy of the tracked files, so the checkout stays clean. OMP_NUM_THREADS=1: torch's thread
 # pool does not survive mutmut's fork (the children segfault and count as neither killed nor survived).

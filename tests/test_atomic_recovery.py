@@ -102,3 +102,27 @@ def test_a_reader_refuses_outputs_of_a_run_that_did_not_finish_publishing(tmp_pa
     run_stage("maker", work, {"v": 2}, [], outs, maker("2"), "core")
     run_stage("reader", work, {}, ins, reader_out, reader, "core")
     assert (work / "reader" / "r.txt").read_text() == "a 2b 2"
+
+
+def test_the_marker_that_holds_an_invocations_summary(tmp_path, tiny_config):
+    """What the runner reads back after a stage ran: one generate worker of several leaves its own marker
+    under parts/; a stage run as one run leaves the marker in its folder (import-reference's is import/)."""
+    from stages.registry import STAGES
+
+    cases = [
+        (
+            "generate",
+            {"worker": 1, "workers": 3},
+            tmp_path / "generate" / "parts" / "of-0003" / "worker-0001.json",
+        ),
+        ("generate", {}, tmp_path / "generate" / "_stage.json"),
+        ("harvest", {}, tmp_path / "harvest" / "_stage.json"),
+        (
+            "import-reference",
+            {"manifest": "train.jsonl", "root": "corpus"},
+            tmp_path / "import" / "_stage.json",
+        ),
+    ]
+    for name, options, marker in cases:
+        stage = STAGES[name]
+        assert stage.marker_of(stage.context(tiny_config, tmp_path, options)) == marker, name

@@ -10,6 +10,7 @@ from core.paths import GeneratePaths, WorkPaths
 from core.prompts import speech_prompt, text_prompt
 from core.tables import read_table, write_table
 from schemas import RESPONSES, TRANSCRIPTS, to_table
+from stages.generate.cache import Answer, AnswerCache, request_key
 from stages.generate.driver import generate, plan_requests
 from stages.generate.filters import FilterSettings, ends_in_punctuation, failures, script_fraction
 
@@ -42,8 +43,49 @@ def test_script_of_the_target_language():
     assert script_fraction("It rained today.", "zh") == 0.0
     assert script_fraction("雨 rain", "zh") == pytest.approx(1 / 5)
     assert script_fraction("Привет", "ru") == 1.0
-    with pytest.raises(ValueError, match="no script known"):
+    known = "known: ar, de, el, en, es, fr, he, hi, ja, ko, ru, th, uk, zh"  # what a config may name
+    with pytest.raises(ValueError, match=f"no script known for target language 'tlh'; {known}$"):
         script_fraction("x", "tlh")
+
+
+@pytest.mark.parametrize(
+    "text, fraction",
+    [
+        ("2024: 42 - 7!", 0.0),  # no letters at all: none in the target script
+        ("ab\U00017000", 1.0),  # a Tangut ideograph, a letter unicodedata cannot name: not counted
+        ("ab\u4e00", 2 / 3),
+    ],
+)
+def test_script_fraction_counts_only_letters_whose_script_is_known(text, fraction):
+    assert script_fraction(text, "en") == pytest.approx(fraction)
+
+
+def test_answer_cache_reads_every_workers_cache_and_writes_only_its_own(tmp_path):
+    d = tmp_path / "generate" / "caches"  # folders a first run has yet to make
+    own, other, absent = (
+        d / "cache-0000-of-0003.sqlite",
+        d / "cache-0001-of-0003.sqlite",
+        d / "cache-0002.sqlite",
+    )
+    k0, k1, k2 = (request_key("llm", "rev1", p, {"temperature": 0.0}) for p in ("one", "two", "three"))
+    a0, a1 = Answer("One.", "stop", 5, 2), Answer("Two", "length", 6, 16)
+    worker1 = AnswerCache(other)
+    worker1.put(k1, "llm", "two", {"temperature": 0.0}, a1)
+    worker1.close()
+    cache = AnswerCache(own, [own, other, absent])  # worker 2 has not started: no file yet
+    cache.put(k0, "llm", "one", {"temperature": 0.0}, a0)
+    assert cache.get_many([k0, k1, k2]) == {k0: a0, k1: a1}
+    assert cache.get_many([k0]) == {k0: a0}
+    assert cache.get_many([k1]) == {k1: a1}
+    # an answer asked again replaces the first, it is not counted twice; the other worker's file is not written
+    again = Answer("One!", "stop", 5, 2)
+    cache.put(k0, "llm", "one", {"temperature": 0.0}, again)
+    assert (cache.count(), cache.get_many([k0])) == (1, {k0: again})
+    cache.close()
+    assert not absent.exists()
+    worker1 = AnswerCache(other)
+    assert (worker1.count(), worker1.get_many([k0, k1])) == (1, {k1: a1})
+    worker1.close()
 
 
 def test_failures_are_listed_in_order_and_only_where_they_apply():

@@ -26,11 +26,14 @@ VLLM_400 = (
 
 
 class ScriptedServer:
-    """/v1/completions: 400 with vLLM's error body for a prompt holding ``refuse``, else a short answer."""
+    """/v1/completions: 400 with vLLM's error body for a prompt holding ``refuse``, 403 for one holding
+    ``forbid``, else a short answer."""
 
     def __init__(self, root: str | None = "/models/llm-v1"):
         self.refuse: str | None = None
+        self.forbid: str | None = None  # a prompt holding it gets a 403: a setup error, the run stops
         self.prompts: list[str] = []
+        self.answered: list[str] = []
         self.root = root  # what /v1/models reports the name serves (vLLM: the path it loaded)
         outer = self
 
@@ -51,6 +54,10 @@ class ScriptedServer:
                     err = {"object": "error", "message": VLLM_400, "type": "BadRequestError", "code": 400}
                     self._send(400, {"error": err} | err)
                     return
+                if outer.forbid and outer.forbid in body["prompt"]:
+                    self._send(403, {"error": {"message": "this key may not use the model", "code": 403}})
+                    return
+                outer.answered.append(body["prompt"])
                 choice = {"index": 0, "text": " A fine answer.", "finish_reason": "stop", "logprobs": None}
                 usage = {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
                 resp = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"]}
@@ -122,6 +129,22 @@ def test_scripted_server_400_is_an_error_row_and_is_not_asked_again_unless_told(
     assert sorted(again) == sorted(r["prompt"] for r in bad)
     rows = read_table(out.responses, RESPONSES).to_pylist()
     assert len(rows) == 10 and all(r["rejected_by"] is None for r in rows)
+
+
+def test_a_run_stopped_by_the_server_names_the_cache_that_keeps_its_answers(harvested, tmp_path, server):
+    from stages.generate.driver import GenerateError
+
+    table = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS).slice(0, 4)
+    transcripts = write_table(table, tmp_path / "transcripts.parquet", TRANSCRIPTS)
+    server.forbid = table.column("text")[3].as_py()
+    out = GeneratePaths(tmp_path / "gen")
+    with pytest.raises(GenerateError) as err:
+        generate(transcripts, out, _served(server), None)
+    assert f"are done and kept in {out.cache()}; run the same command again to resume" in str(err.value)
+    answered = list(server.answered)
+    server.forbid = None
+    generate(transcripts, out, _served(server), None)
+    assert sorted(server.answered[len(answered) :]) == sorted(set(server.prompts) - set(answered))
 
 
 def test_request_error_cannot_be_skipped():

@@ -3,7 +3,9 @@
 import os
 import shutil
 
-from conftest import LIBRISPEECH, copy_librispeech, run_stage
+import pytest
+
+from conftest import DEMO, LIBRISPEECH, copy_librispeech, run_stage
 from core.config import CorpusConfig
 from core.digest import sha256_file
 from core.lineage.store import LineageStore
@@ -226,3 +228,111 @@ def test_a_damaged_previous_table_is_harvested_again_with_a_warning(tmp_path, ca
     assert (again.probed, again.reused, again.transcripts) == (5, 0, 5)
     assert "previous tables not reusable" in capsys.readouterr().out
     assert len(read_table(table, TRANSCRIPTS)) == 5
+
+
+def _rejects(out):
+    return read_table(HarvestPaths(out).rejects, REJECTS).to_pylist()
+
+
+@pytest.mark.parametrize("first", ["chapter", "manifest"])
+def test_a_duplicate_of_an_id_in_an_unchanged_chapter_says_where_the_first_came_from(tmp_path, first):
+    """A chapter taken over whole still claims its ids: a later duplicate is rejected naming the chapter; an
+    earlier one makes the chapter go row by row, so its own row is the duplicate."""
+    root = copy_librispeech(tmp_path / "c", FIRST)
+    out = tmp_path / "out"
+    ls = CorpusConfig(name="ls", kind="librispeech", root=root)
+    harvest([ls], out)
+    m = tmp_path / "dup.jsonl"
+    m.write_text(
+        '{"audio": "dev-clean-2/1988/24833/1988-24833-0000.flac", "text": "THE TWO STRAY KITTENS"}\n'
+    )
+    dup = CorpusConfig(name="dup", kind="jsonl", root=root, manifest=m)
+    chapter = os.path.realpath(root / "dev-clean-2" / "1988" / "24833")
+    s = harvest([ls, dup] if first == "chapter" else [dup, ls], out)
+    rows = {
+        r["utt_id"]: r["corpus"] for r in read_table(HarvestPaths(out).transcripts, TRANSCRIPTS).to_pylist()
+    }
+    (rej,) = _rejects(out)
+    got = (rej["corpus"], rej["source"], rej["utt_id"], rej["reason"], rej["detail"])
+    if first == "chapter":
+        assert got == (
+            "dup",
+            f"{m}:1",
+            "1988-24833-0000",
+            "duplicate_utt_id",
+            f"1988-24833-0000 already came from {chapter} (unchanged since the previous run)",
+        )
+        assert (s.probed, s.reused, s.listed) == (0, 5, 6)
+        assert rows == dict.fromkeys(FIRST, "ls")
+    else:
+        assert got == (
+            "ls",
+            f"{chapter}/1988-24833.trans.txt:1",
+            "1988-24833-0000",
+            "duplicate_utt_id",
+            f"1988-24833-0000 already came from {m}:1",
+        )
+        assert (s.probed, s.reused, s.listed) == (1, 4, 6)
+        assert rows == dict.fromkeys(FIRST, "ls") | {"1988-24833-0000": "dup"}
+
+
+@pytest.mark.parametrize(
+    "bound, rejected",
+    [
+        # 1988-24833 is 3.320 s and 7.895 s, 2412-153948-0002 3.720 s, 3752-4944 3.335 s and 4.415 s (README)
+        ({"max_duration_s": 5.0}, [("1988-24833-0001", "too_long")]),
+        ({"min_duration_s": 3.4}, [("1988-24833-0000", "too_short"), ("3752-4944-0000", "too_short")]),
+    ],
+)
+def test_a_changed_bound_rechecks_every_row_of_an_unchanged_chapter_without_probing(
+    tmp_path, bound, rejected
+):
+    root = copy_librispeech(tmp_path / "c", FIRST)
+    out = tmp_path / "out"
+    ls = CorpusConfig(name="ls", kind="librispeech", root=root)
+    harvest([ls], out)
+    s = harvest([ls], out, **bound)
+    assert sorted((r["utt_id"], r["reason"]) for r in _rejects(out)) == rejected
+    assert (s.probed, s.transcripts, s.listed) == (0, 5 - len(rejected), 5)
+
+
+@pytest.mark.parametrize("content_hash", [True, False])
+def test_touched_files_are_probed_again_only_when_there_is_no_hash_to_compare(tmp_path, content_hash):
+    """Two files touched (new mtime, same bytes) in two chapters: with hashes both rows are kept (each file
+    hashed, not the first one's hash reused); without, a new mtime is all a rerun can see."""
+    root = copy_librispeech(tmp_path / "c", FIRST)
+    out = tmp_path / "out"
+    ls = CorpusConfig(name="ls", kind="librispeech", root=root)
+    harvest([ls], out, content_hash=content_hash)
+    touched = [
+        root / "dev-clean-2" / "1988" / "24833" / "1988-24833-0000.flac",
+        root / "dev-clean-2" / "3752" / "4944" / "3752-4944-0001.flac",
+    ]
+    for f in touched:
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    s = harvest([ls], out, content_hash=content_hash)
+    assert (s.probed, s.reused, s.transcripts) == ((0, 5, 5) if content_hash else (2, 3, 5))
+    mtimes = {
+        r["utt_id"]: r["file_mtime_ns"]
+        for r in read_table(HarvestPaths(out).transcripts, TRANSCRIPTS).to_pylist()
+    }
+    assert [mtimes[f.stem] for f in touched] == [f.stat().st_mtime_ns for f in touched]
+
+
+def test_a_file_rewritten_with_other_bytes_of_the_same_size_is_probed_again(tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(DEMO / "test-clean", root / "test-clean")
+    clip = root / "test-clean" / "1089-134686-0001.wav"
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"audio": "test-clean/1089-134686-0001.wav", "text": "AFTER EARLY NIGHTFALL"}\n')
+    corpus = CorpusConfig(name="ref", kind="jsonl", root=root, manifest=m)
+    out = tmp_path / "out"
+    harvest([corpus], out)
+    data = bytearray(clip.read_bytes())
+    data[-2000:] = bytes(b ^ 0x55 for b in data[-2000:])  # other samples, same length: still a WAV
+    clip.write_bytes(bytes(data))
+    s = harvest([corpus], out)
+    (row,) = read_table(HarvestPaths(out).transcripts, TRANSCRIPTS).to_pylist()
+    assert (s.probed, s.reused) == (1, 0)
+    assert (row["file_sha256"], row["file_size"]) == (sha256_file(clip), len(data))

@@ -95,9 +95,10 @@ def test_bad_numbers_in_a_csv_manifest_are_rejects(tmp_path):
     )
     cols = ManifestColumns(audio="path", text="transcript", offset="begin", duration="length")
     corpus = CorpusConfig(name="c", kind="manifest", root=root, manifest=manifest, columns=cols)
-    harvest([corpus], tmp_path / "out")
+    s = harvest([corpus], tmp_path / "out")
     rows, rejects = _rows(tmp_path / "out")
     assert [r["text_raw"] for r in rows] == ["fine"]
+    assert s.listed == 4  # the summary's count: the good row and the three the reader rejected
     assert [(r["source"].rsplit(":", 1)[1], r["field"], r["reason"]) for r in rejects] == [
         ("3", "begin", "bad_value"),
         ("4", "length", "bad_value"),

@@ -183,15 +183,17 @@ def read_generic(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
                 corpus.name, source, None, cols.duration, "bad_value", f"{cols.duration!r} is 0 seconds"
             )
             continue
-        utt_id = label(obj.get(cols.id)) if cols.id else None
+        # A column not configured is None, which no row holds as a key (JSON keys and CSV headers are strings):
+        # obj.get(None) is None, so id, text and speaker need no test of whether their column is set.
+        utt_id = label(obj.get(cols.id))
         if utt_id in (None, ""):
             utt_id = stem(audio) + (f"_{round(offset * 1000)}" if cols.offset and offset else "")
-        text = obj.get(cols.text) if cols.text else None
+        text = obj.get(cols.text)
         if text is not None and not isinstance(text, str):
             who = utt_id if isinstance(utt_id, str) else None
             yield Reject(corpus.name, source, who, cols.text, "bad_value", f"a {type(text).__name__}")
             continue
-        speaker = label(obj.get(cols.speaker)) if cols.speaker else None
+        speaker = label(obj.get(cols.speaker))
         yield Candidate(
             utt_id,
             corpus.name,
