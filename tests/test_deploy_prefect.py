@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -95,9 +97,20 @@ def _tail(path: Path, n: int = 6000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
+def _stop(p: subprocess.Popen | None) -> None:
+    if p is not None and p.poll() is None:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+@contextmanager
+def prefect_server(home: Path) -> Iterator[Server]:
+    """`prefect server start` on a free loopback port with its own home and database, requiring the auth
+    string; stopped on exit. tests/test_deploy_k8s.py starts one too."""
     srv = Server(home, _free_port())
     log = open(home / "server.log", "w")
     proc = subprocess.Popen(
@@ -107,7 +120,6 @@ def server(tmp_path_factory):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    worker = None
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -119,29 +131,33 @@ def server(tmp_path_factory):
             assert proc.poll() is None, f"prefect server exited:\n{_tail(home / 'server.log')}"
             assert time.monotonic() < deadline, f"prefect server did not start:\n{_tail(home / 'server.log')}"
             time.sleep(1)
-        srv.cli("work-pool", "create", "splsm", "--type", "process")
-        srv.cli("concurrency-limit", "create", "gpu", "1")
-        srv.deploy = srv.cli("--no-prompt", "deploy", "--all", timeout=600)
-        srv.worker_log = home / "worker.log"
-        worker = subprocess.Popen(
-            [PREFECT, "worker", "start", "--pool", "splsm", "--prefetch-seconds", "5"],
-            cwd=REPO,
-            env=srv.env,
-            stdout=open(srv.worker_log, "w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
         yield srv
     finally:
-        for p in (worker, proc):
-            if p is not None and p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+        _stop(proc)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    with prefect_server(home) as srv:
+        worker = None
+        try:
+            srv.cli("work-pool", "create", "splsm", "--type", "process")
+            srv.cli("concurrency-limit", "create", "gpu", "1")
+            srv.deploy = srv.cli("--no-prompt", "deploy", "--all", timeout=600)
+            srv.worker_log = home / "worker.log"
+            worker = subprocess.Popen(
+                [PREFECT, "worker", "start", "--pool", "splsm", "--prefetch-seconds", "5"],
+                cwd=REPO,
+                env=srv.env,
+                stdout=open(srv.worker_log, "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            yield srv
+        finally:
+            _stop(worker)
 
 
 def test_the_api_refuses_a_request_without_the_auth_string(server):

@@ -228,3 +228,43 @@ def test_scripted_server_that_reports_nothing_but_the_name_needs_a_given_revisio
     finally:
         bare.close()
         other.close()
+
+
+def test_scripted_server_beside_a_dead_replica_answers_all_after_one_failed_try(
+    harvested, tmp_path, server, capsys
+):
+    """Two replicas, one dead (nothing listens on its port): it is tried once, fails, and is set aside; the
+    failed request goes to the live one at once and so does every later one, none waits out a backoff. Before,
+    the dead replica (idle, so the least loaded) drew about every other request, each then waiting."""
+    import time
+
+    from stages.generate.backends.transformers_serve import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    table = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS).slice(0, 6)
+    transcripts = write_table(table, tmp_path / "transcripts.parquet", TRANSCRIPTS)
+    backoff = 10.0  # a retry that waits, waits at least half of this
+    g = GenerateConfig(
+        tasks=["repeat", "keywords"],
+        backend=OpenAIBackendConfig(
+            base_urls=[dead, server.url],
+            served_model="scripted",
+            model_revision="v1",  # the dead replica cannot be asked what it serves
+            api_key_env=None,
+            concurrency=1,
+            max_retries=2,
+            retry_backoff_s=backoff,
+            retry_backoff_max_s=60.0,
+        ),
+    )
+    out = GeneratePaths(tmp_path / "gen")
+    capsys.readouterr()
+    t0 = time.monotonic()
+    generate(transcripts, out, g, None)
+    elapsed = time.monotonic() - t0
+    log = " ".join(capsys.readouterr().out.split())
+    rows = read_table(out.responses, RESPONSES).to_pylist()
+    assert len(rows) == 12 and all(r["answer"] == "A fine answer." for r in rows)
+    assert len(server.prompts) == 12  # each request answered once, all by the live replica
+    assert log.count(f"{dead}: APIConnectionError") == 1, log
+    assert elapsed < backoff / 2, f"a request waited out a backoff: {elapsed:.1f}s"

@@ -85,7 +85,13 @@ def served_identity(base_urls: list[str], model: str, api_key: str | None, timeo
 class OpenAIBackend:
     """Completions over the OpenAI protocol. The client's own retries are off: ours wait longer (a
     restarting server needs tens of seconds), add jitter so replicas are not hit in lockstep, and move
-    a failed request to another replica."""
+    a failed request to another replica.
+
+    A replica that fails (refused, reset, timed out, 429, 5xx) is set aside for a cool-down that doubles with
+    each failure in a row (``retry_backoff_s`` up to ``retry_backoff_max_s``) and ends at its next answer:
+    new requests go to the others meanwhile, and the failed request is sent to one of them at once. Without
+    this, a dead replica, idle and so the least loaded, drew every new request first. Only when every replica
+    is set aside does a request wait out its own backoff before trying again."""
 
     name = "openai"
 
@@ -114,11 +120,18 @@ class OpenAIBackend:
             for u in self.urls
         ]
         load = [0] * len(clients)
+        failing = [0] * len(clients)  # failures in a row of each replica
+        set_aside = [0.0] * len(clients)  # until when (loop time) a failing replica gets no new requests
         gate = asyncio.Semaphore(g.concurrency)
         fatal: list[BaseException] = []
+        loop = asyncio.get_running_loop()
 
         def pick(avoid: int | None) -> int:
-            order = sorted(range(len(clients)), key=lambda i: (i == avoid, load[i], random.random()))
+            now = loop.time()
+            order = sorted(
+                range(len(clients)),
+                key=lambda i: (set_aside[i] > now, i == avoid, load[i], random.random()),
+            )
             return order[0]
 
         async def one(r: Request) -> None:
@@ -139,6 +152,7 @@ class OpenAIBackend:
                             top_p=r.sampling["top_p"],
                             seed=r.sampling["seed"],
                         )
+                        failing[i], set_aside[i] = 0, 0.0
                         break
                     except Exception as e:
                         status = _refused(e)
@@ -163,11 +177,17 @@ class OpenAIBackend:
                                 )
                             )
                             return
+                        failing[i] += 1
+                        now = loop.time()
+                        set_aside[i] = max(set_aside[i], now + self._delay(failing[i]))
                         avoid = i if len(clients) > 1 else None
-                        delay = self._delay(attempt)
+                        elsewhere = any(set_aside[j] <= now for j in range(len(clients)) if j != i)
+                        delay = 0.0 if elsewhere else self._delay(attempt)
                         console.print(
                             f"[yellow]generate: {self.urls[i]}: {type(e).__name__}; retry {attempt}/"
-                            f"{g.max_retries} in {delay:.1f}s[/]"
+                            f"{g.max_retries} "
+                            + ("on another server now" if elsewhere else f"in {delay:.1f}s")
+                            + "[/]"
                         )
                     finally:
                         load[i] -= 1
