@@ -12,23 +12,42 @@ directory and the directory itself) before the rename, and the parent directory 
 a crash leaves either the old output or the new one, never a zero-length or half-written file under the
 final name. On an exception the temporary is removed and the old output is left as it was.
 
-Temporary names start with ``.`` and contain ``.tmp-``, so readers and listings can tell them apart.
+Temporary names start with ``.`` and contain ``.tmp-``, so readers and listings can tell them apart; after the
+mark comes the writer's pid and host (``.NAME.tmp-PID-hHOST-RANDOM``), so that a stage clearing what killed
+writers left can tell whether it may judge the writer at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 TMP_MARK = ".tmp-"
+# A pid means something only on the host (and in the pid namespace: a container has its own hostname too)
+# where it was taken. Several hosts or containers may write into one shared work directory.
+HOST_ID = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# Another host's temporary is left alone, unless no writer could still be at it after this long.
+FOREIGN_STALE_S = 24 * 3600
 
 
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-h{HOST_ID}-{uuid.uuid4().hex[:8]}")
+
+
+def _writer(tail: str) -> tuple[int | None, str | None]:
+    """(pid, host id) from what follows the mark: ``PID-hHOST-RANDOM``, or ``PID-RANDOM`` (written before
+    the host was recorded: taken as this host's)."""
+    parts = tail.split("-")
+    pid = int(parts[0]) if parts[0].isdigit() else None
+    host = parts[1][1:] if len(parts) >= 3 and parts[1].startswith("h") and len(parts[1]) == 9 else HOST_ID
+    return pid, host
 
 
 def fsync_path(path: Path) -> None:
@@ -107,7 +126,8 @@ def remove_stale(dirs: list[Path]) -> list[Path]:
     what went.
 
     A temporary whose writer is still running (its pid, in the name, is alive on this host) is left alone: two
-    workers may share a folder. ``.NAME.tmp-old-*`` is the previous output an ``atomic_dir`` swap had moved
+    workers may share a folder. One another host (or container) wrote is left alone too, since its pid cannot be
+    judged from here, until it is ``FOREIGN_STALE_S`` old. ``.NAME.tmp-old-*`` is the previous output an ``atomic_dir`` swap had moved
     aside when it was killed; where NAME itself is missing, it is put back instead of removed.
     """
     gone = []
@@ -128,8 +148,14 @@ def remove_stale(dirs: list[Path]) -> list[Path]:
                     os.replace(path, target)
                     continue
             else:
-                pid = tail.split("-", 1)[0]
-                if pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
+                pid, host = _writer(tail)
+                if host != HOST_ID:
+                    try:
+                        if time.time() - e.stat(follow_symlinks=False).st_mtime < FOREIGN_STALE_S:
+                            continue
+                    except OSError:
+                        continue
+                elif pid is not None and (pid == os.getpid() or _alive(pid)):
                     continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)

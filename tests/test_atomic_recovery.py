@@ -33,6 +33,31 @@ def test_temporaries_of_dead_writers_go_and_those_of_live_ones_stay(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([busy.name, kept.name])
 
 
+def test_temporaries_of_other_hosts_are_left_alone_until_no_writer_could_still_be_at_them(tmp_path):
+    """Workers on several hosts (or in several containers) share one work directory: a pid in another host's
+    name says nothing here, so its temporary stays, however dead that pid is locally, until it is a day old.
+    The names this host writes carry its id, and a writer's own name is judged as this host's."""
+    import time
+
+    from core.atomic import FOREIGN_STALE_S, HOST_ID, atomic_file
+
+    other = "0" * 8 if HOST_ID != "0" * 8 else "1" * 8
+    dead = _dead_pid()
+    theirs = tmp_path / f".responses.parquet{TMP_MARK}{dead}-h{other}-0123abcd"
+    theirs.write_bytes(b"another host writing")
+    old = tmp_path / f".examples.parquet{TMP_MARK}{dead}-h{other}-89abcdef"
+    old.write_bytes(b"left by a host that died yesterday")
+    past = time.time() - FOREIGN_STALE_S - 60
+    os.utime(old, (past, past))
+    ours = tmp_path / f".cache.sqlite{TMP_MARK}{dead}-h{HOST_ID}-00000000"
+    ours.write_bytes(b"ours, writer dead")
+    assert sorted(remove_stale([tmp_path])) == sorted([old, ours])
+    assert [p.name for p in tmp_path.iterdir()] == [theirs.name]
+    with atomic_file(tmp_path / "new.txt") as tmp:
+        assert f"{TMP_MARK}{os.getpid()}-h{HOST_ID}-" in tmp.name
+        tmp.write_text("new")
+
+
 def test_an_output_moved_aside_by_an_interrupted_swap_is_put_back(tmp_path):
     out = tmp_path / "checkpoint"
     with atomic_dir(out) as tmp:
