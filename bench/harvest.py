@@ -4,6 +4,7 @@ adding 1% new files.
     .venv/bin/python bench/harvest.py                 # 1,000,000 files, 3 runs (about 40 minutes on 2 cores)
     .venv/bin/python bench/harvest.py --files 20000 --runs 1
     .venv/bin/python bench/harvest.py --vs 7f6f2b3     # beside another revision's harvest, run by run
+    .venv/bin/python bench/harvest.py --dir /data/b    # the tree kept there: a second run skips writing it
 
 Each harvest runs in its own process (as the stage does), so imports, worker start-up and memory are
 counted. Peak RSS is sampled over that process and every process under it (the probing workers).
@@ -197,7 +198,12 @@ def main() -> None:
     ap.add_argument("--added", type=float, default=0.01, help="fraction of new files before the rerun")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=0.5, help="length of each clip")
-    ap.add_argument("--dir", type=Path, default=None, help="where to build the tree (default: a temp dir)")
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where to build the tree (default: a temp dir); kept, and reused",
+    )
     ap.add_argument(
         "--vs",
         default=None,
@@ -208,7 +214,6 @@ def main() -> None:
 
     base = Path(args.dir or tempfile.mkdtemp(prefix="bench-harvest-"))
     root = base / "LibriSpeech"
-    shutil.rmtree(root, ignore_errors=True)
     templates = _templates(args.seconds)
     # a file takes its bytes rounded up to the 4 KiB block, plus its share of directory and transcript blocks
     per_file = 4096 * (1 + max(len(d) for d, _ in templates) // 4096) + 512
@@ -222,8 +227,17 @@ def main() -> None:
         )
         args.files = fits
     t = time.monotonic()
-    n = make_tree(root, args.files, templates)
-    print(f"tree: {n:,} FLAC files of {args.seconds}s under {root} ({time.monotonic() - t:.0f}s to write)")
+    made = base / f"tree-{args.files}-{args.seconds}.done"  # a tree a previous run left in --dir is reused
+    if made.exists():
+        n = int(made.read_text())
+        print(f"tree: {n:,} FLAC files of {args.seconds}s under {root}, as a previous run made it")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        n = make_tree(root, args.files, templates)
+        made.write_text(str(n))
+        print(
+            f"tree: {n:,} FLAC files of {args.seconds}s under {root} ({time.monotonic() - t:.0f}s to write)"
+        )
     n_added = max(1, int(n * args.added))
     first_new_speaker = (n + UTTS_PER_CHAPTER * CHAPTERS_PER_SPEAKER - 1) // (
         UTTS_PER_CHAPTER * CHAPTERS_PER_SPEAKER
