@@ -16,13 +16,12 @@ import importlib.util
 import json
 import re
 import subprocess
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers_http import JsonHandler, serve, stop
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import FlowRun
 from prefect.server.schemas.actions import WorkPoolCreate, validate_base_job_template
@@ -226,10 +225,7 @@ class StandInKubernetesAPI:
         self.created: list[tuple[str, dict]] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(JsonHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.created.append((self.path, body))
@@ -242,17 +238,8 @@ class StandInKubernetesAPI:
             def do_GET(self):
                 self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404})
 
-            def _send(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = serve(Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def kubeconfig(self, path: Path) -> Path:
         cfg = {
@@ -267,8 +254,7 @@ class StandInKubernetesAPI:
         return path
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        stop(self.httpd)
 
 
 @pytest.mark.slow
