@@ -2,7 +2,7 @@
 
     WORKDIR/
       lineage.duckdb                    the lineage store (SPLSM_LINEAGE_DB may put it elsewhere)
-      harvest/   transcripts.parquet rejects.parquet _reuse.json _stage.json
+      harvest/   transcripts/{_manifest.json,part-*.parquet} rejects.parquet _reuse.json _stage.json
       models/    whisper/ llm/                             tiny models (``splsm models tiny``)
                  whisper-tiny.en/ smollm2-135m-instruct/   real ones (``splsm models pretrained``)
       generate/  responses.parquet stats.parquet cache*.sqlite server.log
@@ -39,6 +39,12 @@ class HarvestPaths:
 
     @property
     def transcripts(self) -> Path:
+        """A parts table (``core.tables.PartsTable``): a rerun adds parts instead of rewriting every row."""
+        return self.dir / "transcripts"
+
+    @property
+    def legacy_transcripts(self) -> Path:
+        """The one-file table that versions before the parts layout wrote (removed by the next harvest)."""
         return self.dir / "transcripts.parquet"
 
     @property

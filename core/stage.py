@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from core.atomic import remove_stale, write_text
@@ -35,7 +34,7 @@ from core.lineage.store import DatasetRef, LineageStore
 from core.log import console
 from core.paths import MARKER, WorkPaths
 from core.provenance import run_context
-from schemas import META_KEY
+from core.tables import MANIFEST, table_identity
 
 
 class StageError(Exception):
@@ -63,7 +62,9 @@ class Artifact:
     keyed: bool = True
 
     def missing(self) -> MissingInput | None:
-        if Path(self.path).exists():
+        path = Path(self.path)
+        # a parts table's directory without a manifest holds no committed version (a first run killed early)
+        if path.exists() and not (self.kind == "table" and path.is_dir() and not (path / MANIFEST).exists()):
             return None
         how = f"; run `splsm {self.made_by}` first" if self.made_by else ""
         return MissingInput(f"{self.role} {self.path} does not exist{how}")
@@ -72,17 +73,15 @@ class Artifact:
         path = Path(self.path).resolve()
         if not path.exists():
             raise self.missing() or FileNotFoundError(path)
+        if self.kind == "table":  # a file, or a parts table named by its manifest (``core.tables``)
+            chash, tag, rows = table_identity(path)
+            name, _, ver = (tag or "").partition("/v")
+            return DatasetRef(
+                str(path), self.kind, chash, self.role, name or None, int(ver) if ver else None, rows
+            )
         if path.is_dir():
             return DatasetRef(str(path), self.kind, fingerprint_dir(path), self.role)
-        chash = "sha256:" + sha256_file(path)
-        if self.kind == "table":
-            meta = pq.read_metadata(path)
-            tag = (meta.schema.to_arrow_schema().metadata or {}).get(META_KEY, b"").decode()
-            name, _, ver = tag.partition("/v")
-            return DatasetRef(
-                str(path), self.kind, chash, self.role, name or None, int(ver) if ver else None, meta.num_rows
-            )
-        return DatasetRef(str(path), self.kind, chash, self.role)
+        return DatasetRef(str(path), self.kind, "sha256:" + sha256_file(path), self.role)
 
 
 @dataclass
@@ -210,7 +209,14 @@ def run_stage(
     run_id = store.start_run(name, params, run_context())
     console.rule(f"[bold]{name}[/] (run {run_id[:8]})")
     # what a killed run of this stage left half-written (a whole checkpoint, at times) goes before this one
-    gone = remove_stale([marker.parent, *{Path(a.path).parent for a in outputs}])
+    # a parts table's directory holds its writer's temporaries too
+    gone = remove_stale(
+        [
+            marker.parent,
+            *{Path(a.path).parent for a in outputs},
+            *(a.path for a in outputs if Path(a.path).is_dir()),
+        ]
+    )
     if gone:
         console.print(f"{name}: removed {len(gone)} temporaries of an interrupted run ({gone[0].name}, ...)")
     try:

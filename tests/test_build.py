@@ -373,7 +373,7 @@ def test_imported_answers_become_examples_and_bad_lines_rejects(harvested, tiny_
     manifest.write_text("\n".join(lines) + "\n")
     work = tmp_path / "work"
     (work / "harvest").mkdir(parents=True)
-    shutil.copy(_transcripts(harvested), WorkPaths(work).harvest.transcripts)
+    shutil.copytree(_transcripts(harvested), WorkPaths(work).harvest.transcripts)
     out = CliRunner().invoke(
         main,
         [

@@ -42,6 +42,6 @@ def test_cli_stages_in_sequence_record_lineage(tmp_path):
         main,
         ["lineage", "downstream", str(REPO / "data" / "demo" / "LibriSpeech"), "--workdir", str(tmp_path)],
     )
-    assert out.exit_code == 0 and "transcripts.parquet" in out.output and "rejects.parquet" in out.output
+    assert out.exit_code == 0 and "harvest/transcripts" in out.output and "rejects.parquet" in out.output
     out = r.invoke(main, ["lineage", "upstream", "nowhere", "--workdir", str(tmp_path)])
     assert out.exit_code != 0 and "no dataset recorded" in out.output

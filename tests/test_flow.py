@@ -69,7 +69,7 @@ def test_upstream_of_the_checkpoint_reaches_corpus_and_llm(demo_run):
     ckpt = (WorkPaths(work).train.checkpoint).resolve()
     up = LineageStore(work / "lineage.duckdb").upstream(str(ckpt))
     locations = {e["location"] for e in up}
-    for table in ("build/examples.parquet", "generate/responses.parquet", "harvest/transcripts.parquet"):
+    for table in ("build/examples.parquet", "generate/responses.parquet", "harvest/transcripts"):
         assert str(work.resolve() / table) in locations
     assert str(REPO / "data" / "demo" / "LibriSpeech") in locations
     assert str(work.resolve() / "models" / "llm") in locations
@@ -78,7 +78,7 @@ def test_upstream_of_the_checkpoint_reaches_corpus_and_llm(demo_run):
     for name in (
         "examples.parquet",
         "responses.parquet",
-        "transcripts.parquet",
+        "transcripts",
         "data/demo/LibriSpeech",
         "models/llm",
     ):
@@ -92,7 +92,7 @@ def test_downstream_of_the_corpus_reaches_the_metrics(demo_run):
     down = LineageStore(work / "lineage.duckdb").downstream(str(REPO / "data" / "demo" / "LibriSpeech"))
     names = {Path(e["location"]).name for e in down}
     assert {
-        "transcripts.parquet",
+        "transcripts",
         "responses.parquet",
         "examples.parquet",
         "checkpoint",

@@ -1,6 +1,7 @@
 """Crash safety and scale-out of the generate stage, with the tiny Llama answering in process."""
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -38,7 +39,7 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_answer_each(harvested, tin
     work = tmp_path / "work"
     paths = WorkPaths(work)
     paths.harvest.dir.mkdir(parents=True)
-    paths.harvest.transcripts.write_bytes(WorkPaths(harvested).harvest.transcripts.read_bytes())
+    shutil.copytree(WorkPaths(harvested).harvest.transcripts, paths.harvest.transcripts)
     paths.models.dir.mkdir()
     os.symlink(tiny_models_dir / "llm", paths.models.llm)
     cfg_path = tmp_path / "gen.yaml"

@@ -20,7 +20,7 @@ FIXTURE_SAMPLES = {"1988-24833-0000": 53120, "2412-153948-0000": 186560, "3752-4
 def test_librispeech_layout_on_real_clips(tmp_path):
     corpus = CorpusConfig(name="ls", kind="librispeech", root=LIBRISPEECH)
     s = harvest([corpus], tmp_path)
-    rows = {r["utt_id"]: r for r in read_table(tmp_path / "transcripts.parquet", TRANSCRIPTS).to_pylist()}
+    rows = {r["utt_id"]: r for r in read_table(tmp_path / "transcripts", TRANSCRIPTS).to_pylist()}
     assert s.transcripts == 10 and s.rejects == 0 and len(rows) == 10
     for utt, samples in FIXTURE_SAMPLES.items():
         assert rows[utt]["duration_s"] == pytest.approx(samples / 16000)
@@ -51,7 +51,7 @@ def test_reference_jsonl_manifest_on_real_clips(tmp_path):
         name="tc", kind="jsonl", root=DEMO, manifest=DEMO / "test-clean.jsonl", split="test-clean"
     )
     harvest([corpus], tmp_path)
-    rows = read_table(tmp_path / "transcripts.parquet", TRANSCRIPTS).to_pylist()
+    rows = read_table(tmp_path / "transcripts", TRANSCRIPTS).to_pylist()
     assert [r["utt_id"] for r in rows] == ["1089-134686-0001", "1221-135766-0001", "1221-135766-0002"]
     # durations from the fixture's README
     assert [round(r["duration_s"], 3) for r in rows] == [6.625, 16.715, 4.825]
@@ -153,9 +153,7 @@ def test_bad_input_becomes_reject_rows_with_reasons(tmp_path, capsys):
         for r in rejects
     )
     # every candidate is either a transcript or a reject: nothing lost, nothing twice
-    kept = [
-        r["utt_id"] for r in read_table(tmp_path / "out" / "transcripts.parquet", TRANSCRIPTS).to_pylist()
-    ]
+    kept = [r["utt_id"] for r in read_table(tmp_path / "out" / "transcripts", TRANSCRIPTS).to_pylist()]
     assert sorted(kept) == ["1988-24833-0000", "3752-4944-0000", "3752-4944-0001"]
     assert s.rejects == len(rejects) == sum(s.reject_counts.values())
     assert s.reject_counts == dict(Counter(r["reason"] for r in rejects))
@@ -185,9 +183,7 @@ def test_long_audio_cut_keeps_the_first_seconds_and_the_whole_transcript_and_a_p
     root = copy_librispeech(tmp_path / "c", ["2412-153948-0000", "3752-4944-0002"])  # 11.66 s and 3.2 s
     corpora = [CorpusConfig(name="ls", kind="librispeech", root=root)]
     cut = harvest(corpora, tmp_path / "o", max_duration_s=10.0, long_audio="cut")
-    rows = {
-        r["utt_id"]: r for r in read_table(tmp_path / "o" / "transcripts.parquet", TRANSCRIPTS).to_pylist()
-    }
+    rows = {r["utt_id"]: r for r in read_table(tmp_path / "o" / "transcripts", TRANSCRIPTS).to_pylist()}
     assert (cut.transcripts, cut.rejects, cut.cut) == (2, 0, 1)
     long_, short = rows["2412-153948-0000"], rows["3752-4944-0002"]
     assert (long_["offset_s"], long_["duration_s"]) == (0.0, 10.0) and short["duration_s"] == pytest.approx(

@@ -30,7 +30,7 @@ LJ_DURATIONS = {"LJ001-0002": 1.900, "LJ001-0004": 5.139, "LJ001-0007": 8.390, "
 
 
 def _rows(out: Path) -> dict[str, dict]:
-    return {r["utt_id"]: r for r in read_table(out / "transcripts.parquet", TRANSCRIPTS).to_pylist()}
+    return {r["utt_id"]: r for r in read_table(out / "transcripts", TRANSCRIPTS).to_pylist()}
 
 
 def _rejects(out: Path) -> list[dict]:

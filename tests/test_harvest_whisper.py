@@ -62,9 +62,7 @@ def test_audio_without_transcripts_is_labelled_with_the_checkpoint_hash(tmp_path
         CorpusConfig(name="nolabels", kind="jsonl", root=root, manifest=manifest),
     ]
     s = harvest(corpora, tmp_path / "out", whisper_checkpoint=tiny_whisper, whisper_max_tokens=4)
-    rows = {
-        r["utt_id"]: r for r in read_table(tmp_path / "out" / "transcripts.parquet", TRANSCRIPTS).to_pylist()
-    }
+    rows = {r["utt_id"]: r for r in read_table(tmp_path / "out" / "transcripts", TRANSCRIPTS).to_pylist()}
     rejects = read_table(tmp_path / "out" / "rejects.parquet", REJECTS).to_pylist()
     assert rejects == [] and sorted(rows) == ["common_voice_en_651325", "jfk", "jfk-segment"]
     source = "whisper:" + hashlib.sha256(tiny_whisper.read_bytes()).hexdigest()

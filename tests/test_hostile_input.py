@@ -22,7 +22,7 @@ CLIP = "test-clean/1089-134686-0001.wav"  # 6.625 s (the fixture's README)
 
 
 def _rows(out):
-    rows = read_table(out / "transcripts.parquet", TRANSCRIPTS).to_pylist()
+    rows = read_table(out / "transcripts", TRANSCRIPTS).to_pylist()
     rejects = read_table(out / "rejects.parquet", REJECTS).to_pylist()
     return rows, rejects
 

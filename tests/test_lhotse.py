@@ -22,7 +22,7 @@ from core.catalog import load_catalog
 from core.config import BuildConfig, CorpusConfig, load_config
 from core.export.lhotse import cuts_file
 from core.paths import WorkPaths
-from core.tables import read_table, write_table
+from core.tables import PartsTable, read_table, write_table
 from schemas import REJECTS, RESPONSES, TRANSCRIPTS, to_table
 from splsm.cli import main
 from stages.harvest.driver import harvest
@@ -51,7 +51,7 @@ def _flac(utt: str) -> Path:
 
 
 def _rows(out: Path) -> dict[str, dict]:
-    return {r["utt_id"]: r for r in read_table(out / "transcripts.parquet", TRANSCRIPTS).to_pylist()}
+    return {r["utt_id"]: r for r in read_table(out / "transcripts", TRANSCRIPTS).to_pylist()}
 
 
 def _rejects(out: Path) -> list[dict]:
@@ -194,7 +194,7 @@ def test_lhotse_cutsets_round_trip_through_harvest_and_export(tmp_path):
     before = _rows(tmp_path / "whole")
     work = tmp_path / "work"
     (work / "harvest").mkdir(parents=True)
-    shutil.copy(tmp_path / "whole" / "transcripts.parquet", WorkPaths(work).harvest.transcripts)
+    shutil.copytree(tmp_path / "whole" / "transcripts", WorkPaths(work).harvest.transcripts)
     runner = CliRunner().invoke(
         main, ["export", "lhotse", "--workdir", str(work), "--out", str(tmp_path / "exp")]
     )
@@ -369,7 +369,7 @@ def built(harvested, tiny_config, tmp_path_factory):
     work = tmp_path_factory.mktemp("built")
     paths = WorkPaths(work)
     (work / "harvest").mkdir()
-    shutil.copy(WorkPaths(harvested).harvest.transcripts, paths.harvest.transcripts)
+    shutil.copytree(WorkPaths(harvested).harvest.transcripts, paths.harvest.transcripts)
     tr = [
         t
         for t in read_table(paths.harvest.transcripts, TRANSCRIPTS).to_pylist()
@@ -423,7 +423,7 @@ def test_lhotse_export_of_a_built_work_dir_loads_back_in_lhotse(built, tmp_path)
     assert all(c.supervisions[0].custom["answer"] != c.supervisions[0].text for c in imported)
 
     tr_cuts = CutSet.from_file(cuts_file(out, "transcripts"))
-    assert len(tr_cuts) == len(transcripts) == pq.ParquetFile(paths.harvest.transcripts).metadata.num_rows
+    assert len(tr_cuts) == len(transcripts) == PartsTable.open(paths.harvest.transcripts, TRANSCRIPTS).rows
     for cut in tr_cuts:
         t = transcripts[cut.id]
         (sup,) = cut.supervisions
@@ -450,7 +450,7 @@ def test_lhotse_export_errors_name_the_missing_outputs_and_the_row(harvested, tm
     )
     assert runner.exit_code != 0
     assert (
-        "transcripts.parquet" in runner.output
+        "harvest/transcripts" in runner.output
         and "examples.parquet" in runner.output
         and "splsm harvest" in runner.output
     )

@@ -12,12 +12,13 @@ from click.testing import CliRunner
 
 from conftest import copy_librispeech, run_stage
 from core.config import CorpusConfig
-from core.digest import fingerprint_dir, sha256_file
+from core.digest import fingerprint_dir
 from core.lineage.diff import DiffError, diff_versions, row_diff
 from core.lineage.store import LineageStore
 from core.paths import WorkPaths
 from core.stage import Artifact
 from core.stage import run_stage as run_plain_stage
+from core.tables import table_identity
 from splsm.cli import main
 
 FIRST = ["1988-24833-0000", "1988-24833-0001", "2412-153948-0002", "3752-4944-0000", "3752-4944-0001"]
@@ -27,7 +28,7 @@ ADDED = ["1988-24833-0002", "3752-4944-0002"]
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory, tiny_config):
     """A corpus harvested, two clips added to it, harvested again; a copy of the first table kept aside
-    (the harvest stage itself rewrites its table in place)."""
+    (a harvest rerun replaces its table's manifest)."""
     tmp = tmp_path_factory.mktemp("regen")
     root = copy_librispeech(tmp / "corpus", FIRST)
     cfg = tiny_config.model_copy(update={"corpora": [CorpusConfig(name="ls", kind="librispeech", root=root)]})
@@ -35,9 +36,9 @@ def regenerated(tmp_path_factory, tiny_config):
     table = WorkPaths(work).harvest.transcripts
     corpus_v1 = fingerprint_dir(root.resolve())
     run_stage("harvest", cfg, work)
-    kept = tmp / "kept" / "transcripts-v1.parquet"
+    kept = tmp / "kept" / "transcripts-v1"
     kept.parent.mkdir()
-    shutil.copy(table, kept)
+    shutil.copytree(table, kept)
     copy_librispeech(root, ADDED)
     corpus_v2 = fingerprint_dir(root.resolve())
     second = run_stage("harvest", cfg, work)
@@ -49,7 +50,7 @@ def test_lineage_diff_of_a_regeneration_that_added_clips(regenerated):
     r = regenerated
     store = LineageStore(WorkPaths(r["work"]).lineage)
     d = diff_versions(store, r["table"])
-    v1, v2 = "sha256:" + sha256_file(r["kept"]), "sha256:" + sha256_file(r["table"])
+    v1, v2 = table_identity(r["kept"])[0], table_identity(r["table"])[0]
     assert [v.content_hash for v in d.versions] == [v1, v2]
     assert (d.before.number, d.after.number) == (1, 2)
     assert (d.before.row_count, d.after.row_count) == (len(FIRST), len(FIRST) + len(ADDED))

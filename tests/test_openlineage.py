@@ -33,6 +33,7 @@ from core.digest import sha256_file
 from core.lineage import openlineage as ol
 from core.lineage.store import LineageStore
 from core.paths import WorkPaths
+from core.tables import table_identity
 from splsm.cli import main
 
 FIRST = ["1988-24833-0000", "2412-153948-0002", "3752-4944-0000"]
@@ -143,10 +144,10 @@ def test_openlineage_http_send_of_two_harvest_runs_reaches_a_local_server(tmp_pa
     work = tmp_path / "work"
     paths = WorkPaths(work).harvest
     first = run_stage("harvest", cfg, work)
-    v1 = "sha256:" + sha256_file(paths.transcripts)
+    v1 = table_identity(paths.transcripts)[0]
     copy_librispeech(root, ADDED)
     second = run_stage("harvest", cfg, work)
-    v2 = "sha256:" + sha256_file(paths.transcripts)
+    v2 = table_identity(paths.transcripts)[0]
     assert v1 != v2
 
     res = CliRunner().invoke(

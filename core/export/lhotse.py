@@ -1,6 +1,6 @@
 """A work directory's transcripts and examples as lhotse CutSets (``splsm export lhotse``).
 
-Writes ``OUT/splsm_cuts_transcripts.jsonl.gz`` (one cut per row of ``harvest/transcripts.parquet``) and
+Writes ``OUT/splsm_cuts_transcripts.jsonl.gz`` (one cut per row of the ``harvest/transcripts`` table) and
 ``OUT/splsm_cuts_examples.jsonl.gz`` (one cut per row of ``build/examples.parquet``), named as lhotse's recipes
 name theirs (``PREFIX_cuts_PART``), so ``lhotse.load_manifest``, ``CutSet.from_file`` and NeMo's lhotse
 dataloading read them as they are. Each cut is the row's segment of its audio file (``start`` = ``offset_s``)
@@ -35,8 +35,8 @@ from pathlib import Path
 from core import audio
 from core.atomic import atomic_file
 from core.paths import WorkPaths
-from core.tables import open_table
-from schemas import EXAMPLES, TRANSCRIPTS, SchemaError, TableSchema, check
+from core.tables import row_groups
+from schemas import EXAMPLES, TRANSCRIPTS, SchemaError, TableSchema
 
 TOLERANCE_S = 1e-3  # the harvest's slack between a segment's end and its file's length
 PREFIX = "splsm"
@@ -72,7 +72,7 @@ def export_lhotse(workdir: str | os.PathLike, out: str | os.PathLike) -> LhotseE
         "transcripts": (paths.harvest.transcripts, TRANSCRIPTS, _transcript_cut),
         "examples": (paths.build.examples, EXAMPLES, _example_cut),
     }
-    result = LhotseExport(absent={k: p for k, (p, _, _) in tables.items() if not p.is_file()})
+    result = LhotseExport(absent={k: p for k, (p, _, _) in tables.items() if not p.exists()})
     if len(result.absent) == len(tables):
         raise ExportError(
             f"{paths.root} has neither harvest transcripts ({paths.harvest.transcripts}) nor build examples "
@@ -94,22 +94,20 @@ def export_lhotse(workdir: str | os.PathLike, out: str | os.PathLike) -> LhotseE
 
 
 def _rows(path: Path, schema: TableSchema) -> Iterator[tuple[int, dict]]:
-    """(row number from 0, row) of a table checked against its schema, a row group at a time."""
-    try:
-        f = open_table(path, schema)
-    except SchemaError as e:
-        raise ExportError(f"{path} is not a {schema.tag} table: {e}") from e
+    """(row number from 0, row) of a table (a file or a parts table) checked against its schema, a row group
+    at a time."""
     i = 0
-    with f:
-        for g in range(f.num_row_groups):
-            group = f.read_row_group(g)
-            try:
-                check(group, schema, str(path))  # open_table checked the columns; this, each group's nulls
-            except SchemaError as e:
-                raise ExportError(f"{path} row group {g}: {e}") from e
-            for row in group.to_pylist():
-                yield i, row
-                i += 1
+    groups = row_groups(path, schema)
+    while True:
+        try:
+            _, group = next(groups)
+        except StopIteration:
+            return
+        except SchemaError as e:
+            raise ExportError(f"{path} is not a {schema.tag} table: {e}") from e
+        for row in group.to_pylist():
+            yield i, row
+            i += 1
 
 
 class _Recordings:

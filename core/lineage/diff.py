@@ -6,8 +6,8 @@ recorded). The run that wrote each version says its parameters, code version, im
 inputs; ``diff_versions`` compares the two runs field by field.
 
 The rows of two table versions can be compared only where both versions' bytes still exist. splsm keeps one
-copy of each output, overwritten by the next run (the harvest stage rewrites ``transcripts.parquet`` in
-place), so the store holds hashes of old versions, not their data: the latest version is the file at its
+copy of each output, overwritten by the next run (a harvest rerun replaces the transcripts table's
+manifest), so the store holds hashes of old versions, not their data: the latest version is the file at its
 location (checked by hashing it), and an older one only where the caller kept a copy and names it
 (``from_data`` / ``to_data``), whose hash must then match the version's. Without both, the result says why the
 rows cannot be compared (``rows_unavailable``) and holds the metadata alone.
@@ -30,6 +30,7 @@ import duckdb
 
 from core.digest import fingerprint_dir, sha256_file
 from core.lineage.store import LineageStore
+from core.tables import MANIFEST, manifest_files, table_identity
 
 # The columns that identify a row of each table (by its schema name), for matching rows across versions.
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
@@ -291,8 +292,10 @@ def _input_changes(before: WriterRun, after: WriterRun) -> list[InputChange]:
 
 
 def content_identity(path: Path) -> str:
-    """A path's content identity as the stages record it (``core.stage.Artifact.ref``): a file's SHA-256,
-    a directory's listing fingerprint."""
+    """A path's content identity as the stages record it (``core.stage.Artifact.ref``): a file's SHA-256, a
+    parts table's manifest's, another directory's listing fingerprint."""
+    if (path / MANIFEST).is_file():
+        return table_identity(path)[0]
     return fingerprint_dir(path) if path.is_dir() else "sha256:" + sha256_file(path)
 
 
@@ -326,6 +329,8 @@ def _data_of(v: Version, location: str, given: Path | None, which: str) -> tuple
 def _parquet_files(path: Path) -> list[str]:
     if path.is_file():
         return [str(path)]
+    if (path / MANIFEST).is_file():  # a parts table: the parts its manifest names, not leftovers beside them
+        return [str(p) for p in manifest_files(path)]
     return sorted(
         str(p)
         for p in path.rglob("*.parquet")

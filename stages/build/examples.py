@@ -40,9 +40,9 @@ from core.config import BuildConfig
 from core.log import console
 from core.paths import BuildPaths
 from core.prompts import load_tokenizer, speech_prompt
-from core.tables import read_table, write_table
+from core.tables import read_table, read_transcripts, write_table
 from core.text import transcript_column
-from schemas import EXAMPLES, REJECTS, RESPONSES, TRANSCRIPTS, reject_row, to_table
+from schemas import EXAMPLES, REJECTS, RESPONSES, reject_row, to_table
 from stages.build.dedup import dedup_utterances, near_duplicates
 from stages.build.mix import mix_split
 from stages.build.seeded import unit
@@ -112,7 +112,7 @@ def build(
     transcript is the ASR target (``core.text.TRANSCRIPT_FORMS``), the one generate gave the LLM.
     ``llm_tokenizer``: the LLM's tokenizer (or its directory), which ``b.answer_tokens_between`` counts with."""
     out = out if isinstance(out, BuildPaths) else BuildPaths(Path(out))
-    tr = read_table(transcripts, TRANSCRIPTS).to_pylist()
+    tr = read_transcripts(transcripts).to_pylist()
     paths = [] if responses is None else [responses] if isinstance(responses, Path | str) else responses
     answers = _answers([Path(p) for p in paths])
     rejects: list[dict] = []

@@ -35,9 +35,9 @@ from core.log import console, progress
 from core.paths import GeneratePaths
 from core.prompts import text_prompt
 from core.stage import StageError
-from core.tables import read_table, write_table
+from core.tables import read_table, read_transcripts, write_table
 from core.text import transcript_column
-from schemas import GENERATE_STATS, RESPONSES, TRANSCRIPTS, to_table
+from schemas import GENERATE_STATS, RESPONSES, to_table
 from stages.generate.backends.base import BackendError, Meter, Request
 from stages.generate.cache import Answer, AnswerCache, request_key
 from stages.generate.filters import FILTERS, FilterSettings, failures, is_error
@@ -71,7 +71,7 @@ def plan_requests(
     transcripts: Path, catalog: Catalog, g: GenerateConfig, model: str, revision: str, tokenizer=None
 ) -> list[Request]:
     """One request per (utterance, task), in transcript order then task order."""
-    table = read_table(transcripts, TRANSCRIPTS)
+    table = read_transcripts(transcripts)
     reqs = []
     for utt_id, text in zip(
         table.column("utt_id").to_pylist(),

@@ -8,8 +8,13 @@ file must decode and its duration must be inside the bounds. Each failure is a r
 reason; the run always completes and prints the counts by reason.
 
 Scale: readers stream, candidates go through in chunks with at most a few chunks in flight, and the
-transcripts are written a row group at a time. A rerun reads the previous table a row group at a time
-too (``stages.harvest.previous``). What grows with the corpus is the set of ids seen (duplicate
+transcripts are written a row group at a time. The table is a parts table (``core.tables.PartsTable``): a
+rerun writes only its new rows, as new parts, keeps every previous part whose rows all stay as it is,
+rewrites the few parts that lost rows (a file deleted or changed), merges runs of small parts that
+reruns left, and commits the new version by replacing the manifest. Rows a rerun adds therefore come after
+the rows it keeps: a rerun's table holds the same rows as a cold run's, not in the same order, and the
+stages that read it put it in utterance-id order (``core.tables.read_transcripts``). A rerun reads the
+previous table a row group at a time, and only what it must (``stages.harvest.previous``). What grows with the corpus is the set of ids seen (duplicate
 detection) and the previous table's id index. Probing and text normalization run in a process pool over
 every core.
 
@@ -34,6 +39,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -52,8 +58,8 @@ from core.codehash import code_hash
 from core.config import CorpusConfig
 from core.log import console
 from core.paths import HarvestPaths
-from core.tables import write_table
-from schemas import REJECTS, TRANSCRIPTS, check, to_table
+from core.tables import Part, PartsTable, manifest_hash, part_name, run_token, write_table
+from schemas import REJECTS, TRANSCRIPTS, SchemaError, check, to_table
 from stages.harvest.admission import Admission, Chunk, NewRow, PrevRows, file_fields
 from stages.harvest.corpora import READERS
 from stages.harvest.corpora.records import Candidate, Reject, Unit
@@ -63,6 +69,9 @@ from stages.harvest.probe import probe_items, text_forms
 CHUNK = 1024  # candidates per unit of work: large enough to amortize a process round trip
 INLINE_LIMIT = 2048  # probe this many files in-process before starting workers (a small rerun needs none)
 ROW_GROUP = 16384
+PART_ROWS = 8 * ROW_GROUP  # rows per part: what a rerun rewrites when one of a part's rows goes
+SMALL_PART = PART_ROWS // 4  # a rerun's own part is usually smaller; runs of such parts are merged
+MERGE_RUN = 8  # ... once this many small parts follow each other
 
 
 @dataclass
@@ -247,60 +256,182 @@ class Prober:
             )
             self.transcribed += 1
 
-    def _table(self, chunk: Chunk) -> pa.Table | None:
-        """The chunk's rows in reader order: runs of previous rows sliced (no copy), new rows built."""
-        segments: list[PrevRows | list[dict]] = []  # adjacent runs of previous rows merged
-        for e in chunk.entries:
-            if type(e) is PrevRows:
-                last = segments[-1] if segments else None
-                if type(last) is PrevRows and last.first + last.count == e.first:
-                    last.count += e.count
-                else:
-                    segments.append(PrevRows(e.first, e.count, -1))
-            elif e.pos not in chunk.dropped:
-                if not segments or type(segments[-1]) is not list:
-                    segments.append([])
-                segments[-1].append(chunk.new_rows[e.pos])
-        if not segments:
-            return None
-        schema = TRANSCRIPTS.with_metadata()
-        prev = self.admission.prev
-        parts = [
-            prev.rows(seg.first, seg.count).cast(schema)
-            if type(seg) is PrevRows
-            else to_table(seg, TRANSCRIPTS)
-            for seg in segments
+    @staticmethod
+    def _table(chunk: Chunk) -> pa.Table | None:
+        """The chunk's new rows in reader order (previous rows it keeps stay in their parts)."""
+        rows = [
+            chunk.new_rows[e.pos] for e in chunk.entries if type(e) is NewRow and e.pos not in chunk.dropped
         ]
-        return pa.concat_tables(parts)
+        return to_table(rows, TRANSCRIPTS) if rows else None
 
 
-def account(admission: Admission, chunk: Chunk, first_row: int, rejects: list[Reject]) -> None:
-    """Per-unit row and reject counts, and where each unit's rows start in the output."""
+class Spans:
+    """Where each unit's rows are, as the run finds them: runs of previous rows (``kept``, by position in the
+    previous table) and of new rows (by position among this run's new rows). Once the new table's layout is
+    known (``finish``), a unit whose rows are one run of it can be taken over whole by the next run."""
+
+    def __init__(self, prev_rows: int):
+        self.kept = np.zeros(prev_rows, dtype=bool)  # previous rows this run keeps
+        self.by_unit: dict[int, list[list]] = {}  # unit -> [[is_new, first, count], ...]
+        self.before = np.zeros(0, dtype=np.int64)
+        self.base = 0
+
+    def add(self, unit: int, is_new: bool, first: int, n: int) -> None:
+        if not is_new:
+            self.kept[first : first + n] = True
+        if unit < 0:
+            return
+        runs = self.by_unit.setdefault(unit, [])
+        if runs and runs[-1][0] == is_new and runs[-1][1] + runs[-1][2] == first:
+            runs[-1][2] += n
+        else:
+            runs.append([is_new, first, n])
+
+    def finish(self) -> None:
+        """Kept previous rows keep their order, and the new rows follow them (``finish_table``)."""
+        self.before = np.cumsum(self.kept) - self.kept  # kept rows before each previous row
+        self.base = int(self.kept.sum())
+
+    def resolve(self, unit: int) -> tuple[int, int] | None:
+        """(first row, rows) of a unit in the new table, if its rows are one run there."""
+        first = end = None
+        for is_new, f, n in self.by_unit.get(unit, []):
+            start = self.base + f if is_new else int(self.before[f])
+            if end is not None and start != end:
+                return None
+            first = start if first is None else first
+            end = start + n
+        return None if first is None else (first, end - first)
+
+
+def account(admission: Admission, chunk: Chunk, first_new: int, spans: Spans, rejects: list[Reject]) -> None:
+    """Per-unit row and reject counts, and where each unit's rows are (``Spans``)."""
     units = admission.units
-    row = first_row
+    new = first_new
     for e in chunk.entries:
-        n = e.count if type(e) is PrevRows else (0 if e.pos in chunk.dropped else 1)
-        if e.unit >= 0 and n:
-            u = units[e.unit]
-            if u.first_row is None:
-                u.first_row = row
-            u.rows += n
-        row += n
+        if type(e) is PrevRows:
+            spans.add(e.unit, False, e.first, e.count)
+            n = e.count
+        elif e.pos in chunk.dropped:
+            continue
+        else:
+            spans.add(e.unit, True, new, 1)
+            new, n = new + 1, 1
+        if e.unit >= 0:
+            units[e.unit].rows += n
     for r, unit in chunk.rejects:
         rejects.append(r)
         if unit >= 0:
             units[unit].rejects += 1
 
 
-def reuse_state(admission: Admission, context: str, table: Path, n_rows: int) -> dict:
-    """What the next run may take over: units without rejects, and the table they index."""
-    units = {
-        u.key: (u.digest, u.first_row, u.rows)
-        for u in admission.units
-        if u.rows and not u.rejects and u.first_row is not None
-    }
-    st = table.stat()
-    return {"context": context, "table": [n_rows, st.st_size, st.st_mtime_ns], "units": units}
+class PartWriter:
+    """This run's new parts in the table's directory: ``PART_ROWS`` rows each, each written aside and renamed
+    into place whole (fsynced), under names no other run uses; none is part of the table before the commit."""
+
+    def __init__(self, directory: Path, token: str):
+        self.dir, self.token = directory, token
+        self.parts: list[Part] = []
+        self.rows = 0
+        self._n = 0
+        self._open: list | None = None  # [atomic_file context, writer, name, rows, seconds]
+
+    def write(self, t: pa.Table) -> None:
+        while t.num_rows:
+            if self._open is None:
+                name = part_name(self.token, self._n)
+                self._n += 1
+                cm = atomic_file(self.dir / name)
+                w = pq.ParquetWriter(cm.__enter__(), TRANSCRIPTS.with_metadata(), compression="zstd")
+                self._open = [cm, w, name, 0, 0.0]
+            head = t.slice(0, PART_ROWS - self._open[3])
+            self._open[1].write_table(head, row_group_size=ROW_GROUP)
+            self._open[3] += head.num_rows
+            self._open[4] += pc.sum(head["duration_s"]).as_py() or 0.0
+            self.rows += head.num_rows
+            t = t.slice(head.num_rows)
+            if self._open[3] >= PART_ROWS:
+                self.cut()
+
+    def cut(self) -> list[Part]:
+        """End the part being written (the next row starts another); returns the parts written so far."""
+        if self._open is not None:
+            cm, w, name, _, secs = self._open
+            self._open = None
+            w.close()
+            cm.__exit__(None, None, None)
+            self.parts.append(PartsTable.describe(self.dir / name, secs))
+        return self.parts
+
+    def take(self) -> list[Part]:
+        """The parts written since the last ``take``, the one being written ended."""
+        parts, self.parts = self.cut(), []
+        return parts
+
+    def abort(self) -> None:
+        if self._open is not None:
+            cm, w, *_ = self._open
+            self._open = None
+            w.close()
+            cm.__exit__(RuntimeError, RuntimeError("harvest failed"), None)  # removes the temporary
+
+
+def finish_table(prev: Previous, spans: Spans, new: list[Part], out: PartWriter) -> list[Part]:
+    """The new version's parts, in order: each previous part whose rows all stay, as it is; one that lost rows,
+    rewritten with the rest; then this run's new parts. Then every run of ``MERGE_RUN`` or more small parts
+    that follow each other is merged (in order, so row positions stay as ``Spans`` counts them)."""
+    parts: list[Part] = []
+    if prev.file is not None:
+        for p, (part, file) in enumerate(zip(prev.file.parts, prev.file.files(), strict=True)):
+            lo = prev.part_starts[p]
+            keep = spans.kept[lo : lo + part.rows]
+            n = int(keep.sum())
+            if n == part.rows:
+                parts.append(part)
+            elif n:
+                t = pq.read_table(file).filter(pa.array(keep))
+                check(t, TRANSCRIPTS, str(file))
+                out.write(t.cast(TRANSCRIPTS.with_metadata()))
+                parts.extend(out.take())
+    parts.extend(new)
+    merged: list[Part] = []
+    run: list[Part] = []
+
+    def close_run() -> None:
+        if len(run) >= MERGE_RUN:
+            for r in run:
+                out.write(pq.read_table(out.dir / r.file).cast(TRANSCRIPTS.with_metadata()))
+            merged.extend(out.take())
+        else:
+            merged.extend(run)
+        run.clear()
+
+    for part in parts:
+        if part.rows < SMALL_PART:
+            run.append(part)
+        else:
+            close_run()
+            merged.append(part)
+    close_run()
+    return merged
+
+
+def reuse_state(admission: Admission, context: str, table: Path, spans: Spans) -> dict:
+    """What the next run may take over: units without rejects whose rows are one run of the table, and the
+    version of the table (its manifest) that positions refer to."""
+    units = {}
+    for i, u in enumerate(admission.units):
+        if u.rows and not u.rejects and (where := spans.resolve(i)) is not None:
+            units[u.key] = (u.digest, *where)
+    return {"context": context, "table": manifest_hash(table), "units": units}
+
+
+def _committed(tdir: Path) -> set[str]:
+    """The part files the table's manifest names (none when there is no readable manifest)."""
+    try:
+        return {p.file for p in PartsTable.open(tdir, TRANSCRIPTS).parts}
+    except (OSError, SchemaError):
+        return set()
 
 
 def _estimate(corpora: list[CorpusConfig], prev: int) -> int | None:
@@ -352,32 +483,34 @@ def harvest(
     rejects: list[Reject] = []
     pending: deque[Chunk] = deque()
     buffered: list[pa.Table] = []
-    n_rows = 0
-    # Clear the previous reuse state first: if this run dies half way, the next one must not trust it.
+    # The previous reuse state stays: it names the version of the table it describes (its manifest's hash),
+    # which stays the table's version until this run commits; a run that dies first costs the next nothing.
     paths.dir.mkdir(parents=True, exist_ok=True)
-    paths.reuse_state.unlink(missing_ok=True)
+    tdir = paths.transcripts
+    tdir.mkdir(exist_ok=True)
+    # parts a killed run wrote but never committed are no part of the table
+    PartsTable.sweep(tdir, {p.file for p in prev.file.parts} if prev.file is not None else _committed(tdir))
+    spans = Spans(len(prev))
+    out = PartWriter(tdir, run_token())
     try:
-        with (
-            atomic_file(paths.transcripts) as tmp,
-            _progress() as bar,
-            pq.ParquetWriter(tmp, TRANSCRIPTS.with_metadata(), compression="zstd") as writer,
-        ):
+        with _progress() as bar:
 
             def flush(force: bool = False) -> None:
                 nonlocal buffered
                 if buffered and (force or sum(t.num_rows for t in buffered) >= ROW_GROUP):
                     t = pa.concat_tables(buffered)
                     check(t, TRANSCRIPTS, str(paths.transcripts))
-                    writer.write_table(t, row_group_size=ROW_GROUP)
+                    out.write(t)
                     buffered = []
 
+            new_rows = 0
+
             def emit(chunk: Chunk) -> None:
-                nonlocal n_rows
+                nonlocal new_rows
                 table = prober.finish(chunk)
-                account(admission, chunk, n_rows, rejects)
+                account(admission, chunk, new_rows, spans, rejects)
                 if table is not None:
-                    n_rows += table.num_rows
-                    s.hours += pc.sum(table["duration_s"]).as_py() / 3600
+                    new_rows += table.num_rows
                     buffered.append(table)
                     flush()
                 bar.advance(task, chunk.listed)
@@ -416,12 +549,23 @@ def harvest(
             s.listed = int(bar.tasks[0].completed)
             bar.update(task, total=s.listed)
             flush(force=True)
+        spans.finish()
+        parts = finish_table(prev, spans, out.take(), out)
+    except BaseException:
+        out.abort()
+        raise
     finally:
         prober.close()
         prev.close()
+    # The rejects first, then the manifest: the commit of the new version. Only then the reuse state that
+    # points at it, and the old version's parts go.
     write_table(to_table([r.row() for r in rejects], REJECTS), paths.rejects, REJECTS)
-    write_text(paths.reuse_state, json.dumps(reuse_state(admission, context, paths.transcripts, n_rows)))
-    s.transcripts = n_rows
+    PartsTable.commit(tdir, TRANSCRIPTS, parts)
+    write_text(paths.reuse_state, json.dumps(reuse_state(admission, context, tdir, spans)))
+    PartsTable.sweep(tdir, {p.file for p in parts})
+    paths.legacy_transcripts.unlink(missing_ok=True)
+    s.transcripts = sum(p.rows for p in parts)
+    s.hours = sum(p.duration_s or 0.0 for p in parts) / 3600
     s.rejects = len(rejects)
     s.reject_counts = dict(Counter(r.reason for r in rejects).most_common())
     s.probed, s.reused, s.transcribed = prober.probed, admission.reused, prober.transcribed

@@ -1,14 +1,16 @@
 """The previous run's tables, as a rerun of harvest sees them: read a row group at a time, rows found by id.
 
-A rerun copies what it can from the previous ``transcripts.parquet``: whole units (a LibriSpeech chapter,
-an audio folder) whose listing digest is unchanged, as runs of row positions, and single rows whose
-candidate and audio file are unchanged. ``_reuse.json`` beside the tables (``HarvestPaths.reuse_state``)
-says which code and settings made the rows (``context``), which table it describes (rows, size, mtime)
-and where each unit's rows start; any mismatch and nothing is taken over. Audio rejects that depend only
+A rerun keeps what it can of the previous transcripts table (a parts table: ``core.tables.PartsTable``): whole
+units (a LibriSpeech chapter, an audio folder) whose listing digest is unchanged, as runs of row positions, and
+single rows whose candidate and audio file are unchanged. Positions count rows across the parts in manifest
+order. ``_reuse.json`` beside the tables (``HarvestPaths.reuse_state``) says which code and settings made the
+rows (``context``), which version of the table it describes (its manifest's SHA-256) and where each unit's
+rows are; any mismatch and nothing is taken over. Audio rejects that depend only
 on a file's bytes (``BYTE_REJECTS``) are kept while the file is unchanged.
 
-Memory stays bounded however many rows the previous table has: two row groups are cached, and the index
-from utterance id to row holds a 64-bit hash per row, not the id.
+Memory stays bounded however many rows the previous table has: two row groups are cached (and a few single
+columns: an unchanged unit needs only its ids and durations), and the index from utterance id to row holds a
+64-bit hash per row, not the id.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pyarrow.parquet as pq
 
 from core.log import console
 from core.paths import HarvestPaths
-from core.tables import open_table, read_table
+from core.tables import PartsTable, manifest_hash, read_table
 from schemas import REJECTS, TRANSCRIPTS, SchemaError
 
 # Probe outcomes that depend on the file's bytes only: a rerun keeps such a reject while the file is unchanged.
@@ -68,12 +70,17 @@ class Previous:
     CACHED_GROUPS = 2  # the group being checked and the one being copied out, when they differ
 
     def __init__(self, paths: HarvestPaths, context: str):
-        self.file: pq.ParquetFile | None = None
+        self.file: PartsTable | None = None
+        self.manifest: str | None = None  # the SHA-256 of the previous table's manifest
         self.num_rows = 0
         self.units: dict[str, tuple[str, int, int]] = {}
         self.byte_rejects: dict[str, tuple] = {}
+        self.part_starts: list[int] = []  # first row of each part
+        self._pfs: dict[int, pq.ParquetFile] = {}
+        self._loc: list[tuple[int, int]] = []  # (part, row group in it) of each row group, in table order
         self._starts: list[int] = []  # first row of each row group
         self._groups: OrderedDict[int, tuple[pa.Table, dict[str, list]]] = OrderedDict()
+        self._cols: OrderedDict[tuple[int, str], list] = OrderedDict()  # single columns of uncached groups
         self._last = -1  # the group used last: most lookups fall in it
         self._ends: list[int] = []  # one past the last row of each row group
         self._next = 0  # the row after the last one found by id
@@ -84,23 +91,32 @@ class Previous:
             state = json.loads(paths.reuse_state.read_text())
         except (OSError, ValueError):
             return
-        if state.get("context") != context or not t_path.exists():
-            return  # other code or settings made these rows: make them again
+        if state.get("context") != context or not t_path.is_dir():
+            return  # other code or settings made these rows (or an older layout holds them): make them again
         try:
-            f = open_table(t_path, TRANSCRIPTS)
+            table = PartsTable.open(t_path, TRANSCRIPTS)
             rejects = read_table(r_path, REJECTS) if r_path.exists() else None
+            if state.get("table") != manifest_hash(t_path):
+                return  # the table was replaced since: its rows are not where the units say
+            first = 0
+            for p, file in enumerate(table.files()):
+                self.part_starts.append(first)
+                pf = self._pfs[p] = pq.ParquetFile(file)
+                if pf.metadata.num_rows != table.parts[p].rows:
+                    raise SchemaError(
+                        f"{file} has {pf.metadata.num_rows} rows, its manifest says {table.parts[p].rows}"
+                    )
+                for g in range(pf.metadata.num_row_groups):
+                    self._loc.append((p, g))
+                    self._starts.append(first)
+                    first += pf.metadata.row_group(g).num_rows
+                    self._ends.append(first)
         except (SchemaError, OSError, pa.ArrowInvalid) as e:  # an older schema, or a damaged file
             console.print(f"[yellow]harvest[/]: previous tables not reusable ({e}); probing everything")
+            self.close()
+            self._loc, self._starts, self._ends, self.part_starts = [], [], [], []
             return
-        st = t_path.stat()
-        if state.get("table") != [f.metadata.num_rows, st.st_size, st.st_mtime_ns]:
-            return  # the table was replaced since: its rows are not where the units say
-        self.file, self.num_rows = f, f.metadata.num_rows
-        first = 0
-        for g in range(f.metadata.num_row_groups):
-            self._starts.append(first)
-            first += f.metadata.row_group(g).num_rows
-            self._ends.append(first)
+        self.file, self.num_rows, self.manifest = table, first, state["table"]
         self.units = {k: tuple(v) for k, v in state.get("units", {}).items()}
         if rejects is not None:
             mask = pc.is_in(rejects["reason"], pa.array(BYTE_REJECTS))
@@ -118,10 +134,16 @@ class Previous:
         return self.num_rows
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        for pf in self._pfs.values():
+            pf.close()
+        self._pfs.clear()
         self._groups.clear()
+        self._cols.clear()
         self._last = -1
+
+    def _read(self, g: int, columns: list[str] | None = None) -> pa.Table:
+        p, rg = self._loc[g]
+        return self._pfs[p].read_row_group(rg, columns=columns)
 
     def _group(self, g: int) -> tuple[pa.Table, dict[str, list]]:
         if g == self._last:
@@ -131,7 +153,7 @@ class Previous:
         if hit is not None:
             self._groups.move_to_end(g)
             return hit
-        hit = self._groups[g] = (self.file.read_row_group(g), {})
+        hit = self._groups[g] = (self._read(g), {})
         if len(self._groups) > self.CACHED_GROUPS:
             self._groups.popitem(last=False)
         return hit
@@ -150,9 +172,19 @@ class Previous:
         return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
     def _column(self, g: int, name: str) -> list:
-        table, cols = self._group(g)
+        """Python values of a whole row group's column, made once per cached group; a group not cached is not
+        read whole for one column (an unchanged unit needs its ids and durations only)."""
+        hit = self._groups.get(g)
+        if hit is None:
+            col = self._cols.get((g, name))
+            if col is None:
+                col = self._cols[(g, name)] = self._read(g, [name]).column(0).to_pylist()
+                if len(self._cols) > 4 * self.CACHED_GROUPS:
+                    self._cols.popitem(last=False)
+            return col
+        table, cols = hit
         col = cols.get(name)
-        if col is None:  # Python values of a whole row group's column, made once per cached group
+        if col is None:
             col = cols[name] = table.column(name).to_pylist()
         return col
 
@@ -197,8 +229,8 @@ class Previous:
             return None
         if self._hashes is None:  # built on first use: a rerun of unchanged directories never needs it
             hashes = np.empty(self.num_rows, dtype=np.int64)
-            for g in range(self.file.metadata.num_row_groups):
-                ids = self.file.read_row_group(g, columns=["utt_id"]).column(0).to_pylist()
+            for g in range(len(self._loc)):
+                ids = self._read(g, ["utt_id"]).column(0).to_pylist()
                 hashes[self._starts[g] : self._starts[g] + len(ids)] = np.fromiter(
                     map(_id_hash, ids), np.int64, len(ids)
                 )

@@ -67,7 +67,7 @@ def body(ctx: Context) -> dict:
 
 STAGE = Stage(
     name="harvest",
-    help="Read the config's corpora into WORKDIR/harvest/{transcripts,rejects}.parquet.",
+    help="Read the config's corpora into WORKDIR/harvest/transcripts/ (parts) and rejects.parquet.",
     package="stages.harvest",
     inputs=inputs,
     outputs=outputs,

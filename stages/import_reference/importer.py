@@ -16,9 +16,9 @@ from pathlib import Path
 from core.catalog import Catalog
 from core.paths import ImportPaths
 from core.prompts import text_prompt
-from core.tables import read_table, write_table
+from core.tables import read_transcripts, write_table
 from core.text import transcript_column
-from schemas import REJECTS, RESPONSES, TRANSCRIPTS, reject_row, to_table
+from schemas import REJECTS, RESPONSES, reject_row, to_table
 from stages.import_reference.mapper import InstructionMapper
 
 
@@ -53,7 +53,7 @@ def import_reference(
     mapper = InstructionMapper(catalog)
     root = Path(root).resolve()
     by_path: dict[str, list[dict]] = defaultdict(list)
-    for t in read_table(transcripts, TRANSCRIPTS).to_pylist():
+    for t in read_transcripts(transcripts).to_pylist():
         by_path[t["audio_path"]].append(t)
     tag = "reference:" + hashlib.sha256(Path(manifest).read_bytes()).hexdigest()[:16]
     rows, rejects, seen = [], [], set()

@@ -17,8 +17,7 @@ from core.config import TinyModels
 from core.log import console
 from core.paths import ModelsPaths
 from core.prompts import VICUNA_V11_SYSTEM
-from core.tables import read_table
-from schemas import TRANSCRIPTS
+from core.tables import read_transcripts
 
 SPECIAL = ["<unk>", "<s>", "</s>"]
 
@@ -122,7 +121,7 @@ def build_tiny_models(
 
 def corpus_texts(transcripts: Path, catalog_path: Path | None = None) -> list[str]:
     """What the tokenizer learns from: transcripts, the instruction catalog and the system prompt."""
-    table = read_table(transcripts, TRANSCRIPTS)
+    table = read_transcripts(transcripts)
     catalog = load_catalog(catalog_path)
     texts = table.column("text").to_pylist() + table.column("text_raw").to_pylist()
     texts += [i.text for cat in catalog.categories.values() for i in cat.instructions]
