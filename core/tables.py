@@ -105,6 +105,8 @@ def table_identity(path: str | os.PathLike) -> tuple[str, str | None, int | None
     path = Path(path)
     if path.is_dir():
         m = path / MANIFEST
+        if not m.is_file():
+            raise FileNotFoundError(f"{path} is a directory without {MANIFEST}: no committed version of a table")
         data = json.loads(m.read_text())
         return "sha256:" + sha256_file(m), data.get("schema"), data.get("rows")
     meta = pq.read_metadata(path)

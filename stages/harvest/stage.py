@@ -24,10 +24,11 @@ def inputs(ctx: Context) -> list[Artifact]:
     if (whisper := _labeller(ctx)) is not None:
         made_by = ctx.paths.models_made_by(cfg) if cfg.harvest.label_with_models_whisper else None
         arts.append(Artifact("whisper_checkpoint", whisper, "model", made_by=made_by))
-    if out.transcripts.exists():
-        # A rerun copies the previous table's unchanged rows: lineage records it as an input, but it is not
+    previous = Artifact("previous_transcripts", out.transcripts, "table", keyed=False)
+    if previous.missing() is None:  # a committed version (a first run killed early leaves none)
+        # A rerun keeps the previous table's unchanged rows: lineage records it as an input, but it is not
         # part of the reuse key (otherwise every rerun would see a "new" input and never be reused).
-        arts.append(Artifact("previous_transcripts", out.transcripts, "table", keyed=False))
+        arts.append(previous)
     return arts
 
 
