@@ -367,3 +367,28 @@ def test_a_row_whose_corpus_transcript_goes_away_is_labelled_by_whisper_and_labe
     assert (dropped.probed, dropped.reused, dropped.transcribed) == (1, 1, 1)
     told = _rows(out)["told"]
     assert told["text_source"] == whisper_source and told["text_raw"] != "WHAT THE CORPUS SAYS"
+
+
+def test_a_source_with_a_colon_that_is_no_line_number_is_named_whole_in_a_duplicate(tmp_path):
+    # an audio folder's source is the file's path: "take:2/clip.wav" is no FILE:LINE
+    root = tmp_path / "folder"
+    (root / "take:2").mkdir(parents=True)
+    shutil.copy(DEMO / CLIP, root / "take:2" / "clip.wav")
+    root = root.resolve()
+    corpora = [
+        CorpusConfig(name="a", kind="audio_folder", root=root),
+        CorpusConfig(name="b", kind="audio_folder", root=root),
+    ]
+    s = harvest(corpora, tmp_path / "out")
+    source = f"{root}/take:2/clip.wav"
+    got = [(r["corpus"], r["source"], r["reason"], r["detail"]) for r in _rejects(tmp_path / "out")]
+    assert got == [
+        (
+            "a",
+            source,
+            "no_transcript",
+            "the corpus has no transcript for this audio and harvest.whisper_checkpoint is not set",
+        ),
+        ("b", source, "duplicate_utt_id", f"clip already came from {source}"),
+    ]
+    assert (s.transcripts, s.rejects) == (0, 2)
