@@ -80,8 +80,8 @@ def read_table(path: str | os.PathLike, expected: TableSchema) -> pa.Table:
     path = Path(path)
     if path.is_dir():
         return PartsTable.open(path, expected).read()
-    open_table(path, expected).close()
-    table = pq.read_table(path)
+    with open_table(path, expected) as f:
+        table = f.read()  # not pq.read_table: that imports pyarrow.dataset, a third of a second
     check(table, expected, str(path))
     return table
 
@@ -106,7 +106,9 @@ def table_identity(path: str | os.PathLike) -> tuple[str, str | None, int | None
     if path.is_dir():
         m = path / MANIFEST
         if not m.is_file():
-            raise FileNotFoundError(f"{path} is a directory without {MANIFEST}: no committed version of a table")
+            raise FileNotFoundError(
+                f"{path} is a directory without {MANIFEST}: no committed version of a table"
+            )
         data = json.loads(m.read_text())
         return "sha256:" + sha256_file(m), data.get("schema"), data.get("rows")
     meta = pq.read_metadata(path)

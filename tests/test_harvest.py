@@ -167,6 +167,26 @@ def test_bad_input_becomes_reject_rows_with_reasons(tmp_path, capsys):
         assert any(reason in line and line.rstrip(" │|").endswith(str(n)) for line in printed.splitlines())
 
 
+def test_a_transcript_file_that_cannot_be_read_is_a_reject_naming_it_and_the_rest_is_harvested(tmp_path):
+    root = copy_librispeech(tmp_path / "corpus", ["1988-24833-0000", "3752-4944-0000", "3752-4944-0001"])
+    chap = root / "dev-clean-2" / "3752" / "4944"
+    trans = chap / "3752-4944.trans.txt"
+    trans.unlink()
+    trans.symlink_to(tmp_path / "gone.txt")  # a dangling link where the chapter's transcripts were
+    s = harvest([CorpusConfig(name="ls", kind="librispeech", root=root)], tmp_path / "out")
+
+    assert s.transcripts == 1
+    rejects = read_table(tmp_path / "out" / "rejects.parquet", REJECTS).to_pylist()
+    unreadable = [r for r in rejects if r["reason"] == "unreadable_transcript"]
+    assert len(unreadable) == 1 and unreadable[0]["source"] == f"{chap.resolve()}/3752-4944.trans.txt"
+    assert unreadable[0]["field"] == "text" and "cannot read" in unreadable[0]["detail"]
+    # the chapter's audio is still listed: without its lines each file is audio without a transcript
+    assert sorted(r["utt_id"] for r in rejects if r["reason"] == "no_transcript") == [
+        "3752-4944-0000",
+        "3752-4944-0001",
+    ]
+
+
 def test_too_long_audio_is_rejected_with_the_bound(tmp_path):
     root = copy_librispeech(tmp_path / "c", ["2412-153948-0000", "3752-4944-0002"])  # 11.66 s and 3.2 s
     s = harvest([CorpusConfig(name="ls", kind="librispeech", root=root)], tmp_path / "o", max_duration_s=10.0)

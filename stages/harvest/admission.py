@@ -171,6 +171,7 @@ class Admission:
         if self.bounds(min(durations)) or self.bounds(max(durations)):
             return False
         self.seen.update(dict.fromkeys(ids, f"{unit.key} (unchanged since the previous run)"))
+        self.prev.take(first, n)
         chunk.entries.append(PrevRows(first, n, len(self.units) - 1))
         chunk.listed += n
         self.reused += n

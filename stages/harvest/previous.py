@@ -86,6 +86,7 @@ class Previous:
         self._next = 0  # the row after the last one found by id
         self._hashes: np.ndarray | None = None  # utterance id hashes, sorted
         self._rows: np.ndarray | None = None  # the row of each hash
+        self._taken = np.zeros(0, dtype=bool)  # rows taken over with their unit (``take``)
         t_path, r_path = paths.transcripts, paths.rejects
         try:
             state = json.loads(paths.reuse_state.read_text())
@@ -117,6 +118,7 @@ class Previous:
             self._loc, self._starts, self._ends, self.part_starts = [], [], [], []
             return
         self.file, self.num_rows, self.manifest = table, first, state["table"]
+        self._taken = np.zeros(first, dtype=bool)
         self.units = {k: tuple(v) for k, v in state.get("units", {}).items()}
         if rejects is not None:
             mask = pc.is_in(rejects["reason"], pa.array(BYTE_REJECTS))
@@ -218,26 +220,38 @@ class Previous:
         """Python values of one column over rows ``first`` to ``first + n``."""
         return [v for g, lo, k in self._spans(first, n) for v in self._column(g, name)[lo : lo + k]]
 
+    def take(self, first: int, n: int) -> None:
+        """Rows ``first`` to ``first + n`` go over to the new table with their unit (``Admission.start_unit``)."""
+        self._taken[first : first + n] = True
+
     def index(self, utt_id: str) -> int | None:
         """The previous row of an utterance id, or None.
 
         The index holds each row's id hash, not the id: 12 bytes a row in two arrays, where a dict of ids
         took about 130 (a 3-million-row table's index takes 36 MB instead of about 370). Equal hashes are told
-        apart by the id in the row itself.
+        apart by the id in the row itself. Rows already taken over with their unit when it is built are left
+        out: their ids are among those the run has seen, so a candidate with one is a duplicate before it is
+        looked up (``Admission.admit``). A rerun whose new files come after its unchanged units (new
+        speakers, new chapters) reads no ids for it.
         """
         if self.file is None:
             return None
         if self._hashes is None:  # built on first use: a rerun of unchanged directories never needs it
-            hashes = np.empty(self.num_rows, dtype=np.int64)
+            hashes, rows = [], []
             for g in range(len(self._loc)):
-                ids = self._read(g, ["utt_id"]).column(0).to_pylist()
-                hashes[self._starts[g] : self._starts[g] + len(ids)] = np.fromiter(
-                    map(_id_hash, ids), np.int64, len(ids)
-                )
+                lo, hi = self._starts[g], self._ends[g]
+                free = ~self._taken[lo:hi]
+                if not free.any():
+                    continue
+                ids = self._read(g, ["utt_id"]).column(0).filter(pa.array(free)).to_pylist()
+                hashes.append(np.fromiter(map(_id_hash, ids), np.int64, len(ids)))
+                rows.append(np.flatnonzero(free) + lo)
+            hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.int64)
+            rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
             order = np.argsort(hashes, kind="stable")
             self._hashes, self._rows = (
                 hashes[order],
-                order.astype(np.uint32 if len(order) < 2**32 else np.int64),
+                rows[order].astype(np.uint32 if self.num_rows < 2**32 else np.int64),
             )
         h = _id_hash(utt_id)
         k = int(np.searchsorted(self._hashes, h))

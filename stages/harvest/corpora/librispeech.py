@@ -15,22 +15,30 @@ def read(corpus: CorpusConfig) -> Iterator[Candidate | Reject | Unit]:
     if not root.is_dir():
         yield missing(corpus.name, root, "corpus root")
         return
-    # One chapter directory at a time: a 3-million-file corpus is never listed into memory whole.
+    # One chapter directory at a time: a 3-million-file corpus is never listed into memory whole. The
+    # chapter's digest covers its listing, the transcript files' size and mtime with the rest (the rule the
+    # harvest applies to audio files too), so an unchanged chapter is taken over without reading a byte of
+    # it: the transcripts are read only when its candidates are.
     for dirpath, files in walk(str(root)):
-        flacs = [n[:-5] for n, _, _ in files if n.endswith(".flac")]
-        trans = [n for n, _, _ in files if n.endswith(".trans.txt")]
-        if not flacs and not trans:
-            continue
-        texts = [(dirpath + "/" + n, (Path(dirpath) / n).read_bytes()) for n in trans]
-        yield Unit(dirpath, digest(files, *(t for _, t in texts)), _chapter(corpus, dirpath, flacs, texts))
+        if any(n.endswith((".flac", ".trans.txt")) for n, _, _ in files):  # in a chapter, the first one
+            yield Unit(dirpath, digest(files), _chapter(corpus, dirpath, files))
 
 
-def _chapter(corpus: CorpusConfig, dirpath: str, flacs: list[str], texts: list[tuple[str, bytes]]):
+def _chapter(corpus: CorpusConfig, dirpath: str, files: list[tuple[str, int, int]]):
     chapter = Path(dirpath)
     speaker = chapter.parent.name
     split = corpus.split or chapter.parent.parent.name
     listed: set[str] = set()
-    for path, data in texts:
+    for name, _, _ in files:
+        if not name.endswith(".trans.txt"):
+            continue
+        path = f"{dirpath}/{name}"
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:  # a dangling link, a file without read permission: its lines are unknown
+            detail = f"cannot read {path}: {e.strerror or e}"
+            yield Reject(corpus.name, path, None, "text", "unreadable_transcript", detail)
+            continue
         for lineno, raw in enumerate(data.splitlines(), start=1):
             source = f"{path}:{lineno}"
             line = decode(raw, corpus.name, source)
@@ -42,7 +50,8 @@ def _chapter(corpus: CorpusConfig, dirpath: str, flacs: list[str], texts: list[t
             utt_id, _, text = line.strip().partition(" ")
             listed.add(utt_id)
             yield Candidate(utt_id, corpus.name, split, f"{dirpath}/{utt_id}.flac", text, speaker, source)
-    for stem in flacs:
-        if stem not in listed:  # audio without a line: Whisper may label it, else a no_transcript reject
-            path = f"{dirpath}/{stem}.flac"
+    for name, _, _ in files:
+        stem = name[:-5]
+        if name.endswith(".flac") and stem not in listed:  # audio without a line: Whisper may label it
+            path = f"{dirpath}/{name}"
             yield Candidate(stem, corpus.name, split, path, None, speaker, path)

@@ -45,6 +45,7 @@ REASONS = {
     "missing_audio": "the audio file does not exist (or is a dangling link)",
     "outside_root": "the audio path resolves outside the corpus root",
     "non_utf8_transcript": "a transcript line that is not UTF-8",
+    "unreadable_transcript": "a transcript file that cannot be read (a dangling link, no read permission)",
     "empty_transcript": "the transcript is empty (or Whisper heard no words)",
     "no_transcript": "no transcript, and harvest.whisper_checkpoint is not set",
     "garbage_utterance": "a GigaSpeech segment marked as music, noise or silence",
@@ -90,7 +91,7 @@ class Reject:
 class Unit:
     """A group of candidates that a rerun may take over whole: one LibriSpeech chapter, one folder.
 
-    ``digest`` covers every file the group comes from (names, sizes, mtimes, transcript bytes); if it
+    ``digest`` covers every file the group comes from (names, sizes, mtimes); if it
     equals the previous run's, the previous rows are copied without creating a single candidate, so
     a rerun over an unchanged corpus costs a directory listing. ``items`` is not iterated then.
     """
