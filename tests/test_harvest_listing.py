@@ -1,9 +1,7 @@
-"""The corpus walk: the same listings in the same order whether this process or a helper process lists them,
-and a helper that dies costs nothing but time."""
+"""The corpus walk: depth first, sorted, every file with its size and mtime, dangling links listed; and the
+listing digest that lets a rerun take over an unchanged directory."""
 
 import os
-
-import pytest
 
 from stages.harvest.corpora import listing
 
@@ -25,7 +23,7 @@ def _tree(root):
 
 
 def _here(root):
-    return list(listing.walk(str(root), helper=False))
+    return list(listing.walk(str(root)))
 
 
 def test_the_walk_is_depth_first_sorted_with_sizes_mtimes_and_dangling_links(tmp_path):
@@ -45,39 +43,16 @@ def test_the_walk_is_depth_first_sorted_with_sizes_mtimes_and_dangling_links(tmp
     ]
 
 
-@pytest.mark.parametrize("handoff, batch", [(0, 1), (0, 10_000), (30, 7)])
-def test_a_helper_process_gives_the_same_listings_in_the_same_order(
-    tmp_path, monkeypatch, capsys, handoff, batch
-):
-    root = _tree(tmp_path / "t")
-    monkeypatch.setattr(listing, "HANDOFF_FILES", handoff)
-    monkeypatch.setattr(listing, "BATCH_FILES", batch)
-    monkeypatch.setattr(listing, "QUEUED_BATCHES", 2)  # the helper waits for the reader, often
-    assert list(listing.walk(str(root), helper=True)) == _here(root)
-    assert "listing" not in capsys.readouterr().out  # the helper listed, not this process after it failed
-
-
-def _dies_after_two_batches(stack, out, batch_files):
-    """A helper killed mid-walk (the OOM killer, a signal): it sends two batches, then exits without a word."""
-    sent = []
-
-    class Two:
-        def put(self, batch):
-            if len(sent) == 2:
-                os._exit(9)
-            sent.append(batch)
-            out.put(batch)
-
-    listing._produce(stack, Two(), batch_files)
-
-
-def test_a_helper_that_dies_mid_walk_leaves_this_process_to_list_the_rest_with_nothing_lost_or_twice(
-    tmp_path, monkeypatch, capsys
-):
-    root = _tree(tmp_path / "t")
-    monkeypatch.setattr(listing, "BATCH_FILES", 10)
-    monkeypatch.setattr(listing, "_POLL_S", 0.05)
-    real = os.path.realpath(root)
-    got = list(listing._walk_in_helper([real], produce=_dies_after_two_batches))
-    assert got == _here(root)
-    assert "the listing process ended (exit code 9)" in capsys.readouterr().out
+def test_the_digest_changes_with_any_name_size_or_mtime_and_takes_names_that_are_not_utf8(tmp_path):
+    files = [("a.flac", 10, 1_700_000_000_000_000_001), ("b.flac", 20, 1_700_000_000_000_000_002)]
+    d = listing.digest(files)
+    assert listing.digest([tuple(f) for f in files]) == d  # the values decide, not which objects hold them
+    for changed in (
+        [("a.flac", 10, 1_700_000_000_000_000_001)],
+        [("a.flac", 11, 1_700_000_000_000_000_001), files[1]],
+        [("a.flac", 10, 1_700_000_000_000_000_002), files[1]],
+        [("c.flac", 10, 1_700_000_000_000_000_001), files[1]],
+    ):
+        assert listing.digest(changed) != d
+    odd = os.fsdecode(b"caf\xe9.flac")  # Latin-1 bytes in a name: a surrogate escape in Python
+    assert listing.digest([(odd, 1, 2)]) != listing.digest([("cafe.flac", 1, 2)])

@@ -68,6 +68,7 @@ from stages.harvest.probe import probe_items, text_forms
 
 CHUNK = 1024  # candidates per unit of work: large enough to amortize a process round trip
 INLINE_LIMIT = 2048  # probe this many files in-process before starting workers (a small rerun needs none)
+WARM_ROWS = 50_000  # a rerun over a previous table this large starts its workers at once (``Prober.warm``)
 ROW_GROUP = 16384
 PART_ROWS = 8 * ROW_GROUP  # rows per part: what a rerun rewrites when one of a part's rows goes
 SMALL_PART = PART_ROWS // 4  # a rerun's own part is usually smaller; runs of such parts are merged
@@ -143,14 +144,29 @@ class Prober:
             return
         try:
             if self.pool is None:
-                # forkserver: workers start from a clean process, not a fork of one that may hold threads
-                # (Prefect, torch) and their locks.
-                ctx = multiprocessing.get_context("forkserver")
-                self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+                self._start()
             chunk.future = self.pool.submit(probe_items, items, self.content_hash)
         except (OSError, BrokenProcessPool) as e:
             self._no_pool(e)
             chunk.results = probe_items(items, self.content_hash)
+
+    def _start(self) -> None:
+        # forkserver: workers start from a clean process, not a fork of one that may hold threads (Prefect,
+        # torch) and their locks.
+        ctx = multiprocessing.get_context("forkserver")
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+
+    def warm(self) -> None:
+        """Start the workers now, while this process lists the corpus: a large rerun's new files then find
+        them ready (started and the normalizer built) instead of waiting for them at the end of the walk."""
+        if self.workers <= 1 or self.pool is not None:
+            return
+        try:
+            self._start()
+            for _ in range(self.workers):
+                self.pool.submit(text_forms, "warm up")
+        except (OSError, BrokenProcessPool) as e:
+            self._no_pool(e)
 
     def _no_pool(self, e: BaseException) -> None:
         console.print(f"[yellow]harvest[/]: worker processes failed ({e!r}); probing in this process")
@@ -484,6 +500,8 @@ def harvest(
         prev, max_duration_s, min_duration_s, labeler.source if labeler else None, content_hash, cut
     )
     prober = Prober(admission, workers or len(os.sched_getaffinity(0)), labeler, content_hash)
+    if len(prev) >= WARM_ROWS:
+        prober.warm()
     s = HarvestSummary(0, 0, {}, 0.0)
     rejects: list[Reject] = []
     pending: deque[Chunk] = deque()
