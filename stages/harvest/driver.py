@@ -58,7 +58,7 @@ from core.codehash import code_hash
 from core.config import CorpusConfig
 from core.log import console
 from core.paths import HarvestPaths
-from core.tables import Part, PartsTable, manifest_hash, part_name, run_token, write_table
+from core.tables import Part, PartsTable, manifest_hash, part_name, read_table, run_token, write_table
 from schemas import REJECTS, TRANSCRIPTS, SchemaError, check, to_table
 from stages.harvest.admission import Admission, Chunk, NewRow, PrevRows, file_fields
 from stages.harvest.corpora import READERS
@@ -392,11 +392,6 @@ class PartWriter:
             cm.__exit__(RuntimeError, RuntimeError("harvest failed"), None)  # removes the temporary
 
 
-def _read_part(file: Path) -> pa.Table:
-    with pq.ParquetFile(file) as f:  # not pq.read_table, which imports pyarrow.dataset (a third of a second)
-        return f.read()
-
-
 def finish_table(prev: Previous, spans: Spans, new: list[Part], out: PartWriter) -> list[Part]:
     """The new version's parts, in order: each previous part whose rows all stay, as it is; one that lost rows,
     rewritten with the rest; then this run's new parts. Then every run of ``MERGE_RUN`` or more small parts
@@ -410,8 +405,7 @@ def finish_table(prev: Previous, spans: Spans, new: list[Part], out: PartWriter)
             if n == part.rows:
                 parts.append(part)
             elif n:
-                t = _read_part(file).filter(pa.array(keep))
-                check(t, TRANSCRIPTS, str(file))
+                t = read_table(file, TRANSCRIPTS).filter(pa.array(keep))
                 out.write(t.cast(TRANSCRIPTS.with_metadata()))
                 parts.extend(out.take())
     parts.extend(new)
@@ -421,7 +415,7 @@ def finish_table(prev: Previous, spans: Spans, new: list[Part], out: PartWriter)
     def close_run() -> None:
         if len(run) >= MERGE_RUN:
             for r in run:
-                out.write(_read_part(out.dir / r.file).cast(TRANSCRIPTS.with_metadata()))
+                out.write(read_table(out.dir / r.file, TRANSCRIPTS).cast(TRANSCRIPTS.with_metadata()))
             merged.extend(out.take())
         else:
             merged.extend(run)

@@ -26,37 +26,30 @@ def walk(root: str) -> Iterator[Listing]:
     """
     stack = [os.path.realpath(root)]
     while stack:
-        listing = _list(stack.pop(), stack)
-        if listing is not None:
-            yield listing
-
-
-def _list(d: str, stack: list[str]) -> Listing | None:
-    """One directory's files, sorted; its subdirectories go on ``stack`` so the first by name comes off first.
-    None for a directory that cannot be read."""
-    files, dirs = [], []
-    try:
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return None
-    try:
-        with os.scandir(fd) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False):
-                    dirs.append(os.path.join(d, e.name))
-                else:
-                    try:
-                        st = e.stat()
-                        files.append((e.name, st.st_size, st.st_mtime_ns))
-                    except OSError:  # a dangling link: listed with no size, the harvest rejects it
-                        files.append((e.name, -1, -1))
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    files.sort()
-    stack.extend(sorted(dirs, reverse=True))
-    return d, files
+        d = stack.pop()
+        files, dirs = [], []
+        try:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            with os.scandir(fd) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        dirs.append(os.path.join(d, e.name))
+                    else:
+                        try:
+                            st = e.stat()
+                            files.append((e.name, st.st_size, st.st_mtime_ns))
+                        except OSError:  # a dangling link: listed with no size, the harvest rejects it
+                            files.append((e.name, -1, -1))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        files.sort()
+        yield d, files
+        stack.extend(sorted(dirs, reverse=True))
 
 
 def digest(files: list[tuple[str, int, int]]) -> str:
