@@ -68,6 +68,29 @@ def test_rerun_probes_exactly_the_added_and_changed_files(tmp_path):
     assert short.reject_counts == {"corrupt_audio": 1, "too_long": 2}  # 7.895 s and 4.555 s (README)
 
 
+def test_a_large_rerun_starts_its_workers_at_once_and_gives_the_same_table(tmp_path, monkeypatch):
+    """Over a previous table of ``WARM_ROWS`` rows or more the probe workers start before the walk; the new
+    files then go to them, and the table is the one a cold run makes."""
+    root = copy_librispeech(tmp_path / "c", FIRST)
+    corpus = [CorpusConfig(name="ls", kind="librispeech", root=root)]
+    harvest(corpus, tmp_path / "out", workers=2)
+    copy_librispeech(root, ADDED)
+    monkeypatch.setattr(driver, "WARM_ROWS", 1)  # the demo's five rows count as a large table
+    started = []
+    warm = driver.Prober.warm
+
+    def watched(self):
+        warm(self)
+        started.append(self.pool is not None and self.workers == 2)
+
+    monkeypatch.setattr(driver.Prober, "warm", watched)
+    inc = harvest(corpus, tmp_path / "out", workers=2)
+    assert started == [True]
+    assert (inc.probed, inc.transcripts) == (2, 7)
+    harvest(corpus, tmp_path / "cold", workers=2)
+    assert _table(tmp_path / "out") == _table(tmp_path / "cold")
+
+
 def test_new_transcripts_version_points_at_the_old_one_in_lineage(tmp_path, tiny_config):
     root = copy_librispeech(tmp_path / "c", FIRST)
     cfg = tiny_config.model_copy(update={"corpora": [CorpusConfig(name="ls", kind="librispeech", root=root)]})
