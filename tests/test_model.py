@@ -129,12 +129,16 @@ def test_layout_labels_cover_answer_and_eos_only(model, eval_rows):
 
     # The model's loss is the mean cross-entropy over exactly those positions.
     with torch.no_grad():
-        out = model(**batch.kwargs())
+        out = model(**batch.kwargs(), logits="all")
+        answer_only = model(**batch.kwargs())
     logits, targets = out.logits[:, :-1], labels[:, 1:]
     keep = targets != -100
     assert keep.sum() == sum(len(a) for a in batch.answer_ids)
     manual = F.cross_entropy(logits[keep].float(), targets[keep])
     assert torch.allclose(out.loss, manual, atol=1e-5)
+    # by default the logits are computed at those positions only, in row order
+    assert torch.allclose(answer_only.logits, logits[keep], atol=1e-5)
+    assert torch.allclose(answer_only.loss, manual, atol=1e-5)
 
 
 def test_left_padded_batch_decodes_like_one_at_a_time(model, eval_rows):

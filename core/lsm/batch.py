@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from core.lsm.encoder_cache import clip_digest
 from core.lsm.features import CHUNK_S, SAMPLE_RATE, log_mel
 
 
@@ -26,6 +27,7 @@ class SpeechBatch:
     suffix_ids: list[list[int]] | None
     answer_ids: list[list[int]] | None = None
     feature_lengths: torch.Tensor | None = None  # [B] frames of each clip before padding
+    clip_digests: list[str] | None = None  # SHA-256 of each clip's samples: the encoder cache's key
 
     def to(self, device) -> SpeechBatch:
         return SpeechBatch(
@@ -35,6 +37,7 @@ class SpeechBatch:
             self.suffix_ids,
             self.answer_ids,
             self.feature_lengths,
+            self.clip_digests,
         )
 
     def pin_memory(self) -> SpeechBatch:
@@ -51,6 +54,7 @@ class SpeechBatch:
             prefix_ids=self.prefix_ids,
             suffix_ids=self.suffix_ids,
             answer_ids=self.answer_ids,
+            clip_digests=self.clip_digests,
         )
 
     def __len__(self) -> int:
@@ -87,4 +91,6 @@ class Collate:
                 answer = [
                     tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in rows
                 ]
-        return SpeechBatch(feats, durations, prefix, suffix, answer, lengths)
+        # What the encoder is given (the samples, cut at its input length): an encoder cache's key
+        digests = [clip_digest(c[: round(self.chunk_s * SAMPLE_RATE)]) for c in clips]
+        return SpeechBatch(feats, durations, prefix, suffix, answer, lengths, digests)

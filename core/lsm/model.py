@@ -32,6 +32,7 @@ tokenizer and Whisper's feature extractor, so one directory holds everything eva
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -289,6 +290,8 @@ class LSMForConditionalGeneration(PreTrainedModel):
     def train(self, mode: bool = True):
         # A frozen part stays in eval mode: its dropout would only add noise that nothing can learn from.
         super().train(mode)
+        # Kept prefix states belong to the weights they were computed with, which may have been loaded since.
+        self.__dict__.pop("_prefix_store", None)
         for part in self._frozen_parts():
             part.eval()
         return self
@@ -336,30 +339,103 @@ class LSMForConditionalGeneration(PreTrainedModel):
             return [self.num_speech_tokens(float(d)) for d in durations_s]
         return [self.batch_windows(durations_s)[3] * self.config.num_queries] * len(durations_s)
 
-    def encode_speech(self, input_features: torch.Tensor, durations_s=None) -> torch.Tensor:
-        """[B, n_mels, frames] log-mels -> [B, W * num_queries, llm hidden] speech embeddings. ``durations_s``
-        (seconds of audio per clip) sets the per_batch windows; without it the whole chunk counts as audio."""
-        return self.connect(self.encode_frames(input_features), durations_s)
+    def window_counts(self, durations_s) -> list[int]:
+        """Windows the Q-Former computes for each clip of a batch: with fixed windows those that hold at least one
+        encoder frame of the clip's audio (the LLM never sees the others); with per-batch windows every window of
+        the batch, padding included, as in the reference."""
+        if self.config.window_mode == "fixed":
+            return [n // self.config.num_queries for n in self.speech_token_counts(durations_s)]
+        return [self.batch_windows(durations_s)[3]] * len(durations_s)
+
+    def frames_needed(self, durations_s) -> list[int]:
+        """Encoder frames each clip's windows reach (``connect`` reads no others): about the clip's own frames with
+        fixed windows; with per-batch windows the batch's cut, the longest clip's frames."""
+        _, kernel, stride, _ = self.batch_windows(durations_s)
+        return [(w - 1) * stride + kernel for w in self.window_counts(durations_s)]
+
+    def use_encoder_cache(self, cache) -> None:
+        """Read and store the frozen encoder's frames through ``cache`` (a ``core.lsm.encoder_cache.EncoderCache``
+        made for this encoder's identity), or stop with None. Refused while the encoder trains: its frames change
+        at every step."""
+        if cache is not None and any(p.requires_grad for p in self.encoder.parameters()):
+            raise ValueError(
+                "encoder cache: the encoder trains (freeze_encoder is false); its outputs change"
+            )
+        self.encoder_cache = cache
+
+    def encode_speech(
+        self, input_features: torch.Tensor, durations_s=None, clip_digests=None
+    ) -> torch.Tensor:
+        """[B, n_mels, frames] log-mels -> [B, W * num_queries, llm hidden] speech embeddings, W the most windows a
+        clip of the batch has (a clip's tokens past its own count are zeros: ``assemble`` takes only its own).
+        ``durations_s`` (seconds of audio per clip) sets the windows; without it the whole chunk counts as audio.
+        ``clip_digests`` (``Collate`` makes them) let an attached encoder cache serve the frames."""
+        return self.connect(self.speech_frames(input_features, durations_s, clip_digests), durations_s)
 
     def encode_frames(self, input_features: torch.Tensor) -> torch.Tensor:
         """The Whisper encoder: [B, n_mels, 2 * F] log-mels -> [B, F, d_model] frames (F = 1500 for 30 s)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
             return self.encoder(input_features.to(self.encoder.dtype)).last_hidden_state
 
+    def speech_frames(
+        self, input_features: torch.Tensor, durations_s=None, clip_digests=None
+    ) -> torch.Tensor:
+        """The encoder frames ``connect`` reads: [B, F', d_model]. With an encoder cache attached and the clips'
+        digests, a clip seen before is read from the cache and only the others go through the encoder (each then
+        stored); a clip's frames past what its windows reach are zeros."""
+        cache = getattr(self, "encoder_cache", None)
+        if cache is None or clip_digests is None:
+            return self.encode_frames(input_features)
+        b = input_features.shape[0]
+        if durations_s is None:
+            durations_s = [self.chunk_s] * b
+        need = self.frames_needed(durations_s)
+        got: list[torch.Tensor | None] = [cache.get(d, n) for d, n in zip(clip_digests, need, strict=True)]
+        miss = [i for i, g in enumerate(got) if g is None]
+        if miss:
+            with torch.no_grad():
+                fresh = self.encode_frames(input_features[miss])
+            for j, i in enumerate(miss):
+                got[i] = fresh[j, : need[i]]
+                cache.put(clip_digests[i], got[i])
+        device = input_features.device
+        frames = torch.zeros(b, max(need), got[0].shape[-1], dtype=self.encoder.dtype, device=device)
+        for i, g in enumerate(got):
+            frames[i, : need[i]] = g.to(device)
+        return frames
+
     def connect(self, frames: torch.Tensor, durations_s=None) -> torch.Tensor:
-        """LayerNorm, windows, Q-Former and projection: [B, F, d_model] -> [B, W * Q, llm hidden]."""
+        """LayerNorm, windows, Q-Former and projection: [B, F, d_model] -> [B, W * Q, llm hidden].
+
+        Only the windows each clip's tokens come from go through the Q-Former (``window_counts``), packed into one
+        batch of windows: a window's query attends to its own frames only, so a window's output is the same
+        whatever else is computed beside it. With per-batch windows that is every window, as in the reference."""
         b, _, d = frames.shape
         if durations_s is None:
             durations_s = [self.chunk_s] * b
-        t, kernel, stride, w = self.batch_windows(durations_s)
-        frames = self.ln_speech(frames[:, :t].to(self.ln_speech.weight.dtype))
+        _, kernel, stride, _ = self.batch_windows(durations_s)
+        counts = self.window_counts(durations_s)
+        w = max(counts)
+        # the frames the windows reach (the batch's cut with per-batch windows); LayerNorm is per frame
+        frames = self.ln_speech(frames[:, : (w - 1) * stride + kernel].to(self.ln_speech.weight.dtype))
         # Windows of `kernel` frames every `stride` frames: [B, W, kernel, d], then one Q-Former row per window.
-        windows = frames.unfold(1, kernel, stride)[:, :w]  # [B, W, d, kernel]
-        windows = windows.permute(0, 1, 3, 2).reshape(b * w, kernel, d)
-        queries = self.query_tokens.expand(windows.shape[0], -1, -1)
-        out = self.qformer(query_embeds=queries, encoder_hidden_states=windows).last_hidden_state
-        speech = self.proj(out)  # [B*W, Q, H]
-        return speech.reshape(b, w * self.config.num_queries, -1)
+        windows = frames.unfold(1, kernel, stride)[:, :w].permute(0, 1, 3, 2)  # [B, W, kernel, d]
+        if all(c == w for c in counts):
+            picked = windows.reshape(b * w, kernel, d)
+        else:
+            picked = torch.cat([windows[i, :c] for i, c in enumerate(counts)])
+        queries = self.query_tokens.expand(picked.shape[0], -1, -1)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=picked).last_hidden_state
+        speech = self.proj(out)  # [sum of counts, Q, H]
+        q = self.config.num_queries
+        if all(c == w for c in counts):
+            return speech.reshape(b, w * q, -1)
+        rows = speech.split(counts)
+        pad = [
+            torch.nn.functional.pad(r.reshape(c * q, -1), (0, 0, 0, (w - c) * q))
+            for r, c in zip(rows, counts, strict=False)
+        ]
+        return torch.stack(pad)
 
     def assemble(
         self,
@@ -409,20 +485,128 @@ class LSMForConditionalGeneration(PreTrainedModel):
         prefix_ids: list[list[int]],
         suffix_ids: list[list[int]],
         answer_ids: list[list[int]] | None = None,
+        clip_digests: list[str] | None = None,
+        logits: str = "answer",
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Teacher-forced pass; with ``answer_ids`` (answer + eos) the loss is the mean over answer tokens."""
-        speech = self.encode_speech(input_features, durations_s)
+        """Teacher-forced pass; with ``answer_ids`` (answer + eos) the loss is the mean over answer tokens.
+
+        Only what can carry a gradient, or what the loss reads, is computed:
+
+        - with ``answer_ids``, logits only at the positions that predict an answer token: ``out.logits`` is then
+          [N, vocab], the batch's N answer tokens (eos included) in row order (``logits="all"``: [B, L, vocab] at
+          every position, as the LLM alone gives them);
+        - with the LLM frozen (none of its parameters trains), nothing in the prompt prefix before the speech depends
+          on a weight that learns: its keys and values are computed once per distinct prefix, without gradient, and
+          kept (``prefix_states``); only [speech][suffix][answer] goes through the LLM with gradient, attending to
+          them. The loss and the gradients are those of the whole sequence (``tests/test_model_fast_paths.py``).
+        """
+        speech = self.encode_speech(input_features, durations_s, clip_digests)
+        if answer_ids is None or logits == "all" or kwargs or not self._answer_logits_ok():
+            embeds, mask, labels = self.assemble(
+                speech, durations_s, prefix_ids, suffix_ids, answer_ids, "right"
+            )
+            # Positions count real tokens only, so the same row gets the same positions whatever its padding.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            return self.llm(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                labels=labels if answer_ids is not None else None,
+                **kwargs,
+            )
+        if self._prefix_reusable():
+            return self._forward_after_prefix(speech, durations_s, prefix_ids, suffix_ids, answer_ids)
         embeds, mask, labels = self.assemble(speech, durations_s, prefix_ids, suffix_ids, answer_ids, "right")
-        # Positions count real tokens only, so the same row gets the same positions whatever its padding.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.llm(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            labels=labels if answer_ids is not None else None,
-            **kwargs,
+        hidden = self.llm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions
+        ).last_hidden_state
+        return self._answer_loss(hidden, labels)
+
+    def _answer_logits_ok(self) -> bool:
+        # An LLM that rescales or caps its logits after the head (Gemma 2, Cohere) goes through its own forward.
+        c = self.config.llm_config
+        return not getattr(c, "final_logit_softcapping", None) and getattr(c, "logit_scale", None) in (
+            None,
+            1.0,
         )
+
+    def _prefix_reusable(self) -> bool:
+        """Whether the prefix's keys and values can be computed without gradient and kept: the LLM has no trainable
+        parameter, the attention takes an explicit mask, and no sharding needs every rank to run the same layers
+        (the trainer turns ``reuse_prefix_states`` off under FSDP, where a cache hit on one rank would skip a
+        collective the others run)."""
+        return (
+            getattr(self, "reuse_prefix_states", True)
+            and self.config.llm_config._attn_implementation in ("sdpa", "eager")
+            and not any(p.requires_grad for p in self.llm.parameters())
+        )
+
+    def prefix_states(self, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the (keys, values) [kv heads, len(ids), head dim] of a prompt prefix run alone through the
+        frozen LLM; computed once per distinct prefix and kept (least recently used out past 512)."""
+        key = tuple(ids)
+        store = self.__dict__.setdefault("_prefix_store", OrderedDict())
+        hit = store.get(key)
+        if hit is not None:
+            store.move_to_end(key)
+            return hit
+        device = self.llm.get_input_embeddings().weight.device
+        with torch.no_grad():
+            out = self.llm.get_decoder()(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        hit = [(layer.keys[0], layer.values[0]) for layer in out.cache.layers]
+        store[key] = hit
+        if len(store) > 512:
+            store.popitem(last=False)
+        return hit
+
+    def _forward_after_prefix(self, speech, durations_s, prefix_ids, suffix_ids, answer_ids):
+        from transformers import DynamicCache
+
+        b = speech.shape[0]
+        states = [self.prefix_states(p) for p in prefix_ids]
+        embeds, mask, labels = self.assemble(speech, durations_s, [[]] * b, suffix_ids, answer_ids, "right")
+        device, length = embeds.device, embeds.shape[1]
+        plen = torch.tensor([len(p) for p in prefix_ids], device=device)
+        width = int(plen.max())
+        # Each row's prefix keys and values, right-padded to the longest prefix; the padding is masked out.
+        past = []
+        for layer in range(len(states[0])):
+            k0, v0 = states[0][layer]
+            keys = k0.new_zeros(b, k0.shape[0], width, k0.shape[-1])
+            values = v0.new_zeros(b, v0.shape[0], width, v0.shape[-1])
+            for i, row in enumerate(states):
+                k, v = row[layer]
+                keys[i, :, : k.shape[1]] = k
+                values[i, :, : v.shape[1]] = v
+            past.append((keys, values))
+        cache = DynamicCache(ddp_cache_data=past)
+        # A row's token j sits at position len(prefix) + j and sees its own prefix and its tokens up to j.
+        positions = plen[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
+        sees_prefix = (torch.arange(width, device=device)[None, :] < plen[:, None])[:, None, :].expand(
+            b, length, width
+        )
+        q = torch.arange(length, device=device)
+        sees_new = (q[:, None] >= q[None, :])[None] & mask.bool()[:, None, :]
+        allowed = torch.cat([sees_prefix, sees_new], dim=-1)[:, None]  # [B, 1, L, width + L]
+        if self.config.llm_config._attn_implementation == "eager":
+            attn = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device)
+            attn.masked_fill_(~allowed, torch.finfo(embeds.dtype).min)
+        else:
+            attn = allowed
+        hidden = self.llm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=attn, position_ids=positions, cache=cache, use_cache=True
+        ).last_hidden_state
+        return self._answer_loss(hidden, labels)
+
+    def _answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> CausalLMOutputWithPast:
+        """The LM head at the positions that predict an answer token only, and the mean cross-entropy there."""
+        target = labels[:, 1:]
+        keep = target != -100
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
+        loss = nn.functional.cross_entropy(logits.float(), target[keep])
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     @torch.inference_mode()
     def generate(
@@ -433,11 +617,12 @@ class LSMForConditionalGeneration(PreTrainedModel):
         suffix_ids: list[list[int]],
         max_new_tokens: int = 128,
         num_beams: int = 1,
+        clip_digests: list[str] | None = None,
         **kwargs,
     ) -> list[list[int]]:
         """Greedy (or beam search) decoding through the LLM's own ``generate`` with its KV cache, left-padded
         so every row's next token sits in the last column; each row's new tokens up to (not including) eos."""
-        speech = self.encode_speech(input_features, durations_s)
+        speech = self.encode_speech(input_features, durations_s, clip_digests)
         embeds, mask, _ = self.assemble(speech, durations_s, prefix_ids, suffix_ids, None, "left")
         tok = getattr(self, "tokenizer", None)
         eos = kwargs.pop("eos_token_id", None)
