@@ -173,8 +173,8 @@ def run_experiment(config: Path, work: Path) -> float:
 
 
 def share_cached_work(src: Path, dst: Path) -> None:
-    """The second experiment starts from the first's converted models, harvest and answer cache (hard links
-    where the filesystem allows): SmolLM2 answers each prompt once."""
+    """The second experiment starts from the first's converted models, harvest, answer cache and encoder cache
+    (hard links where the filesystem allows): SmolLM2 answers each prompt once, and Whisper encodes each clip once."""
     from core.paths import WorkPaths
 
     a, b = WorkPaths(src), WorkPaths(dst)
@@ -182,6 +182,13 @@ def share_cached_work(src: Path, dst: Path) -> None:
         target = b.root / d.relative_to(a.root)
         if d.exists() and not target.exists():
             shutil.copytree(d, target, copy_function=os.link)
+    if a.encoder_cache.exists():  # entries are immutable files: link each one the second has not got
+        shutil.copytree(a.encoder_cache, b.encoder_cache, copy_function=_link_new, dirs_exist_ok=True)
+
+
+def _link_new(src: str, dst: str) -> None:
+    if not os.path.exists(dst):
+        os.link(src, dst)
 
 
 def llm_ceiling(work: Path, eval_sets: list[str], threshold: float) -> dict[str, float]:

@@ -404,6 +404,7 @@ class TrainConfig(Strict):
             "mlflow_uri",
             "tracker_project",
             "stop_grace_s",
+            "encoder_cache",
         }
     )
 
@@ -438,6 +439,10 @@ class TrainConfig(Strict):
     seed: int = 1
     # What trains: each part of the model by its own flag; ``lora`` trains the LLM through adapters only.
     freeze_encoder: bool = True
+    # A frozen encoder's outputs computed once per clip and kept in WORKDIR/cache/encoder (core.lsm.encoder_cache):
+    # every epoch, the other arm of a comparison and evaluation read them. 50 frames/s x d_model x the encoder's
+    # dtype on disk (Whisper tiny.en in float32: 280 MB per hour of audio); ignored while the encoder trains.
+    encoder_cache: bool = True
     freeze_qformer: bool = False  # the Q-Former, its queries and the LayerNorm before it
     freeze_proj: bool = False
     freeze_llm: bool = False
@@ -547,6 +552,9 @@ class EvaluateConfig(Strict):
     worst_n: int = Field(10, ge=1)  # worst utterances listed and plotted in the report
     # The reference row: the Whisper the encoder came from transcribes the same eval clips on its own.
     whisper_reference: bool = True
+    # Read and keep the checkpoint's encoder outputs in WORKDIR/cache/encoder (train.encoder_cache says more): the
+    # probe and QA ask several questions about each clip, and a comparison's other arm decodes the same clips.
+    encoder_cache: bool = True
 
     @model_validator(mode="after")
     def _check(self):

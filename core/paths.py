@@ -11,6 +11,7 @@
       build/     examples.parquet rejects.parquet shards/{manifest.parquet,SPLIT-NNNNN.parquet}
       train/     checkpoint/ checkpoints/step-N/ metrics.jsonl loss.png tensorboard/ mlflow/ wandb/
                  train_args.json summary.json errors/rankR.txt
+      cache/encoder/ENCODER/KK/KEY.safetensors  a frozen encoder's outputs per clip (core.lsm.encoder_cache)
       evaluate/  predictions metrics probe probe_metrics qa qa_metrics rejects (.parquet)
                  report.md report.html qa_questions.jsonl *.png
 
@@ -284,6 +285,11 @@ class WorkPaths:
 
     def marker(self, stage: str) -> Path:
         return self.stage_dir(stage) / MARKER
+
+    @property
+    def encoder_cache(self) -> Path:
+        """Frozen encoder outputs, one entry per (encoder, clip, feature settings): train and evaluate share it."""
+        return self.root / "cache" / "encoder"
 
     @property
     def lineage(self) -> Path:

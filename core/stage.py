@@ -52,17 +52,22 @@ class Artifact:
 
     ``made_by``: the command that makes a missing input (``harvest``, ``models tiny``), for the error.
     ``keyed``: whether the input's content is part of the reuse key; an unkeyed input is only recorded in
-    lineage (harvest reads its own previous table: keying on it would make every rerun look new).
+    lineage (harvest reads its own previous table: keying on it would make every rerun look new), and an
+    unkeyed output is not checked when a rerun asks whether it may reuse.
+    A ``cache`` (the encoder cache) is a folder that runs read and add to; it is recorded, created empty where it
+    is missing, and never keyed: what it holds changes how fast a run is, not what it makes.
     """
 
     role: str
     path: Path
-    kind: str  # table / corpus / model / checkpoint / file / shards
+    kind: str  # table / corpus / model / checkpoint / file / shards / cache
     made_by: str | None = None
     keyed: bool = True
 
     def missing(self) -> MissingInput | None:
         path = Path(self.path)
+        if self.kind == "cache":
+            return None
         # a parts table's directory without a manifest holds no committed version (a first run killed early)
         if path.exists() and not (self.kind == "table" and path.is_dir() and not (path / MANIFEST).exists()):
             return None
@@ -71,6 +76,8 @@ class Artifact:
 
     def ref(self) -> DatasetRef:
         path = Path(self.path).resolve()
+        if self.kind == "cache":
+            path.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             raise self.missing() or FileNotFoundError(path)
         if self.kind == "table":  # a file, or a parts table named by its manifest (``core.tables``)
@@ -338,6 +345,8 @@ def read_marker(marker: Path) -> dict | None:
 
 def _outputs_unchanged(outputs: list[Artifact], recorded: dict[str, str]) -> bool:
     for a in outputs:
+        if not a.keyed:
+            continue
         if not Path(a.path).exists():
             return False
         if recorded.get(a.role) != a.ref().content_hash:

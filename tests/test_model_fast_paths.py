@@ -15,7 +15,7 @@ from helpers_lsm import TINY_QFORMER, build_models, demo_rows
 
 from core import audio
 from core.lsm.batch import Collate
-from core.lsm.encoder_cache import EncoderCache, encoder_identity
+from core.lsm.encoder_cache import EncoderCache, encoder_identity, for_model
 from core.lsm.model import LSMForConditionalGeneration
 
 TOL = 1e-5
@@ -156,8 +156,7 @@ def test_per_batch_windows_still_attend_every_window_of_the_batch(parts, rows_cl
 
 
 def attach(model, root, **features) -> EncoderCache:
-    fe = model.feature_extractor
-    settings = {"n_mels": fe.feature_size, "chunk_s": fe.chunk_length, "pad_to": "30s", **features}
+    settings = {**for_model(model, root).features, **features}
     cache = EncoderCache(root, encoder_identity(model.encoder), settings)
     model.use_encoder_cache(cache)
     return cache

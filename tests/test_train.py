@@ -72,7 +72,18 @@ def test_train_stage_writes_metrics_and_a_loadable_checkpoint(trained):
     rows = store.query("SELECT status, flow_run_id FROM runs WHERE stage = 'train'")
     assert rows == [("succeeded", "flow-run-for-test")]
     up = store.upstream(str(ckpt.resolve()))
-    assert {e["role"] for e in up} == {"examples", "whisper", "llm"}
+    assert {e["role"] for e in up} == {"examples", "whisper", "llm", "encoder_cache"}
+    # the frozen encoder's outputs: at most one entry per distinct clip (each clip is asr + one task), made by this
+    # run and read by it
+    cache = WorkPaths(work).encoder_cache
+    assert 0 < len(list(cache.rglob("*.safetensors"))) <= s["train_rows"] // 2
+    assert "written" in s["encoder_cache"]
+    (run_id,) = store.query("SELECT run_id FROM runs WHERE stage = 'train'")[0]
+    io = store.query(
+        "SELECT io.direction FROM run_io io JOIN datasets d USING (dataset_id) WHERE io.run_id = ? AND d.kind = 'cache'",
+        [run_id],
+    )
+    assert sorted(r[0] for r in io) == ["input", "output"]
 
 
 @pytest.mark.slow

@@ -67,6 +67,14 @@ def _tensor_sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+def for_model(model, root: str | os.PathLike, pad_to: str = "30s") -> EncoderCache:
+    """The cache of ``model``'s encoder under ``root`` (``WorkPaths.encoder_cache``), for the features its own
+    feature extractor makes (``core.lsm.batch.Collate.for_model``; the training loader pads to ``pad_to``)."""
+    fe = model.feature_extractor
+    settings = {"n_mels": int(fe.feature_size), "chunk_s": float(fe.chunk_length), "pad_to": pad_to}
+    return EncoderCache(Path(root), encoder_identity(model.encoder), settings)
+
+
 @dataclass
 class CacheStats:
     hits: int = 0

@@ -141,6 +141,7 @@ def decode(model, items: list[Item], batch_size: int, num_beams: int = 1, label:
                     batch.suffix_ids,
                     bound,
                     num_beams,
+                    clip_digests=batch.clip_digests,
                 )
                 if device.type == "cuda":
                     torch.cuda.synchronize()

@@ -162,10 +162,12 @@ def evaluate(
     prompt_format: str = "vicuna_v1.1",
     device: str | None = None,
     whisper_dir: Path | None = None,
+    encoder_cache: Path | None = None,
 ) -> dict:
     """Decode, score and write the outputs (``EvaluatePaths``, or a folder to hold them); returns a summary
     (WER, anchor rate, QA accuracy, rejects). ``baseline``: another work directory whose probe to compare;
-    ``whisper_dir``: the Whisper the encoder came from, whose own WER on the same clips is the reference row."""
+    ``whisper_dir``: the Whisper the encoder came from, whose own WER on the same clips is the reference row;
+    ``encoder_cache``: where the checkpoint's encoder outputs are kept (``core.lsm.encoder_cache``), or None."""
     import torch
 
     checkpoint = Path(checkpoint)
@@ -189,6 +191,10 @@ def evaluate(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = _load_model(checkpoint, device)
+    if encoder_cache is not None:  # every clip's encoder output once, whatever is asked about it
+        from core.lsm.encoder_cache import for_model
+
+        model.use_encoder_cache(for_model(model, encoder_cache))
     t0 = time.time()
 
     # ----- ASR and WER -----

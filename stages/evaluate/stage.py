@@ -48,6 +48,8 @@ def inputs(ctx: Context) -> list[Artifact]:
         arts.append(Artifact("responses", responses, "table"))
     if e.qa and e.qa_file is not None:
         arts.append(Artifact("qa_questions", e.qa_file, "file"))
+    if e.encoder_cache:  # read and added to; recorded, never keyed
+        arts.append(Artifact("encoder_cache", ctx.paths.encoder_cache, "cache", keyed=False))
     if e.baseline is not None:
         arts.append(
             Artifact("baseline_probe", WorkPaths(e.baseline).evaluate.table("probe_metrics"), "table")
@@ -63,13 +65,16 @@ def outputs(ctx: Context) -> list[Artifact]:
         Artifact("report_html", out.report_html, "file"),
         Artifact("qa_questions", out.qa_questions, "file"),
     ]
-    return arts + [Artifact(role, out.plot(role), "file") for role in out.PLOTS]
+    arts += [Artifact(role, out.plot(role), "file") for role in out.PLOTS]
+    if ctx.cfg.evaluate.encoder_cache:
+        arts.append(Artifact("encoder_cache", ctx.paths.encoder_cache, "cache", keyed=False))
+    return arts
 
 
 def params(ctx: Context) -> dict:
     e = ctx.cfg.evaluate
     return {
-        **e.model_dump(mode="json"),
+        **e.model_dump(mode="json", exclude={"encoder_cache"}),  # a cache changes the speed, not the results
         "qa_file": str(e.qa_file) if e.qa_file else None,
         "baseline": str(e.baseline) if e.baseline else None,
         "prompt_format": ctx.cfg.generate.prompt_format,
@@ -91,6 +96,7 @@ def body(ctx: Context) -> dict:
         e.baseline,
         ctx.cfg.generate.prompt_format,
         whisper_dir=_whisper(ctx),
+        encoder_cache=ctx.paths.encoder_cache if e.encoder_cache else None,
     )
 
 

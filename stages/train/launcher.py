@@ -52,6 +52,7 @@ def write_args(
     out: TrainPaths | Path,
     run_name: str | None = None,
     node_rank: int = 0,
+    encoder_cache: Path | None = None,
 ) -> Path:
     """The arguments every worker reads; resumable checkpoints of other settings are cleared. ``run_name``:
     the experiment's name, the trackers' name for the run (default: the work directory's name). A following
@@ -70,6 +71,8 @@ def write_args(
                 "examples": str(Path(examples).resolve()),
                 "out_dir": str(paths.dir.resolve()),
                 "run_name": run_name,
+                # where frozen encoder outputs are kept (WorkPaths.encoder_cache), or None: computed every time
+                "encoder_cache": str(Path(encoder_cache).resolve()) if encoder_cache else None,
                 # with epochs the workers count the steps; a max_steps beside it would contradict them
                 "train": cfg.model_dump(mode="json", exclude={"max_steps"} if cfg.epochs else None),
             },
@@ -147,6 +150,7 @@ def train(
     out: TrainPaths | Path,
     run_name: str | None = None,
     node_rank: int = 0,
+    encoder_cache: Path | None = None,
 ) -> dict:
     """Run torchrun with ``cfg.nproc_per_node`` workers (on node ``node_rank`` of ``cfg.nnodes``); return rank
     0's summary. Raises TrainError.
@@ -156,7 +160,9 @@ def train(
     paths = out if isinstance(out, TrainPaths) else TrainPaths(Path(out))
     if not 0 <= node_rank < cfg.nnodes:
         raise TrainError(f"train: node rank {node_rank} is not one of 0..{cfg.nnodes - 1} (train.nnodes)")
-    cmd = torchrun_command(cfg, write_args(cfg, whisper_dir, llm_dir, examples, paths, run_name, node_rank))
+    cmd = torchrun_command(
+        cfg, write_args(cfg, whisper_dir, llm_dir, examples, paths, run_name, node_rank, encoder_cache)
+    )
     console.print(f"train: {' '.join(cmd)}", markup=False, highlight=False)
     if cfg.nnodes > 1:
         console.print(

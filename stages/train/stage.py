@@ -53,12 +53,25 @@ def inputs(ctx: Context) -> list[Artifact]:
         Artifact("examples", ctx.paths.build.examples, "table", made_by="build"),
         Artifact("whisper", whisper, "model", made_by=made_by),
         Artifact("llm", llm, "model", made_by=made_by),
+        *_encoder_cache(ctx),
     ]
 
 
 def outputs(ctx: Context) -> list[Artifact]:
     out = ctx.paths.train
-    return [Artifact("checkpoint", out.checkpoint, "checkpoint"), Artifact("metrics", out.metrics, "file")]
+    return [
+        Artifact("checkpoint", out.checkpoint, "checkpoint"),
+        Artifact("metrics", out.metrics, "file"),
+        *_encoder_cache(ctx),
+    ]
+
+
+def _encoder_cache(ctx: Context) -> list[Artifact]:
+    """The encoder cache, read and added to (lineage: read by and made by this run), never part of the key."""
+    t = ctx.cfg.train
+    if not (t.encoder_cache and t.freeze_encoder):
+        return []
+    return [Artifact("encoder_cache", ctx.paths.encoder_cache, "cache", keyed=False)]
 
 
 def params(ctx: Context) -> dict:
@@ -80,7 +93,13 @@ def body(ctx: Context) -> dict:
         )
     whisper, llm = ctx.paths.model_dirs(ctx.cfg)
     summary = train(
-        ctx.cfg.train, whisper, llm, ctx.paths.build.examples, ctx.paths.train, run_name=ctx.cfg.name
+        ctx.cfg.train,
+        whisper,
+        llm,
+        ctx.paths.build.examples,
+        ctx.paths.train,
+        run_name=ctx.cfg.name,
+        encoder_cache=ctx.paths.encoder_cache if _encoder_cache(ctx) else None,
     )
     console.print(
         f"train: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
@@ -136,7 +155,14 @@ def follow(
     console.rule(f"[bold]{stage.name}[/] (node {k} of {t.nnodes}; node 0 records the run)")
     whisper, llm = ctx.paths.model_dirs(ctx.cfg)
     summary = train(
-        t, whisper, llm, ctx.paths.build.examples, ctx.paths.train, run_name=ctx.cfg.name, node_rank=k
+        t,
+        whisper,
+        llm,
+        ctx.paths.build.examples,
+        ctx.paths.train,
+        run_name=ctx.cfg.name,
+        node_rank=k,
+        encoder_cache=ctx.paths.encoder_cache if _encoder_cache(ctx) else None,
     )
     console.print(f"train: node {k} done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}")
     write_text(

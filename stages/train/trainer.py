@@ -154,6 +154,14 @@ class Trainer:
             )
         model.to(self.device)
         model.train()
+        # Under FSDP a kept prefix on one rank would skip the decoder layers' all-gathers that the others run.
+        model.reuse_prefix_states = cfg.strategy != "fsdp"
+        self.encoder_cache = None
+        if a.get("encoder_cache") and cfg.encoder_cache and cfg.freeze_encoder:
+            from core.lsm.encoder_cache import for_model
+
+            self.encoder_cache = for_model(model, a["encoder_cache"], pad_to=self.loader.pad_to)
+            model.use_encoder_cache(self.encoder_cache)
         self.model = model
         n_all = sum(p.numel() for p in model.parameters())
         self.n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -424,6 +432,8 @@ class Trainer:
             if stopped:
                 break
 
+        if self.encoder_cache is not None:
+            print(f"[rank {self.rank}] {self.encoder_cache.summary()}", flush=True)
         skipped_t = torch.tensor(float(self.skipped), device=self.device)
         dist.all_reduce(skipped_t)
         summary = {
@@ -438,6 +448,7 @@ class Trainer:
             "resumed_from_step": start_step,
             "seconds": time.time() - t_start,
             "flow_run_id": os.environ.get("SPLSM_FLOW_RUN_ID"),
+            "encoder_cache": self.encoder_cache.summary() if self.encoder_cache is not None else None,
         }
         if stopped:
             self.say(
