@@ -293,3 +293,48 @@ def test_prefix_states_are_dropped_when_the_weights_may_have_changed(parts, rows
     other = copy.deepcopy(model)
     other.train()
     assert not getattr(other, "_prefix_store", None)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+@pytest.mark.parametrize("window_mode", ["fixed", "per_batch"])
+def test_greedy_decoding_gives_the_llms_own_generate_tokens(parts, rows_clips, window_mode):
+    model = lsm(parts, freeze_llm=True, qformer={"window_mode": window_mode})
+    rows, clips = rows_clips
+    batch = Collate.for_model(model)(rows, clips, with_answer=False)
+    args = (batch.input_features, batch.durations_s, batch.prefix_ids, batch.suffix_ids, 12)
+    assert model._greedy_ok()
+    fast = model.generate(*args)
+    model.fast_decode = False  # the LLM's own generate over left-padded rows
+    try:
+        plain = model.generate(*args)
+        forced_plain = model.generate(*args, min_new_tokens=12)
+    finally:
+        model.fast_decode = True
+    assert fast == plain
+    assert any(len(r) for r in fast)
+    # with a minimum, eos is held back exactly as generate's own min_new_tokens does
+    assert model.generate(*args, min_new_tokens=12) == forced_plain
+    assert all(len(r) == 12 for r in forced_plain)
+    # a row decodes the same alone as in its batch (rows leave the batch as they finish)
+    for i in range(len(rows)):
+        one = Collate.for_model(model)([rows[i]], [clips[i]], with_answer=False)
+        alone = model.generate(one.input_features, one.durations_s, one.prefix_ids, one.suffix_ids, 12)
+        if window_mode == "fixed":  # per-batch windows depend on the batch by design
+            assert alone[0] == fast[i]
+
+
+def test_a_generation_option_or_logits_processor_goes_through_the_llms_generate(parts, rows_clips):
+    model = lsm(parts, freeze_llm=True)
+    assert model._greedy_ok()
+    model.llm.generation_config.repetition_penalty = 1.3
+    try:
+        assert not model._greedy_ok()
+    finally:
+        model.llm.generation_config.repetition_penalty = 1.0
+    rows, clips = rows_clips
+    batch = Collate.for_model(model)(rows[:2], clips[:2], with_answer=False)
+    args = (batch.input_features, batch.durations_s, batch.prefix_ids, batch.suffix_ids, 6)
+    beams = model.generate(*args, num_beams=2)
+    assert len(beams) == 2

@@ -553,7 +553,8 @@ class LSMForConditionalGeneration(PreTrainedModel):
             store.move_to_end(key)
             return hit
         device = self.llm.get_input_embeddings().weight.device
-        with torch.no_grad():
+        # ordinary tensors even under inference_mode (decoding), so that a training step may read them later
+        with torch.inference_mode(False), torch.no_grad():
             out = self.llm.get_decoder()(input_ids=torch.tensor([ids], device=device), use_cache=True)
         hit = [(layer.keys[0], layer.values[0]) for layer in out.cache.layers]
         store[key] = hit
@@ -561,16 +562,15 @@ class LSMForConditionalGeneration(PreTrainedModel):
             store.popitem(last=False)
         return hit
 
-    def _forward_after_prefix(self, speech, durations_s, prefix_ids, suffix_ids, answer_ids):
+    def _prefix_cache(self, prefix_ids: list[list[int]], device):
+        """The rows' kept prefix states as one cache: (cache, prefix lengths [B], which prefix slots hold a token
+        [B, P]). Each row's keys and values are right-padded to the longest prefix; the padding is masked out."""
         from transformers import DynamicCache
 
-        b = speech.shape[0]
+        b = len(prefix_ids)
         states = [self.prefix_states(p) for p in prefix_ids]
-        embeds, mask, labels = self.assemble(speech, durations_s, [[]] * b, suffix_ids, answer_ids, "right")
-        device, length = embeds.device, embeds.shape[1]
         plen = torch.tensor([len(p) for p in prefix_ids], device=device)
         width = int(plen.max())
-        # Each row's prefix keys and values, right-padded to the longest prefix; the padding is masked out.
         past = []
         for layer in range(len(states[0])):
             k0, v0 = states[0][layer]
@@ -581,23 +581,40 @@ class LSMForConditionalGeneration(PreTrainedModel):
                 keys[i, :, : k.shape[1]] = k
                 values[i, :, : v.shape[1]] = v
             past.append((keys, values))
-        cache = DynamicCache(ddp_cache_data=past)
+        held = torch.arange(width, device=device)[None, :] < plen[:, None]
+        return DynamicCache(ddp_cache_data=past), plen, held
+
+    def _mask4d(self, allowed: torch.Tensor, dtype) -> torch.Tensor:
+        """[B, 1, Q, K] attention mask from which keys each query may see: bool for sdpa, additive for eager."""
+        if self.config.llm_config._attn_implementation != "eager":
+            return allowed
+        attn = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return attn.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    def _run_after_prefix(self, embeds, mask, prefix_ids):
+        """[speech][suffix][answer] rows (right-padded ``embeds``, ``mask``) through the LLM's decoder after their
+        kept prefixes: (hidden states, the cache, prefix lengths, prefix slots held)."""
+        b, length = mask.shape
+        device = embeds.device
+        cache, plen, held = self._prefix_cache(prefix_ids, device)
         # A row's token j sits at position len(prefix) + j and sees its own prefix and its tokens up to j.
         positions = plen[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
-        sees_prefix = (torch.arange(width, device=device)[None, :] < plen[:, None])[:, None, :].expand(
-            b, length, width
-        )
         q = torch.arange(length, device=device)
         sees_new = (q[:, None] >= q[None, :])[None] & mask.bool()[:, None, :]
-        allowed = torch.cat([sees_prefix, sees_new], dim=-1)[:, None]  # [B, 1, L, width + L]
-        if self.config.llm_config._attn_implementation == "eager":
-            attn = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device)
-            attn.masked_fill_(~allowed, torch.finfo(embeds.dtype).min)
-        else:
-            attn = allowed
+        allowed = torch.cat([held[:, None, :].expand(b, length, held.shape[1]), sees_new], dim=-1)[:, None]
         hidden = self.llm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=attn, position_ids=positions, cache=cache, use_cache=True
+            inputs_embeds=embeds,
+            attention_mask=self._mask4d(allowed, embeds.dtype),
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
         ).last_hidden_state
+        return hidden, cache, plen, held
+
+    def _forward_after_prefix(self, speech, durations_s, prefix_ids, suffix_ids, answer_ids):
+        b = speech.shape[0]
+        embeds, mask, labels = self.assemble(speech, durations_s, [[]] * b, suffix_ids, answer_ids, "right")
+        hidden, _, _, _ = self._run_after_prefix(embeds, mask, prefix_ids)
         return self._answer_loss(hidden, labels)
 
     def _answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> CausalLMOutputWithPast:
@@ -620,10 +637,13 @@ class LSMForConditionalGeneration(PreTrainedModel):
         clip_digests: list[str] | None = None,
         **kwargs,
     ) -> list[list[int]]:
-        """Greedy (or beam search) decoding through the LLM's own ``generate`` with its KV cache, left-padded
-        so every row's next token sits in the last column; each row's new tokens up to (not including) eos."""
+        """Each row's new tokens up to (not including) eos.
+
+        Greedy decoding (``num_beams`` 1, no other generation option but ``min_new_tokens``, and an LLM whose
+        generation config changes no logits) runs ``greedy``: the kept prompt prefixes, then one step per token
+        for the rows still decoding. Otherwise (beam search, logits processors) the LLM's own ``generate`` decodes
+        the left-padded rows with its KV cache. Both give the same tokens (``tests/test_model_fast_paths.py``)."""
         speech = self.encode_speech(input_features, durations_s, clip_digests)
-        embeds, mask, _ = self.assemble(speech, durations_s, prefix_ids, suffix_ids, None, "left")
         tok = getattr(self, "tokenizer", None)
         eos = kwargs.pop("eos_token_id", None)
         if eos is None:
@@ -634,6 +654,17 @@ class LSMForConditionalGeneration(PreTrainedModel):
         pad = kwargs.pop("pad_token_id", None)
         if pad is None:
             pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else eos_ids[0]
+        if num_beams == 1 and set(kwargs) <= {"min_new_tokens"} and self._greedy_ok():
+            return self.greedy(
+                speech,
+                durations_s,
+                prefix_ids,
+                suffix_ids,
+                max_new_tokens,
+                eos_ids,
+                kwargs.get("min_new_tokens") or 0,
+            )
+        embeds, mask, _ = self.assemble(speech, durations_s, prefix_ids, suffix_ids, None, "left")
         out = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -650,6 +681,85 @@ class LSMForConditionalGeneration(PreTrainedModel):
             cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
             result.append(row[:cut])
         return result
+
+    def _greedy_ok(self) -> bool:
+        """Whether ``greedy`` decodes as the LLM's own ``generate`` would: no logits processor in its generation
+        config, and an attention that takes an explicit mask."""
+        if getattr(self, "fast_decode", True) is False or not self._answer_logits_ok():
+            return False
+        if self.config.llm_config._attn_implementation not in ("sdpa", "eager"):
+            return False
+        gc = getattr(self.llm, "generation_config", None)
+        if gc is None:
+            return True
+        neutral = {
+            "repetition_penalty": (None, 1.0),
+            "no_repeat_ngram_size": (None, 0),
+            "encoder_repetition_penalty": (None, 1.0),
+            "bad_words_ids": (None,),
+            "suppress_tokens": (None,),
+            "begin_suppress_tokens": (None,),
+            "forced_bos_token_id": (None,),
+            "forced_eos_token_id": (None,),
+            "sequence_bias": (None,),
+            "min_length": (None, 0),
+            "min_new_tokens": (None, 0),
+        }
+        return all(getattr(gc, k, None) in ok for k, ok in neutral.items())
+
+    def greedy(
+        self,
+        speech: torch.Tensor,
+        durations_s,
+        prefix_ids: list[list[int]],
+        suffix_ids: list[list[int]],
+        max_new_tokens: int,
+        eos_ids: list[int],
+        min_new_tokens: int = 0,
+    ) -> list[list[int]]:
+        """Greedy decoding after the kept prompt prefixes (``prefix_states``): [speech][suffix] of every row in one
+        pass, then one token per step for the rows that have not reached eos; a row that reaches it leaves the
+        batch (its keys and values too), so a batch costs what its rows need, not its longest row times B."""
+        b = speech.shape[0]
+        embeds, mask, _ = self.assemble(speech, durations_s, [[]] * b, suffix_ids, None, "right")
+        hidden, cache, plen, held = self._run_after_prefix(embeds, mask, prefix_ids)
+        rest = mask.sum(-1)
+        last = hidden[torch.arange(b, device=hidden.device), rest - 1]
+        seen = torch.cat([held, mask.bool()], dim=-1)  # [B, keys]: which cache slots each row may attend to
+        pos = plen + rest  # each row's next position
+        head, embed = self.llm.get_output_embeddings(), self.llm.get_input_embeddings()
+        decoder = self.llm.get_decoder()
+        eos = torch.tensor(eos_ids, device=hidden.device)
+        rows = torch.arange(b, device=hidden.device)  # which original row each active row is
+        out: list[list[int]] = [[] for _ in range(b)]
+        for step in range(max_new_tokens):
+            logits = head(last)
+            if step < min_new_tokens:
+                logits[:, eos] = torch.finfo(logits.dtype).min
+            nxt = logits.argmax(-1)
+            ended = torch.isin(nxt, eos)
+            for r, t, e in zip(rows.tolist(), nxt.tolist(), ended.tolist(), strict=True):
+                if not e:
+                    out[r].append(t)
+            if step == max_new_tokens - 1:
+                break
+            if ended.any():  # finished rows leave the batch
+                keep = (~ended).nonzero().squeeze(-1)
+                if keep.numel() == 0:
+                    break
+                rows, nxt, seen, pos = rows[keep], nxt[keep], seen[keep], pos[keep]
+                cache.batch_select_indices(keep)
+            seen = torch.cat([seen, seen.new_ones(seen.shape[0], 1)], dim=-1)
+            h = decoder(
+                inputs_embeds=embed(nxt)[:, None],
+                attention_mask=self._mask4d(seen[:, None, None, :], embeds.dtype),
+                position_ids=pos[:, None],
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state
+            last = h[:, -1]
+            pos = pos + 1
+        return out
 
 
 def part_flags(train: TrainConfig) -> dict:
