@@ -276,8 +276,8 @@ def main() -> None:
         }
         results[variant] = res
         print(
-            f"{variant}: baseline {res['base']:.2f} samples/s {['%.2f' % x for x in res['base_runs']]}, this tree "
-            f"{res['new']:.2f} {['%.2f' % x for x in res['new_runs']]} (cold cache {res['cold']:.2f}), "
+            f"{variant}: baseline {res['base']:.2f} samples/s {[f'{x:.2f}' for x in res['base_runs']]}, this tree "
+            f"{res['new']:.2f} {[f'{x:.2f}' for x in res['new_runs']]} (cold cache {res['cold']:.2f}), "
             f"x{res['new'] / res['base']:.2f}; {res['minutes']:.1f} min",
             flush=True,
         )
