@@ -496,6 +496,8 @@ class LSMForConditionalGeneration(PreTrainedModel):
         - with ``answer_ids``, logits only at the positions that predict an answer token: ``out.logits`` is then
           [N, vocab], the batch's N answer tokens (eos included) in row order (``logits="all"``: [B, L, vocab] at
           every position, as the LLM alone gives them);
+        - the rows go through the LLM packed into one sequence without their padding, each attending to its own
+          tokens only (``_packed_loss``): a batch whose answers differ in length computes no padding;
         - with the LLM frozen (none of its parameters trains), nothing in the prompt prefix before the speech depends
           on a weight that learns: its keys and values are computed once per distinct prefix, without gradient, and
           kept (``prefix_states``); only [speech][suffix][answer] goes through the LLM with gradient, attending to
@@ -515,18 +517,21 @@ class LSMForConditionalGeneration(PreTrainedModel):
                 labels=labels if answer_ids is not None else None,
                 **kwargs,
             )
-        if self._prefix_reusable():
-            return self._forward_after_prefix(speech, durations_s, prefix_ids, suffix_ids, answer_ids)
+        b = speech.shape[0]
+        if self._prefix_reusable():  # [speech][suffix][answer] after the kept prefixes
+            embeds, mask, labels = self.assemble(
+                speech, durations_s, [[]] * b, suffix_ids, answer_ids, "right"
+            )
+            return self._packed_loss(embeds, mask, labels, prefix_ids)
         embeds, mask, labels = self.assemble(speech, durations_s, prefix_ids, suffix_ids, answer_ids, "right")
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.llm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions
-        ).last_hidden_state
-        return self._answer_loss(hidden, labels)
+        return self._packed_loss(embeds, mask, labels)
 
     def _answer_logits_ok(self) -> bool:
-        # An LLM that rescales or caps its logits after the head (Gemma 2, Cohere) goes through its own forward.
+        # An LLM that rescales or caps its logits after the head (Gemma 2, Cohere) goes through its own forward, and
+        # so does one whose attention takes no explicit mask (packing and kept prefixes need one).
         c = self.config.llm_config
+        if c._attn_implementation not in ("sdpa", "eager"):
+            return False
         return not getattr(c, "final_logit_softcapping", None) and getattr(c, "logit_scale", None) in (
             None,
             1.0,
@@ -537,10 +542,8 @@ class LSMForConditionalGeneration(PreTrainedModel):
         parameter, the attention takes an explicit mask, and no sharding needs every rank to run the same layers
         (the trainer turns ``reuse_prefix_states`` off under FSDP, where a cache hit on one rank would skip a
         collective the others run)."""
-        return (
-            getattr(self, "reuse_prefix_states", True)
-            and self.config.llm_config._attn_implementation in ("sdpa", "eager")
-            and not any(p.requires_grad for p in self.llm.parameters())
+        return getattr(self, "reuse_prefix_states", True) and not any(
+            p.requires_grad for p in self.llm.parameters()
         )
 
     def prefix_states(self, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -611,17 +614,49 @@ class LSMForConditionalGeneration(PreTrainedModel):
         ).last_hidden_state
         return hidden, cache, plen, held
 
-    def _forward_after_prefix(self, speech, durations_s, prefix_ids, suffix_ids, answer_ids):
-        b = speech.shape[0]
-        embeds, mask, labels = self.assemble(speech, durations_s, [[]] * b, suffix_ids, answer_ids, "right")
-        hidden, _, _, _ = self._run_after_prefix(embeds, mask, prefix_ids)
-        return self._answer_loss(hidden, labels)
+    def _packed_loss(self, embeds, mask, labels, prefix_ids=None) -> CausalLMOutputWithPast:
+        """The rows of a right-padded batch packed into one sequence without their padding, each row attending
+        to its own tokens only (and, with ``prefix_ids``, to its own kept prefix): nothing is computed for the
+        padding that a batch of unequal answers would carry. Loss and logits at the answer positions only."""
+        b = mask.shape[0]
+        device = embeds.device
+        real = mask.bool()
+        lens = mask.sum(-1)
+        x = embeds[real][None]  # [1, T, H]
+        # the token each position predicts: the next one of its own row (none after a row's last token)
+        target = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)[real]
+        row = torch.repeat_interleave(torch.arange(b, device=device), lens)
+        local = (mask.cumsum(-1) - 1)[real]  # position within the row
+        sees = (row[:, None] == row[None, :]) & (local[:, None] >= local[None, :])  # [T, T]
+        positions, cache = local, None
+        if prefix_ids is not None:
+            # each distinct prefix once in the keys and values; a row sees the one it starts with
+            distinct = list(dict.fromkeys(tuple(p) for p in prefix_ids))
+            which = torch.tensor([distinct.index(tuple(p)) for p in prefix_ids], device=device)
+            states = [self.prefix_states(list(p)) for p in distinct]
+            plen = torch.tensor([len(p) for p in distinct], device=device)
+            owner = torch.repeat_interleave(torch.arange(len(distinct), device=device), plen)
+            sees = torch.cat([which[row][:, None] == owner[None, :], sees], dim=-1)
+            positions = plen[which][row] + local
+            from transformers import DynamicCache
 
-    def _answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> CausalLMOutputWithPast:
-        """The LM head at the positions that predict an answer token only, and the mean cross-entropy there."""
-        target = labels[:, 1:]
+            past = [
+                (
+                    torch.cat([st[layer][0] for st in states], 1)[None],
+                    torch.cat([st[layer][1] for st in states], 1)[None],
+                )
+                for layer in range(len(states[0]))
+            ]
+            cache = DynamicCache(ddp_cache_data=past)
+        hidden = self.llm.get_decoder()(
+            inputs_embeds=x,
+            attention_mask=self._mask4d(sees[None, None], x.dtype),
+            position_ids=positions[None],
+            cache=cache,
+            use_cache=cache is not None,
+        ).last_hidden_state[0]
         keep = target != -100
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
+        logits = self.llm.get_output_embeddings()(hidden[keep])
         loss = nn.functional.cross_entropy(logits.float(), target[keep])
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
