@@ -11,7 +11,8 @@ Layout and keys::
 - ``ENCODER`` is the encoder's identity: the SHA-256 of its config and of every weight (names, dtypes, shapes and
   bytes), so another encoder (another checkpoint, a fine-tuned one) never reads these frames;
 - ``KEY`` hashes that identity with the clip (the SHA-256 of the 16 kHz samples the features were made from: the
-  audio content and its segment both) and the feature settings (mel bins, the encoder's input length, padding);
+  audio content and its segment both), the feature settings (mel bins, the encoder's input length, padding) and
+  the dtype the encoder computes in (bfloat16 under autocast on a GPU, float32 on a CPU);
 - an entry holds the first N frames of the clip's encoder output in the encoder's own dtype (N: the frames the
   Q-Former's windows reach, about the clip's own frames; ``LSMForConditionalGeneration.frames_needed``), and in its
   metadata the key, N and the SHA-256 of the tensor's bytes. A request for more frames than an entry holds misses,
@@ -67,11 +68,19 @@ def _tensor_sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def for_model(model, root: str | os.PathLike, pad_to: str = "30s") -> EncoderCache:
+def for_model(
+    model, root: str | os.PathLike, pad_to: str = "30s", dtype: torch.dtype | None = None
+) -> EncoderCache:
     """The cache of ``model``'s encoder under ``root`` (``WorkPaths.encoder_cache``), for the features its own
-    feature extractor makes (``core.lsm.batch.Collate.for_model``; the training loader pads to ``pad_to``)."""
+    feature extractor makes (``core.lsm.batch.Collate.for_model``; the training loader pads to ``pad_to``) and the
+    dtype the encoder computes in (``dtype``: bfloat16 under autocast; default its weights')."""
     fe = model.feature_extractor
-    settings = {"n_mels": int(fe.feature_size), "chunk_s": float(fe.chunk_length), "pad_to": pad_to}
+    settings = {
+        "n_mels": int(fe.feature_size),
+        "chunk_s": float(fe.chunk_length),
+        "pad_to": pad_to,
+        "dtype": str(dtype or model.encoder.dtype),
+    }
     return EncoderCache(Path(root), encoder_identity(model.encoder), settings)
 
 

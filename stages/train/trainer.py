@@ -160,7 +160,10 @@ class Trainer:
         if a.get("encoder_cache") and cfg.encoder_cache and cfg.freeze_encoder:
             from core.lsm.encoder_cache import for_model
 
-            self.encoder_cache = for_model(model, a["encoder_cache"], pad_to=self.loader.pad_to)
+            amp = cfg.bf16 and self.device.type == "cuda"  # the encoder then computes in bfloat16
+            self.encoder_cache = for_model(
+                model, a["encoder_cache"], pad_to=self.loader.pad_to, dtype=torch.bfloat16 if amp else None
+            )
             model.use_encoder_cache(self.encoder_cache)
         self.model = model
         n_all = sum(p.numel() for p in model.parameters())
