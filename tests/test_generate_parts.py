@@ -270,6 +270,61 @@ def test_in_process_greedy_loop_gives_generates_tokens(tiny_models_dir, harveste
         assert any(len(r) < 12 for r in stopped)
 
 
+def test_in_process_greedy_loop_drops_finished_rows_and_keeps_the_others_tokens(tiny_models_dir, harvested):
+    """Rows that have said eos leave the batch (cache rows and all) while the others decode on: the
+    decoding steps get narrower, and every row's tokens are still HF ``generate``'s."""
+    import torch
+
+    from core.config import TransformersBackendConfig
+    from stages.generate.backends.transformers_local import TransformersBackend
+
+    b = TransformersBackend(tiny_models_dir / "llm", TransformersBackendConfig(batching="static"))
+    table = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS)
+    texts = table.column("text").to_pylist()
+    prompts = [text_prompt(ins, t) for t in texts[:4] for ins in ("Say it again.", "Continue the text.")]
+    ids = b.tok(prompts).input_ids
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), b.pad_id)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, width - len(x) :], mask[row, width - len(x) :] = torch.tensor(x), 1
+
+    def hf(eos: int) -> list[list[int]]:
+        out = b.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=b.pad_id,
+        )[:, width:].tolist()
+        return [r[: r.index(eos) + 1] if eos in r else r for r in out]
+
+    with torch.inference_mode():
+        free = hf(b.tok.eos_token_id)
+        # an eos that ends some rows early (at least a quarter of them) and not others
+        candidates = {t for r in free for t in r[:8]}
+        early = {t: sum(t in r[:8] for r in free) for t in candidates}
+        eos = max((t for t, k in early.items() if 2 <= k < len(free)), key=lambda t: (early[t], -t))
+        b.tok.eos_token = b.tok.convert_ids_to_tokens(eos)
+        expected = hf(eos)
+        widths = []
+        forward = b.model.forward
+
+        def counting(*a, **kw):
+            if kw["input_ids"].shape[1] == 1:
+                widths.append(kw["input_ids"].shape[0])
+            return forward(*a, **kw)
+
+        b.model.forward = counting
+        out = b._greedy(input_ids, mask, 16).tolist()
+    ours = [r[: r.index(eos) + 1] if eos in r else r for r in out]
+    assert ours == expected
+    assert widths[0] == len(ids) and min(widths) < len(ids)  # finished rows left the batch
+    assert widths == sorted(widths, reverse=True)
+    assert all(r[len(o) :] == [eos] * (len(r) - len(o)) for r, o in zip(out, ours, strict=True))
+
+
 def test_one_task_per_utterance_is_drawn_with_the_seed_and_build_expects_only_that_answer(
     harvested, tmp_path
 ):

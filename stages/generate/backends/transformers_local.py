@@ -136,8 +136,11 @@ class TransformersBackend:
         The same tokens as ``generate(do_sample=False)`` (bench/generate.py compares them answer by answer),
         in a plain loop over a preallocated ``StaticCache``: HF's default cache grows by concatenation, which
         copies every row's keys and values at every step, and ``generate``'s per-step bookkeeping costs
-        more than a tiny model's forward pass. Together about 2x on CPU (bench/generate.py). Stops when
-        every row has produced eos; tokens after a row's eos are ignored by ``_answer``."""
+        more than a tiny model's forward pass. Together about 2x on CPU (bench/generate.py). A row that has
+        produced eos leaves the batch (its cache rows with it) once a quarter of the rows still decoding have
+        finished, so a batch no longer costs its longest answer's length times its size; the rows left decode
+        the same tokens (each row's attention and positions are its own). Stops when every row has produced
+        eos; a finished row's later positions hold eos."""
         from transformers import StaticCache
 
         torch = self.torch
@@ -156,17 +159,26 @@ class TransformersBackend:
             logits_to_keep=1,
             **{kw: cache},
         )
+        eos = self.tok.eos_token_id
         nxt = out.logits[:, -1].argmax(-1)
-        tokens = [nxt]
-        done = nxt == self.tok.eos_token_id
+        tokens = torch.full((b, max_new_tokens), eos, dtype=torch.long, device=nxt.device)
+        tokens[:, 0] = nxt
+        rows = torch.arange(b, device=nxt.device)  # the batch row each row still decoding came from
+        done = nxt == eos
         pos = pos[:, -1:]
         step = self._decode_step()
+        n = 1
         for t in range(1, max_new_tokens):
-            if bool(done.all()):
+            finished = int(done.sum())
+            if finished == len(rows):
                 break
+            if finished and 4 * finished >= len(rows):  # drop the finished rows: later steps skip them
+                keep = (~done).nonzero().squeeze(1)
+                _keep_cache_rows(cache, keep)
+                rows, nxt, pos, full, done = rows[keep], nxt[keep], pos[keep], full[keep], done[keep]
             full[:, width + t - 1] = 1
             pos = pos + 1
-            # the whole cache's mask (later positions 0): one shape per batch, which a compiled step needs
+            # the whole cache's mask (later positions 0): one shape until rows leave, as a compiled step likes
             out = step(
                 input_ids=nxt[:, None],
                 attention_mask=full,
@@ -176,9 +188,10 @@ class TransformersBackend:
                 **{kw: cache},
             )
             nxt = out.logits[:, -1].argmax(-1)
-            tokens.append(nxt)
-            done |= nxt == self.tok.eos_token_id
-        return torch.stack(tokens, 1).cpu()
+            tokens[rows, t] = torch.where(done, eos, nxt)
+            done |= nxt == eos
+            n = t + 1
+        return tokens[:, :n].cpu()
 
     def _decode_step(self):
         """The model's forward for one-token steps; compiled (torch.compile, shapes dynamic, so one compile
@@ -202,3 +215,12 @@ class TransformersBackend:
             return self.model(**kw)
 
         return step
+
+
+def _keep_cache_rows(cache, keep) -> None:
+    """Keep only the batch rows ``keep`` of a static cache's keys and values, in place of the cache."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.keys = layer.keys.index_select(0, keep)
+            layer.values = layer.values.index_select(0, keep)
+            layer.batch_size = len(keep)
