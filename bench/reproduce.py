@@ -516,6 +516,8 @@ def report(
     SECTIONS.mkdir(exist_ok=True)
     (SECTIONS / f"reproduce-{args.recipe}.md").write_text("\n".join(lines) + "\n")
     parts = [SECTIONS / f"reproduce-{r}.md" for r in RECIPES if (SECTIONS / f"reproduce-{r}.md").exists()]
+    if (SECTIONS / "throughput.md").exists():  # what training and decoding cost now (bench/throughput.py)
+        parts.insert(0, SECTIONS / "throughput.md")
     RESULTS.write_text(
         "# The paper's central result in miniature\n\n"
         "Each section comes from one `bench/reproduce.py` invocation (its command and date are in it).\n\n"
