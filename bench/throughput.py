@@ -166,11 +166,10 @@ from stages.evaluate import decoding, reference
 a = json.loads(sys.argv[1])
 items = [decoding.Item(**it) for it in a["items"]]
 model = LSMForConditionalGeneration.from_pretrained(a["checkpoint"]).eval()
-plain = model.llm.generate
-def forced(*args, **kw):  # every row emits its transcript's token count + eos, as a model that transcribes
-    kw["min_new_tokens"] = kw["max_new_tokens"]
-    return plain(*args, **kw)
-model.llm.generate = forced
+plain = model.generate
+def forced(*args, **kw):  # every row emits the batch's bound: its transcript's token count + eos, as a model that
+    return plain(*args, min_new_tokens=args[4], **kw)  # transcribes would (decode passes the bound 5th)
+model.generate = forced
 out = {}
 for bs in a["batches"]:
     for who in ("lsm", "whisper"):
@@ -240,9 +239,8 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     base, here = worktree(args.base), REPO
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    print(
-        f"baseline {args.base} in {base}; this tree {REPO} at {head.stdout.strip()} (plus uncommitted changes)"
-    )
+    head_sha = head.stdout.strip()
+    print(f"baseline {args.base} in {base}; this tree {REPO} at {head_sha} (plus uncommitted changes)")
     prep = prepare(args.utterances)
     import pyarrow.parquet as pq
 
@@ -282,46 +280,52 @@ def main() -> None:
             flush=True,
         )
 
-    print("\n## Training samples per second (2 processes x batch 4, medians)\n")
-    print("| LLM | baseline | this tree (cold cache) | this tree | ratio |")
-    print("|---|---:|---:|---:|---:|")
+    report: list[str] = []
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        report.append(text)
+
+    say("\n### Training samples per second (2 processes x batch 4, medians)\n")
+    say("| LLM | baseline | this tree (cold cache) | this tree | ratio |")
+    say("|---|---:|---:|---:|---:|")
     for v, r in results.items():
-        print(f"| {v} | {r['base']:.2f} | {r['cold']:.2f} | {r['new']:.2f} | {r['new'] / r['base']:.2f}x |")
-    print("\n## Losses per step, baseline / this tree\n")
+        say(f"| {v} | {r['base']:.2f} | {r['cold']:.2f} | {r['new']:.2f} | {r['new'] / r['base']:.2f}x |")
+    say("\n### Losses per step, baseline / this tree\n")
     for v, r in results.items():
         pairs = " ".join(f"{a:.3f}/{c:.3f}" for a, c in zip(r["base_losses"], r["new_losses"], strict=False))
         diff = max(abs(a - c) for a, c in zip(r["base_losses"], r["new_losses"], strict=False))
-        print(f"- {v}: {pairs} (largest difference {diff:.3f})")
+        say(f"- {v}: {pairs} (largest difference {diff:.3f})")
 
     dec = {}
     if not args.skip_decode and "frozen" in results:
         items = decode_items(prep, args.decode_clips)
         audio_s = sum(it["duration_s"] for it in items)
-        print(
-            f"\n## Decoding RTFx ({len(items)} clips, {audio_s:.1f} s of audio; medians of {args.runs} runs)\n"
+        say(
+            f"\n### Decoding RTFx ({len(items)} clips, {audio_s:.1f} s of audio; medians of {args.runs} runs)\n"
         )
         ckpt = results["frozen"]["checkpoint"]
         dec["base"] = decode_rtfx(base, ckpt, prep, items, args.runs)
         dec["new"] = decode_rtfx(here, ckpt, prep, items, args.runs)
-        print("| batch | Whisper tiny.en | LSM baseline | LSM this tree | LSM / Whisper (this tree) |")
-        print("|---:|---:|---:|---:|---:|")
+        say("| batch | Whisper tiny.en | LSM baseline | LSM this tree | LSM / Whisper (this tree) |")
+        say("|---:|---:|---:|---:|---:|")
         for bs in (1, 16):
             w = dec["new"][f"whisper/{bs}"]["rtfx"]
             lb, ln = dec["base"][f"lsm/{bs}"]["rtfx"], dec["new"][f"lsm/{bs}"]["rtfx"]
-            print(f"| {bs} | {w:.2f} | {lb:.2f} | {ln:.2f} | {ln / w:.2f} |")
+            say(f"| {bs} | {w:.2f} | {lb:.2f} | {ln:.2f} | {ln / w:.2f} |")
 
     if "frozen" in results:
         r = results["frozen"]
         samples = REPRO_STEPS * REPRO_SAMPLES
         per_arm_base, per_arm_new = samples / r["base"] / 60, samples / r["new"] / 60
-        print(
-            f"\n## bench/reproduce.py, estimated from these figures\n\n- training, one arm ({REPRO_STEPS} steps of "
+        say(
+            f"\n### bench/reproduce.py, estimated from these figures\n\n- training, one arm ({REPRO_STEPS} steps of "
             f"{REPRO_SAMPLES}): baseline {per_arm_base:.1f} min, this tree {per_arm_new:.1f} min (cache warm; the "
             f"first pass over a clip costs as the cold-cache run: {samples / r['cold'] / 60:.1f} min if every clip "
             f"were new)\n- per 1,000 training samples: baseline {1000 / r['base'] / 60:.1f} min, this tree "
             f"{1000 / r['new'] / 60:.1f} min"
         )
-    print()
+    say()
     for v, r in results.items():
         ratio = r["new"] / r["base"]
         ok = "met" if ratio >= TARGETS[v] else "not met"
@@ -333,7 +337,19 @@ def main() -> None:
         goals.append(f"goal decode_rtfx_batch{bs}: LSM {ln:.2f} vs Whisper {w:.2f} (target >= half) {ok}")
     (runs_dir / "results.json").write_text(json.dumps({"train": results, "decode": dec}, indent=2))
     for g in goals:
-        print(g)
+        say(g)
+    import platform
+    from datetime import datetime, timezone
+
+    head = [
+        "## Throughput: training and decoding (`bench/throughput.py`)",
+        "",
+        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores, no GPU; this tree at {head_sha}, baseline {args.base}",
+        f"- command: `.venv/bin/python bench/throughput.py {' '.join(sys.argv[1:])}`",
+    ]
+    (REPO / "bench" / "results").mkdir(exist_ok=True)
+    (REPO / "bench" / "results" / "throughput.md").write_text("\n".join(head + report) + "\n")
 
 
 if __name__ == "__main__":
