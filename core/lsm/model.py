@@ -420,7 +420,8 @@ class LSMForConditionalGeneration(PreTrainedModel):
         frames = self.ln_speech(frames[:, : (w - 1) * stride + kernel].to(self.ln_speech.weight.dtype))
         # Windows of `kernel` frames every `stride` frames: [B, W, kernel, d], then one Q-Former row per window.
         windows = frames.unfold(1, kernel, stride)[:, :w].permute(0, 1, 3, 2)  # [B, W, kernel, d]
-        if all(c == w for c in counts):
+        whole = all(c == w for c in counts)  # every clip uses every window (per-batch windows, or 30-s clips)
+        if whole:
             picked = windows.reshape(b * w, kernel, d)
         else:
             picked = torch.cat([windows[i, :c] for i, c in enumerate(counts)])
@@ -428,12 +429,12 @@ class LSMForConditionalGeneration(PreTrainedModel):
         out = self.qformer(query_embeds=queries, encoder_hidden_states=picked).last_hidden_state
         speech = self.proj(out)  # [sum of counts, Q, H]
         q = self.config.num_queries
-        if all(c == w for c in counts):
+        if whole:
             return speech.reshape(b, w * q, -1)
         rows = speech.split(counts)
         pad = [
             torch.nn.functional.pad(r.reshape(c * q, -1), (0, 0, 0, (w - c) * q))
-            for r, c in zip(rows, counts, strict=False)
+            for r, c in zip(rows, counts, strict=True)
         ]
         return torch.stack(pad)
 
