@@ -242,6 +242,12 @@ class GenerateConfig(Strict):
     max_new_tokens: int = Field(225, ge=1)  # cap; a catalog category may ask for fewer
     temperature: float = Field(0.0, ge=0.0)  # 0: greedy, as the reference
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # The OpenAI protocol's penalties, with its meaning (vLLM's too): a token's logit is lowered by
+    # frequency_penalty x the times it already occurs in this answer, plus presence_penalty once it occurs at all.
+    # The answer only, never the prompt: an answer that repeats its transcript costs nothing. 0 (the default,
+    # the reference's): off. They break the greedy loops a small LLM falls into (configs/demo.yaml says by how much).
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int = 1
     # filters: the catalog says which apply to a category; these tune them or switch some off everywhere
     max_prompt_tokens: int = Field(150, ge=1)  # prompts of this many tokens or more are rejected
@@ -271,6 +277,12 @@ class GenerateConfig(Strict):
         bad = [f for f in self.skip_filters if f not in FILTERS]
         if bad:
             raise ValueError(f"generate.skip_filters: unknown filter {bad[0]!r}; known: {', '.join(FILTERS)}")
+        if (self.frequency_penalty or self.presence_penalty) and self.backend.kind == "transformers-serve":
+            raise ValueError(
+                "generate.frequency_penalty / presence_penalty: the transformers-serve backend cannot honour them"
+                " (its server turns frequency_penalty into a multiplicative repetition penalty over the prompt"
+                " too, and ignores presence_penalty); use backend transformers, openai (vLLM) or vllm"
+            )
         if "request_error" in self.skip_filters:
             raise ValueError(
                 "generate.skip_filters: request_error cannot be skipped: a refused request has no answer to keep"

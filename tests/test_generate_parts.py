@@ -221,6 +221,19 @@ def test_generate_with_the_chat_template_format(chat_llm, harvested, tmp_path):
         assert r["prompt"] == text_prompt(r["instruction"], text[r["utt_id"]], "chat_template", tok)
 
 
+def _left_padded(backend, prompts: list[str]):
+    """(token ids per prompt, left-padded input ids, mask, width) as the backend's static batches hold them."""
+    import torch
+
+    ids = backend.tok(prompts).input_ids
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), backend.pad_id)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, width - len(x) :], mask[row, width - len(x) :] = torch.tensor(x), 1
+    return ids, input_ids, mask, width
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
 def test_in_process_greedy_loop_gives_generates_tokens(tiny_models_dir, harvested, compiled):
     """The transformers backend decodes greedy batches in its own loop over a static cache (bench/generate.py
@@ -235,13 +248,8 @@ def test_in_process_greedy_loop_gives_generates_tokens(tiny_models_dir, harveste
     table = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS)
     b = TransformersBackend(llm, TransformersBackendConfig(batching="static", compile=compiled))
     prompts = [text_prompt("Say it again.", t) for t in table.column("text").to_pylist()[:6]]
-    ids = b.tok(prompts).input_ids
+    ids, input_ids, mask, width = _left_padded(b, prompts)
     assert len({len(x) for x in ids}) > 1  # the batch really is padded
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), b.pad_id)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, width - len(x) :], mask[row, width - len(x) :] = torch.tensor(x), 1
 
     def hf(eos: int) -> list[list[int]]:
         out = b.model.generate(
@@ -282,12 +290,7 @@ def test_in_process_greedy_loop_drops_finished_rows_and_keeps_the_others_tokens(
     table = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS)
     texts = table.column("text").to_pylist()
     prompts = [text_prompt(ins, t) for t in texts[:4] for ins in ("Say it again.", "Continue the text.")]
-    ids = b.tok(prompts).input_ids
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), b.pad_id)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, width - len(x) :], mask[row, width - len(x) :] = torch.tensor(x), 1
+    ids, input_ids, mask, width = _left_padded(b, prompts)
 
     def hf(eos: int) -> list[list[int]]:
         out = b.model.generate(
@@ -323,6 +326,68 @@ def test_in_process_greedy_loop_drops_finished_rows_and_keeps_the_others_tokens(
     assert widths[0] == len(ids) and min(widths) < len(ids)  # finished rows left the batch
     assert widths == sorted(widths, reverse=True)
     assert all(r[len(o) :] == [eos] * (len(r) - len(o)) for r, o in zip(out, ours, strict=True))
+
+
+def test_penalties_lower_only_the_answers_own_tokens_and_agree_with_generate(tiny_models_dir, harvested):
+    """frequency_penalty and presence_penalty with the OpenAI protocol's meaning, in the backend's greedy loop
+    and in ``generate`` (its sampled path): each equal to a plain loop that recomputes every step from scratch
+    and lowers a token's logit by frequency x its count in the answer so far + presence once it occurs; the
+    prompt's tokens are not counted; and the penalties change the answers of a random tiny model, which
+    repeats itself."""
+    import collections
+
+    import torch
+
+    from core.config import TransformersBackendConfig
+    from stages.generate.backends.transformers_local import TransformersBackend, _penalty_processor
+
+    b = TransformersBackend(tiny_models_dir / "llm", TransformersBackendConfig(batching="static"))
+    texts = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS).column("text").to_pylist()
+    prompts = [text_prompt("Say it again.", t) for t in texts[:3]]
+    ids, input_ids, mask, width = _left_padded(b, prompts)
+    steps, freq, pres = 10, 0.7, 0.4
+
+    def plain(row: list[int]) -> list[int]:
+        seq, answer = list(row), []
+        for _ in range(steps):
+            logits = b.model(input_ids=torch.tensor([seq])).logits[0, -1].clone()
+            for tok, n in collections.Counter(answer).items():
+                logits[tok] -= freq * n + pres
+            nxt = int(logits.argmax())
+            answer.append(nxt)
+            seq.append(nxt)
+        return answer
+
+    with torch.inference_mode():
+        expected = [plain(x) for x in ids]
+        unpenalized = b._greedy(input_ids, mask, steps).tolist()
+        ours = b._greedy(input_ids, mask, steps, (freq, pres)).tolist()
+        hf = b.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=b.pad_id,
+            logits_processor=[_penalty_processor(width, freq, pres)],
+        )[:, width:].tolist()
+    assert b.tok.eos_token_id not in sum(expected, [])  # no row stopped: every step compared
+    assert ours == expected
+    assert hf == expected
+    assert ours != unpenalized
+    assert max(collections.Counter(r).most_common(1)[0][1] for r in unpenalized) > 1  # it did repeat itself
+
+
+def test_penalties_enter_the_cache_key_only_when_on_and_a_server_that_cannot_honour_them_is_refused():
+    from stages.generate.driver import sampling_params
+
+    off = sampling_params(GenerateConfig())
+    assert set(off) == {"max_tokens", "temperature", "top_p", "seed"}  # answers cached before keep their keys
+    on = sampling_params(GenerateConfig(frequency_penalty=0.5, backend="transformers"))
+    assert on["frequency_penalty"] == 0.5 and "presence_penalty" not in on
+    assert request_key("m", "r", "p", on) != request_key("m", "r", "p", off)
+    with pytest.raises(ValueError, match="transformers-serve backend cannot honour"):
+        GenerateConfig(presence_penalty=0.5, backend="transformers-serve")
 
 
 def test_one_task_per_utterance_is_drawn_with_the_seed_and_build_expects_only_that_answer(

@@ -33,6 +33,7 @@ class ScriptedServer:
         self.refuse: str | None = None
         self.forbid: str | None = None  # a prompt holding it gets a 403: a setup error, the run stops
         self.prompts: list[str] = []
+        self.bodies: list[dict] = []  # every completions request as it arrived
         self.answered: list[str] = []
         self.root = root  # what /v1/models reports the name serves (vLLM: the path it loaded)
         outer = self
@@ -47,6 +48,7 @@ class ScriptedServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.prompts.append(body["prompt"])
+                outer.bodies.append(body)
                 if outer.refuse and outer.refuse in body["prompt"]:
                     err = {"object": "error", "message": VLLM_400, "type": "BadRequestError", "code": 400}
                     self._send(400, {"error": err} | err)
@@ -132,6 +134,18 @@ def test_a_run_stopped_by_the_server_names_the_cache_that_keeps_its_answers(harv
     server.forbid = None
     generate(transcripts, out, _served(server), None)
     assert sorted(server.answered[len(answered) :]) == sorted(set(server.prompts) - set(answered))
+
+
+def test_penalties_reach_the_server_as_the_protocols_own_fields_only_when_on(harvested, tmp_path, server):
+    table = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS).slice(0, 2)
+    transcripts = write_table(table, tmp_path / "transcripts.parquet", TRANSCRIPTS)
+    generate(transcripts, GeneratePaths(tmp_path / "plain"), _served(server), None)
+    assert server.bodies and not any({"frequency_penalty", "presence_penalty"} & set(b) for b in server.bodies)
+    server.bodies.clear()
+    g = _served(server).model_copy(update={"frequency_penalty": 0.8, "presence_penalty": 0.3})
+    generate(transcripts, GeneratePaths(tmp_path / "penalized"), g, None)
+    assert server.bodies
+    assert all((b["frequency_penalty"], b["presence_penalty"]) == (0.8, 0.3) for b in server.bodies)
 
 
 def test_request_error_cannot_be_skipped():

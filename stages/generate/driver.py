@@ -50,9 +50,15 @@ class GenerateError(StageError):
 
 
 def sampling_params(g: GenerateConfig, budget: int | None = None) -> dict:
-    """What the backend is asked for; part of every cache key and recorded in every row."""
+    """What the backend is asked for; part of every cache key and recorded in every row. A penalty appears
+    only when it is on, so the answers cached before penalties existed keep their keys."""
     max_tokens = min(g.max_new_tokens, budget) if budget else g.max_new_tokens
-    return {"max_tokens": max_tokens, "temperature": g.temperature, "top_p": g.top_p, "seed": g.seed}
+    s = {"max_tokens": max_tokens, "temperature": g.temperature, "top_p": g.top_p, "seed": g.seed}
+    if g.frequency_penalty:
+        s["frequency_penalty"] = g.frequency_penalty
+    if g.presence_penalty:
+        s["presence_penalty"] = g.presence_penalty
+    return s
 
 
 def worker_of(utt_id: str, workers: int) -> int:

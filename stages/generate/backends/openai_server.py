@@ -151,6 +151,12 @@ class OpenAIBackend:
                             temperature=r.sampling["temperature"],
                             top_p=r.sampling["top_p"],
                             seed=r.sampling["seed"],
+                            # the protocol's own penalties, sent only when on (a server need not know them)
+                            **{
+                                k: r.sampling[k]
+                                for k in ("frequency_penalty", "presence_penalty")
+                                if k in r.sampling
+                            },
                         )
                         failing[i], set_aside[i] = 0, 0.0
                         break

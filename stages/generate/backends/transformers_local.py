@@ -12,6 +12,29 @@ from stages.generate.backends.base import BackendError, Meter, Request, Sink
 from stages.generate.cache import Answer
 
 
+def penalize(logits, counts, frequency: float, presence: float):
+    """The OpenAI protocol's penalties on [B, V] ``logits``, from ``counts`` [B, V] of each token in each row's
+    answer so far (never its prompt): minus frequency x count, minus presence once a token occurs."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def _penalty_processor(prompt_width: int, frequency: float, presence: float):
+    """``penalize`` as a logits processor for ``generate``, which hands it the prompt and the answer so far."""
+    from transformers import LogitsProcessor
+
+    class OutputPenalty(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            answer = input_ids[:, prompt_width:]
+            counts = scores.new_zeros(scores.shape).scatter_add_(1, answer, scores.new_ones(answer.shape))
+            return penalize(scores, counts, frequency, presence)
+
+    return OutputPenalty()
+
+
+def _penalties(sampling: dict) -> tuple[float, float]:
+    return sampling.get("frequency_penalty", 0.0), sampling.get("presence_penalty", 0.0)
+
+
 class TransformersBackend:
     """The LLM in this process. ``batching='continuous'`` uses transformers' continuous batching
     (``generate_batch``, paged attention); ``'static'`` sorts a shard by prompt length and runs large
@@ -81,10 +104,15 @@ class TransformersBackend:
                     self.torch.manual_seed(s["seed"])
                 gc = self._gen_config(s["max_tokens"], s)
                 ids = self.tok([r.prompt for r in reqs]).input_ids
+                if self.batching == "continuous" and any(_penalties(s)):
+                    raise BackendError(
+                        "transformers backend: continuous batching cannot apply frequency_penalty or"
+                        " presence_penalty; use batching: static"
+                    )
                 if self.batching == "continuous":
                     self._continuous(reqs, ids, gc, sink, meter)
                 else:
-                    self._static(reqs, ids, gc, sink, meter)
+                    self._static(reqs, ids, gc, sink, meter, _penalties(s))
 
     def _continuous(self, reqs, ids, gc, sink, meter) -> None:
         meter.sent(len(reqs))
@@ -100,7 +128,7 @@ class TransformersBackend:
             sink(r, a)
             meter.answered(a.completion_tokens)
 
-    def _static(self, reqs, ids, gc, sink, meter) -> None:
+    def _static(self, reqs, ids, gc, sink, meter, penalties=(0.0, 0.0)) -> None:
         torch = self.torch
         order = sorted(range(len(reqs)), key=lambda i: len(ids[i]))  # little padding per batch
         bs = self.g.batch_size
@@ -116,21 +144,27 @@ class TransformersBackend:
             with torch.inference_mode():
                 input_ids, mask = input_ids.to(self.device), mask.to(self.device)
                 if gc.do_sample:
+                    extra = (
+                        {"logits_processor": [_penalty_processor(width, *penalties)]}
+                        if any(penalties)
+                        else {}
+                    )
                     out = self.model.generate(
                         input_ids=input_ids,
                         attention_mask=mask,
                         generation_config=gc,
                         cache_implementation="static",
+                        **extra,
                     )[:, width:]
                 else:
-                    out = self._greedy(input_ids, mask, gc.max_new_tokens)
+                    out = self._greedy(input_ids, mask, gc.max_new_tokens, penalties)
             meter.back(len(idx))
             for row, i in enumerate(idx):
                 a = self._answer(len(ids[i]), out[row].tolist(), gc.max_new_tokens)
                 sink(reqs[i], a)
                 meter.answered(a.completion_tokens)
 
-    def _greedy(self, input_ids, mask, max_new_tokens: int):
+    def _greedy(self, input_ids, mask, max_new_tokens: int, penalties=(0.0, 0.0)):
         """Greedy decoding of one left-padded batch; the new tokens, [B, <= max_new_tokens].
 
         The same tokens as ``generate(do_sample=False)`` (bench/generate.py compares them answer by answer),
@@ -140,7 +174,8 @@ class TransformersBackend:
         produced eos leaves the batch (its cache rows with it) once a quarter of the rows still decoding have
         finished, so a batch no longer costs its longest answer's length times its size; the rows left decode
         the same tokens (each row's attention and positions are its own). Stops when every row has produced
-        eos; a finished row's later positions hold eos."""
+        eos; a finished row's later positions hold eos. ``penalties`` (frequency, presence) as ``penalize``
+        applies them, the same as ``generate`` with ``_penalty_processor``."""
         from transformers import StaticCache
 
         torch = self.torch
@@ -160,6 +195,10 @@ class TransformersBackend:
             **{kw: cache},
         )
         eos = self.tok.eos_token_id
+        penalized = any(penalties)
+        counts = (
+            out.logits.new_zeros(b, out.logits.shape[-1]) if penalized else None
+        )  # each row's answer tokens
         nxt = out.logits[:, -1].argmax(-1)
         tokens = torch.full((b, max_new_tokens), eos, dtype=torch.long, device=nxt.device)
         tokens[:, 0] = nxt
@@ -176,8 +215,10 @@ class TransformersBackend:
                 keep = (~done).nonzero().squeeze(1)
                 _keep_cache_rows(cache, keep)
                 rows, nxt, pos, full, done = rows[keep], nxt[keep], pos[keep], full[keep], done[keep]
+                counts = counts[keep] if penalized else None
             full[:, width + t - 1] = 1
             pos = pos + 1
+            prev = nxt  # the token each row just emitted: the input of this step, part of its answer
             # the whole cache's mask (later positions 0): one shape until rows leave, as a compiled step likes
             out = step(
                 input_ids=nxt[:, None],
@@ -187,7 +228,11 @@ class TransformersBackend:
                 logits_to_keep=1,
                 **{kw: cache},
             )
-            nxt = out.logits[:, -1].argmax(-1)
+            logits = out.logits[:, -1]
+            if penalized:
+                counts[torch.arange(len(rows), device=nxt.device), prev] += 1
+                logits = penalize(logits, counts, *penalties)
+            nxt = logits.argmax(-1)
             tokens[rows, t] = torch.where(done, eos, nxt)
             done |= nxt == eos
             n = t + 1

@@ -40,6 +40,8 @@ class VLLMBackend:
                     top_p=r.sampling["top_p"],
                     max_tokens=r.sampling["max_tokens"],
                     seed=r.sampling["seed"],
+                    frequency_penalty=r.sampling.get("frequency_penalty", 0.0),
+                    presence_penalty=r.sampling.get("presence_penalty", 0.0),
                 )
                 for r in shard
             ]
