@@ -140,7 +140,9 @@ def test_penalties_reach_the_server_as_the_protocols_own_fields_only_when_on(har
     table = read_table(WorkPaths(harvested).harvest.transcripts, TRANSCRIPTS).slice(0, 2)
     transcripts = write_table(table, tmp_path / "transcripts.parquet", TRANSCRIPTS)
     generate(transcripts, GeneratePaths(tmp_path / "plain"), _served(server), None)
-    assert server.bodies and not any({"frequency_penalty", "presence_penalty"} & set(b) for b in server.bodies)
+    assert server.bodies and not any(
+        {"frequency_penalty", "presence_penalty"} & set(b) for b in server.bodies
+    )
     server.bodies.clear()
     g = _served(server).model_copy(update={"frequency_penalty": 0.8, "presence_penalty": 0.3})
     generate(transcripts, GeneratePaths(tmp_path / "penalized"), g, None)
