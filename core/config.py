@@ -335,6 +335,22 @@ class BuildConfig(Strict):
         return self
 
 
+class ValidationConfig(Strict):
+    """Held-out losses while training (``core.lsm.probes``): every ``every`` optimizer steps, each split's
+    answer-token loss with the clip's own speech, another clip's and zeros, first and later tokens apart. The
+    speech-swap gap on later tokens says whether the model hears, which the training loss cannot."""
+
+    every: int = Field(0, ge=0)  # optimizer steps between validations; 0: none
+    splits: list[str] = Field(
+        default_factory=lambda: ["dev"]
+    )  # the build stage's splits (examples' split column)
+    max_rows: int = Field(
+        128, ge=2
+    )  # per split: the first rows of a fixed order, the same at every validation
+    # the checkpoint whose first split's loss with its own speech is lowest is kept beside the last (OUT/best)
+    keep_best: bool = True
+
+
 class LoaderConfig(Strict):
     """How the train stage streams the build stage's shards (``core.lsm.loader.ExampleLoader``).
 
@@ -369,6 +385,12 @@ class QFormerConfig(Strict):
     # From scratch, 0.02 leaves its outputs nearly the same for every window (the learned query outweighs what it
     # cross-attends to), which a tiny model takes long to learn its way out of; the learning check uses 0.2.
     init_std: float = Field(0.02, gt=0)
+    # Dropout in the Q-Former's attention and hidden layers: BERT's 0.1, the reference's (a default BertConfig).
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # "rms": an RMSNorm on the projection's output, its gain starting at the RMS of the LLM's input embeddings, so
+    # the speech tokens start at the scale of the text tokens the LLM reads (Ultravox's connector ends so); it
+    # trains with the projection. "none" (the reference's): the projection's output as it comes.
+    output_norm: Literal["none", "rms"] = "none"
 
     @model_validator(mode="after")
     def _check(self):
@@ -417,6 +439,7 @@ class TrainConfig(Strict):
             "tracker_project",
             "stop_grace_s",
             "encoder_cache",
+            "validation",
         }
     )
 
@@ -463,6 +486,7 @@ class TrainConfig(Strict):
     # How the build stage's shards are streamed (ExampleLoader): padded audio per batch, worker processes per
     # rank, shuffle buffer. The rows per batch are capped by batch_size; mel bins and chunk follow the Whisper.
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable checkpoints; 0: none
     keep_checkpoints: int = Field(2, ge=1)
     resume: bool = True  # continue from the latest resumable checkpoint of the same settings
@@ -600,6 +624,14 @@ class ExperimentConfig(Strict):
         made = set(b.eval_splits) | {"train"}
         made |= {"dev"} if b.dev_fraction > 0 else set()
         made |= {"test"} if b.test_fraction > 0 else set()
+        bad = (
+            [s for s in self.train.validation.splits if s not in made] if self.train.validation.every else []
+        )
+        if bad:
+            raise ValueError(
+                f"train.validation.splits: {bad[0]!r} is a split the build stage never writes; it writes "
+                f"{', '.join(sorted(made))} (build.dev_fraction > 0 makes dev)"
+            )
         bad = [s for s in self.evaluate.eval_sets if s not in made]
         if bad:
             raise ValueError(

@@ -9,7 +9,7 @@
                  parts/of-NNNN/worker-WWWW/shard-*.parquet  (+ worker-WWWW.json: a worker's marker)
       import/    responses.parquet rejects.parquet          the reference's answers (import-reference)
       build/     examples.parquet rejects.parquet shards/{manifest.parquet,SPLIT-NNNNN.parquet}
-      train/     checkpoint/ checkpoints/step-N/ metrics.jsonl loss.png tensorboard/ mlflow/ wandb/
+      train/     checkpoint/ best/ checkpoints/step-N/ metrics.jsonl loss.png tensorboard/ mlflow/ wandb/
                  train_args.json summary.json errors/rankR.txt
       cache/encoder/ENCODER/KK/KEY.safetensors  a frozen encoder's outputs per clip (core.lsm.encoder_cache)
       evaluate/  predictions metrics probe probe_metrics qa qa_metrics rejects (.parquet)
@@ -170,6 +170,16 @@ class TrainPaths:
 
     def step(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:08d}"
+
+    @property
+    def best(self) -> Path:
+        """The Hugging Face checkpoint of the step whose validation loss was lowest (``train.validation``)."""
+        return self.dir / "best"
+
+    @property
+    def best_record(self) -> Path:
+        """Which step ``best`` holds and its validation figures."""
+        return self.dir / "best" / "validation.json"
 
     @property
     def metrics(self) -> Path:

@@ -107,6 +107,14 @@ def _load(tmp_path, body: str):
             "evaluate: {eval_sets: [dev]}",
             r"evaluate\.eval_sets: 'dev' is a split the build stage never writes",
         ),
+        (
+            "train: {validation: {every: 10}}",
+            r"train\.validation\.splits: 'dev' is a split the build stage never writes",
+        ),
+        (
+            "generate: {frequency_penalty: 0.5}",
+            r"frequency_penalty / presence_penalty: the transformers-serve backend cannot honour them",
+        ),
         ("build: {tasks: [repeat]}", r"build\.tasks: evaluate decodes the eval sets' asr examples"),
         (
             "generate: {tasks: [repeat]}\nevaluate: {probe_tasks: [keywords]}",
@@ -133,6 +141,8 @@ def test_checks_that_need_no_stage_output_fail_at_load_time_naming_the_key(tmp_p
 def test_dev_is_an_eval_set_once_the_build_makes_one(tmp_path):
     cfg = _load(tmp_path, "build: {dev_fraction: 0.1}\nevaluate: {eval_sets: [dev]}\n")
     assert cfg.evaluate.eval_sets == ["dev"]
+    cfg = _load(tmp_path, "build: {dev_fraction: 0.1}\ntrain: {validation: {every: 10}}\n")
+    assert cfg.train.validation.splits == ["dev"]
 
 
 def test_the_catalog_must_have_every_task_of_the_config(tmp_path):

@@ -315,3 +315,33 @@ def test_per_batch_windows_over_padding_are_attended_and_a_tiny_batch_gets_one_f
     assert m.config.to_dict()["window_mode"] == "per_batch"
     with pytest.raises(ValueError, match="window_mode"):
         type(m.config)(window_mode="sliding")
+
+
+def test_connector_dropout_and_output_norm_are_settings_that_round_trip(parts, eval_rows, tmp_path):
+    """``qformer.dropout`` reaches the Q-Former; ``output_norm: rms`` starts the speech tokens at the RMS of the
+    LLM's input embeddings (whatever the projection's init), trains with the projection and loads back."""
+    torch.manual_seed(0)
+    q = TINY_QFORMER.model_copy(update={"dropout": 0.0, "output_norm": "rms", "init_std": 0.5})
+    m = LSMForConditionalGeneration.from_parts(*parts, q, freeze_llm=True).eval()
+    assert (
+        m.config.qformer_config.hidden_dropout_prob
+        == 0.0
+        == m.config.qformer_config.attention_probs_dropout_prob
+    )
+    emb_rms = m.llm.get_input_embeddings().weight.pow(2).mean().sqrt().item()
+    rows, clips = eval_rows
+    batch = Collate.for_model(m)(rows[:2], clips[:2], with_answer=False)
+    with torch.no_grad():
+        speech = m.encode_speech(batch.input_features, batch.durations_s)
+    counts = m.speech_token_counts(batch.durations_s)
+    tokens = torch.cat([speech[i, :n] for i, n in enumerate(counts)])
+    assert tokens.pow(2).mean(-1).sqrt() == pytest.approx(torch.full((len(tokens),), emb_rms), rel=1e-3)
+    assert m.out_norm.weight.requires_grad
+    frozen = LSMForConditionalGeneration.from_parts(*parts, q, freeze_llm=True, freeze_proj=True)
+    assert not frozen.out_norm.weight.requires_grad
+    m.save_pretrained(tmp_path / "ck")
+    back = LSMForConditionalGeneration.from_pretrained(tmp_path / "ck").eval()
+    with torch.no_grad():
+        assert torch.equal(back.encode_speech(batch.input_features, batch.durations_s), speech)
+    plain = LSMForConditionalGeneration.from_parts(*parts, TINY_QFORMER)
+    assert plain.out_norm is None and plain.config.qformer_config.hidden_dropout_prob == 0.1

@@ -14,7 +14,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from conftest import REPO
-from core.config import ExperimentConfig, TrainConfig, load_config
+from core.config import ExperimentConfig, TrainConfig, ValidationConfig, load_config
 from stages.registry import STAGES
 
 _PAPER = load_config(REPO / "configs" / "paper.yaml")
@@ -52,7 +52,15 @@ EXEMPT = {
         "backend.api_key_env": "which variable holds the key",
     },
     "train": {
-        **{name: "how long or how often, not what is trained" for name in TrainConfig.RESUME_EXEMPT},
+        **{
+            name: "how long or how often, not what is trained"
+            for name in TrainConfig.RESUME_EXEMPT
+            if name != "validation"
+        },
+        **{
+            f"validation.{name}": "what is measured while training, not what is trained"
+            for name in ValidationConfig.model_fields
+        },
         # tests/test_train_multinode.py: nodes that met there train as one node of as many processes does
         "rdzv_endpoint": "where the nodes meet, not what they train",
         "rdzv_id": "the name the nodes meet under, not what they train",
@@ -73,6 +81,7 @@ OVERRIDES = {
     "train.mlflow_uri": {"train.loggers": ["mlflow"], "train.mlflow_uri": "sqlite:////tmp/other-mlflow.db"},
     "evaluate.probe_tasks": {"evaluate.probe_tasks": ["repeat"]},
     "train.nnodes": {"train.nnodes": 2, "train.rdzv_endpoint": "node0:29400"},
+    "train.validation.every": {"train.validation.every": 5, "train.validation.splits": ["train"]},
 }
 # Settings valid only beside another: both sides of the comparison carry the first changes, then the setting
 # alone changes to the second value (path: ({path: value}, value)).

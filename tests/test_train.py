@@ -134,6 +134,43 @@ def test_one_epoch_trains_the_steps_the_plan_counts_then_stops(trained, tmp_path
         TrainConfig(max_steps=5, epochs=1)
 
 
+@pytest.mark.slow
+def test_validation_logs_held_out_speech_losses_and_keeps_the_best_checkpoint(trained, tmp_path):
+    """Every 2 steps (and before the first) the held-out rows' answer-token losses with own, swapped and zeroed
+    speech, summed over both ranks; the best step's model kept in OUT/best, whose own-speech loss on those rows,
+    computed here from the saved checkpoint, is the one logged."""
+    from core.audio import load
+    from core.lsm.batch import Collate
+    from core.paths import TrainPaths
+
+    cfg = experiment(
+        max_steps=4, validation={"every": 2, "splits": ["test-clean", "test-other"], "max_rows": 8}
+    ).train
+    out = TrainPaths(tmp_path / "out")
+    train.train(cfg, trained["whisper"], trained["llm"], trained["examples"], out.dir)
+    recs = [json.loads(x) for x in out.metrics.read_text().splitlines()]
+    assert [r["step"] for r in recs if "validation" not in r] == [1, 2, 3, 4]
+    val = [r for r in recs if "validation" in r]
+    held_out = [r for r in demo_rows() if r["split"] == "test-clean"]
+    assert [(r["step"], r["validation"], r["rows"]) for r in val] == [
+        (s, "test-clean", len(held_out)) for s in (0, 2, 4)
+    ]
+    for r in val:
+        assert all(
+            math.isfinite(r[k]) and r[k] > 0 for k in ("own", "own_first", "own_later", "swapped", "zeroed")
+        )
+        assert r["swap_gap_later"] == pytest.approx(r["swapped_later"] - r["own_later"])
+    best = min(val, key=lambda r: r["own"])
+    assert json.loads(out.best_record.read_text()) == best
+    model = LSMForConditionalGeneration.from_pretrained(out.best).eval()
+    batch = Collate.for_model(model)(
+        held_out, [load(r["audio_path"], r["offset_s"], r["duration_s"]) for r in held_out], with_answer=True
+    )
+    with torch.no_grad():
+        assert model(**batch.kwargs()).loss.item() == pytest.approx(best["own"], abs=1e-4)
+    assert out.loss_plot.stat().st_size > 0
+
+
 def test_train_rows_whose_audio_is_all_gone_fail_with_a_reason_not_a_hang(trained, tmp_path):
     # the loader skips unreadable clips (each a warning); with none left the workers must stop and say why
     gone = [{**r, "audio_path": str(tmp_path / f"gone-{i}.flac")} for i, r in enumerate(demo_rows())]

@@ -89,6 +89,10 @@ class LSMConfig(PretrainedConfig):
     freeze_proj: bool = False
     freeze_llm: bool = False
     lora: dict | None = None  # peft LoraConfig keyword arguments; the LLM then trains through adapters only
+    output_norm: str = (
+        "none"  # "rms": an RMSNorm after the projection (core.config.QFormerConfig.output_norm)
+    )
+    output_rms: float = 1.0  # its gain at initialization: the RMS of the LLM's input embeddings
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -144,6 +148,9 @@ class LSMForConditionalGeneration(PreTrainedModel):
                 for t in self.llm.parameters():
                     t._is_hf_initialized = True
         self.proj = nn.Linear(config.qformer_config.hidden_size, config.llm_config.hidden_size)
+        self.out_norm = (
+            nn.RMSNorm(config.llm_config.hidden_size, eps=1e-6) if config.output_norm == "rms" else None
+        )
 
         frames = config.encoder_config.max_source_positions  # 1500 encoder frames per 30 s
         self.frames_per_s = ENCODER_FRAMES_PER_S
@@ -197,6 +204,8 @@ class LSMForConditionalGeneration(PreTrainedModel):
             cross_attention_frequency=1,
             use_qformer_text_input=False,
             initializer_range=qformer.init_std,
+            hidden_dropout_prob=qformer.dropout,
+            attention_probs_dropout_prob=qformer.dropout,
         )
         # A composite config sets its attention implementation on every sub-config, and these sub-configs are
         # the very objects the loaded modules read: hand their own implementations back, or the LLM would run
@@ -218,6 +227,8 @@ class LSMForConditionalGeneration(PreTrainedModel):
             freeze_proj=freeze_proj,
             freeze_llm=freeze_llm,
             lora=dict(lora) if lora else None,
+            output_norm=qformer.output_norm,
+            output_rms=float(llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt()),
             attn_implementation=attn,
         )
         model = cls(config, encoder=encoder, llm=llm)
@@ -265,6 +276,8 @@ class LSMForConditionalGeneration(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif module is self.out_norm:
+            init.constant_(module.weight, self.config.output_rms)
 
     def _frozen_parts(self) -> list[nn.Module]:
         c = self.config
@@ -272,7 +285,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
         if c.freeze_qformer:
             parts += [self.qformer, self.ln_speech]
         if c.freeze_proj:
-            parts.append(self.proj)
+            parts += [self.proj] + ([self.out_norm] if self.out_norm is not None else [])
         if c.freeze_llm:
             parts.append(self.llm)
         return parts
@@ -428,6 +441,8 @@ class LSMForConditionalGeneration(PreTrainedModel):
         queries = self.query_tokens.expand(picked.shape[0], -1, -1)
         out = self.qformer(query_embeds=queries, encoder_hidden_states=picked).last_hidden_state
         speech = self.proj(out)  # [sum of counts, Q, H]
+        if self.out_norm is not None:
+            speech = self.out_norm(speech)
         q = self.config.num_queries
         if whole:
             return speech.reshape(b, w * q, -1)
@@ -446,12 +461,14 @@ class LSMForConditionalGeneration(PreTrainedModel):
         suffix_ids: list[list[int]],
         answer_ids: list[list[int]] | None = None,
         padding_side: str = "right",
+        speech_counts: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row [prefix][valid speech][suffix][answer]; pad to a batch. Returns embeds, mask, labels."""
+        """Per row [prefix][valid speech][suffix][answer]; pad to a batch. Returns embeds, mask, labels. A row's
+        speech tokens are the first ``speech_counts[i]`` of ``speech[i]`` (default: as its duration gives)."""
         embed = self.llm.get_input_embeddings()
         device, dtype = speech.device, embed.weight.dtype
         rows, labels = [], []
-        counts = self.speech_token_counts(durations_s)
+        counts = speech_counts if speech_counts is not None else self.speech_token_counts(durations_s)
         for i in range(speech.shape[0]):
             n = counts[i]
             answer = answer_ids[i] if answer_ids is not None else []
@@ -488,9 +505,15 @@ class LSMForConditionalGeneration(PreTrainedModel):
         answer_ids: list[list[int]] | None = None,
         clip_digests: list[str] | None = None,
         logits: str = "answer",
+        speech: torch.Tensor | None = None,
+        speech_counts: list[int] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Teacher-forced pass; with ``answer_ids`` (answer + eos) the loss is the mean over answer tokens.
+
+        ``speech`` [B, N, llm hidden] puts given embeddings in the speech slot instead of the clips' own
+        (``core.lsm.probes``: another clip's, zeros, the transcript's token embeddings), ``speech_counts`` how many
+        of each row's the slot holds (default: as the row's duration gives).
 
         Only what can carry a gradient, or what the loss reads, is computed:
 
@@ -504,10 +527,12 @@ class LSMForConditionalGeneration(PreTrainedModel):
           kept (``prefix_states``); only [speech][suffix][answer] goes through the LLM with gradient, attending to
           them. The loss and the gradients are those of the whole sequence (``tests/test_model_fast_paths.py``).
         """
-        speech = self.encode_speech(input_features, durations_s, clip_digests)
+        if speech is None:
+            speech = self.encode_speech(input_features, durations_s, clip_digests)
+        n = speech_counts
         if answer_ids is None or logits == "all" or kwargs or not self._answer_logits_ok():
             embeds, mask, labels = self.assemble(
-                speech, durations_s, prefix_ids, suffix_ids, answer_ids, "right"
+                speech, durations_s, prefix_ids, suffix_ids, answer_ids, "right", n
             )
             # Positions count real tokens only, so the same row gets the same positions whatever its padding.
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -521,10 +546,12 @@ class LSMForConditionalGeneration(PreTrainedModel):
         b = speech.shape[0]
         if self._prefix_reusable():  # [speech][suffix][answer] after the kept prefixes
             embeds, mask, labels = self.assemble(
-                speech, durations_s, [[]] * b, suffix_ids, answer_ids, "right"
+                speech, durations_s, [[]] * b, suffix_ids, answer_ids, "right", n
             )
             return self._packed_loss(embeds, mask, labels, prefix_ids)
-        embeds, mask, labels = self.assemble(speech, durations_s, prefix_ids, suffix_ids, answer_ids, "right")
+        embeds, mask, labels = self.assemble(
+            speech, durations_s, prefix_ids, suffix_ids, answer_ids, "right", n
+        )
         return self._packed_loss(embeds, mask, labels)
 
     def _answer_logits_ok(self) -> bool:

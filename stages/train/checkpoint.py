@@ -197,3 +197,11 @@ def restore_rng(ckpt: Path, rank: int) -> None:
         load_file(ckpt / f"rng-rank{rank}.safetensors"),
         json.loads((ckpt / f"rng-rank{rank}.json").read_text()),
     )
+
+
+def read_best(paths: TrainPaths) -> dict | None:
+    """The validation figures of the best checkpoint kept so far (``train.validation.keep_best``), or None."""
+    try:
+        return json.loads(paths.best_record.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -50,6 +50,22 @@ class TrainLogs:
             flush=True,
         )
 
+    def validation(self, rec: dict) -> None:
+        """One split's validation figures (``core.lsm.probes``) at a step: a line of metrics.jsonl with a
+        ``validation`` key (the split), its scalars in each tracker under ``val/SPLIT/``, one printed line."""
+        self.metrics.write(json.dumps(rec) + "\n")
+        self.metrics.flush()
+        split = rec["validation"]
+        scalars = {f"val/{split}/{k}": float(v) for k, v in rec.items() if k not in ("step", "validation")}
+        for t in self.trackers:
+            t.log_step(scalars, rec["step"])
+        figures = " | ".join(
+            f"{k} {rec[k]:.4f}"
+            for k in ("own", "own_first", "own_later", "swapped_later", "swap_gap_later", "zeroed")
+            if k in rec
+        )
+        print(f"validation {split} at step {rec['step']} ({rec['rows']} rows) | {figures}", flush=True)
+
     def plot(self) -> Path | None:
         return plot_loss(self.paths)
 
@@ -69,24 +85,41 @@ class TrainLogs:
 
 
 def plot_loss(paths: TrainPaths) -> Path | None:
-    """The loss and learning-rate curves from metrics.jsonl, as a PNG."""
+    """The learning curves from metrics.jsonl, as a PNG: the training loss, the learning rate and, with
+    ``train.validation``, each split's answer-token loss with own, swapped and zeroed speech."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = (
+    every = (
         [json.loads(x) for x in paths.metrics.read_text().splitlines() if x]
         if paths.metrics.is_file()
         else []
     )
-    if not recs:
+    recs = [r for r in every if "validation" not in r]
+    val = [r for r in every if "validation" in r]
+    if not recs and not val:
         return None
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = plt.subplots(1, 3 if val else 2, figsize=(15 if val else 10, 3.5))
+    ax, ax2 = axes[0], axes[1]
     ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
-    ax.set(xlabel="optimizer step", ylabel="loss", title="training loss")
+    ax.set(xlabel="optimizer step", ylabel="loss (nats per answer token)", title="training loss")
     ax2.plot([r["step"] for r in recs], [r["lr"] for r in recs], color="tab:orange")
     ax2.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate")
+    if val:
+        ax3 = axes[2]
+        for split in dict.fromkeys(r["validation"] for r in val):
+            mine = [r for r in val if r["validation"] == split]
+            for key, style in (("own", "-"), ("swapped", "--"), ("zeroed", ":")):
+                pts = [(r["step"], r[key]) for r in mine if key in r]
+                if pts:
+                    ax3.plot(*zip(*pts, strict=True), style, marker=".", label=f"{split}: {key} speech")
+        ax3.set(xlabel="optimizer step", ylabel="loss (nats per answer token)", title="validation")
+        ax3.set_ylim(bottom=0)
+        ax3.legend(fontsize="small")
+    for a in axes:
+        a.set_xlim(left=0)
     fig.tight_layout()
     with atomic_file(paths.loss_plot) as tmp:
         fig.savefig(tmp, dpi=100, format="png")

@@ -12,6 +12,7 @@ whole or not at all.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -30,6 +31,22 @@ from core.paths import TrainPaths
 from stages.train import checkpoint
 from stages.train.logs import TrainLogs
 from stages.train.trackers import flatten, open_trackers
+
+
+def _first_rows(batch, n: int):
+    """The first ``n`` rows of a ``SpeechBatch``."""
+    from core.lsm.batch import SpeechBatch
+
+    cut = lambda x: None if x is None else x[:n]  # noqa: E731
+    return SpeechBatch(
+        batch.input_features[:n],
+        batch.durations_s[:n],
+        cut(batch.prefix_ids),
+        cut(batch.suffix_ids),
+        cut(batch.answer_ids),
+        cut(batch.feature_lengths),
+        cut(batch.clip_digests),
+    )
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -128,6 +145,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         self.n_rows = self.loader.total_rows
+        self.val_loaders = self._validation_loaders(fe) if cfg.validation.every else {}
         if cfg.epochs is not None:
             # Every rank counts the same plan, so all agree on the step count without talking.
             per_epoch = [
@@ -195,6 +213,104 @@ class Trainer:
         # bf16 autocast only on CUDA: CPU autocast would be slow and is not what the recipe runs.
         self.amp = cfg.bf16 and self.device.type == "cuda"
         return self
+
+    def _validation_loaders(self, fe) -> dict:
+        """Per ``train.validation`` split, this rank's part of its rows (the same rows at every validation); a
+        split without rows is said once and left out."""
+        from transformers import AutoTokenizer
+
+        from core.lsm.loader import ExampleLoader
+
+        cfg, a = self.cfg, self.args
+        loaders = {}
+        for split in cfg.validation.splits:
+            try:
+                loaders[split] = ExampleLoader(
+                    a["examples"],
+                    split=split,
+                    rank=self.rank,
+                    world_size=self.world,
+                    seed=cfg.seed,
+                    tokenizer=AutoTokenizer.from_pretrained(a["llm_dir"]),
+                    max_batch_size=cfg.batch_size,
+                    batch_seconds=cfg.loader.batch_seconds,
+                    n_mels=fe.feature_size,
+                    chunk_s=fe.chunk_length,
+                )
+            except ValueError as e:  # no rows of this split
+                self.say(f"validation: split {split!r} is not validated: {e}")
+        if loaders:
+            self.say(
+                f"validation: every {cfg.validation.every} steps on "
+                + ", ".join(
+                    f"{s} ({min(v.total_rows, cfg.validation.max_rows)} rows)" for s, v in loaders.items()
+                )
+            )
+        best = checkpoint.read_best(self.paths)
+        self.best_loss = best["own"] if best else math.inf
+        return loaders
+
+    @torch.no_grad()
+    def validate(self) -> None:
+        """Each validation split's answer-token losses with own, swapped and zeroed speech (``core.lsm.probes``),
+        summed over the ranks; logged, and the best checkpoint kept. A collective: every rank calls it."""
+        from core.lsm.probes import SpeechProbe, probe_batch
+
+        variants = ("own", "swapped", "zeroed")
+        cfg, step = self.cfg, self.state["step"]
+        self.model.eval()  # no dropout: the same rows give the same figures
+        first = None
+        for split, loader in self.val_loaders.items():
+            cap = -(-cfg.validation.max_rows // self.world)  # this rank's share of the split's first rows
+            loader.set_epoch(0)
+            batches, rows = [], 0
+            for b in loader:
+                if rows >= cap:
+                    break
+                batch = b["batch"]
+                keep = min(len(batch), cap - rows)
+                if keep < len(batch):
+                    batch = _first_rows(batch, keep)
+                batches.append(batch.to(self.device))
+                rows += len(batch)
+            # Under FSDP every rank must run as many forward passes (each gathers the layers' shards): a rank with
+            # fewer batches repeats its last one without counting it.
+            runs = len(batches)
+            if cfg.strategy == "fsdp":
+                n = torch.tensor([len(batches), -len(batches)], device=self.device)
+                dist.all_reduce(n, op=dist.ReduceOp.MAX)
+                runs = int(n[0]) if n[1] < 0 else 0  # a rank without a batch: nobody runs (all know it)
+            probe, uncounted = SpeechProbe(), SpeechProbe()
+            amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+            for i in range(runs):
+                with amp:
+                    into = probe if i < len(batches) else uncounted
+                    probe_batch(self.model, batches[min(i, len(batches) - 1)], into, variants)
+            probe.all_reduce(variants)
+            rows_t = torch.tensor(float(rows), device=self.device)
+            dist.all_reduce(rows_t)
+            rec = {"step": step, "validation": split, "rows": int(rows_t.item()), **probe.summary()}
+            first = first or rec
+            if self.logs is not None:
+                self.logs.validation(rec)
+        self.model.train()
+        if first is not None and cfg.validation.keep_best and first.get("own", math.inf) < self.best_loss:
+            self.best_loss = first["own"]
+            self.save_best(first)
+
+    def save_best(self, rec: dict) -> None:
+        """OUT/best: this step's Hugging Face checkpoint and its validation figures (a collective)."""
+        msd = self.full_model_state() if self.cfg.strategy == "fsdp" else None
+        if self.master:
+            with atomic_dir(self.paths.best) as tmp:
+                if msd is None:
+                    self.model.save_pretrained(tmp)
+                else:
+                    self._save_unsharded(msd, tmp)
+                (tmp / self.paths.best_record.name).write_text(json.dumps(rec, indent=2))
+            self.say(
+                f"validation: best so far at step {rec['step']} ({rec['validation']} loss {rec['own']:.4f})"
+            )
 
     def _wrap(self, model):
         if self.cfg.strategy == "fsdp":
@@ -365,6 +481,8 @@ class Trainer:
         if self.resume_from is not None:  # last, so nothing after it draws numbers before the first step
             checkpoint.restore_rng(self.resume_from, self.rank)
         t_start, loss_avg, stopped = time.time(), float("nan"), False
+        if self.val_loaders and start_step == 0:
+            self.validate()  # the untrained model's figures: where the learning curve starts
         for step in range(start_step, cfg.max_steps):
             t0 = time.time()
             lr = self.optimizer.param_groups[0]["lr"]
@@ -426,6 +544,9 @@ class Trainer:
                 )
             if not math.isfinite(loss_avg):
                 raise RuntimeError(f"loss is {loss_avg} at step {step + 1}; stopping")
+            every = cfg.validation.every
+            if self.val_loaders and ((step + 1) % every == 0 or step + 1 == cfg.max_steps):
+                self.validate()
             due = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps
             if stopped or due:
                 path = self.save_resumable()

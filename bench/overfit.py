@@ -1,0 +1,261 @@
+"""Overfit check: the first check of any change to the model or its training. Can the LSM learn to transcribe
+a few clips from their speech, and does the speech carry the words or only pick a memorised sentence?
+
+    .venv/bin/python bench/overfit.py [--steps 150] [--every 25] [--set train.lr=2e-4 ...] [--label NAME]
+
+32 espeak-ng clips of the seed manifest's transcripts (and 8 it never trains on), ASR only, one instruction,
+the reproduction's model (Whisper tiny.en encoder frozen, SmolLM2-135M-Instruct, configs/reproduce.yaml's
+train section; ``--set`` changes any train setting, dotted). Printed:
+
+- at step 0, the text oracle: the answer-token loss with the transcript's own token embeddings in the speech
+  slot (what a perfect connector could give the LLM);
+- every ``--every`` steps (train.validation), on the 32 and on the 8: the answer-token loss with own, swapped
+  (another clip's) and zeroed speech, the first answer token and the later ones apart;
+- at the end, greedy WER on the 32 and on the 8.
+
+Goals: greedy WER on the 32 under 10%; on the later tokens of the 32, swapped speech at least 2 nats above own
+speech (the speech carries the words, not only the choice of a sentence); within 20 minutes on 2 cores. The
+unseen clips' figures are printed, not judged. Everything lives in ``--workdir`` (default work/overfit): the
+speech and models are made once, each run in runs/LABEL (a stopped run resumes from its checkpoint when run
+again with the same settings). The figures are appended to bench/results/overfit.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+N_TRAIN, N_UNSEEN = 32, 8
+BUDGET_S = 20 * 60
+WER_GOAL = 0.10
+GAP_GOAL = 2.0  # nats, later tokens, swapped minus own
+RESULTS = REPO / "bench" / "results" / "overfit.md"
+
+
+def models(work: Path) -> tuple[Path, Path]:
+    """Whisper tiny.en and SmolLM2-135M-Instruct converted from their PyPI packages, once."""
+    from core.config import load_config
+    from core.paths import WorkPaths
+
+    cfg = REPO / "configs" / "reproduce.yaml"
+    splsm = str(Path(sys.executable).with_name("splsm"))
+    subprocess.run([splsm, "models", "pretrained", "--config", str(cfg), "--workdir", str(work)], check=True,
+                   capture_output=True)  # fmt: skip
+    return WorkPaths(work).model_dirs(load_config(cfg))
+
+
+def examples(work: Path, llm: Path, answer_form: str) -> tuple[Path, list[dict]]:
+    """The examples table: the first 32 synthesized training transcripts (split ``train``) and 8 held-out ones
+    (split ``unseen``), each asked the catalog's first ASR instruction in SmolLM2's chat template."""
+    import soundfile as sf
+    from reproduce import held_out, synthesize
+    from transformers import AutoTokenizer
+
+    from core.catalog import load_catalog
+    from core.prompts import speech_prompt
+    from core.tables import write_table
+    from core.text import normalize
+    from schemas import EXAMPLES, to_table
+
+    speech = work / "speech"
+    synthesize(speech, limit=80)
+    instruction = load_catalog().categories["asr"].instructions[0].text
+    prompt = speech_prompt(instruction, "chat_template", AutoTokenizer.from_pretrained(str(llm)))
+    rows = []
+    for name, split, n in (("train", "train", N_TRAIN), ("heldout", "unseen", N_UNSEEN)):
+        lines = [json.loads(x) for x in (speech / f"{name}.jsonl").read_text().splitlines() if x]
+        if len(lines) < n:
+            sys.exit(f"{speech / name}.jsonl has {len(lines)} clips, fewer than {n}")
+        for obj in lines[:n]:
+            assert held_out(obj["id"]) == (split == "unseen")
+            path = speech / obj["audio"]
+            text = obj["text"]
+            rows.append(
+                dict(
+                    example_id=f"{obj['id']}/asr",
+                    utt_id=obj["id"],
+                    split=split,
+                    task="asr",
+                    instruction=instruction,
+                    prefix=prompt.prefix,
+                    suffix=prompt.suffix,
+                    answer=text if answer_form == "readable" else normalize(text),
+                    transcript=text,
+                    audio_path=str(path),
+                    offset_s=0.0,
+                    duration_s=float(sf.info(str(path)).duration),
+                    speaker="espeak",
+                )
+            )
+    path = write_table(to_table(rows, EXAMPLES), work / f"examples-{answer_form}.parquet", EXAMPLES)
+    return path, rows
+
+
+def train_config(args) -> dict:
+    import yaml
+
+    train = yaml.safe_load((REPO / "configs" / "reproduce.yaml").read_text())["train"]
+    train.update(max_steps=args.steps, checkpoint_every=args.every, loggers=[], encoder_cache=True)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        node = train
+        *parents, leaf = key.removeprefix("train.").split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    train["validation"] = {
+        "every": args.every,
+        "splits": ["train", "unseen"],
+        "max_rows": N_TRAIN,
+        "keep_best": False,
+    }
+    return train
+
+
+def oracle(train: dict, whisper: Path, llm: Path, rows: list[dict]) -> dict:
+    """The step-0 model's answer-token losses on the 32 with the transcript's own embeddings in the slot."""
+    import torch
+
+    from core import audio
+    from core.config import TrainConfig
+    from core.lsm.batch import Collate
+    from core.lsm.model import LSMForConditionalGeneration, part_flags
+    from core.lsm.probes import SpeechProbe, probe_batch
+
+    cfg = TrainConfig.model_validate(train)
+    torch.manual_seed(cfg.seed)
+    model = LSMForConditionalGeneration.from_parts(whisper, llm, cfg.qformer, **part_flags(cfg)).eval()
+    collate = Collate.for_model(model)
+    tok = model.tokenizer
+    probe = SpeechProbe()
+    mine = [r for r in rows if r["split"] == "train"]
+    for i in range(0, len(mine), 8):
+        part = mine[i : i + 8]
+        batch = collate(part, [audio.load(r["audio_path"]) for r in part], with_answer=True)
+        ids = [tok(r["answer"], add_special_tokens=False)["input_ids"] for r in part]
+        probe_batch(model, batch, probe, variants=("oracle",), transcript_ids=ids)
+    return probe.summary()
+
+
+def greedy_wer(checkpoint: Path, rows: list[dict]) -> dict[str, dict]:
+    """Greedy transcripts of each split's clips and their corpus WER (stages.evaluate's normalizer and jiwer)."""
+    import torch
+
+    from core.lsm.model import LSMForConditionalGeneration
+    from core.text import normalize
+    from stages.evaluate.decoding import Item, decode
+    from stages.evaluate.wer import word_errors
+
+    torch.set_num_threads(2)
+    model = LSMForConditionalGeneration.from_pretrained(str(checkpoint)).eval()
+    tok = model.tokenizer
+    out = {}
+    for split in ("train", "unseen"):
+        mine = [r for r in rows if r["split"] == split]
+        items = [
+            Item.of_row(r["example_id"], r, len(tok(r["answer"], add_special_tokens=False)["input_ids"]) + 16)
+            for r in mine
+        ]
+        d = decode(model, items, 8, label=f"greedy {split}")
+        errs = n = 0
+        pairs = []
+        for r in mine:
+            hyp = d.texts.get(r["example_id"], "")
+            c = word_errors(normalize(r["transcript"]), normalize(hyp))
+            errs += c["substitutions"] + c["deletions"] + c["insertions"]
+            n += c["substitutions"] + c["deletions"] + c["hits"]
+            pairs.append((r["transcript"], hyp))
+        out[split] = {"wer": errs / n, "pairs": pairs}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--every", type=int, default=25, help="steps between validations (and checkpoints)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a train setting, dotted")
+    ap.add_argument("--answer-form", choices=["readable", "normalized"], default="readable",
+                    help="the ASR target: cased and punctuated as the transcript reads, or Whisper-normalized")  # fmt: skip
+    ap.add_argument("--label", default=None, help="the run's name (default: from the settings)")
+    ap.add_argument("--workdir", type=Path, default=REPO / "work" / "overfit")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from core.config import TrainConfig
+    from stages.train import launcher
+
+    t0 = time.monotonic()
+    work = args.workdir
+    whisper, llm = models(work / "data")
+    table, rows = examples(work, llm, args.answer_form)
+    train = train_config(args)
+    label = (
+        args.label or "-".join([args.answer_form, *(s.replace("train.", "") for s in args.set)]) or "default"
+    )
+    out = work / "runs" / label.replace("/", "_")
+    cfg = TrainConfig.model_validate(train)
+    prep_s = time.monotonic() - t0
+    print(f"prepared in {prep_s:.0f}s; run {label} in {out}", flush=True)
+
+    t1 = time.monotonic()
+    orc = oracle(train, whisper, llm, rows)
+    print(
+        f"text oracle, step 0, the 32: first {orc['oracle_first']:.3f}, later {orc['oracle_later']:.3f} nats"
+    )
+    launcher.train(cfg, whisper, llm, table, out, encoder_cache=work / "cache" / "encoder")
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in recs if "validation" in r]
+    wer = greedy_wer(out / "checkpoint", rows)
+    run_s = time.monotonic() - t1
+
+    lines = [
+        f"\n## {label}: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores; command: `{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
+        f"- train settings changed: {', '.join(args.set) or 'none'}; answer form: {args.answer_form}; "
+        f"{cfg.max_steps} steps of {cfg.batch_size} x {cfg.nproc_per_node} processes",
+        f"- text oracle at step 0 on the 32 (nats): first token {orc['oracle_first']:.3f}, later "
+        f"{orc['oracle_later']:.3f}",
+        "",
+        "| step | clips | own first | own later | swapped first | swapped later | zeroed | later-token gap |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in val:
+        lines.append(
+            f"| {r['step']} | {'the 32' if r['validation'] == 'train' else 'the 8 unseen'} | {r['own_first']:.3f} | "
+            f"{r['own_later']:.3f} | {r['swapped_first']:.3f} | {r['swapped_later']:.3f} | {r['zeroed']:.3f} | "
+            f"{r['swap_gap_later']:.3f} |"
+        )
+    lines += ["", f"- greedy WER: the 32 {wer['train']['wer']:.1%}, the 8 unseen {wer['unseen']['wer']:.1%}"]
+    for split in ("train", "unseen"):
+        for ref, hyp in wer[split]["pairs"][:3]:
+            lines.append(f"  - {split}: `{ref}` -> `{hyp}`")
+    final = [r for r in val if r["validation"] == "train"][-1]
+    gap = final["swap_gap_later"]
+    lines += [
+        f"- minutes: preparation {prep_s / 60:.1f}, oracle + training + greedy decoding {run_s / 60:.1f}",
+        "",
+        f"goal wer_32: {wer['train']['wer']:.1%} (target < {WER_GOAL:.0%}) "
+        + ("met" if wer["train"]["wer"] < WER_GOAL else "not met"),
+        f"goal later_token_swap_gap: {gap:.2f} nats (target >= {GAP_GOAL:.1f}) " + ("met" if gap >= GAP_GOAL else "not met"),
+        f"goal minutes: {run_s / 60:.1f} (target <= {BUDGET_S / 60:.0f}) " + ("met" if run_s <= BUDGET_S else "not met"),
+    ]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if not RESULTS.exists():
+        RESULTS.write_text("# bench/overfit.py results, newest last\n")
+    with open(RESULTS, "a") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
