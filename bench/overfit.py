@@ -63,11 +63,10 @@ def examples(work: Path, llm: Path, answer_form: str) -> tuple[Path, list[dict]]
     from core.catalog import load_catalog
     from core.prompts import speech_prompt
     from core.tables import write_table
-    from core.text import normalize
     from schemas import EXAMPLES, to_table
 
     speech = work / "speech"
-    synthesize(speech, limit=80)
+    synthesize(speech, limit=160)
     instruction = load_catalog().categories["asr"].instructions[0].text
     prompt = speech_prompt(instruction, "chat_template", AutoTokenizer.from_pretrained(str(llm)))
     rows = []
@@ -88,7 +87,7 @@ def examples(work: Path, llm: Path, answer_form: str) -> tuple[Path, list[dict]]
                     instruction=instruction,
                     prefix=prompt.prefix,
                     suffix=prompt.suffix,
-                    answer=text if answer_form == "readable" else normalize(text),
+                    answer=answer_text(text, answer_form),
                     transcript=text,
                     audio_path=str(path),
                     offset_s=0.0,
@@ -98,6 +97,20 @@ def examples(work: Path, llm: Path, answer_form: str) -> tuple[Path, list[dict]]
             )
     path = write_table(to_table(rows, EXAMPLES), work / f"examples-{answer_form}.parquet", EXAMPLES)
     return path, rows
+
+
+def answer_text(text: str, form: str) -> str:
+    """The ASR target: ``readable`` as the transcript reads (GigaSpeech's lowercase, its punctuation),
+    ``sentence`` that with a capital first letter and a full stop where it has no final punctuation (as
+    SmolLM2 writes), ``normalized`` Whisper's normalizer's form (no case, no punctuation)."""
+    from core.text import normalize
+
+    if form == "normalized":
+        return normalize(text)
+    if form == "sentence":
+        text = text[:1].upper() + text[1:]
+        return text if text[-1:] in ".?!" else text.rstrip(",;:") + "."
+    return text
 
 
 def train_config(args) -> dict:
@@ -183,8 +196,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--every", type=int, default=25, help="steps between validations (and checkpoints)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a train setting, dotted")
-    ap.add_argument("--answer-form", choices=["readable", "normalized"], default="readable",
-                    help="the ASR target: cased and punctuated as the transcript reads, or Whisper-normalized")  # fmt: skip
+    ap.add_argument("--answer-form", choices=["readable", "sentence", "normalized"], default="readable",
+                    help="the ASR target: as the transcript reads, as a sentence (capital, full stop), or Whisper-normalized")  # fmt: skip
     ap.add_argument("--label", default=None, help="the run's name (default: from the settings)")
     ap.add_argument("--workdir", type=Path, default=REPO / "work" / "overfit")
     args = ap.parse_args()

@@ -437,14 +437,17 @@ def report(
         "",
     ]
     lines += [
-        "| eval set | category | SmolLM2 on text (floor) | ASR-only | self-powered | chrF ASR-only | chrF self-powered |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| eval set | category | SmolLM2 on text (floor) | ASR-only | self-powered | ASR-only (own ASR) | "
+        "self-powered (own ASR) | chrF ASR-only | chrF self-powered |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in eval_sets:
         for c in cats:
+            own = [probe(n, s, c, "anchor_rate_own") for n in ("asr-only", "self-powered")]
             lines.append(
                 f"| {s} | {c} | {100 * ceiling.get(c, float('nan')):.1f} | "
                 f"{100 * probe('asr-only', s, c, 'anchor_rate'):.1f} | {100 * probe('self-powered', s, c, 'anchor_rate'):.1f} | "
+                f"{100 * own[0]:.1f} | {100 * own[1]:.1f} | "
                 f"{probe('asr-only', s, c, 'self_consistency_chrf'):.1f} | {probe('self-powered', s, c, 'self_consistency_chrf'):.1f} |"
             )
     lines += [
@@ -532,7 +535,8 @@ def report(
 def probe_value(res: dict, name: str, s: str, cat: str, key: str) -> float:
     """One figure of experiment ``name``'s probe metrics for eval set ``s`` and category ``cat`` (nan if none)."""
     return next(
-        (r[key] for r in res[name]["probe"] if r["eval_set"] == s and r["category"] == cat), float("nan")
+        (r.get(key, float("nan")) for r in res[name]["probe"] if r["eval_set"] == s and r["category"] == cat),
+        float("nan"),
     )
 
 

@@ -227,7 +227,7 @@ METRICS = TableSchema(
 
 PROBE = TableSchema(
     "probe",
-    1,
+    2,
     pa.schema(
         [
             _f("utt_id", pa.string()),
@@ -239,6 +239,11 @@ PROBE = TableSchema(
             _f("answer", pa.string()),  # the speech model's answer to (speech, instruction)
             _f("wer_vs_transcript", pa.float64()),  # WER of the answer against the transcript, normalized
             _f("anchored", pa.bool_()),  # wer_vs_transcript below the threshold: the answer is the transcript
+            _f("own_asr", pa.string()),  # the model's own transcription of the clip (None: it has none)
+            _f(
+                "wer_vs_own_asr", pa.float64()
+            ),  # WER of the answer against own_asr, normalized (NaN: no words)
+            _f("anchored_own", pa.bool_()),  # wer_vs_own_asr below the threshold (None: no own transcription)
             _f("chrf", pa.float64()),  # sentence chrF (0-100) of the answer against the LLM's answer
         ]
     ),
@@ -246,7 +251,7 @@ PROBE = TableSchema(
 
 PROBE_METRICS = TableSchema(
     "probe_metrics",
-    1,
+    2,
     pa.schema(
         [
             _f("eval_set", pa.string()),
@@ -254,6 +259,11 @@ PROBE_METRICS = TableSchema(
             _f("n_items", pa.int32()),
             _f("n_anchored", pa.int32()),
             _f("anchor_rate", pa.float64()),
+            _f("n_with_own_asr", pa.int32()),  # scored items whose clip has an own transcription with words
+            _f("n_anchored_own", pa.int32()),
+            _f(
+                "anchor_rate_own", pa.float64()
+            ),  # anchored to the model's own transcription, of n_with_own_asr
             _f("anchor_wer_threshold", pa.float64()),
             _f("self_consistency_chrf", pa.float64()),  # corpus chrF (0-100) against the LLM's answers
             _f("empty_transcripts", pa.int32()),  # items left out: no words to anchor to

@@ -27,7 +27,7 @@ from core.text import normalize
 from schemas import METRICS, PREDICTIONS, PROBE, PROBE_METRICS, QA, QA_METRICS, REJECTS, RESPONSES, to_table
 from stages.evaluate import decoding, qa
 from stages.evaluate.evaluator import evaluate
-from stages.evaluate.report import publish_artifacts
+from stages.evaluate.report import pct, publish_artifacts
 
 EVAL_UTTS = ["1089-134686-0001", "1221-135766-0001", "1221-135766-0002"]
 PROBE_TASKS = ("repeat", "sentiment")
@@ -243,6 +243,18 @@ def test_probe_rows_score_each_answer_against_transcript_and_llm_answer(setup):
         assert p["wer_vs_transcript"] == pytest.approx(expected_wer)
         assert p["anchored"] == (expected_wer < thr)
         assert p["chrf"] == pytest.approx(sacrebleu.sentence_chrf(p["answer"], [p["llm_answer"]]).score)
+    # the second measure: against the model's own transcription of the same clip, from the predictions table
+    own = {(r["eval_set"], r["utt_id"]): r["hypothesis"] for r in _read(setup, "predictions", PREDICTIONS)
+           if r["system"] == "lsm"}  # fmt: skip
+    for p in probe:
+        asr = normalize(own[(p["eval_set"], p["utt_id"])])
+        assert p["own_asr"] == own[(p["eval_set"], p["utt_id"])]
+        if asr.split():
+            hyp = normalize(p["answer"])
+            expected = 1.0 if not hyp.split() else jiwer.wer(asr, hyp)
+            assert p["wer_vs_own_asr"] == pytest.approx(expected) and p["anchored_own"] == (expected < thr)
+        else:
+            assert p["anchored_own"] is None
 
 
 def test_probe_metrics_aggregate_the_probe_rows_and_count_what_was_left_out(setup):
@@ -254,6 +266,8 @@ def test_probe_metrics_aggregate_the_probe_rows_and_count_what_was_left_out(setu
         assert m["n_items"] == len(rows) == 3
         assert m["n_anchored"] == sum(p["anchored"] for p in rows)
         assert m["anchor_rate"] == pytest.approx(m["n_anchored"] / 3)
+        own = [p["anchored_own"] for p in rows if p["anchored_own"] is not None]
+        assert (m["n_with_own_asr"], m["n_anchored_own"]) == (len(own), sum(own))
         chrf = sacrebleu.corpus_chrf([p["answer"] for p in rows], [[p["llm_answer"] for p in rows]]).score
         assert m["self_consistency_chrf"] == pytest.approx(chrf)
         assert (m["empty_transcripts"], m["rejected"]) == (1, 1)  # filler-0001, lost-0001
@@ -550,10 +564,11 @@ def test_compare_reports_both_models_probe_figures_side_by_side(setup, second, t
     }
     for cat in PROBE_TASKS:
         ra, rb = pa_[cat]["anchor_rate"], pb[cat]["anchor_rate"]
+        oa, ob = pa_[cat]["anchor_rate_own"], pb[cat]["anchor_rate_own"]
         ca, cb = pa_[cat]["self_consistency_chrf"], pb[cat]["self_consistency_chrf"]
         line = (
             f"| test-clean | {cat} | 3/3 | {100 * ra:.1f} | {100 * rb:.1f} | {100 * (rb - ra):.1f} | "
-            f"{ca:.1f} | {cb:.1f} | {cb - ca:.1f} |"
+            f"{pct(oa)} | {pct(ob)} | {ca:.1f} | {cb:.1f} | {cb - ca:.1f} |"
         )
         assert line in out.output
     (wa,) = read_table(WorkPaths(a).evaluate.table("metrics"), METRICS).to_pylist()

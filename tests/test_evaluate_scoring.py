@@ -127,6 +127,25 @@ def test_a_transcript_for_an_answer_is_anchored_and_a_real_answer_is_not():
     assert probe.score_item(dict(META, transcript="Um."), "anything", 0.3) is None
 
 
+def test_an_answer_that_is_the_models_own_imperfect_transcription_is_anchored_to_it():
+    """A model at about 30% WER that transcribes instead of answering escapes the transcript measure, not the
+    own-ASR one; a real answer is anchored to neither; without an own transcription the second is undefined."""
+    own = "the yellow lambs would like up hear and there"  # 3 of 9 words wrong
+    parrot = probe.score_item(META, own + ".", 0.3, own_asr=own)
+    assert parrot["wer_vs_transcript"] == pytest.approx(3 / 9) and not parrot["anchored"]
+    assert parrot["wer_vs_own_asr"] == 0.0 and parrot["anchored_own"]
+    answer = probe.score_item(META, "The text is neutral: it describes lamps.", 0.3, own_asr=own)
+    assert not answer["anchored"] and not answer["anchored_own"] and answer["wer_vs_own_asr"] > 0.3
+    for missing in (None, "", "  "):
+        row = probe.score_item(META, own, 0.3, own_asr=missing)
+        assert row["anchored_own"] is None and math.isnan(row["wer_vs_own_asr"])
+    rows = [parrot, answer, probe.score_item(dict(META, utt_id="u9"), own, 0.3)]
+    meta = {f"k{i}": dict(META, utt_id=r["utt_id"]) for i, r in enumerate(rows)}
+    (m,) = probe.probe_metrics(rows, meta, failed=set(), threshold=0.3)
+    assert (m["n_items"], m["n_anchored"], m["n_with_own_asr"], m["n_anchored_own"]) == (3, 0, 2, 1)
+    assert m["anchor_rate_own"] == 0.5
+
+
 def test_probe_metrics_count_rejected_and_empty_items_per_category():
     meta = {
         "a": dict(META, utt_id="u1"),

@@ -70,7 +70,7 @@ def compare(workdir_a: Path, workdir_b: Path) -> dict:
             lambda r: (r["eval_set"], r["category"]),
             a["probe_metrics"],
             b["probe_metrics"],
-            ["anchor_rate", "self_consistency_chrf", "n_items"],
+            ["anchor_rate", "anchor_rate_own", "self_consistency_chrf", "n_items"],
         ),
         qa=join(lambda r: (r["eval_set"], r["source"]), a["qa"], b["qa"], ["accuracy", "n_questions"]),
         only_in_a=len(items["a"] - items["b"]),
@@ -101,6 +101,8 @@ def markdown(c: dict, name_a: str = "A", name_b: str = "B") -> str:
             f"anchor rate % {name_a}",
             f"anchor rate % {name_b}",
             f"{name_b} - {name_a}",
+            f"own-ASR anchor rate % {name_a}",
+            f"own-ASR anchor rate % {name_b}",
             f"chrF {name_a}",
             f"chrF {name_b}",
             f"{name_b} - {name_a}",
@@ -113,13 +115,15 @@ def markdown(c: dict, name_a: str = "A", name_b: str = "B") -> str:
                 pct(r["anchor_rate"][0]),
                 pct(r["anchor_rate"][1]),
                 pct(r["anchor_rate"][2]),
+                pct(r["anchor_rate_own"][0]),
+                pct(r["anchor_rate_own"][1]),
                 num(r["self_consistency_chrf"][0]),
                 num(r["self_consistency_chrf"][1]),
                 num(r["self_consistency_chrf"][2]),
             ]
             for r in c["probe"]
         ],
-        "llrrrrrrr",
+        "llrrrrrrrrr",
     )
     lines += ["", "## Spoken QA accuracy %", ""]
     lines += table_md(

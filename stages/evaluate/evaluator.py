@@ -278,11 +278,18 @@ def evaluate(
                 "probe " + p_meta[it.key]["category"] if it.key in p_meta else f"qa {q_meta[it.key]['qa_id']}"
             )
             rejects.append(_reject(part, it.group, it.audio_path, it.utt_id, extra.failed[it.key]))
+    # the model's own transcription of each clip, which the probe's second anchor measure compares against
+    own_asr = {(p["eval_set"], p["utt_id"]): p["hypothesis"] for p in preds if p["system"] == "lsm"}
     probe_rows = [
         r
         for k, m in p_meta.items()
         if k in extra.texts
-        and (r := probe.score_item(m, extra.texts[k], cfg.anchor_wer_threshold)) is not None
+        and (
+            r := probe.score_item(
+                m, extra.texts[k], cfg.anchor_wer_threshold, own_asr.get((m["eval_set"], m["utt_id"]))
+            )
+        )
+        is not None
     ]
     probe_m = probe.probe_metrics(probe_rows, p_meta, set(extra.failed), cfg.anchor_wer_threshold)
     qa_rows = [qa.score(m, extra.texts[k]) for k, m in q_meta.items() if k in extra.texts]
@@ -342,6 +349,7 @@ def evaluate(
         "whisper_wer": {m["eval_set"]: m["wer"] for m in by["whisper"]},
         "rtfx": {m["eval_set"]: m["rtfx"] for m in by["lsm"]},
         "anchor_rate": {f"{r['eval_set']}/{r['category']}": r["anchor_rate"] for r in probe_m},
+        "anchor_rate_own": {f"{r['eval_set']}/{r['category']}": r["anchor_rate_own"] for r in probe_m},
         "qa_accuracy": {r["eval_set"]: r["accuracy"] for r in qa_m},
         "predictions": len(lsm),
         "rejects": len(rejects),
@@ -384,13 +392,22 @@ def print_table(metrics: list[dict], probe_m: list[dict], qa_m: list[dict]) -> N
         )
     console.print(t)
     if probe_m:
-        t = Table("eval set", "category", "items", "anchor rate %", "chrF", title="Speech-anchor-bias probe")
+        t = Table(
+            "eval set",
+            "category",
+            "items",
+            "anchor rate %",
+            "anchor rate % (own ASR)",
+            "chrF",
+            title="Speech-anchor-bias probe",
+        )
         for r in probe_m:
             t.add_row(
                 r["eval_set"],
                 r["category"],
                 str(r["n_items"]),
                 report.pct(r["anchor_rate"]),
+                report.pct(r["anchor_rate_own"]),
                 report.num(r["self_consistency_chrf"]),
             )
         console.print(t)

@@ -202,6 +202,9 @@ def report_markdown(ctx: dict) -> str:
         lines += [
             "The model gets each non-ASR instruction with the speech. Anchored: the answer's WER against the "
             f"transcript is below {ctx['probe'][0]['anchor_wer_threshold']:g} (the model transcribed instead). "
+            "Anchored (own ASR): the same test against the model's own transcription of the clip, which holds "
+            "when its ASR is imperfect (an answer that is its transcription, errors and all, counts); these are "
+            "the project's definitions, the paper's is in words only. "
             "Self-consistency: corpus chrF (0-100) of the answers against the LLM's own text answers.",
             "",
         ]
@@ -212,6 +215,7 @@ def report_markdown(ctx: dict) -> str:
             "items",
             "anchored",
             "anchor rate %",
+            "anchor rate % (own ASR)",
             "chrF",
             "empty transcripts",
             "rejected",
@@ -226,6 +230,7 @@ def report_markdown(ctx: dict) -> str:
                 r["n_items"],
                 r["n_anchored"],
                 pct(r["anchor_rate"]),
+                pct(r["anchor_rate_own"]),
                 num(r["self_consistency_chrf"]),
                 r["empty_transcripts"],
                 r["rejected"],
