@@ -119,7 +119,7 @@ def demo_run(tmp_path_factory, blocked_env):
 
 
 def test_the_demo_output_is_each_stages_progress_and_summary_and_nothing_else(demo_run):
-    _, output = demo_run
+    paths, output = demo_run
     assert "Traceback" not in output, output
     noise = [
         ln
@@ -127,10 +127,14 @@ def test_the_demo_output_is_each_stages_progress_and_summary_and_nothing_else(de
         if re.search(r"\| (INFO|WARNING|ERROR) +\||telemetry|\[transformers\]|it/s\]|OMP_NUM_THREADS", ln)
     ]
     assert not noise, "\n".join(noise)
+    answers = read_table(paths.generate.responses, RESPONSES).to_pylist()
+    kept = sum(r["rejected_by"] is None for r in answers)
+    # the demo's answers are not wasted: under 10% end at the token cap (6 of 114 when measured)
+    assert sum(r["rejected_by"] == "truncated" for r in answers) < 0.1 * len(answers)
     for summary in (
         "harvest: 19 transcripts",
         "generate: 114 answers",
-        "build: 82 examples",
+        f"build: {19 + kept} examples",  # the 19 ASR examples and every kept answer
         "train: 12 steps",
     ):
         assert summary in output, summary
