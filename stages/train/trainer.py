@@ -300,17 +300,8 @@ class Trainer:
 
     def save_best(self, rec: dict) -> None:
         """OUT/best: this step's Hugging Face checkpoint and its validation figures (a collective)."""
-        msd = self.full_model_state() if self.cfg.strategy == "fsdp" else None
-        if self.master:
-            with atomic_dir(self.paths.best) as tmp:
-                if msd is None:
-                    self.model.save_pretrained(tmp)
-                else:
-                    self._save_unsharded(msd, tmp)
-                (tmp / self.paths.best_record.name).write_text(json.dumps(rec, indent=2))
-            self.say(
-                f"validation: best so far at step {rec['step']} ({rec['validation']} loss {rec['own']:.4f})"
-            )
+        self._save_hf(self.paths.best, {self.paths.best_record.name: json.dumps(rec, indent=2)})
+        self.say(f"validation: best so far at step {rec['step']} ({rec['validation']} loss {rec['own']:.4f})")
 
     def _wrap(self, model):
         if self.cfg.strategy == "fsdp":
@@ -391,14 +382,21 @@ class Trainer:
 
     def save_final(self) -> Path:
         """The Hugging Face checkpoint at OUT/checkpoint (rank 0 writes it atomically; a collective)."""
+        return self._save_hf(self.paths.checkpoint)
+
+    def _save_hf(self, dest: Path, extra: dict[str, str] | None = None) -> Path:
+        """The whole model as a Hugging Face checkpoint at ``dest`` (and ``extra`` files beside it), written by
+        rank 0 whole or not at all; a collective (under FSDP every rank gathers its shards)."""
         msd = self.full_model_state() if self.cfg.strategy == "fsdp" else None
         if self.master:
-            with atomic_dir(self.paths.checkpoint) as tmp:
+            with atomic_dir(dest) as tmp:
                 if msd is None:
                     self.model.save_pretrained(tmp)
                 else:
                     self._save_unsharded(msd, tmp)
-        return self.paths.checkpoint
+                for name, text in (extra or {}).items():
+                    (tmp / name).write_text(text)
+        return dest
 
     def _save_unsharded(self, msd: dict, tmp: Path) -> None:
         # The FSDP model's parameters are shards; a fresh model on rank 0 takes the gathered ones and saves.
