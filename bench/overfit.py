@@ -53,9 +53,11 @@ def models(work: Path) -> tuple[Path, Path]:
     return WorkPaths(work).model_dirs(load_config(cfg))
 
 
-def examples(work: Path, llm: Path, answer_form: str) -> tuple[Path, list[dict]]:
+def examples(work: Path, llm: Path, answer_form: str, renditions: int = 1) -> tuple[Path, list[dict]]:
     """The examples table: the first 32 synthesized training transcripts (split ``train``) and 8 held-out ones
-    (split ``unseen``), each asked the catalog's first ASR instruction in SmolLM2's chat template."""
+    (split ``unseen``), each asked the catalog's first ASR instruction in SmolLM2's chat template. With
+    ``renditions`` > 1 the 32 are also trained on in that many minus one other voices, speeds and pitches
+    (after the 32 in the table, so that validation, which reads a split's first rows, scores the 32)."""
     import soundfile as sf
     from reproduce import held_out, synthesize
     from transformers import AutoTokenizer
@@ -66,16 +68,26 @@ def examples(work: Path, llm: Path, answer_form: str) -> tuple[Path, list[dict]]
     from schemas import EXAMPLES, to_table
 
     speech = work / "speech"
-    synthesize(speech, limit=160)
+    synthesize(speech, limit=160, renditions=renditions)
     instruction = load_catalog().categories["asr"].instructions[0].text
     prompt = speech_prompt(instruction, "chat_template", AutoTokenizer.from_pretrained(str(llm)))
     rows = []
-    for name, split, n in (("train", "train", N_TRAIN), ("heldout", "unseen", N_UNSEEN)):
-        lines = [json.loads(x) for x in (speech / f"{name}.jsonl").read_text().splitlines() if x]
+
+    def read(name: str) -> list[dict]:
+        return [json.loads(x) for x in (speech / f"{name}.jsonl").read_text().splitlines() if x]
+
+    train = read("train")[:N_TRAIN]
+    ids = {obj["id"] for obj in train}
+    more = [o for o in read("train-more") if o["id"].partition("~")[0] in ids] if renditions > 1 else []
+    for name, split, n, lines in (
+        ("train", "train", N_TRAIN, train),
+        ("heldout", "unseen", N_UNSEEN, read("heldout")[:N_UNSEEN]),
+        ("train-more", "train", N_TRAIN * (renditions - 1), more),
+    ):
         if len(lines) < n:
             sys.exit(f"{speech / name}.jsonl has {len(lines)} clips, fewer than {n}")
-        for obj in lines[:n]:
-            assert held_out(obj["id"]) == (split == "unseen")
+        for obj in lines:
+            assert held_out(obj["id"].partition("~")[0]) == (split == "unseen")
             path = speech / obj["audio"]
             text = obj["text"]
             rows.append(
@@ -150,7 +162,9 @@ def oracle(train: dict, whisper: Path, llm: Path, rows: list[dict]) -> dict:
     collate = Collate.for_model(model)
     tok = model.tokenizer
     probe = SpeechProbe()
-    mine = [r for r in rows if r["split"] == "train"]
+    mine = [
+        r for r in rows if r["split"] == "train" and "~" not in r["utt_id"]
+    ]  # the 32, not their renditions
     for i in range(0, len(mine), 8):
         part = mine[i : i + 8]
         batch = collate(part, [audio.load(r["audio_path"]) for r in part], with_answer=True)
@@ -173,7 +187,7 @@ def greedy_wer(checkpoint: Path, rows: list[dict]) -> dict[str, dict]:
     tok = model.tokenizer
     out = {}
     for split in ("train", "unseen"):
-        mine = [r for r in rows if r["split"] == split]
+        mine = [r for r in rows if r["split"] == split and "~" not in r["utt_id"]]
         items = [
             Item.of_row(r["example_id"], r, len(tok(r["answer"], add_special_tokens=False)["input_ids"]) + 16)
             for r in mine
@@ -198,6 +212,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a train setting, dotted")
     ap.add_argument("--answer-form", choices=["readable", "sentence", "normalized"], default="readable",
                     help="the ASR target: as the transcript reads, as a sentence (capital, full stop), or Whisper-normalized")  # fmt: skip
+    ap.add_argument("--renditions", type=int, default=1, metavar="K",
+                    help="train on each of the 32 transcripts in K espeak-ng voices, speeds and pitches (more speech)")  # fmt: skip
     ap.add_argument("--label", default=None, help="the run's name (default: from the settings)")
     ap.add_argument("--workdir", type=Path, default=REPO / "work" / "overfit")
     args = ap.parse_args()
@@ -208,10 +224,11 @@ def main() -> None:
     t0 = time.monotonic()
     work = args.workdir
     whisper, llm = models(work / "data")
-    table, rows = examples(work, llm, args.answer_form)
+    table, rows = examples(work, llm, args.answer_form, args.renditions)
     train = train_config(args)
-    label = (
-        args.label or "-".join([args.answer_form, *(s.replace("train.", "") for s in args.set)]) or "default"
+    label = args.label or "-".join(
+        [args.answer_form, *(s.replace("train.", "") for s in args.set)]
+        + ([f"renditions{args.renditions}"] if args.renditions > 1 else [])
     )
     out = work / "runs" / label.replace("/", "_")
     cfg = TrainConfig.model_validate(train)
@@ -234,6 +251,7 @@ def main() -> None:
         "",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores; command: `{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
         f"- train settings changed: {', '.join(args.set) or 'none'}; answer form: {args.answer_form}; "
+        f"renditions of each of the 32: {args.renditions}; "
         f"{cfg.max_steps} steps of {cfg.batch_size} x {cfg.nproc_per_node} processes",
         f"- text oracle at step 0 on the 32 (nats): first token {orc['oracle_first']:.3f}, later "
         f"{orc['oracle_later']:.3f}",

@@ -83,8 +83,30 @@ def held_out(utt_id: str) -> bool:
     return int.from_bytes(hashlib.sha256(utt_id.encode()).digest()[:8], "big") % 10 == 0
 
 
-def synthesize(out: Path, limit: int | None = None, rate: int = 140, voice: str = "en-us") -> dict:
+# "More speech": the other renditions of a training transcript (synthesize's ``renditions``), each an espeak-ng
+# voice, speed (words a minute) and pitch (0-99) drawn from these by the utterance's id and the rendition's number.
+VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-us+m3", "en-us+f2", "en-gb+f4")
+RATES_WPM = (120, 190)
+PITCHES = (25, 75)
+
+
+def rendition(utt: str, k: int) -> tuple[str, int, int]:
+    """The voice, speed and pitch of rendition ``k`` (1, 2, ...) of utterance ``utt``: the same every run."""
+    h = hashlib.sha256(f"{utt}/{k}".encode()).digest()
+    return (
+        VOICES[h[0] % len(VOICES)],
+        RATES_WPM[0] + h[1] % (RATES_WPM[1] - RATES_WPM[0] + 1),
+        PITCHES[0] + h[2] % (PITCHES[1] - PITCHES[0] + 1),
+    )
+
+
+def synthesize(
+    out: Path, limit: int | None = None, rate: int = 140, voice: str = "en-us", renditions: int = 1
+) -> dict:
     """espeak-ng speech of the seed manifest's transcripts, once: ``out/{train,heldout}.jsonl`` + ``out/wav/``.
+
+    ``renditions`` > 1 adds, for each training transcript, that many minus one more clips of it in other voices,
+    speeds and pitches (``rendition``), as ``out/train-more.jsonl`` (ids ``UTT~K``); held-out transcripts keep one.
 
     A finished synthesis leaves ``out/done.json`` (what it read and how); a run with the same settings reuses it.
     """
@@ -100,6 +122,10 @@ def synthesize(out: Path, limit: int | None = None, rate: int = 140, voice: str 
         "voice": voice,
         "espeak": subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout.strip(),
     }
+    if renditions > 1:  # one rendition keeps the settings (and the speech) of runs before renditions existed
+        settings.update(
+            renditions=renditions, voices=list(VOICES), rates_wpm=list(RATES_WPM), pitches=list(PITCHES)
+        )
     done = out / "done.json"
     if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
         return json.loads(done.read_text())
@@ -111,17 +137,27 @@ def synthesize(out: Path, limit: int | None = None, rate: int = 140, voice: str 
         if text:
             items.append((f"rp{i:04d}", text))
 
-    def speak(item: tuple[str, str]) -> None:
-        utt, text = item
+    more = [
+        (f"{utt}~{k}", text, *rendition(utt, k))
+        for utt, text in items
+        if not held_out(utt)
+        for k in range(1, renditions)
+    ]
+
+    def speak(item: tuple) -> None:
+        utt, text, v, s, p = item
         subprocess.run(
-            ["espeak-ng", "-s", str(rate), "-v", voice, "-w", str(out / "wav" / f"{utt}.wav"), text],
+            ["espeak-ng", "-s", str(s), "-v", v, "-p", str(p), "-w", str(out / "wav" / f"{utt}.wav"), text],
             check=True,
             capture_output=True,
         )
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        list(pool.map(speak, items))
+        list(pool.map(speak, [(utt, text, voice, rate, 50) for utt, text in items] + more))
+    if more:
+        lines = [json.dumps({"id": utt, "audio": f"wav/{utt}.wav", "text": text}) for utt, text, *_ in more]
+        (out / "train-more.jsonl").write_text("\n".join(lines) + "\n")
     for name, keep in (("train", False), ("heldout", True)):
         lines = [
             json.dumps({"id": utt, "audio": f"wav/{utt}.wav", "text": text})
@@ -129,7 +165,12 @@ def synthesize(out: Path, limit: int | None = None, rate: int = 140, voice: str 
             if held_out(utt) == keep
         ]
         (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    state = {"settings": settings, "utterances": len(items), "seconds": time.monotonic() - t0}
+    state = {
+        "settings": settings,
+        "utterances": len(items),
+        "more_clips": len(more),
+        "seconds": time.monotonic() - t0,
+    }
     done.write_text(json.dumps(state, indent=2))
     return state
 
