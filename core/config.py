@@ -482,6 +482,13 @@ class TrainConfig(Strict):
     freeze_proj: bool = False
     freeze_llm: bool = False
     lora: LoraSettings | None = None
+    # A warm start of the connector that never touches the LLM (Soundwave's alignment stage): the first this many
+    # optimizer steps train the Q-Former and projection on CTC over the LLM's vocabulary (each speech token's
+    # logits are its dot products with the LLM's input embeddings, eos standing for the blank; the target is the
+    # row's transcript whatever its task; core.lsm.model.ctc_loss); the LLM does not run in them, and the steps
+    # after them are the usual ones. Counted in max_steps. CTC needs a speech token per transcript token: at the
+    # 0.333-s windows espeak's speech gives about as many of each, and a row with too few adds nothing.
+    ctc_warmup_steps: int = Field(0, ge=0)
     qformer: QFormerConfig = Field(default_factory=QFormerConfig)
     # How the build stage's shards are streamed (ExampleLoader): padded audio per batch, worker processes per
     # rank, shuffle buffer. The rows per batch are capped by batch_size; mel bins and chunk follow the Whisper.
@@ -551,6 +558,16 @@ class TrainConfig(Strict):
         if self.lora is not None and self.freeze_llm:
             raise ValueError(
                 "train.lora: LoRA trains the LLM through adapters; it cannot go with freeze_llm: true"
+            )
+        if self.ctc_warmup_steps and self.freeze_qformer and self.freeze_proj:
+            raise ValueError(
+                "train.ctc_warmup_steps: the CTC warm start trains the Q-Former and the projection, and both are "
+                "frozen (freeze_qformer, freeze_proj)"
+            )
+        if self.ctc_warmup_steps and self.epochs is None and self.ctc_warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"train.ctc_warmup_steps: {self.ctc_warmup_steps} CTC steps leave none of max_steps "
+                f"({self.max_steps}) for the answers"
             )
         if self.freeze_encoder and self.freeze_qformer and self.freeze_proj and self.freeze_llm:
             raise ValueError(

@@ -345,3 +345,38 @@ def test_connector_dropout_and_output_norm_are_settings_that_round_trip(parts, e
         assert torch.equal(back.encode_speech(batch.input_features, batch.durations_s), speech)
     plain = LSMForConditionalGeneration.from_parts(*parts, TINY_QFORMER)
     assert plain.out_norm is None and plain.config.qformer_config.hidden_dropout_prob == 0.1
+
+
+def test_ctc_warm_start_loss_reads_the_llm_vocabulary_in_order_and_leaves_the_llm_alone(parts, eval_rows):
+    """``ctc_loss`` (train.ctc_warmup_steps): speech tokens that are the transcript tokens' own embeddings, in order,
+    score far better than the same tokens in reverse; the gradient reaches the connector and never the LLM, even
+    one that trains; the blank is eos, which a target may not hold."""
+    torch.manual_seed(0)
+    m = LSMForConditionalGeneration.from_parts(*parts, TINY_QFORMER, freeze_llm=False)
+    table = m.llm.get_input_embeddings().weight.detach()
+    rows, clips = eval_rows
+    batch = Collate.for_model(m)(rows[:2], clips[:2], with_answer=True)
+    targets = [t[:6] for t in batch.transcript_ids]
+    assert targets[0] == m.tokenizer(rows[0]["transcript"], add_special_tokens=False)["input_ids"][:6]
+
+    def slot(
+        order,
+    ) -> torch.Tensor:  # one speech token per target token: e / |e|^2 x 30 scores 30 with itself
+        e = torch.stack([table[torch.tensor(order(t))] for t in targets])
+        return 30 * e / e.pow(2).sum(-1, keepdim=True)
+
+    counts = [len(t) for t in targets]
+    in_order = m.ctc_loss(slot(lambda t: t), counts, targets).item()
+    reversed_ = m.ctc_loss(slot(lambda t: t[::-1]), counts, targets).item()
+    assert in_order < 0.5 < 5 < reversed_, (in_order, reversed_)
+
+    # too few speech tokens for the targets: nothing to learn from, not an infinite loss
+    assert m.ctc_loss(slot(lambda t: t), [2, 2], targets).item() == 0.0
+    out = m(**batch.kwargs(), ctc_targets=targets)
+    assert out.logits is None and math.isfinite(out.loss.item())
+    out.loss.backward()
+    assert m.proj.weight.grad is not None and m.proj.weight.grad.abs().sum() > 0
+    assert m.query_tokens.grad is not None
+    assert all(p.grad is None for p in m.llm.parameters()), "the CTC warm start touched the LLM"
+    with pytest.raises(ValueError, match="blank"):
+        m.ctc_loss(slot(lambda t: t), counts, [[m.ctc_blank_id, *targets[0][1:]], targets[1]])

@@ -211,3 +211,35 @@ def test_weight_decay_on_all_decays_norms_and_biases_too():
     assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(1, 0.05), (3, 0.0)]
     groups = param_groups(params, TrainConfig(weight_decay=0.05, weight_decay_on="all"))
     assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(4, 0.05)]
+
+
+@pytest.mark.slow
+def test_ctc_warm_start_trains_the_connector_and_leaves_a_trainable_llm_as_it_was(trained, tmp_path):
+    """train.ctc_warmup_steps: the first steps' loss is the connector's CTC over the LLM's vocabulary; the LLM, set
+    to train, is the pretrained one at the end of them (the step-2 checkpoint) and trains after them."""
+    from helpers_lsm import TINY_QFORMER
+    from safetensors.torch import load_file
+
+    from core.paths import TrainPaths
+
+    # 0.1-s windows: enough speech tokens for the tiny tokenizer's many tokens per word (CTC needs one each)
+    q = TINY_QFORMER.model_copy(update={"window_s": 0.1, "stride_s": 0.1}).model_dump()
+    cfg = experiment(
+        max_steps=3, freeze_llm=False, ctc_warmup_steps=2, checkpoint_every=2, keep_checkpoints=3, qformer=q
+    ).train
+    out = TrainPaths(tmp_path / "out")
+    train.train(cfg, trained["whisper"], trained["llm"], trained["examples"], out.dir)
+    recs = [json.loads(x) for x in out.metrics.read_text().splitlines()]
+    assert [(r["step"], r["objective"]) for r in recs] == [(1, "ctc"), (2, "ctc"), (3, "answers")]
+    assert all(r["loss"] > 0 and math.isfinite(r["loss"]) for r in recs)
+    pretrained = load_file(trained["llm"] / "model.safetensors")
+    at_2 = load_file(out.step(2) / "model.safetensors")
+    llm_at_2 = {k.removeprefix("llm."): v for k, v in at_2.items() if k.startswith("llm.")}
+    assert set(llm_at_2) == set(pretrained), "the LLM trains: its weights belong in the checkpoint"
+    assert all(torch.equal(llm_at_2[k], pretrained[k]) for k in pretrained), "CTC steps changed the LLM"
+    last = LSMForConditionalGeneration.from_pretrained(out.checkpoint).llm.state_dict()
+    assert any(not torch.equal(last[k], pretrained[k]) for k in pretrained), (
+        "the answer step left the LLM as is"
+    )
+    with pytest.raises(ValueError, match="ctc_warmup_steps"):
+        TrainConfig(max_steps=5, ctc_warmup_steps=5)

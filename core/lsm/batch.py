@@ -28,6 +28,9 @@ class SpeechBatch:
     answer_ids: list[list[int]] | None = None
     feature_lengths: torch.Tensor | None = None  # [B] frames of each clip before padding
     clip_digests: list[str] | None = None  # SHA-256 of each clip's samples: the encoder cache's key
+    # each row's transcript as tokens (no BOS, no eos), with answers: the target of a CTC warm start of the
+    # connector (train.ctc_warmup_steps), whatever the row's task asks
+    transcript_ids: list[list[int]] | None = None
 
     def to(self, device) -> SpeechBatch:
         return SpeechBatch(
@@ -38,6 +41,7 @@ class SpeechBatch:
             self.answer_ids,
             self.feature_lengths,
             self.clip_digests,
+            self.transcript_ids,
         )
 
     def pin_memory(self) -> SpeechBatch:
@@ -82,7 +86,7 @@ class Collate:
         durations = torch.tensor(
             [min(len(c) / SAMPLE_RATE, self.chunk_s) for c in clips], dtype=torch.float32
         )
-        prefix = suffix = answer = None
+        prefix = suffix = answer = transcript = None
         tok = self.tokenizer
         if tok is not None:
             prefix = [tok(r["prefix"], add_special_tokens=True)["input_ids"] for r in rows]
@@ -91,6 +95,10 @@ class Collate:
                 answer = [
                     tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in rows
                 ]
+                transcript = [
+                    tok(r.get("transcript") or r["answer"], add_special_tokens=False)["input_ids"]
+                    for r in rows
+                ]
         # What the encoder is given (the samples, cut at its input length): an encoder cache's key
         digests = [clip_digest(c[: round(self.chunk_s * SAMPLE_RATE)]) for c in clips]
-        return SpeechBatch(feats, durations, prefix, suffix, answer, lengths, digests)
+        return SpeechBatch(feats, durations, prefix, suffix, answer, lengths, digests, transcript)

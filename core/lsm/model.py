@@ -507,9 +507,11 @@ class LSMForConditionalGeneration(PreTrainedModel):
         logits: str = "answer",
         speech: torch.Tensor | None = None,
         speech_counts: list[int] | None = None,
+        ctc_targets: list[list[int]] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Teacher-forced pass; with ``answer_ids`` (answer + eos) the loss is the mean over answer tokens.
+        With ``ctc_targets`` (token ids per row) the loss is ``ctc_loss``'s instead and the LLM does not run.
 
         ``speech`` [B, N, llm hidden] puts given embeddings in the speech slot instead of the clips' own
         (``core.lsm.probes``: another clip's, zeros, the transcript's token embeddings), ``speech_counts`` how many
@@ -529,6 +531,9 @@ class LSMForConditionalGeneration(PreTrainedModel):
         """
         if speech is None:
             speech = self.encode_speech(input_features, durations_s, clip_digests)
+        if ctc_targets is not None:
+            counts = speech_counts or self.speech_token_counts(durations_s)
+            return CausalLMOutputWithPast(loss=self.ctc_loss(speech, counts, ctc_targets))
         n = speech_counts
         if answer_ids is None or logits == "all" or kwargs or not self._answer_logits_ok():
             embeds, mask, labels = self.assemble(
@@ -553,6 +558,41 @@ class LSMForConditionalGeneration(PreTrainedModel):
             speech, durations_s, prefix_ids, suffix_ids, answer_ids, "right", n
         )
         return self._packed_loss(embeds, mask, labels)
+
+    @property
+    def ctc_blank_id(self) -> int:
+        """The vocabulary entry that stands for CTC's blank: the tokenizer's eos, which no transcript holds."""
+        tok = getattr(self, "tokenizer", None)
+        blank = tok.eos_token_id if tok is not None else self.config.llm_config.eos_token_id
+        if isinstance(blank, list):
+            blank = blank[0]
+        if blank is None:
+            raise ValueError("ctc_loss: the LLM has no eos token to stand for the blank")
+        return int(blank)
+
+    def ctc_loss(self, speech: torch.Tensor, counts: list[int], targets: list[list[int]]) -> torch.Tensor:
+        """CTC over the LLM's vocabulary (Soundwave's alignment stage): each speech token's logits are its dot
+        products with the LLM's input embeddings (taken as they are, no gradient: the LLM is not touched), the eos
+        entry standing for the blank (``ctc_blank_id``). The loss pulls each token toward the embedding of the
+        transcript token spoken in its window, the form the frozen LLM reads best (the text oracle). Mean over
+        rows of the per-target-token loss; a row whose speech tokens are too few for its transcript (CTC needs at
+        least one per token, and one between repeats) adds nothing (``zero_infinity``)."""
+        table = self.llm.get_input_embeddings().weight.detach()
+        logits = speech.to(table.dtype) @ table.T  # [B, W, V]
+        logp = logits.float().log_softmax(-1).transpose(0, 1)  # [W, B, V]: ctc_loss's layout
+        device = speech.device
+        blank = self.ctc_blank_id
+        if any(blank in t for t in targets):
+            raise ValueError(f"ctc_loss: a target holds the blank's token id {blank}")
+        return nn.functional.ctc_loss(
+            logp,
+            torch.tensor([i for t in targets for i in t], dtype=torch.long, device=device),
+            torch.tensor(counts, dtype=torch.long, device=device),
+            torch.tensor([len(t) for t in targets], dtype=torch.long, device=device),
+            blank=blank,
+            reduction="mean",
+            zero_infinity=True,
+        )
 
     def _answer_logits_ok(self) -> bool:
         # An LLM that rescales or caps its logits after the head (Gemma 2, Cohere) goes through its own forward, and

@@ -44,7 +44,8 @@ class TrainLogs:
         for t in self.trackers:
             t.log_step(scalars, rec["step"])
         print(
-            f"step {rec['step']}/{max_steps} | epoch {rec['epoch']} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
+            f"step {rec['step']}/{max_steps} | epoch {rec['epoch']} | "
+            f"{'CTC ' if rec.get('objective') == 'ctc' else ''}loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
             f"grad-norm {rec['grad_norm']:.3f} | {rec['samples_per_s']:.2f} samples/s | "
             f"{rec['tokens_per_s']:.0f} tokens/s",
             flush=True,

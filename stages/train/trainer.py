@@ -321,11 +321,11 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # DDP all-reduces only parameters that require grad. Every trainable parameter takes part in every
-        # forward, so no unused-parameter search.
+        # forward, so no unused-parameter search; but a CTC warm-up step leaves a trainable LLM out.
         return DDP(
             model,
             device_ids=[self.local_rank] if self.device.type == "cuda" else None,
-            find_unused_parameters=False,
+            find_unused_parameters=self.cfg.ctc_warmup_steps > 0 and not self.cfg.freeze_llm,
         )
 
     def _load_training_state(self, ckpt: Path) -> None:
@@ -501,7 +501,11 @@ class Trainer:
                 with sync:
                     amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
                     with amp:
-                        loss = self.wrapped(**batch.kwargs()).loss
+                        # the CTC warm start's steps (train.ctc_warmup_steps) score the connector alone
+                        ctc = step < cfg.ctc_warmup_steps
+                        loss = self.wrapped(
+                            **batch.kwargs(), **({"ctc_targets": batch.transcript_ids} if ctc else {})
+                        ).loss
                     # Mean over micro-batches: scale so the accumulated gradient is the average, not the sum.
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach() / cfg.grad_accum
@@ -529,6 +533,7 @@ class Trainer:
                     {
                         "step": step + 1,
                         "epoch": epoch,
+                        "objective": "ctc" if step < cfg.ctc_warmup_steps else "answers",
                         "loss": loss_avg,
                         "lr": lr,
                         "grad_norm": float(grad_norm),
