@@ -115,14 +115,11 @@ def answer_text(text: str, form: str) -> str:
     """The ASR target: ``readable`` as the transcript reads (GigaSpeech's lowercase, its punctuation),
     ``sentence`` that with a capital first letter and a full stop where it has no final punctuation (as
     SmolLM2 writes), ``normalized`` Whisper's normalizer's form (no case, no punctuation)."""
-    from core.text import normalize
+    from core.text import as_sentence, normalize
 
     if form == "normalized":
         return normalize(text)
-    if form == "sentence":
-        text = text[:1].upper() + text[1:]
-        return text if text[-1:] in ".?!" else text.rstrip(",;:") + "."
-    return text
+    return as_sentence(text) if form == "sentence" else text
 
 
 def train_config(args) -> dict:

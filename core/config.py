@@ -310,6 +310,10 @@ class BuildConfig(Strict):
     # The reference's answer-length rule, on every split: an example is kept when LOW < tokens of its answer plus
     # eos (the LLM's tokenizer) < HIGH; the reference's is [5, 2048]. None (the default): no length rule.
     answer_tokens_between: tuple[int, int] | None = None
+    # The ASR examples' answer: "transcript", the transcript as generate fed it to the LLM; or "sentence", that with
+    # a capital first letter and a final full stop (core.text.as_sentence), as SmolLM2-like chat LLMs write: their
+    # loss on a lowercase first word is about 4 nats higher (docs/levers.md). WER normalizes either way.
+    asr_answer: Literal["transcript", "sentence"] = "transcript"
     rows_per_shard: int = Field(100_000, ge=1)
     row_group_rows: int = Field(2048, ge=1, le=65536)  # streaming reads one row group at a time
 

@@ -90,6 +90,17 @@ def fed_transcript(text_raw: str, form: str) -> str:
     return {"text": text, "text_norm": norm}[transcript_column(form)]
 
 
+def as_sentence(text: str) -> str:
+    """``text`` as an instruction-tuned LLM writes a sentence: a capital first letter, and a full stop where it
+    ends without ``.``, ``?`` or ``!`` (a trailing comma, colon or semicolon gives way to it). Words, inner
+    punctuation and casing stay; Whisper's normalizer, which every WER here goes through, undoes the change."""
+    text = text.strip()
+    if not text:
+        return text
+    text = text[:1].upper() + text[1:]
+    return text if text[-1] in ".?!" else text.rstrip(",;: ") + "."
+
+
 def readable(text: str) -> str:
     """The transcript as the LLM should read it: all-caps corpora lower-cased, spacing repaired."""
     t = " ".join(gigaspeech_tags_to_punctuation(text).replace("\u3002", ".").split())

@@ -162,6 +162,23 @@ def test_whisper_normalized_transcripts_are_the_asr_target(harvested, tmp_path):
     assert any(tr[e["utt_id"]]["text_norm"] != tr[e["utt_id"]]["text"] for e in ex)  # the forms differ here
 
 
+def test_sentence_asr_answers_are_the_transcript_capitalised_and_ended(harvested, tmp_path):
+    """build.asr_answer: sentence: the ASR target as SmolLM2 writes a sentence; the words, and so the normalized
+    form every WER reads, are the transcript's."""
+    from core.text import normalize
+
+    b = BuildConfig(tasks=["asr"], eval_splits=["test-clean"], asr_answer="sentence")
+    build(_transcripts(harvested), None, tmp_path, b, load_catalog())
+    tr = {t["utt_id"]: t for t in read_table(_transcripts(harvested), TRANSCRIPTS).to_pylist()}
+    ex = read_table(tmp_path / "examples.parquet", EXAMPLES).to_pylist()
+    assert ex and all(e["transcript"] == tr[e["utt_id"]]["text"] for e in ex)
+    for e in ex:
+        assert e["answer"][0].isupper() and e["answer"][-1] in ".?!", e["answer"]
+        assert e["answer"][1:-1] in e["transcript"], (e["answer"], e["transcript"])
+        assert normalize(e["answer"]) == normalize(e["transcript"])
+    assert any(e["answer"] != e["transcript"] for e in ex)
+
+
 def test_splits_follow_the_speaker_and_are_stable():
     b = BuildConfig(eval_splits=["test-clean"], dev_fraction=0.2, test_fraction=0.2, seed=3)
     speakers = [f"spk{i}" for i in range(400)]

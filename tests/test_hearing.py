@@ -27,7 +27,7 @@ from core.config import TrainConfig
 from core.paths import REPO_ROOT
 from core.prompts import speech_prompt
 from core.tables import write_table
-from core.text import readable
+from core.text import as_sentence, readable
 from schemas import EXAMPLES, to_table
 
 pytestmark = pytest.mark.slow
@@ -44,8 +44,7 @@ def short_transcripts(n: int) -> list[str]:
     for line in SEED_MANIFEST.read_text().splitlines():
         text = readable(json.loads(line)["text"])
         if 6 <= len(text.split()) <= 12:
-            text = text[:1].upper() + text[1:]
-            out.append(text if text[-1:] in ".?!" else text.rstrip(",;:") + ".")
+            out.append(as_sentence(text))
         if len(out) == n:
             return out
     raise AssertionError(f"{SEED_MANIFEST} has fewer than {n} transcripts of 6-12 words")

@@ -71,3 +71,13 @@ def test_normalizer_loads_neither_openai_whisper_nor_torch(tmp_path):
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split("\n")
     assert out[0] == "color 3rd" and out[1] == "False False"
+
+
+def test_as_sentence_capitalises_and_ends_without_touching_the_words():
+    from core.text import as_sentence
+
+    assert as_sentence("or can be disinterested,") == "Or can be disinterested."
+    assert as_sentence("is it? ") == "Is it?"
+    assert as_sentence("Mr. Smith said: no!") == "Mr. Smith said: no!"
+    assert as_sentence("well; then:") == "Well; then."
+    assert as_sentence("") == ""

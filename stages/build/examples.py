@@ -41,7 +41,7 @@ from core.log import console
 from core.paths import BuildPaths
 from core.prompts import load_tokenizer, speech_prompt
 from core.tables import read_table, read_transcripts, write_table
-from core.text import transcript_column
+from core.text import as_sentence, transcript_column
 from schemas import EXAMPLES, REJECTS, RESPONSES, reject_row, to_table
 from stages.build.dedup import dedup_utterances, near_duplicates
 from stages.build.mix import mix_split
@@ -135,8 +135,9 @@ def build(
             ):
                 continue  # generate never asked this pair: not a missing answer
             if task == "asr":
+                answer = as_sentence(t[column]) if b.asr_answer == "sentence" else t[column]
                 found = [
-                    ("", {"instruction": catalog.draw("asr", t["utt_id"], b.seed).text, "answer": t[column]})
+                    ("", {"instruction": catalog.draw("asr", t["utt_id"], b.seed).text, "answer": answer})
                 ]
             else:
                 found = answers.get((t["utt_id"], task), [])
