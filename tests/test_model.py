@@ -370,8 +370,12 @@ def test_ctc_warm_start_loss_reads_the_llm_vocabulary_in_order_and_leaves_the_ll
     reversed_ = m.ctc_loss(slot(lambda t: t[::-1]), counts, targets).item()
     assert in_order < 0.5 < 5 < reversed_, (in_order, reversed_)
 
-    # too few speech tokens for the targets: nothing to learn from, not an infinite loss
-    assert m.ctc_loss(slot(lambda t: t), [2, 2], targets).item() == 0.0
+    # too few speech tokens for the targets: nothing to learn from, not an infinite loss; the others' mean stays
+    assert m.ctc_loss(slot(lambda t: t), [2, 2], targets).item() == 0.0 and m.ctc_rows == (0, 2)
+    assert m.ctc_loss(slot(lambda t: t), [counts[0], 2], targets).item() == pytest.approx(
+        m.ctc_loss(slot(lambda t: t)[:1], counts[:1], targets[:1]).item()
+    )
+    assert m.ctc_rows == (1, 1)
     out = m(**batch.kwargs(), ctc_targets=targets)
     assert out.logits is None and math.isfinite(out.loss.item())
     out.loss.backward()

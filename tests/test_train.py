@@ -232,6 +232,7 @@ def test_ctc_warm_start_trains_the_connector_and_leaves_a_trainable_llm_as_it_wa
     recs = [json.loads(x) for x in out.metrics.read_text().splitlines()]
     assert [(r["step"], r["objective"]) for r in recs] == [(1, "ctc"), (2, "ctc"), (3, "answers")]
     assert all(r["loss"] > 0 and math.isfinite(r["loss"]) for r in recs)
+    assert all(0 < r["ctc_rows_aligned"] <= 1 for r in recs[:2]) and "ctc_rows_aligned" not in recs[2]
     pretrained = load_file(trained["llm"] / "model.safetensors")
     at_2 = load_file(out.step(2) / "model.safetensors")
     llm_at_2 = {k.removeprefix("llm."): v for k, v in at_2.items() if k.startswith("llm.")}

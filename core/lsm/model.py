@@ -574,9 +574,11 @@ class LSMForConditionalGeneration(PreTrainedModel):
         """CTC over the LLM's vocabulary (Soundwave's alignment stage): each speech token's logits are its dot
         products with the LLM's input embeddings (taken as they are, no gradient: the LLM is not touched), the eos
         entry standing for the blank (``ctc_blank_id``). The loss pulls each token toward the embedding of the
-        transcript token spoken in its window, the form the frozen LLM reads best (the text oracle). Mean over
-        rows of the per-target-token loss; a row whose speech tokens are too few for its transcript (CTC needs at
-        least one per token, and one between repeats) adds nothing (``zero_infinity``)."""
+        transcript token spoken in its window, the form the frozen LLM reads best (the text oracle).
+
+        Per target token, averaged over the rows CTC can align: a row needs a speech token per transcript token
+        and one more between repeats. A row with fewer adds nothing (``ctc_rows`` says how many did), and a batch
+        with none gives 0 with no gradient."""
         table = self.llm.get_input_embeddings().weight.detach()
         logits = speech.to(table.dtype) @ table.T  # [B, W, V]
         logp = logits.float().log_softmax(-1).transpose(0, 1)  # [W, B, V]: ctc_loss's layout
@@ -584,15 +586,22 @@ class LSMForConditionalGeneration(PreTrainedModel):
         blank = self.ctc_blank_id
         if any(blank in t for t in targets):
             raise ValueError(f"ctc_loss: a target holds the blank's token id {blank}")
-        return nn.functional.ctc_loss(
+        lengths = torch.tensor([len(t) for t in targets], dtype=torch.long, device=device)
+        per_row = nn.functional.ctc_loss(
             logp,
             torch.tensor([i for t in targets for i in t], dtype=torch.long, device=device),
             torch.tensor(counts, dtype=torch.long, device=device),
-            torch.tensor([len(t) for t in targets], dtype=torch.long, device=device),
+            lengths,
             blank=blank,
-            reduction="mean",
-            zero_infinity=True,
+            reduction="none",
+            zero_infinity=True,  # an infeasible row's loss and gradient are 0, never inf or NaN
         )
+        need = [len(t) + sum(a == b for a, b in zip(t, t[1:], strict=False)) for t in targets]
+        ok = torch.tensor([0 < n <= c for n, c in zip(need, counts, strict=True)], device=device)
+        self.ctc_rows = (int(ok.sum()), len(targets))
+        if not ok.any():
+            return logp.sum() * 0.0
+        return (per_row[ok] / lengths[ok]).mean()
 
     def _answer_logits_ok(self) -> bool:
         # An LLM that rescales or caps its logits after the head (Gemma 2, Cohere) goes through its own forward, and

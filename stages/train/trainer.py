@@ -485,7 +485,8 @@ class Trainer:
             t0 = time.time()
             lr = self.optimizer.param_groups[0]["lr"]
             loss_sum = torch.zeros((), device=self.device)
-            counts = torch.zeros(3, device=self.device)  # samples, tokens, stop signal
+            # samples, tokens, stop signal; in a CTC step, the rows CTC could align and all rows
+            counts = torch.zeros(5, device=self.device)
             data_s = 0.0
             for micro in range(cfg.grad_accum):
                 td = time.time()
@@ -511,6 +512,8 @@ class Trainer:
                 loss_sum += loss.detach() / cfg.grad_accum
                 counts[0] += len(batch)
                 counts[1] += self.tokens(batch)
+                if ctc:
+                    counts[3:5] += torch.tensor(model.ctc_rows, device=self.device)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
@@ -534,6 +537,7 @@ class Trainer:
                         "step": step + 1,
                         "epoch": epoch,
                         "objective": "ctc" if step < cfg.ctc_warmup_steps else "answers",
+                        **({"ctc_rows_aligned": stats[4].item() / stats[5].item()} if stats[5] > 0 else {}),
                         "loss": loss_avg,
                         "lr": lr,
                         "grad_norm": float(grad_norm),
