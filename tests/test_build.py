@@ -14,6 +14,7 @@ from core.lineage.store import LineageStore
 from core.paths import WorkPaths
 from core.prompts import speech_prompt, text_prompt
 from core.tables import read_table, write_table
+from core.text import as_sentence
 from schemas import EXAMPLES, REJECTS, RESPONSES, SHARDS, TRANSCRIPTS, to_table
 from splsm.cli import main
 from stages.build.examples import assign_split, build
@@ -74,7 +75,7 @@ def test_examples_join_transcripts_and_answers_in_the_training_layout(harvested,
             and e["duration_s"] == tr[e["utt_id"]]["duration_s"]
         )
         if e["task"] == "asr":
-            assert e["answer"] == tr[e["utt_id"]]["text"]
+            assert e["answer"] == as_sentence(tr[e["utt_id"]]["text"])  # build.asr_answer: sentence
         else:
             r = resp[(e["utt_id"], e["task"])]
             assert e["answer"] == r["answer"]
@@ -154,7 +155,7 @@ def test_the_answer_length_rule_rejects_by_token_count_with_eos_and_names_each(
 
 
 def test_whisper_normalized_transcripts_are_the_asr_target(harvested, tmp_path):
-    b = BuildConfig(tasks=["asr"], eval_splits=["test-clean"])
+    b = BuildConfig(tasks=["asr"], eval_splits=["test-clean"], asr_answer="transcript")
     build(_transcripts(harvested), None, tmp_path, b, load_catalog(), transcript_form="whisper_normalized")
     tr = {t["utt_id"]: t for t in read_table(_transcripts(harvested), TRANSCRIPTS).to_pylist()}
     ex = read_table(tmp_path / "examples.parquet", EXAMPLES).to_pylist()
