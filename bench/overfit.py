@@ -1,7 +1,7 @@
 """Overfit check: the first check of any change to the model or its training. Can the LSM learn to transcribe
 a few clips from their speech, and does the speech carry the words or only pick a memorised sentence?
 
-    .venv/bin/python bench/overfit.py [--steps 150] [--every 25] [--set train.lr=2e-4 ...] [--label NAME]
+    .venv/bin/python bench/overfit.py [--steps 400] [--every 100] [--set train.lr=2e-4 ...] [--label NAME]
 
 32 espeak-ng clips of the seed manifest's transcripts (and 8 it never trains on), ASR only, one instruction,
 the reproduction's model (Whisper tiny.en encoder frozen, SmolLM2-135M-Instruct, configs/reproduce.yaml's
@@ -212,11 +212,11 @@ def greedy_wer(checkpoint: Path, rows: list[dict]) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--every", type=int, default=25, help="steps between validations (and checkpoints)")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--every", type=int, default=100, help="steps between validations (and checkpoints)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a train setting, dotted")
-    ap.add_argument("--answer-form", choices=["readable", "sentence", "normalized"], default="readable",
-                    help="the ASR target: as the transcript reads, as a sentence (capital, full stop), or Whisper-normalized")  # fmt: skip
+    ap.add_argument("--answer-form", choices=["readable", "sentence", "normalized"], default="sentence",
+                    help="the ASR target: as a sentence (capital, full stop: build.asr_answer sentence, the default), as the transcript reads (transcript), or Whisper-normalized")  # fmt: skip
     ap.add_argument("--renditions", type=int, default=1, metavar="K",
                     help="train on each of the 32 transcripts in K espeak-ng voices, speeds and pitches (more speech)")  # fmt: skip
     ap.add_argument("--label", default=None, help="the run's name (default: from the settings)")
