@@ -68,6 +68,9 @@ REFERENCE_RECIPE = {
     "train.lr_schedule": "warmup_decay",
     "train.weight_decay_on": "all",
     "evaluate.asr_prompt": "fixed",
+    "train.qformer.dropout": 0.1,
+    "build.asr_answer": "transcript",
+    "train.ctc_warmup_steps": 0,  # the reference has no warm start: every step is an ordinary one
 }
 
 
@@ -384,7 +387,16 @@ def main() -> None:
     )
     overrides: dict = dict(REFERENCE_RECIPE) if args.recipe == "reference" else {}
     if args.quick:
-        overrides.update({"train.max_steps": 20, "train.checkpoint_every": 0, "train.warmup_steps": 2})
+        overrides.update(
+            {
+                "train.max_steps": 20,
+                "train.checkpoint_every": 0,
+                "train.warmup_steps": 2,
+                "train.ctc_warmup_steps": 5,
+            }
+        )
+        if args.recipe == "reference":
+            overrides["train.ctc_warmup_steps"] = 0
     if args.steps:
         overrides["train.max_steps"] = args.steps
     if args.lora:
@@ -450,7 +462,8 @@ def report(
         "held out by utterance hash (`heldout`); the bundled real clips (`real`)",
         f"- models: Whisper tiny.en (encoder frozen) + Q-Former + SmolLM2-135M-Instruct "
         f"({'LoRA' if cfg.train.lora else 'frozen'}); {cfg.train.max_steps} steps of {cfg.train.batch_size} x "
-        f"{cfg.train.nproc_per_node} processes, lr {cfg.train.lr:g}",
+        f"{cfg.train.nproc_per_node} processes ({cfg.train.ctc_warmup_steps} of them the connector's CTC warm start), "
+        f"lr {cfg.train.lr:g}, Q-Former dropout {cfg.train.qformer.dropout:g}; ASR answers as `{cfg.build.asr_answer}`",
         (
             "- report rebuilt from the work dirs (--report-only)"
             if args.report_only
