@@ -134,7 +134,13 @@ def train_config(args) -> dict:
     import yaml
 
     train = yaml.safe_load((REPO / "configs" / "reproduce.yaml").read_text())["train"]
-    train.update(max_steps=args.steps, checkpoint_every=args.every, loggers=[], encoder_cache=True)
+    train.update(
+        max_steps=args.steps,
+        ctc_warmup_steps=args.ctc_steps,
+        checkpoint_every=args.every,
+        loggers=[],
+        encoder_cache=True,
+    )
     for item in args.set:
         key, _, value = item.partition("=")
         node = train
@@ -214,6 +220,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--every", type=int, default=100, help="steps between validations (and checkpoints)")
+    ap.add_argument("--ctc-steps", type=int, default=100,
+                    help="of --steps, how many are the connector's CTC warm start (the reproduction's 300 are for its "
+                    "1,900 transcripts; 0: none)")  # fmt: skip
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a train setting, dotted")
     ap.add_argument("--answer-form", choices=["readable", "sentence", "normalized"], default="sentence",
                     help="the ASR target: as a sentence (capital, full stop: build.asr_answer sentence, the default), as the transcript reads (transcript), or Whisper-normalized")  # fmt: skip
@@ -255,7 +264,8 @@ def main() -> None:
         f"\n## {label}: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores; command: `{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
-        f"- train settings changed: {', '.join(args.set) or 'none'}; answer form: {args.answer_form}; "
+        f"- train settings changed: {', '.join(args.set) or 'none'}; CTC warm-start steps: {cfg.ctc_warmup_steps}; "
+        f"answer form: {args.answer_form}; "
         f"renditions of each of the 32: {args.renditions}; "
         f"{cfg.max_steps} steps of {cfg.batch_size} x {cfg.nproc_per_node} processes",
         f"- text oracle at step 0 on the 32 (nats): first token {orc['oracle_first']:.3f}, later "

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 SEED_MANIFEST = REPO_ROOT.parent / "shared" / "seed-data" / "raw_manifest_example.jsonl"
 N_CLIPS, STEPS, EVERY = 8, 40, 20
-GAP_GROWTH = 0.5  # nats per later answer token; the bench reaches 1-2 after 150 steps on 32 clips
+GAP_GROWTH = 0.5  # nats per later answer token; measured: 3.47 at step 40 (1.06 with dropout 0.1 and lr 1e-3)
 
 
 def short_transcripts(n: int) -> list[str]:
@@ -77,6 +77,7 @@ def test_swapped_speech_costs_more_on_later_tokens_after_a_few_dozen_steps(pretr
     train = yaml.safe_load((REPO_ROOT / "configs" / "reproduce.yaml").read_text())["train"]
     train.update(
         max_steps=STEPS,
+        ctc_warmup_steps=0,  # every step an ordinary one: the check is of the answer loss's path to the speech
         checkpoint_every=0,
         loggers=[],
         validation={"every": EVERY, "splits": ["train"], "max_rows": N_CLIPS, "keep_best": False},
