@@ -577,15 +577,16 @@ class LSMForConditionalGeneration(PreTrainedModel):
         transcript token spoken in its window, the form the frozen LLM reads best (the text oracle).
 
         Per target token, averaged over the rows CTC can align: a row needs a speech token per transcript token
-        and one more between repeats. A row with fewer adds nothing (``ctc_rows`` says how many did), and a batch
-        with none gives 0 with no gradient."""
+        and one more between repeats. A row with fewer adds nothing (``ctc_rows`` says how many did), nor does one
+        whose transcript holds the blank's token (its text spells out the eos string); a batch with none gives 0
+        with no gradient."""
         table = self.llm.get_input_embeddings().weight.detach()
         logits = speech.to(table.dtype) @ table.T  # [B, W, V]
         logp = logits.float().log_softmax(-1).transpose(0, 1)  # [W, B, V]: ctc_loss's layout
         device = speech.device
         blank = self.ctc_blank_id
-        if any(blank in t for t in targets):
-            raise ValueError(f"ctc_loss: a target holds the blank's token id {blank}")
+        spelt = [blank in t for t in targets]
+        targets = [[i for i in t if i != blank] for t in targets]  # those rows are left out below
         lengths = torch.tensor([len(t) for t in targets], dtype=torch.long, device=device)
         per_row = nn.functional.ctc_loss(
             logp,
@@ -597,7 +598,9 @@ class LSMForConditionalGeneration(PreTrainedModel):
             zero_infinity=True,  # an infeasible row's loss and gradient are 0, never inf or NaN
         )
         need = [len(t) + sum(a == b for a, b in zip(t, t[1:], strict=False)) for t in targets]
-        ok = torch.tensor([0 < n <= c for n, c in zip(need, counts, strict=True)], device=device)
+        ok = torch.tensor(
+            [0 < n <= c and not b for n, c, b in zip(need, counts, spelt, strict=True)], device=device
+        )
         self.ctc_rows = (int(ok.sum()), len(targets))
         if not ok.any():
             return logp.sum() * 0.0
