@@ -135,8 +135,12 @@ def same_trajectory(out: Path, ref: Path) -> None:
         assert b[step] == pytest.approx(a[step], abs=1e-5), step
     w_ref, w = weights(ref), weights(out)
     assert w.keys() == w_ref.keys()
+    # Float noise between the two layouts (the losses agree within 1e-5), which Adam's division by the root of
+    # small second moments enlarges: 2.1e-6 at most, on the LLM's embeddings, since the Q-Former has no dropout by
+    # default (under 1e-6 with 0.1). A rank on the wrong batches or a missed all-reduce moves weights by about lr
+    # (1e-3).
     for k, v in w_ref.items():
-        assert torch.allclose(w[k], v, atol=1e-6), k
+        assert torch.allclose(w[k], v, atol=1e-5), (k, float((w[k] - v).abs().max()), float(v.abs().max()))
 
 
 def test_multinode_torchrun_meets_at_the_endpoint_and_one_node_stays_standalone(tmp_path):
