@@ -141,13 +141,11 @@ def train_config(args) -> dict:
         loggers=[],
         encoder_cache=True,
     )
+    from reproduce import set_dotted
+
     for item in args.set:
         key, _, value = item.partition("=")
-        node = train
-        *parents, leaf = key.removeprefix("train.").split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+        set_dotted(train, key.removeprefix("train."), yaml.safe_load(value))
     train["validation"] = {
         "every": args.every,
         "splits": [seen_split(args), "unseen"],
@@ -233,7 +231,9 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from core.config import TrainConfig
+    from core.paths import TrainPaths
     from stages.train import launcher
+    from stages.train.logs import read_metrics
 
     t0 = time.monotonic()
     work = args.workdir
@@ -255,8 +255,7 @@ def main() -> None:
         f"text oracle, step 0, the 32: first {orc['oracle_first']:.3f}, later {orc['oracle_later']:.3f} nats"
     )
     launcher.train(cfg, whisper, llm, table, out, encoder_cache=work / "cache" / "encoder")
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in recs if "validation" in r]
+    val = [r for r in read_metrics(TrainPaths(out)) if "validation" in r]
     wer = greedy_wer(out / "checkpoint", rows)
     run_s = time.monotonic() - t1
 

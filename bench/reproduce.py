@@ -178,17 +178,21 @@ def synthesize(
     return state
 
 
+def set_dotted(cfg: dict, key: str, value) -> None:
+    """``cfg["a"]["b"] = value`` for ``key`` ``a.b``, making the dicts on the way."""
+    *parents, leaf = key.split(".")
+    for p in parents:
+        cfg = cfg.setdefault(p, {})
+    cfg[leaf] = value
+
+
 def experiment_config(name: str, work: Path, overrides: dict) -> Path:
     """The experiment's config with ``overrides`` applied (nested keys by dots), written into its work dir."""
     import yaml
 
     cfg = yaml.safe_load(CONFIGS[name].read_text())
     for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        set_dotted(cfg, key, value)
     # paths stay relative to the bundled config's folder
     for c in cfg["corpora"]:
         for k in ("root", "manifest"):
@@ -331,12 +335,9 @@ def grounding(work: Path, eval_set: str, n: int = 48, batch: int = 8) -> dict[st
 def learning_curve(work: Path) -> list[dict]:
     """The training's validation records (``train.validation``), one per split and step, from metrics.jsonl."""
     from core.paths import WorkPaths
+    from stages.train.logs import read_metrics
 
-    path = WorkPaths(work).train.metrics
-    if not path.is_file():
-        return []
-    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [r for r in recs if "validation" in r]
+    return [r for r in read_metrics(WorkPaths(work).train) if "validation" in r]
 
 
 def collect(work: Path) -> dict:
@@ -387,16 +388,8 @@ def main() -> None:
     )
     overrides: dict = dict(REFERENCE_RECIPE) if args.recipe == "reference" else {}
     if args.quick:
-        overrides.update(
-            {
-                "train.max_steps": 20,
-                "train.checkpoint_every": 0,
-                "train.warmup_steps": 2,
-                "train.ctc_warmup_steps": 5,
-            }
-        )
-        if args.recipe == "reference":
-            overrides["train.ctc_warmup_steps"] = 0
+        overrides.update({"train.max_steps": 20, "train.checkpoint_every": 0, "train.warmup_steps": 2})
+        overrides.setdefault("train.ctc_warmup_steps", 5)  # the reference recipe's 0 stays
     if args.steps:
         overrides["train.max_steps"] = args.steps
     if args.lora:

@@ -85,6 +85,14 @@ class TrainLogs:
         self.plot()
 
 
+def read_metrics(paths: TrainPaths) -> list[dict]:
+    """metrics.jsonl's records in order: a step's (``loss``, ``lr``, ...) or a validation's (a ``validation`` key,
+    the split); none before the first step is logged."""
+    if not paths.metrics.is_file():
+        return []
+    return [json.loads(x) for x in paths.metrics.read_text().splitlines() if x.strip()]
+
+
 def plot_loss(paths: TrainPaths) -> Path | None:
     """The learning curves from metrics.jsonl, as a PNG: the training loss, the learning rate and, with
     ``train.validation``, each split's answer-token loss with own, swapped and zeroed speech."""
@@ -93,11 +101,7 @@ def plot_loss(paths: TrainPaths) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    every = (
-        [json.loads(x) for x in paths.metrics.read_text().splitlines() if x]
-        if paths.metrics.is_file()
-        else []
-    )
+    every = read_metrics(paths)
     recs = [r for r in every if "validation" not in r]
     val = [r for r in every if "validation" in r]
     if not recs and not val:
