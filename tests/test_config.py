@@ -196,3 +196,13 @@ def test_an_answer_length_rule_that_keeps_no_length_is_an_error(bounds):
     with pytest.raises(ValueError, match="answer_tokens_between"):
         BuildConfig(answer_tokens_between=bounds)
     BuildConfig(answer_tokens_between=(5, 2048))  # the reference's keeps 6 to 2047 tokens
+
+
+def test_a_ctc_warm_start_needs_a_connector_that_trains_and_steps_after_it():
+    from core.config import TrainConfig
+
+    with pytest.raises(ValueError, match="both are frozen"):
+        TrainConfig(max_steps=5, ctc_warmup_steps=2, freeze_qformer=True, freeze_proj=True)
+    with pytest.raises(ValueError, match="leave none of max_steps"):
+        TrainConfig(max_steps=5, ctc_warmup_steps=5)
+    assert TrainConfig(max_steps=5, ctc_warmup_steps=4, freeze_qformer=True).ctc_warmup_steps == 4
