@@ -31,6 +31,7 @@ from core.codehash import code_hash
 from core.config import ExperimentConfig
 from core.digest import fingerprint_dir, sha256_file
 from core.lineage.store import DatasetRef, LineageStore
+from core.lock import Busy, held, lock_path
 from core.log import console
 from core.paths import MARKER, WorkPaths
 from core.provenance import run_context
@@ -164,8 +165,18 @@ class Stage:
             raise ValueError(f"stage {self.name} needs an experiment config")
         return Context(cfg, WorkPaths(workdir), opts)
 
-    def run(self, ctx: Context, force: bool = False) -> StageResult:
-        """Check the inputs exist, then run (or reuse) the stage and record it."""
+    def run(self, ctx: Context, force: bool = False, wait: bool = True) -> StageResult:
+        """Check the inputs exist, then run (or reuse) the stage and record it, holding the lock beside its
+        marker throughout (``core.lock``): a second run of it on the same work directory waits for this one
+        (``wait=False``: fails at once, naming the holder) and then, as a rule, reuses what this one made."""
+        marker = self.marker_of(ctx)
+        try:
+            with held(lock_path(marker), f"splsm {' '.join(self.words)}", wait=wait, say=console.print):
+                return self._run(ctx, force)
+        except Busy as e:
+            raise StageError(str(e)) from None
+
+    def _run(self, ctx: Context, force: bool) -> StageResult:
         inputs = self.inputs(ctx)
         for a in inputs:
             if (err := a.missing()) is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -206,13 +207,33 @@ class PartsTable:
 
     @staticmethod
     def sweep(path: str | os.PathLike, keep: set[str]) -> list[Path]:
-        """Remove the ``*.parquet`` files in ``path`` that the committed manifest does not name (``keep``)."""
+        """Remove the ``*.parquet`` files in ``path`` that the committed manifest does not name (``keep``) and
+        that no live run may still commit: a part whose name says its writer (``run_token``) is alive on this
+        host, or was written on another host less than a day ago, is left alone (the stage lock already keeps
+        two runs of a stage apart; this keeps a writer that got past it, or a tool of its own, whole)."""
         gone = []
         for f in Path(path).glob("*.parquet"):
-            if f.name not in keep:
-                f.unlink(missing_ok=True)
-                gone.append(f)
+            if f.name in keep or _writer_live(f):
+                continue
+            f.unlink(missing_ok=True)
+            gone.append(f)
         return gone
+
+
+def _writer_live(part: Path) -> bool:
+    """Whether the run that wrote a part (named by ``part_name``) may still be at work."""
+    from core.atomic import FOREIGN_STALE_S, HOST_ID, _alive
+
+    fields = part.name.split("-")  # part-TIME-PID-hHOST-RANDOM-N.parquet; older names lack PID and HOST
+    if len(fields) != 6 or not fields[2].isdigit() or not fields[3].startswith("h"):
+        return False
+    pid, host = int(fields[2]), fields[3][1:]
+    if host != HOST_ID:
+        try:
+            return time.time() - part.stat().st_mtime < FOREIGN_STALE_S
+        except OSError:
+            return False
+    return pid != os.getpid() and _alive(pid)
 
 
 def part_name(token: str, n: int) -> str:
@@ -221,11 +242,13 @@ def part_name(token: str, n: int) -> str:
 
 
 def run_token() -> str:
-    """A token that names one run's new parts: time-ordered, and unique across processes and hosts."""
-    import time
+    """A token that names one run's new parts: time-ordered, unique across processes and hosts, and naming
+    its writer (pid and host, as ``core.atomic``'s temporaries do) so that a sweep can tell a live run's."""
     import uuid
 
-    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    from core.atomic import HOST_ID
+
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-h{HOST_ID}-{uuid.uuid4().hex[:8]}"
 
 
 def manifest_hash(path: str | os.PathLike) -> str | None:

@@ -37,6 +37,11 @@ config_opt = click.option(
     help="Experiment config (YAML).",
 )
 force_opt = click.option("--force", is_flag=True, help="Run even if the outputs are up to date.")
+no_wait_opt = click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Where another run of this stage holds the work directory, fail at once (naming it) instead of waiting.",
+)
 
 
 @click.group()
@@ -93,14 +98,14 @@ def _option_params(options: type[BaseModel]) -> list[click.Parameter]:
 
 
 def _stage_command(stage: Stage) -> click.Command:
-    def run(config_path: Path | None, workdir: Path, force: bool, **options) -> None:
+    def run(config_path: Path | None, workdir: Path, force: bool, no_wait: bool, **options) -> None:
         cfg = _cfg(config_path) if config_path is not None else None
         try:
             ctx = stage.context(cfg, workdir, options)
         except ValidationError as e:
             raise click.ClickException(f"splsm {' '.join(stage.words)}: {e}") from e
         try:
-            stage.run(ctx, force)
+            stage.run(ctx, force, wait=not no_wait)
         except (StageError, SchemaError, FileNotFoundError) as e:
             raise click.ClickException(str(e)) from e
 
@@ -112,7 +117,7 @@ def _stage_command(stage: Stage) -> click.Command:
         default=None,
         help="Experiment config (YAML); this stage does not need one.",
     )
-    for deco in (config_opt if stage.needs_config else optional_config, workdir_opt, force_opt):
+    for deco in (config_opt if stage.needs_config else optional_config, workdir_opt, force_opt, no_wait_opt):
         deco(cmd)
     cmd.params += _option_params(stage.options)
     return cmd

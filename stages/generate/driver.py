@@ -25,14 +25,16 @@ import json
 import os
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.catalog import Catalog, load_catalog, sample_tasks
 from core.config import GenerateConfig, OpenAIBackendConfig, ServeBackendConfig, VLLMBackendConfig
 from core.digest import fingerprint_dir
+from core.lock import held, lock_path
 from core.log import console, progress
-from core.paths import GeneratePaths
+from core.paths import MARKER, GeneratePaths
 from core.prompts import text_prompt
 from core.stage import StageError
 from core.tables import read_table, read_transcripts, write_table
@@ -358,7 +360,14 @@ def generate(
     )
     plans = [shard_plan(reqs, w, workers, g.shard_size, skipped) for w in range(workers)]
     if all(_committed(out.parts(w, workers) / s.name, False) for w, p in enumerate(plans) for s in p):
-        kept, rejected = merge(reqs, plans, out, g, catalog, workers)
+        # two workers that finish together would both merge: the stage's own lock makes it one at a time
+        # (one worker alone already holds it, as the stage's run)
+        with (
+            held(lock_path(out.dir / MARKER), "generate merge", say=console.print)
+            if workers > 1
+            else nullcontext()
+        ):
+            kept, rejected = merge(reqs, plans, out, g, catalog, workers)
         summary.merged, summary.kept, summary.rejected = True, kept, rejected
     else:
         console.print(

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.catalog import load_catalog
 from core.config import OpenAIBackendConfig
+from core.lock import held, lock_path
+from core.log import console
 from core.stage import Artifact, Context, Stage, StageResult, run_stage
 
 
@@ -120,16 +122,17 @@ def record(stage: Stage, ctx: Context, force: bool) -> StageResult:
         marker=marker(ctx),
     )
     if res.summary.get("merged"):  # this worker finished last: record the merged tables as the stage's output
-        return run_stage(
-            stage.name,
-            ctx.paths,
-            {**params_, "workers": o.workers},
-            inputs_,
-            stage.outputs(ctx),
-            lambda: res.summary,
-            stage.package,
-            True,
-        )
+        with held(lock_path(ctx.paths.marker(stage.name)), "generate merge", say=console.print):
+            return run_stage(
+                stage.name,
+                ctx.paths,
+                {**params_, "workers": o.workers},
+                inputs_,
+                stage.outputs(ctx),
+                lambda: res.summary,
+                stage.package,
+                True,
+            )
     return res
 
 
