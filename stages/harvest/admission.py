@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from core.config import CorpusConfig
-from stages.harvest.corpora.records import Candidate, Reject, Unit
+from stages.harvest.corpora.records import Candidate, Reject, Unit, what_is
 from stages.harvest.previous import Previous, PrevRow
 from stages.harvest.probe import FileProbe, sha256_of
 
@@ -290,7 +290,7 @@ class Admission:
         if why == "outside_root":
             return reject("audio", why, f"{c.audio_path} resolves to {real}, outside the corpus root {root}")
         if why == "missing_audio":
-            return reject("audio", why, f"{real} does not exist", audio_path=real)
+            return reject("audio", why, what_is(c.audio_path), audio_path=real)
         found = self._reusable(c, real, st)
         if found is not None:
             i, r = found

@@ -21,7 +21,7 @@ import ijson
 
 from core.config import CorpusConfig
 from core.text import garbage_tags
-from stages.harvest.corpora.records import Candidate, Reject, label, missing
+from stages.harvest.corpora.records import BOM, Candidate, Reject, label, missing
 
 
 def read(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
@@ -34,6 +34,8 @@ def read(corpus: CorpusConfig) -> Iterator[Candidate | Reject]:
     split = corpus.split or corpus.subset.lower()
     a_idx = -1
     with open(meta, "rb") as f:
+        if f.read(3) != BOM:  # a byte-order mark before the JSON is no part of it
+            f.seek(0)
         try:
             for a_idx, audio in enumerate(ijson.items(f, "audios.item", use_float=True)):
                 yield from _audio(corpus, root, f"{meta}:audios[{a_idx}]", audio, tag, split)

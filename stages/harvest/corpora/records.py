@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -110,10 +111,15 @@ def label(value: object) -> object:
     return value
 
 
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
+
+
 def decode(raw: bytes, corpus: str, source: str, utt_id: str | None = None) -> str | Reject:
-    """UTF-8 text of one line, or a ``non_utf8_transcript`` reject naming where it came from."""
+    """UTF-8 text of one line, or a ``non_utf8_transcript`` reject naming where it came from. A byte-order mark
+    at the start (what Windows editors and some exporters write first, and what concatenating such files leaves
+    mid-file) is no part of the text."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         return Reject(corpus, source, utt_id, "text", "non_utf8_transcript", str(e))
 
@@ -132,7 +138,32 @@ def text_lines(path, corpus: str) -> Iterator[tuple[str, str | Reject]]:
 def missing(corpus: str, path, what: str) -> Reject:
     kind = "root" if what == "corpus root" else "manifest"
     reason = "missing_corpus_root" if kind == "root" else "missing_manifest"
-    return Reject(corpus, str(path), None, kind, reason, f"{what} {path} does not exist")
+    return Reject(corpus, str(path), None, kind, reason, f"{what} {what_is(path)}")
+
+
+def what_is(path) -> str:
+    """What is at ``path`` where a file (or a directory) was wanted, in words that say what to mend: missing, a
+    dangling link (and to where), a directory, a fifo or device, unreadable."""
+    path = os.fspath(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except OSError as e:
+        return f"{path} cannot be looked at ({e.strerror or e})"
+    link = ""
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return f"{path} is a dangling link (to {target}, which does not exist)"
+        link = f" (a link to {target})"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{path}{link} is a directory"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path}{link} is not a regular file (a fifo, socket or device)"
+    return f"{path}{link} is a regular file"
 
 
 def stem(path: str) -> str:
