@@ -19,6 +19,7 @@ writers left can tell whether it may judge the writer at all.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -35,6 +36,53 @@ TMP_MARK = ".tmp-"
 HOST_ID = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 # Another host's temporary is left alone, unless no writer could still be at it after this long.
 FOREIGN_STALE_S = 24 * 3600
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(OSError):
+    """A write ran out of space (or quota): one line naming what was being written and what is free."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        super().__init__(errno.ENOSPC, no_space_message(path), str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def no_space_message(path: str | os.PathLike) -> str:
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        usage = shutil.disk_usage(probe)
+        free = f"{_size(usage.free)} free of {_size(usage.total)}"
+    except OSError:
+        free = "free space unknown"
+    return (
+        f"no space left on the device writing {path} ({free}); the previous version of every output is kept "
+        "and no temporary is left: free some space and run again"
+    )
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def is_no_space(e: BaseException) -> bool:
+    """Whether an error is a full disk (or quota), however a library reports it (pyarrow: an OSError with
+    errno 28; DuckDB: its own IOException whose message carries the system's)."""
+    if isinstance(e, OSError) and e.errno in NO_SPACE:
+        return True
+    text = str(e)
+    return "No space left on device" in text or "Disk quota exceeded" in text
 
 
 def _tmp_name(path: Path) -> Path:
@@ -85,6 +133,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
+    except Exception as e:
+        if is_no_space(e) and not isinstance(e, DiskFull):
+            raise DiskFull(path) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -105,6 +157,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(path, old)
         os.replace(tmp, path)
         fsync_path(path.parent)
+    except Exception as e:
+        if is_no_space(e) and not isinstance(e, DiskFull):
+            raise DiskFull(path) from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:

@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from core.atomic import remove_stale, write_text
+from core.atomic import DiskFull, is_no_space, remove_stale, write_text
 from core.codehash import code_hash
 from core.config import ExperimentConfig
 from core.digest import fingerprint_dir, sha256_file
@@ -224,7 +224,12 @@ def run_stage(
         )
 
     store = LineageStore(paths.lineage)
-    run_id = store.start_run(name, params, run_context())
+    try:
+        run_id = store.start_run(name, params, run_context())
+    except Exception as e:
+        if is_no_space(e):
+            raise DiskFull(paths.lineage) from e
+        raise
     console.rule(f"[bold]{name}[/] (run {run_id[:8]})")
     # what a killed run of this stage left half-written (a whole checkpoint, at times) goes before this one
     # a parts table's directory holds its writer's temporaries too
@@ -241,13 +246,22 @@ def run_stage(
         summary = body() or {}
         out_refs = [a.ref() for a in outputs]
     except BaseException as e:
-        store.finish_run(
-            run_id,
-            in_refs,
-            [],
-            status="failed",
-            error="".join(traceback.format_exception_only(type(e), e)).strip(),
-        )
+        try:
+            store.finish_run(
+                run_id,
+                in_refs,
+                [],
+                status="failed",
+                error="".join(traceback.format_exception_only(type(e), e)).strip(),
+            )
+        except Exception as record_error:  # a full disk fails the record too: the run's own error is the news
+            console.print(
+                f"[yellow]{name}: the failed run could not be recorded in lineage ({record_error})[/]"
+            )
+        if is_no_space(e) and not isinstance(e, DiskFull):
+            # a writer that does not go through core.atomic (a library's own file): name the stage's outputs
+            where = getattr(e, "filename", None) or (Path(outputs[0].path) if outputs else marker)
+            raise DiskFull(where) from e
         raise
     store.finish_run(run_id, in_refs, out_refs)
     write_text(

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from pydantic import BaseModel, ValidationError
 
+from core.atomic import DiskFull, is_no_space, no_space_message
 from core.config import DEMO_CONFIG, ConfigError, load_config
 from core.lineage.store import LineageStore
 from core.log import console
@@ -106,8 +107,12 @@ def _stage_command(stage: Stage) -> click.Command:
             raise click.ClickException(f"splsm {' '.join(stage.words)}: {e}") from e
         try:
             stage.run(ctx, force, wait=not no_wait)
-        except (StageError, SchemaError, FileNotFoundError) as e:
+        except (StageError, SchemaError, FileNotFoundError, DiskFull) as e:
             raise click.ClickException(str(e)) from e
+        except Exception as e:
+            if is_no_space(e):  # out of space before any writer could name its file
+                raise click.ClickException(no_space_message(workdir)) from e
+            raise
 
     cmd = click.Command(stage.words[-1], callback=run, help=stage.help, short_help=stage.help.split(";")[0])
     optional_config = click.option(

@@ -132,8 +132,14 @@ def test_a_run_that_dies_before_its_commit_leaves_the_previous_version_and_the_n
     monkeypatch.setattr(driver, "finish_table", die)  # the new rows' parts are on disk, not committed
     with pytest.raises(OSError, match="disk full"):
         harvest(corpus, out)
-    monkeypatch.undo()
     tdir = HarvestPaths(out).transcripts
+    on_disk = {f.name for f in tdir.glob("*.parquet")}
+    assert on_disk == {p["file"] for p in committed["parts"]}  # a run that fails removes its own parts
+    # a run killed outright cleans nothing up: its parts stay on disk
+    monkeypatch.setattr(driver.PartWriter, "abort", lambda self: None)
+    with pytest.raises(OSError, match="disk full"):
+        harvest(corpus, out)
+    monkeypatch.undo()
     on_disk = {f.name for f in tdir.glob("*.parquet")}
     assert on_disk > {p["file"] for p in committed["parts"]}  # the dead run's parts are there ...
     assert _manifest(out) == committed and _rows(out) == rows_before  # ... and no part of the table

@@ -385,11 +385,21 @@ class PartWriter:
         return parts
 
     def abort(self) -> None:
+        """Remove what this run wrote: the part being written and every part it finished (none committed)."""
         if self._open is not None:
             cm, w, *_ = self._open
             self._open = None
-            w.close()
-            cm.__exit__(RuntimeError, RuntimeError("harvest failed"), None)  # removes the temporary
+            try:
+                w.close()  # on a full disk its last flush fails too
+            except OSError:
+                pass
+            try:
+                cm.__exit__(RuntimeError, RuntimeError("harvest failed"), None)  # removes the temporary
+            except RuntimeError:
+                pass
+        for f in self.dir.glob(f"part-{self.token}-*.parquet"):  # part_name's files of this run
+            f.unlink(missing_ok=True)
+        self.parts = []
 
 
 def finish_table(prev: Previous, spans: Spans, new: list[Part], out: PartWriter) -> list[Part]:
@@ -568,16 +578,16 @@ def harvest(
             flush(force=True)
         spans.finish()
         parts = finish_table(prev, spans, out.take(), out)
+        # The rejects first, then the manifest: the commit of the new version. Only then the reuse state that
+        # points at it, and the old version's parts go.
+        write_table(to_table([r.row() for r in rejects], REJECTS), paths.rejects, REJECTS)
+        PartsTable.commit(tdir, TRANSCRIPTS, parts)
     except BaseException:
         out.abort()
         raise
     finally:
         prober.close()
         prev.close()
-    # The rejects first, then the manifest: the commit of the new version. Only then the reuse state that
-    # points at it, and the old version's parts go.
-    write_table(to_table([r.row() for r in rejects], REJECTS), paths.rejects, REJECTS)
-    PartsTable.commit(tdir, TRANSCRIPTS, parts)
     write_text(paths.reuse_state, json.dumps(reuse_state(admission, context, tdir, spans)))
     PartsTable.sweep(tdir, {p.file for p in parts})
     paths.legacy_transcripts.unlink(missing_ok=True)
