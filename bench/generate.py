@@ -35,6 +35,7 @@ from core.config import (  # noqa: E402
     TINY_CONFIG,
     ClientSettings,
     GenerateConfig,
+    ServeBackendConfig,
     TransformersBackendConfig,
     load_config,
 )
@@ -83,6 +84,10 @@ def backend_runner(backend, reqs):
         return [got[r.key].text for r in reqs], sum(got[r.key].completion_tokens for r in reqs)
 
     return run
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
 
 
 def main() -> None:
@@ -167,15 +172,30 @@ def main() -> None:
     runners["transformers/continuous"] = backend_runner(TransformersBackend(llm, cont), slow_reqs)
     skip = set(filter(None, args.skip.split(",")))
     servers = []
+    failed: dict[str, str] = {}  # backend -> why it has no figures
     for name, cb in (("transformers-serve", False), ("transformers-serve/continuous", True)):
         if name in skip:
             continue
-        srv = ServerProcess(llm, tmp / f"{name.replace('/', '-')}.log", continuous_batching=cb)
+        defaults = ServeBackendConfig()  # the stage's own bounds on the engine's memory
+        srv = ServerProcess(
+            llm,
+            tmp / f"{name.replace('/', '-')}.log",
+            continuous_batching=cb,
+            cb_cache_tokens=defaults.cb_cache_tokens,
+            cb_max_batch_tokens=defaults.cb_max_batch_tokens,
+        )
         t0 = time.monotonic()
-        srv.start()
+        try:
+            srv.start()
+        except Exception as e:  # a backend that cannot start is reported; the others are measured
+            failed[name] = f"did not start: {_first_line(e)}"
+            srv.stop()
+            continue
         console.print(f"{name}: ready in {time.monotonic() - t0:.1f}s")
         servers.append(srv)
-        runners[name] = backend_runner(OpenAIBackend([srv.url], str(llm), client), slow_reqs)
+        backend = OpenAIBackend([srv.url], str(llm), client)
+        backend.watch = srv.death  # a server that dies is news at once, as in the stage
+        runners[name] = backend_runner(backend, slow_reqs)
     runners = {k: v for k, v in runners.items() if k not in skip}
     ref_name = next(iter(runners))
 
@@ -184,13 +204,20 @@ def main() -> None:
     try:
         for i in range(args.runs):
             for name, run in runners.items():  # interleaved: load on the machine hits every backend alike
-                if (
+                if name in failed or (
                     name not in (ref_name, "transformers/static", "transformers/static+compile")
                     and i >= args.slow_runs
                 ):
                     continue
                 t0 = time.perf_counter()
-                texts, tokens = run()
+                try:
+                    texts, tokens = run()
+                except Exception as e:  # one backend failing does not cost the others their figures
+                    if name == ref_name:
+                        raise
+                    failed[name] = f"failed in run {i + 1}: {_first_line(e)}"
+                    console.print(f"[red]run {i + 1}: {name}: {failed[name]}[/]")
+                    continue
                 dt = time.perf_counter() - t0
                 rates[name].append(tokens / dt)
                 outputs.setdefault(name, texts)
@@ -198,6 +225,7 @@ def main() -> None:
     finally:
         for srv in servers:
             srv.stop()
+    measured = [n for n in runners if n not in failed]
 
     from rich.table import Table
 
@@ -215,7 +243,9 @@ def main() -> None:
         # paired with the reference's run of the same round: load on the machine drifts between rounds
         return statistics.median(r / ref for r, ref in zip(rates[name], rates[ref_name], strict=False))
 
-    for name in runners:
+    for name, why in failed.items():
+        t.add_row(name, "-", "-", "-", f"[red]{why}[/]")
+    for name in measured:
         med = statistics.median(rates[name])
         same = sum(a == b for a, b in zip(outputs[name], ref_out, strict=False))
         t.add_row(
@@ -226,7 +256,9 @@ def main() -> None:
             f"{same}/{len(outputs[name])}",
         )
     console.print(t)
-    best = max((n for n in runners if n != ref_name), key=speedup)
+    for name, why in failed.items():
+        print(f"backend {name}: {why}")
+    best = max((n for n in measured if n != ref_name), key=speedup)
     gain = speedup(best)
     equal = sum(a == b for a, b in zip(outputs[best], ref_out, strict=False)) / len(outputs[best])
     print(

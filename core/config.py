@@ -195,6 +195,15 @@ class ServeBackendConfig(ClientSettings):
     kind: Literal["transformers-serve"] = "transformers-serve"
     start_timeout_s: float = Field(300.0, gt=0)
     continuous_batching: bool = False  # pass --continuous-batching
+    # The continuous-batching engine's memory: its paged KV cache in tokens (rounded up to 256-token blocks) and
+    # the most tokens one forward pass takes. Left to itself (null) the engine sizes its cache from the device's
+    # memory, and on CPU that took 14 GB of a 24 GB machine until the kernel killed it. 16,384 tokens hold 64
+    # answers of 256 tokens in flight; the cache costs about 45 KB per token for SmolLM2-135M in float32.
+    cb_cache_tokens: int | None = Field(16384, ge=256)
+    cb_max_batch_tokens: int | None = Field(2048, ge=64)
+    # A server that dies under the run is started again this many times (the run goes on where it was; the
+    # answers it gave are in the cache); 0: its death ends the run at once, with its exit code and log.
+    restarts: int = Field(1, ge=0, le=10)
     device: str = "auto"
 
 

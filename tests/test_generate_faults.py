@@ -197,3 +197,86 @@ def test_a_port_taken_between_choosing_and_binding_is_not_mistaken_for_our_serve
     finally:
         impostor.shutdown()
         impostor.server_close()
+
+
+def _kill_the_stages_server_mid_run(generated, harvested, tiny_models_dir, tmp_path, monkeypatch, restarts):
+    """Run generate with a `transformers serve` it starts itself (kind transformers-serve, retries that would go
+    on for minutes), and SIGKILL that server as the client is about to send its third request (the way the
+    kernel's OOM killer ends it). Returns (summary or error, output dir, transcripts)."""
+    from core.config import ServeBackendConfig
+    from stages.generate.backends.transformers_serve import ServerProcess as SP
+
+    served, g, _ = generated
+    transcripts = _subset(harvested, tmp_path)
+    out = tmp_path / "gen"
+    backend = ServeBackendConfig(
+        concurrency=1, max_retries=60, retry_backoff_s=5.0, retry_backoff_max_s=30.0, restarts=restarts
+    )
+    g2 = g.model_copy(update={"backend": backend, "tasks": ["repeat"]})
+    started: list[SP] = []
+    real_start = SP.start
+
+    def start(self):
+        started.append(self)
+        return real_start(self)
+
+    monkeypatch.setattr(SP, "start", start)
+    sent = {"n": 0}
+    real_sent = Meter.sent
+
+    def sent_then_kill(self, n: int = 1) -> None:
+        sent["n"] += 1
+        if sent["n"] == 3:  # the server goes away with answers done and requests left
+            started[-1].stop(kill=True)
+        real_sent(self, n)
+
+    monkeypatch.setattr(Meter, "sent", sent_then_kill)
+    result: dict = {}
+
+    def work():
+        try:
+            result["summary"] = generate(transcripts, out, g2, tiny_models_dir / "llm")
+        except BaseException as e:
+            result["error"] = e
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(timeout=240)  # without the watch, 60 retries 5-30 s apart: the run would still be knocking
+    assert not t.is_alive(), "the run kept knocking on a dead server"
+    return result, out, transcripts, started
+
+
+@pytest.mark.slow
+def test_a_server_the_stage_started_that_dies_ends_the_run_at_once_with_its_exit_code_and_log(
+    generated, harvested, tiny_models_dir, tmp_path, monkeypatch
+):
+    result, out, _, started = _kill_the_stages_server_mid_run(
+        generated, harvested, tiny_models_dir, tmp_path, monkeypatch, restarts=0
+    )
+    err = result.get("error")
+    assert isinstance(err, GenerateError), result
+    msg = str(err)
+    assert "died with exit code -9 (killed by SIGKILL: the kernel's OOM killer" in msg, msg
+    assert f"the end of {GeneratePaths(out).server_log}" in msg
+    assert "run the same command again to resume" in msg
+    assert len(started) == 1 and AnswerCache(GeneratePaths(out).cache()).count() >= 1
+
+
+@pytest.mark.slow
+def test_a_server_the_stage_started_that_dies_is_started_again_and_the_run_finishes_with_the_same_answers(
+    generated, harvested, tiny_models_dir, tmp_path, monkeypatch, capsys
+):
+    result, out, transcripts, started = _kill_the_stages_server_mid_run(
+        generated, harvested, tiny_models_dir, tmp_path, monkeypatch, restarts=1
+    )
+    assert "error" not in result, result.get("error")
+    assert len(started) == 2 and "starting it again (restart 1 of 1)" in capsys.readouterr().out
+    rows = read_table(GeneratePaths(out).responses, RESPONSES).to_pylist()
+    utts = read_table(transcripts, TRANSCRIPTS).column("utt_id").to_pylist()
+    served, _, _ = generated
+    before = {
+        r["utt_id"]: r["answer"]
+        for r in read_table(GeneratePaths(served).responses, RESPONSES).to_pylist()
+        if r["task"] == "repeat"
+    }
+    assert {r["utt_id"]: r["answer"] for r in rows} == {u: before[u] for u in utts}

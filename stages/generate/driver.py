@@ -40,7 +40,7 @@ from core.stage import StageError
 from core.tables import read_table, read_transcripts, write_table
 from core.text import transcript_column
 from schemas import GENERATE_STATS, RESPONSES, to_table
-from stages.generate.backends.base import BackendError, Meter, Request
+from stages.generate.backends.base import BackendError, Meter, Request, ServerDied
 from stages.generate.cache import Answer, AnswerCache, request_key
 from stages.generate.filters import FILTERS, FilterSettings, failures, is_error
 
@@ -222,8 +222,19 @@ def make_backend(g: GenerateConfig, llm_dir: Path | None, model: str, server_log
         from stages.generate.backends.openai_server import OpenAIBackend
         from stages.generate.backends.transformers_serve import ServerProcess
 
-        server = ServerProcess(llm_dir, server_log, None, b.start_timeout_s, b.device, b.continuous_batching)
-        return OpenAIBackend([server.url], model, b), server
+        server = ServerProcess(
+            llm_dir,
+            server_log,
+            None,
+            b.start_timeout_s,
+            b.device,
+            b.continuous_batching,
+            b.cb_cache_tokens,
+            b.cb_max_batch_tokens,
+        )
+        backend = OpenAIBackend([server.url], model, b)
+        backend.watch = server.death  # the server's death ends the wait at once, not after every retry
+        return backend, server
     if isinstance(b, VLLMBackendConfig):
         from stages.generate.backends.vllm_offline import VLLMBackend
 
@@ -328,12 +339,27 @@ def generate(
             for r in todo.values():  # keep shard order, so early shards complete (and commit) first
                 groups.setdefault(waiting[r.key][0].name, []).append(r)
             backend, server = make_backend(g, llm_dir, model, out.server_log)
+            restarts = getattr(g.backend, "restarts", 0) if server is not None else 0
             try:
-                if server is not None:
-                    server.start()
                 with progress() as bar:
                     meter = Meter(bar, bar.add_task("generate", total=len(todo), status=""))
-                    backend.run(list(groups.values()), sink, meter)
+                    for restart in range(restarts + 1):
+                        if server is not None:
+                            server.start()
+                            backend.urls = [server.url]  # a restart may have had to take another port
+                        try:
+                            # what is still unanswered (all of it, the first time): a restarted server goes on
+                            left = [[r for r in grp if r.key not in answers] for grp in groups.values()]
+                            backend.run([grp for grp in left if grp], sink, meter)
+                            break
+                        except ServerDied as e:
+                            if restart == restarts:
+                                raise
+                            server.stop()
+                            console.print(
+                                f"[yellow]generate: {e}\nstarting it again (restart {restart + 1} of {restarts});"
+                                " the answers it gave are kept[/]"
+                            )
             except BackendError as e:
                 done = sum(len(s.reqs) - remaining.get(s.name, 0) for s in shards)
                 raise GenerateError(

@@ -34,6 +34,11 @@ class BackendError(RuntimeError):
     """A backend could not answer; the message says what is done and how to resume."""
 
 
+class ServerDied(BackendError):
+    """A server process the stage started (and watches) exited under the run; the message has its exit code and
+    the end of its log."""
+
+
 class Meter:
     """Live progress: answers, tokens/s, requests in flight, ETA."""
 

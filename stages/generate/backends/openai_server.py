@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 
 from core.config import ClientSettings
 from core.log import console
-from stages.generate.backends.base import BackendError, Meter, Request, Sink
+from stages.generate.backends.base import BackendError, Meter, Request, ServerDied, Sink
 from stages.generate.cache import Answer
 from stages.generate.filters import ERROR
+
+WATCH_S = 0.5  # how often a watched server is asked whether it still runs
 
 
 def _refused(e: BaseException) -> int | None:
@@ -100,6 +103,9 @@ class OpenAIBackend:
             raise ValueError("OpenAIBackend needs at least one base URL")
         self.urls, self.model, self.g = list(base_urls), model, client
         self.api_key = api_key  # None: the servers need no key
+        # For a server this stage started: None while it runs, else why it died (``ServerProcess.death``). Polled
+        # during the run, so a dead server ends the run at once instead of after every retry's backoff.
+        self.watch: Callable[[], str | None] | None = None
 
     def run(self, shards: list[list[Request]], sink: Sink, meter: Meter) -> None:
         todo = [r for s in shards for r in s]
@@ -210,9 +216,27 @@ class OpenAIBackend:
             sink(r, a)
             meter.answered(a.completion_tokens)
 
+        tasks = [asyncio.ensure_future(one(r)) for r in todo]
+
+        async def watchdog() -> None:
+            while True:
+                await asyncio.sleep(WATCH_S)
+                why = self.watch()
+                if why is not None:
+                    fatal.insert(0, ServerDied(why))
+                    for t in tasks:
+                        t.cancel()
+                    return
+
+        dog = asyncio.ensure_future(watchdog()) if self.watch is not None else None
         try:
-            await asyncio.gather(*(one(r) for r in todo))
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            if not fatal:  # cancelled from outside, not by the watchdog
+                raise
         finally:
+            if dog is not None:
+                dog.cancel()
             for c in clients:
                 await c.close()
         if fatal:

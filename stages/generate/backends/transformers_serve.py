@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -12,6 +13,11 @@ from pathlib import Path
 from core.extras import check
 from core.log import console
 from core.proc import Child
+from stages.generate.backends.base import ServerDied
+
+CB_BLOCK_TOKENS = (
+    256  # tokens per block of the continuous-batching engine's paged KV cache (its page_size default)
+)
 
 
 def free_port() -> int:
@@ -74,6 +80,8 @@ class ServerProcess:
         timeout_s: float = 300.0,
         device: str = "auto",
         continuous_batching: bool = False,
+        cb_cache_tokens: int | None = None,
+        cb_max_batch_tokens: int | None = None,
     ):
         self.model_dir, self.log_path = Path(model_dir), Path(log_path)
         self.fixed_port = (
@@ -81,6 +89,7 @@ class ServerProcess:
         )  # a port of our own choosing may be taken before the server binds it
         self.port = port or free_port()
         self.timeout_s, self.device, self.cb = timeout_s, device, continuous_batching
+        self.cb_cache_tokens, self.cb_max_batch_tokens = cb_cache_tokens, cb_max_batch_tokens
         self.child: Child | None = None
 
     @property
@@ -109,6 +118,10 @@ class ServerProcess:
         cmd = [str(exe) if exe.exists() else "transformers", "serve", str(self.model_dir)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--device", self.device]
         cmd += ["--log-level", "warning"] + (["--continuous-batching"] if self.cb else [])
+        if self.cb and self.cb_cache_tokens:  # else the engine sizes its paged cache from the device's memory
+            cmd += ["--cb-num-blocks", str(-(-self.cb_cache_tokens // CB_BLOCK_TOKENS))]
+        if self.cb and self.cb_max_batch_tokens:
+            cmd += ["--cb-max-batch-tokens", str(self.cb_max_batch_tokens)]
         console.print(
             f"starting transformers serve for {self.model_dir} on port {self.port} (log: {self.log_path})"
         )
@@ -123,7 +136,7 @@ class ServerProcess:
                     raise PortTaken(
                         f"port {self.port} was taken before transformers serve could bind it:\n{tail}"
                     )
-                raise RuntimeError(f"transformers serve exited with code {rc} before it was ready:\n{tail}")
+                raise ServerDied(f"transformers serve exited with code {rc} before it was ready:\n{tail}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
                     if r.status == 200 and self._answered_by_us():
@@ -136,6 +149,23 @@ class ServerProcess:
                     f"transformers serve was not ready after {self.timeout_s}s (log: {self.log_path})"
                 )
             time.sleep(0.5)
+
+    def death(self) -> str | None:
+        """None while the server runs (or was never started); once it has exited, what a user needs to know: its
+        exit code (a signal named, with the usual sender of SIGKILL) and the end of its log."""
+        if self.child is None or self.child.proc is None or self.child.running:
+            return None
+        rc = self.child.wait(timeout=30)
+        why = f"exit code {rc}"
+        if rc < 0:
+            name = signal.Signals(-rc).name
+            why += f" (killed by {name}" + (
+                ": the kernel's OOM killer sends it when memory runs out; see `dmesg`)"
+                if name == "SIGKILL"
+                else ")"
+            )
+        tail = "\n".join(self.child.tail(20)) or "(nothing)"
+        return f"transformers serve (pid {self.child.proc.pid}) died with {why}; the end of {self.log_path}:\n{tail}"
 
     def _answered_by_us(self) -> bool:
         """Whether the socket listening on our port is our server's. Without /proc (macOS) it cannot be told:
