@@ -81,6 +81,21 @@ def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / (a.size + b.size - inter)
 
 
+def _lsh(MinHashLSH, threshold: float, num_perm: int):
+    """An LSH index that proposes every pair at or above ``threshold`` with the usual high probability. For a
+    high threshold on few permutations (1.0 on any number; 0.9 on 16) datasketch finds no band layout of two or
+    more bands and refuses; the index is then built for the highest threshold it takes below the asked one:
+    more candidates, each still decided by the exact Jaccard, so the same pairs are dropped, a little later."""
+    t = threshold
+    while True:
+        try:
+            return MinHashLSH(threshold=t, num_perm=num_perm)
+        except ValueError:
+            if t <= 0.05:
+                raise
+            t = round(t - 0.05, 4)
+
+
 def near_duplicates(examples: list[dict], threshold: float, num_perm: int, seed: int) -> dict[str, str]:
     """``{dropped example_id: the kept example_id it nearly repeats}``, within each task.
 
@@ -95,7 +110,7 @@ def near_duplicates(examples: list[dict], threshold: float, num_perm: int, seed:
         by_task[e["task"]].append(e)
     for _task, rows in sorted(by_task.items()):
         rows = sorted(rows, key=lambda e: unit(str(seed), "near", e["example_id"]))
-        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        lsh = _lsh(MinHashLSH, threshold, num_perm)
         # Kept answers' shingles as sorted 64-bit hashes: a few hundred bytes each, for millions of answers.
         sets: dict[str, np.ndarray] = {}
         for e in rows:
