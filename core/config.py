@@ -100,15 +100,31 @@ class CorpusConfig(Strict):
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
+TINY_WHISPER_HEADS = 4  # the tiny Whisper's attention heads (stages.tiny_models)
+
+
 class TinyModels(Strict):
     """Random-weight models small enough for a laptop, written by ``splsm models tiny``."""
 
-    whisper_d_model: int = 64
-    whisper_layers: int = 2
-    llm_hidden: int = 128
-    llm_layers: int = 2
-    llm_heads: int = 4
-    vocab_size: int = 1000
+    whisper_d_model: int = Field(64, ge=1)
+    whisper_layers: int = Field(2, ge=1)
+    llm_hidden: int = Field(128, ge=1)
+    llm_layers: int = Field(2, ge=1)
+    llm_heads: int = Field(4, ge=1)
+    vocab_size: int = Field(1000, ge=300)  # the BPE's 256 bytes, its special tokens, and some merges
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.whisper_d_model % TINY_WHISPER_HEADS:
+            raise ValueError(
+                f"models.tiny.whisper_d_model ({self.whisper_d_model}) must be a multiple of the tiny Whisper's "
+                f"{TINY_WHISPER_HEADS} attention heads"
+            )
+        if self.llm_hidden % self.llm_heads:
+            raise ValueError(
+                f"models.tiny.llm_hidden ({self.llm_hidden}) must be a multiple of llm_heads ({self.llm_heads})"
+            )
+        return self
 
 
 class PretrainedModels(Strict):
@@ -135,8 +151,8 @@ class ModelsConfig(Strict):
 
 
 class HarvestConfig(Strict):
-    max_duration_s: float = 30.0  # Whisper's window: longer audio would be cut by the encoder
-    min_duration_s: float = 0.0
+    max_duration_s: float = Field(30.0, gt=0)  # Whisper's window: longer audio would be cut by the encoder
+    min_duration_s: float = Field(0.0, ge=0)
     # Audio longer than max_duration_s: "reject" it (too_long), or "cut" it to its first max_duration_s seconds
     # and keep the whole transcript, as the reference's feature extractor did to every clip
     long_audio: Literal["reject", "cut"] = "reject"
@@ -158,6 +174,11 @@ class HarvestConfig(Strict):
             raise ValueError(
                 "harvest.label_with_models_whisper: give it or harvest.whisper_checkpoint, not both"
             )
+        if self.min_duration_s >= self.max_duration_s:
+            raise ValueError(
+                f"harvest.min_duration_s ({self.min_duration_s}) must be below harvest.max_duration_s "
+                f"({self.max_duration_s}): no clip could be kept"
+            )
         return self
 
 
@@ -166,7 +187,7 @@ class ClientSettings(Strict):
     how fast answers come, not what they are: they are not part of the reuse key."""
 
     concurrency: int = Field(128, ge=1)  # HTTP requests in flight
-    request_timeout_s: float = Field(600.0, gt=0)
+    request_timeout_s: float = Field(600.0, ge=1)  # no completion comes back in less
     max_retries: int = Field(8, ge=0)  # on 429, 5xx and connection errors, exponential backoff with jitter
     retry_backoff_s: float = Field(0.5, gt=0.0)
     retry_backoff_max_s: float = Field(30.0, gt=0.0)
@@ -193,7 +214,7 @@ class ServeBackendConfig(ClientSettings):
     """A ``transformers serve`` process this stage starts on a loopback port and stops at the end."""
 
     kind: Literal["transformers-serve"] = "transformers-serve"
-    start_timeout_s: float = Field(300.0, gt=0)
+    start_timeout_s: float = Field(300.0, ge=1)  # loading even a tiny model takes seconds
     continuous_batching: bool = False  # pass --continuous-batching
     # The continuous-batching engine's memory: its paged KV cache in tokens (rounded up to 256-token blocks) and
     # the most tokens one forward pass takes. Left to itself (null) the engine sizes its cache from the device's
@@ -257,7 +278,7 @@ class GenerateConfig(Strict):
     # the reference's): off. They break the greedy loops a small LLM falls into (configs/demo.yaml says by how much).
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int = 1
+    seed: int = Field(1, ge=0, lt=2**32)  # numpy's generators take 0 <= seed < 2**32
     # filters: the catalog says which apply to a category; these tune them or switch some off everywhere
     max_prompt_tokens: int = Field(150, ge=1)  # prompts of this many tokens or more are rejected
     min_script_fraction: float = Field(
@@ -307,7 +328,7 @@ class BuildConfig(Strict):
     )
     dev_fraction: float = Field(0.0, ge=0.0, le=1.0)
     test_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int = 1
+    seed: int = Field(1, ge=0, lt=2**32)  # numpy's generators take 0 <= seed < 2**32
     # Target share of each task in every train/dev/test split (normalized; tasks left out are not used).
     # None keeps every example. The largest set with exactly these shares is drawn, by a seeded hash.
     mix: dict[str, float] | None = None
@@ -434,8 +455,8 @@ class LoraSettings(Strict):
     never reads them: it fine-tunes the whole LLM."""
 
     r: int = Field(4, ge=1)
-    alpha: int = 32
-    dropout: float = 0.1
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -476,18 +497,19 @@ class TrainConfig(Strict):
     epochs: int | None = Field(None, ge=1)
     batch_size: int = Field(2, ge=1)  # per process
     grad_accum: int = Field(1, ge=1)
-    lr: float = 2e-5
-    weight_decay: float = 0.05
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
     # "matrices": norms, biases and other vectors are not decayed (nanoGPT's, SALMONN's); "all": every trainable
     # parameter is, as the reference's optimizer did
     weight_decay_on: Literal["matrices", "all"] = "matrices"
-    warmup_steps: int = 100
+    warmup_steps: int = Field(100, ge=0)
     # cosine or linear: linear warm-up, then decay to 0 at max_steps. warmup_decay: DeepSpeed's WarmupDecayLR as
     # the reference ran it (logarithmic warm-up, lr x log(step + 1) / log(warmup_steps), then linear to 0)
     lr_schedule: Literal["cosine", "linear", "warmup_decay"] = "cosine"
-    grad_clip: float = 1.0
+    # the largest gradient norm (clipped to it); null: not clipped. Not 0: that would zero every gradient.
+    grad_clip: float | None = Field(1.0, gt=0)
     bf16: bool = False
-    seed: int = 1
+    seed: int = Field(1, ge=0, lt=2**32)  # numpy's generators take 0 <= seed < 2**32
     # What trains: each part of the model by its own flag; ``lora`` trains the LLM through adapters only.
     freeze_encoder: bool = True
     # A frozen encoder's outputs computed once per clip and kept in WORKDIR/cache/encoder (core.lsm.encoder_cache):
@@ -521,8 +543,8 @@ class TrainConfig(Strict):
     # None: the local store under the train output directory
     mlflow_uri: str | None = None
     tracker_project: str = "splsm"  # the MLflow experiment and the W&B project the runs are filed under
-    stop_grace_s: float = 120.0  # on SIGTERM, how long the workers get to write their checkpoint
-    timeout_s: float = 3600.0
+    stop_grace_s: float = Field(120.0, ge=0)  # on SIGTERM, how long the workers get to write their checkpoint
+    timeout_s: float = Field(3600.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -635,7 +657,7 @@ class EvaluateConfig(Strict):
 
 class ExperimentConfig(Strict):
     name: str
-    seed: int = 1
+    seed: int = Field(1, ge=0, lt=2**32)  # numpy's generators take 0 <= seed < 2**32
     corpora: list[CorpusConfig]
     models: ModelsConfig
     harvest: HarvestConfig = Field(default_factory=HarvestConfig)

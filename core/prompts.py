@@ -72,14 +72,18 @@ def load_tokenizer(tokenizer):
     return tokenizer
 
 
+class PromptError(ValueError):
+    """A prompt format that cannot be rendered with the model at hand: a setting to change, said in one line."""
+
+
 def _tokenizer(tokenizer):
     if tokenizer is None:
-        raise ValueError(
+        raise PromptError(
             "prompt format chat_template needs the backbone's tokenizer (an object or its directory)"
         )
     tokenizer = load_tokenizer(tokenizer)
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise PromptError(
             f"prompt format chat_template: tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
             "template; use prompt_format vicuna_v1.1 or a tokenizer that ships one"
         )

@@ -34,6 +34,7 @@ from core.lineage.store import DatasetRef, LineageStore
 from core.lock import Busy, held, lock_path
 from core.log import console
 from core.paths import MARKER, WorkPaths
+from core.prompts import PromptError
 from core.provenance import run_context
 from core.tables import MANIFEST, table_identity
 
@@ -258,6 +259,8 @@ def run_stage(
             console.print(
                 f"[yellow]{name}: the failed run could not be recorded in lineage ({record_error})[/]"
             )
+        if isinstance(e, PromptError):  # a setting that does not fit the model: the user's to change
+            raise StageError(f"{name}: {e}") from e
         if is_no_space(e) and not isinstance(e, DiskFull):
             # a writer that does not go through core.atomic (a library's own file): name the stage's outputs
             where = getattr(e, "filename", None) or (Path(outputs[0].path) if outputs else marker)

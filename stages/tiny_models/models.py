@@ -13,7 +13,7 @@ from pathlib import Path
 
 from core.atomic import atomic_dir
 from core.catalog import load_catalog
-from core.config import TinyModels
+from core.config import TINY_WHISPER_HEADS, TinyModels
 from core.log import console
 from core.paths import ModelsPaths
 from core.prompts import VICUNA_V11_SYSTEM
@@ -77,10 +77,10 @@ def build_tiny_models(
             num_mel_bins=80,
             d_model=tiny.whisper_d_model,
             encoder_layers=tiny.whisper_layers,
-            encoder_attention_heads=4,
+            encoder_attention_heads=TINY_WHISPER_HEADS,
             encoder_ffn_dim=tiny.whisper_d_model * 2,
             decoder_layers=1,
-            decoder_attention_heads=4,
+            decoder_attention_heads=TINY_WHISPER_HEADS,
             decoder_ffn_dim=tiny.whisper_d_model * 2,
             max_source_positions=1500,
             max_target_positions=64,

@@ -145,8 +145,9 @@ class ServerProcess:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(
-                    f"transformers serve was not ready after {self.timeout_s}s (log: {self.log_path})"
+                raise ServerDied(  # a BackendError: the stage says it in one line, how to resume included
+                    f"transformers serve was not ready after {self.timeout_s}s (generate.backend.start_timeout_s; "
+                    f"log: {self.log_path})"
                 )
             time.sleep(0.5)
 
