@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -192,3 +193,60 @@ def _schema():
     from schemas import TRANSCRIPTS
 
     return TRANSCRIPTS
+
+
+def test_overlapping_runs_of_generate_and_build_leave_what_one_run_leaves(tmp_path):
+    """generate and build, each started twice on one work directory at a random offset (seeded):
+    both exit 0, one runs and the other waits for it and reuses its outputs (one run recorded in the marker),
+    and the tables equal those of a lone run in another work directory."""
+    import yaml
+
+    from core.tables import read_table
+    from schemas import EXAMPLES, RESPONSES
+
+    cfg = yaml.safe_load(TINY.read_text())
+    for c in cfg["corpora"]:
+        for key in ("root", "manifest"):
+            if key in c:
+                c[key] = str((TINY.parent / c[key]).resolve())
+    cfg["generate"]["backend"] = {"kind": "transformers"}  # in-process: no server start per run
+    cfg["generate"]["tasks"] = ["repeat"]
+    cfg["train"]["max_steps"] = 2
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    def cli(*words, work):
+        return subprocess.Popen(
+            [sys.executable, "-m", "splsm.cli", *words, "--config", str(config), "--workdir", str(work)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    lone, pair = tmp_path / "lone", tmp_path / "pair"
+    for words in (("harvest",), ("models", "tiny")):
+        _finish(cli(*words, work=pair))
+    shutil.copytree(pair, lone)  # the same models: a lone run's answers are then the pair's, token for token
+    rng = random.Random(31)
+    # train and evaluate take the same lock in Stage.run (the first test here): their pairs would only add minutes
+    for stage in ("generate", "build"):
+        _finish(cli(stage, work=lone))
+        first = cli(stage, work=pair)
+        time.sleep(rng.uniform(0.0, 4.0))
+        second = cli(stage, work=pair)
+        out = _finish(first) + _finish(second)
+        assert out.count(f"{stage} (run ") == 1, out  # one ran; the other waited, then reused it
+        assert "reused" in out
+    for path, schema in (
+        (WorkPaths(pair).generate.responses, RESPONSES),
+        (WorkPaths(pair).build.examples, EXAMPLES),
+    ):
+        lone_path = WorkPaths(lone).root / path.relative_to(WorkPaths(pair).root)
+        want = read_table(lone_path, schema).to_pylist()
+        got = read_table(path, schema).to_pylist()
+        assert [{k: v for k, v in r.items() if k not in ("model",)} for r in got] == [
+            {k: v for k, v in r.items() if k not in ("model",)} for r in want
+        ]
