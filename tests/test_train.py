@@ -214,9 +214,13 @@ def test_weight_decay_on_all_decays_norms_and_biases_too():
 
 
 @pytest.mark.slow
-def test_ctc_warm_start_trains_the_connector_and_leaves_a_trainable_llm_as_it_was(trained, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ctc_warm_start_trains_the_connector_and_leaves_a_trainable_llm_as_it_was(
+    trained, tmp_path, strategy
+):
     """train.ctc_warmup_steps: the first steps' loss is the connector's CTC over the LLM's vocabulary; the LLM, set
-    to train, is the pretrained one at the end of them (the step-2 checkpoint) and trains after them."""
+    to train, is the pretrained one at the end of them (the step-2 checkpoint) and trains after them. Under FSDP
+    too, where the LLM's embedding matrix the CTC logits read is sharded across the ranks."""
     from helpers_lsm import TINY_QFORMER
     from safetensors.torch import load_file
 
@@ -225,7 +229,13 @@ def test_ctc_warm_start_trains_the_connector_and_leaves_a_trainable_llm_as_it_wa
     # 0.1-s windows: enough speech tokens for the tiny tokenizer's many tokens per word (CTC needs one each)
     q = TINY_QFORMER.model_copy(update={"window_s": 0.1, "stride_s": 0.1}).model_dump()
     cfg = experiment(
-        max_steps=3, freeze_llm=False, ctc_warmup_steps=2, checkpoint_every=2, keep_checkpoints=3, qformer=q
+        max_steps=3,
+        freeze_llm=False,
+        ctc_warmup_steps=2,
+        checkpoint_every=2,
+        keep_checkpoints=3,
+        qformer=q,
+        strategy=strategy,
     ).train
     out = TrainPaths(tmp_path / "out")
     train.train(cfg, trained["whisper"], trained["llm"], trained["examples"], out.dir)
