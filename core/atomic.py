@@ -141,9 +141,27 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def same_tree(a: Path, b: Path) -> bool:
+    """Whether two directories hold the same files with the same bytes (names relative to each)."""
+    import filecmp
+
+    def files(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+    if not b.is_dir():
+        return False
+    names = files(a)
+    if names != files(b):
+        return False
+    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``path``; on success it replaces ``path`` whole."""
+def atomic_dir(path: str | os.PathLike, keep_identical: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path``; on success it replaces ``path`` whole.
+
+    ``keep_identical``: where ``path`` already holds the same files with the same bytes, it is left as it is (its
+    files keep their modification times, so a fingerprint of the folder that reads them stays the same)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
@@ -151,6 +169,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     old = None
     try:
         yield tmp
+        if keep_identical and same_tree(tmp, path):
+            return
         _fsync_tree(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}")

@@ -151,3 +151,27 @@ def test_the_marker_that_holds_an_invocations_summary(tmp_path, tiny_config):
     for name, options, marker in cases:
         stage = STAGES[name]
         assert stage.marker_of(stage.context(tiny_config, tmp_path, options)) == marker, name
+
+
+def test_atomic_dir_keeps_a_folder_with_the_same_bytes_and_replaces_one_that_differs(tmp_path):
+    from core.atomic import atomic_dir
+
+    out = tmp_path / "m"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("weights")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text("tokenizer")
+    old_inode = (out / "a.txt").stat().st_ino
+    with atomic_dir(out, keep_identical=True) as tmp:  # the same bytes: the folder stays, file for file
+        (tmp / "a.txt").write_text("weights")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text("tokenizer")
+    assert (out / "a.txt").stat().st_ino == old_inode
+    for changed in ({"a.txt": "other weights", "sub/b.txt": "tokenizer"}, {"a.txt": "weights"}):
+        with atomic_dir(out, keep_identical=True) as tmp:  # other bytes, or a file fewer: replaced
+            for name, text in changed.items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_text(text)
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(changed)
+        assert (out / "a.txt").read_text() == changed["a.txt"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

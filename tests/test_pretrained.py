@@ -259,3 +259,21 @@ def test_a_file_that_is_not_gguf_fails_naming_it(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not a gguf file")
     with pytest.raises(GGUFError, match=r"model.gguf: starts with b'PK\\x03\\x04', not the GGUF magic"):
         convert_gguf(bad, tmp_path / "out")
+
+
+def test_a_forced_reconversion_that_gives_the_same_bytes_leaves_the_folders_and_their_fingerprints(
+    pretrained, tmp_path
+):
+    """A code change anywhere the stage imports reruns it; the same weights must not look like new ones, or every
+    cached LLM answer keyed on the LLM's fingerprint would be asked again."""
+    from core.digest import fingerprint_dir
+
+    work, _ = pretrained
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy)
+    models = WorkPaths(copy).models
+    before = {d: fingerprint_dir(d) for d in (models.pretrained_whisper, models.pretrained_llm)}
+    stage = STAGES["pretrained"]
+    again = stage.run(stage.context(None, copy), force=True)
+    assert not again.reused  # it did convert again
+    assert {d: fingerprint_dir(d) for d in before} == before

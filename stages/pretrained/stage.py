@@ -50,19 +50,22 @@ def params(ctx: Context) -> dict:
 
 
 def body(ctx: Context) -> dict:
+    # A conversion that gives the bytes already there (a rerun after a code change elsewhere in the project, which
+    # changes this stage's code hash) leaves the folders as they are: the LLM's fingerprint, which generate's
+    # reuse key and answer cache key on, stays, and twenty minutes of answers are not asked again.
     from core.atomic import atomic_dir
     from core.log import console
     from stages.pretrained import ct2_whisper, gguf_llm
 
     out = _out(ctx)
     model_bin, _, _ = WHISPER_TINY_EN.paths()
-    with atomic_dir(out.pretrained_whisper) as tmp:
+    with atomic_dir(out.pretrained_whisper, keep_identical=True) as tmp:
         ct2_whisper.convert(model_bin.parent, tmp)
     console.print(
         f"models pretrained: Whisper tiny.en ({WHISPER_TINY_EN.distribution}) -> {out.pretrained_whisper}"
     )
     (gguf,) = SMOLLM2_135M.paths()
-    with atomic_dir(out.pretrained_llm) as tmp:
+    with atomic_dir(out.pretrained_llm, keep_identical=True) as tmp:
         gguf_llm.convert(gguf, tmp)
     console.print(
         f"models pretrained: SmolLM2-135M-Instruct ({SMOLLM2_135M.distribution}) -> {out.pretrained_llm}"
