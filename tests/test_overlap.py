@@ -27,9 +27,9 @@ from core.tables import MANIFEST, PartsTable, part_name, read_transcripts, run_t
 TINY = REPO / "configs" / "tiny.yaml"
 
 
-def _splsm(*words: str, work: Path) -> subprocess.Popen:
+def _splsm(*words: str, work: Path, config: Path = TINY) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "splsm.cli", *words, "--config", str(TINY), "--workdir", str(work)],
+        [sys.executable, "-m", "splsm.cli", *words, "--config", str(config), "--workdir", str(work)],
         cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
         stdout=subprocess.PIPE,
@@ -215,28 +215,17 @@ def test_overlapping_runs_of_generate_and_build_leave_what_one_run_leaves(tmp_pa
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(cfg))
 
-    def cli(*words, work):
-        return subprocess.Popen(
-            [sys.executable, "-m", "splsm.cli", *words, "--config", str(config), "--workdir", str(work)],
-            cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-
     lone, pair = tmp_path / "lone", tmp_path / "pair"
     for words in (("harvest",), ("models", "tiny")):
-        _finish(cli(*words, work=pair))
+        _finish(_splsm(*words, work=pair, config=config))
     shutil.copytree(pair, lone)  # the same models: a lone run's answers are then the pair's, token for token
     rng = random.Random(31)
     # train and evaluate take the same lock in Stage.run (the first test here): their pairs would only add minutes
     for stage in ("generate", "build"):
-        _finish(cli(stage, work=lone))
-        first = cli(stage, work=pair)
+        _finish(_splsm(stage, work=lone, config=config))
+        first = _splsm(stage, work=pair, config=config)
         time.sleep(rng.uniform(0.0, 4.0))
-        second = cli(stage, work=pair)
+        second = _splsm(stage, work=pair, config=config)
         out = _finish(first) + _finish(second)
         assert out.count(f"{stage} (run ") == 1, out  # one ran; the other waited, then reused it
         assert "reused" in out
