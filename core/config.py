@@ -265,7 +265,8 @@ class GenerateConfig(Strict):
     tasks_per_utterance: int | None = Field(None, ge=1)
     # a bundled catalog by name (instructions-v1, the default; reference: the paper's code's wordings) or a file
     catalog: Path | None = None
-    prompt_format: Literal["vicuna_v1.1", "reference", "chat_template"] = "vicuna_v1.1"
+    # core/prompts.py describes each layout
+    prompt_format: Literal["vicuna_v1.1", "reference", "reference_llama3", "chat_template"] = "vicuna_v1.1"
     # What the LLM reads and what the ASR target is: "readable" (casing and spacing repaired, the default) or
     # "whisper_normalized" (openai-whisper's English normalizer, the form the reference's LLM read)
     transcript_form: Literal["readable", "whisper_normalized"] = "readable"

@@ -4,7 +4,7 @@ Generation asks the LLM ``USER: {instruction}: {transcript} ASSISTANT:`` and tra
 speech model ``USER: {instruction} SPEECH: <speech tokens> ASSISTANT: {answer}``. Both come from
 the same layout, so the two can never drift apart.
 
-Three layouts (``generate.prompt_format``):
+Four layouts (``generate.prompt_format``):
 
 - ``vicuna_v1.1`` (the project's default): FastChat's conversation template, the system sentence and the
   turns joined by single spaces: ``{system} USER: {instruction}: {transcript} ASSISTANT:``.
@@ -13,6 +13,14 @@ Three layouts (``generate.prompt_format``):
   sentence, then `` \n\nUSER: {instruction}: {transcript} \nASSISTANT:`` for generation,
   `` \n\nUSER: {instruction}\nSPEECH:`` + speech + ``\nASSISTANT:`` for training, and a fixed ASR evaluation
   prompt whose suffix is spelt ``\nASSISTENT:``, as the reference's is.
+- ``reference_llama3``: the reference's Llama-3 layout (src/speech_text_paired_dataset_llama.py), hand-written
+  rather than the tokenizer's template: ``<|begin_of_text|><|start_header_id|>system<|end_header_id|>\nYou are a
+  helpful assistant<|eot_id|><|start_header_id|>user<|end_header_id|>\n{instruction}\n speech:`` + speech +
+  ``<|eot_id|><|start_header_id|>assistant<|end_header_id|>``, the answer straight after. The prefix is tokenized
+  with the tokenizer's BOS as every prefix is, so it starts with two BOS tokens, as the reference's did (its
+  string writes one and its tokenizer adds one). That file has no generation or evaluation prompt: generation
+  asks ``{instruction}: {transcript}`` in the same turn, and ASR is evaluated with the reference's evaluation
+  instruction (src/evaluate_token_asr.py's words, without its Vicuna suffix).
 - ``chat_template``: the backbone tokenizer's own ``apply_chat_template`` (Llama-3-Instruct, SmolLM2 and the
   like). The user message is the same text as in Vicuna's (``{instruction}: {transcript}``, or ``{instruction}
   SPEECH:`` followed by the speech tokens), rendered by the tokenizer's template.
@@ -29,7 +37,7 @@ VICUNA_V11_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-PROMPT_FORMATS = ("vicuna_v1.1", "reference", "chat_template")
+PROMPT_FORMATS = ("vicuna_v1.1", "reference", "reference_llama3", "chat_template")
 
 # The reference's strings (RECIPE.md sections 1, 2 and 5). Its system sentence is Vicuna's; what differs is
 # the layout around it: a space and a blank line before USER, newlines before SPEECH and ASSISTANT.
@@ -40,6 +48,13 @@ REFERENCE_BOOLQA_INSTRUCTION = (
     "Answer the questions in speech based on the CONTEXT given,your answer is only true or false, "
     "you don\u2019t need to answer anything else \nCONTEXT: {passage}"
 )
+# src/speech_text_paired_dataset_llama.py's strings: Text_Format before the speech, the suffix after it.
+REFERENCE_LLAMA3_PREFIX = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n"
+    "You are a helpful assistant<|eot_id|><|start_header_id|>user<|end_header_id|>\n"
+    "{instruction}\n speech:"
+)
+REFERENCE_LLAMA3_SUFFIX = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
 # The project's own evaluation instruction for ASR where the layout has no fixed one.
 ASR_EVAL_INSTRUCTION = "Transcribe the speech"
 
@@ -110,6 +125,13 @@ def text_prompt(instruction: str, transcript: str, fmt: str = "vicuna_v1.1", tok
         return _render_user(f"{instruction}: {transcript}", tokenizer)
     if fmt == "reference":
         return f"{REFERENCE_SYSTEM}{instruction}: {transcript} \nASSISTANT:"
+    if fmt == "reference_llama3":
+        return (
+            REFERENCE_LLAMA3_PREFIX.removesuffix("\n speech:").format(
+                instruction=f"{instruction}: {transcript}"
+            )
+            + REFERENCE_LLAMA3_SUFFIX
+        )
     return f"{VICUNA_V11_SYSTEM} USER: {instruction}: {transcript} ASSISTANT:"
 
 
@@ -126,6 +148,10 @@ def speech_prompt(instruction: str, fmt: str = "vicuna_v1.1", tokenizer=None) ->
         return SpeechPrompt(prefix=prefix, suffix=suffix)
     if fmt == "reference":
         return SpeechPrompt(prefix=f"{REFERENCE_SYSTEM}{instruction}\nSPEECH:", suffix="\nASSISTANT:")
+    if fmt == "reference_llama3":
+        return SpeechPrompt(
+            prefix=REFERENCE_LLAMA3_PREFIX.format(instruction=instruction), suffix=REFERENCE_LLAMA3_SUFFIX
+        )
     return SpeechPrompt(prefix=f"{VICUNA_V11_SYSTEM} USER: {instruction} SPEECH:", suffix=" ASSISTANT:")
 
 
@@ -138,6 +164,8 @@ def asr_eval_prompt(fmt: str = "vicuna_v1.1", tokenizer=None) -> SpeechPrompt:
             prefix=f"{REFERENCE_SYSTEM}{REFERENCE_ASR_EVAL_INSTRUCTION}\nSPEECH:",
             suffix=REFERENCE_EVAL_SUFFIX,
         )
+    if fmt == "reference_llama3":
+        return speech_prompt(REFERENCE_ASR_EVAL_INSTRUCTION, fmt)
     return speech_prompt(ASR_EVAL_INSTRUCTION, fmt, tokenizer)
 
 

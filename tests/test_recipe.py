@@ -189,3 +189,79 @@ def test_a_chat_template_config_without_its_llm_directory_says_what_to_run(tmp_p
     )
     assert result.exit_code != 0
     assert "chat_template needs the LLM's tokenizer" in result.output and "models pretrained" in result.output
+
+
+# src/speech_text_paired_dataset_llama.py (reference commit 5c8b390), typed out: the Llama-3 layout's strings and
+# how its process_dataset tokenizes them.
+LLAMA3_TEXT_FORMAT = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n"
+    "You are a helpful assistant<|eot_id|><|start_header_id|>user<|end_header_id|>\n"
+    "{instruction}\n speech:"
+)
+LLAMA3_SUFFIX = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
+
+
+def llama3_like_tokenizer():
+    """A word-level tokenizer with Llama-3-Instruct's special tokens, its BOS added to every encoding and
+    ``<|eot_id|>`` as eos (as Llama-3-Instruct's tokenizer does): no Llama-3 files can be downloaded here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<unk>"]
+    words = "system You are a helpful assistant user speech : Transcribe the hello world . \n".split(" ")
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", "removed")
+    bos = vocab["<|begin_of_text|>"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A $B",
+        special_tokens=[("<|begin_of_text|>", bos)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+    )
+
+
+def test_the_reference_llama3_layout_tokenizes_as_the_references_dataset_did():
+    import numpy as np
+
+    from core.lsm.batch import Collate
+    from core.prompts import speech_prompt
+
+    tok = llama3_like_tokenizer()
+    instruction, answer = "Transcribe the speech", "hello world ."
+    prompt = speech_prompt(instruction, "reference_llama3")
+    assert prompt.prefix == LLAMA3_TEXT_FORMAT.format(instruction=instruction)
+    assert prompt.suffix == LLAMA3_SUFFIX
+
+    row = {"prefix": prompt.prefix, "suffix": prompt.suffix, "answer": answer}
+    batch = Collate(tok)([row], [np.zeros(16000, dtype=np.float32)], with_answer=True)
+    # process_dataset: the prefix through the tokenizer as it is (so two BOS: the string's and the tokenizer's),
+    # the suffix and the answer (with eos appended as text) with their BOS cut off
+    want_prefix = tok(LLAMA3_TEXT_FORMAT.format(instruction=instruction)).input_ids
+    assert want_prefix[:2] == [tok.bos_token_id] * 2
+    assert batch.prefix_ids == [want_prefix]
+    assert batch.suffix_ids == [tok(LLAMA3_SUFFIX).input_ids[1:]]
+    assert batch.answer_ids == [tok(answer + tok.eos_token).input_ids[1:]]
+
+
+def test_the_reference_llama3_layout_is_a_setting_and_renders_everywhere():
+    import yaml
+
+    from core.config import ExperimentConfig
+    from core.prompts import asr_eval_prompt, text_prompt
+
+    raw = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+    raw["generate"]["prompt_format"] = "reference_llama3"
+    assert ExperimentConfig.model_validate(raw).generate.prompt_format == "reference_llama3"
+    head = LLAMA3_TEXT_FORMAT.removesuffix("\n speech:")
+    assert text_prompt("Say it again", "hi there", "reference_llama3") == (
+        head.format(instruction="Say it again: hi there") + LLAMA3_SUFFIX
+    )
+    asr = asr_eval_prompt("reference_llama3")
+    assert asr.prefix == LLAMA3_TEXT_FORMAT.format(
+        instruction="Provide the transcription corresponding to the speech:"
+    )
+    assert asr.suffix == LLAMA3_SUFFIX
