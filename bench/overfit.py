@@ -2,6 +2,7 @@
 a few clips from their speech, and does the speech carry the words or only pick a memorised sentence?
 
     .venv/bin/python bench/overfit.py [--steps 400] [--every 100] [--set train.lr=2e-4 ...] [--label NAME]
+    .venv/bin/python bench/overfit.py --clips 2000 --unseen 32 --steps 1600 --every 200   # does more speech generalise?
 
 32 espeak-ng clips of the seed manifest's transcripts (and 8 it never trains on), ASR only, one instruction,
 the reproduction's model (Whisper tiny.en encoder frozen, SmolLM2-135M-Instruct, configs/reproduce.yaml's
@@ -18,6 +19,11 @@ speech (the speech carries the words, not only the choice of a sentence); within
 unseen clips' figures are printed, not judged. Everything lives in ``--workdir`` (default work/overfit): the
 speech and models are made once, each run in runs/LABEL (a stopped run resumes from its checkpoint when run
 again with the same settings). The figures are appended to bench/results/overfit.md.
+
+``--clips N`` trains on the first N training transcripts instead of 32 (up to the seed manifest's 1,892), and
+``--unseen M`` scores M held-out ones instead of 8: whether the unseen clips' swap gap grows with the data says
+whether a connector that memorises 32 clips is short of speech or unable to generalise. The goals stay on the
+first 32, which are then also copied into a split ``seen`` that validation and the greedy WER score.
 """
 
 from __future__ import annotations
@@ -53,12 +59,15 @@ def models(work: Path) -> tuple[Path, Path]:
     return WorkPaths(work).model_dirs(load_config(cfg))
 
 
-def examples(work: Path, llm: Path, answer_form: str, renditions: int = 1) -> tuple[Path, list[dict]]:
-    """The examples table: the first 32 synthesized training transcripts (split ``train``) and 8 held-out ones
-    (split ``unseen``), each asked the catalog's first ASR instruction in SmolLM2's chat template. With
-    ``renditions`` > 1 the 32 are also trained on in that many minus one other voices, speeds and pitches
-    (and the 32 are copied into a split ``seen``, which validation scores and nothing trains on: validation
-    takes its rows in the loader's order, which would mix the renditions in)."""
+def examples(
+    work: Path, llm: Path, answer_form: str, renditions: int = 1, clips: int = N_TRAIN, unseen: int = N_UNSEEN
+) -> tuple[Path, list[dict]]:
+    """The examples table: the first ``clips`` synthesized training transcripts (split ``train``) and ``unseen``
+    held-out ones (split ``unseen``), each asked the catalog's first ASR instruction in SmolLM2's chat template.
+    With ``renditions`` > 1 the training transcripts are also trained on in that many minus one other voices,
+    speeds and pitches. When anything but the 32 trains, the 32 are copied into a split ``seen``, which
+    validation scores and nothing trains on: validation takes its rows in the loader's order, which would mix
+    the other clips in."""
     import soundfile as sf
     from reproduce import held_out, synthesize
     from transformers import AutoTokenizer
@@ -68,8 +77,10 @@ def examples(work: Path, llm: Path, answer_form: str, renditions: int = 1) -> tu
     from core.tables import write_table
     from schemas import EXAMPLES, to_table
 
-    speech = work / "speech"
-    synthesize(speech, limit=160, renditions=renditions)
+    # the first 160 transcripts hold 149 training ones and 11 held-out ones; more needs the whole manifest
+    few = clips <= 149 and unseen <= 11
+    speech = work / ("speech" if few else "speech-all")
+    synthesize(speech, limit=160 if few else None, renditions=renditions)
     instruction = load_catalog().categories["asr"].instructions[0].text
     prompt = speech_prompt(instruction, "chat_template", AutoTokenizer.from_pretrained(str(llm)))
     rows = []
@@ -77,13 +88,14 @@ def examples(work: Path, llm: Path, answer_form: str, renditions: int = 1) -> tu
     def read(name: str) -> list[dict]:
         return [json.loads(x) for x in (speech / f"{name}.jsonl").read_text().splitlines() if x]
 
-    train = read("train")[:N_TRAIN]
+    train = read("train")[:clips]
     ids = {obj["id"] for obj in train}
     more = [o for o in read("train-more") if o["id"].partition("~")[0] in ids] if renditions > 1 else []
+    first = {obj["id"] for obj in train[:N_TRAIN]}
     for name, split, n, lines in (
-        ("train", "train", N_TRAIN, train),
-        ("heldout", "unseen", N_UNSEEN, read("heldout")[:N_UNSEEN]),
-        ("train-more", "train", N_TRAIN * (renditions - 1), more),
+        ("train", "train", clips, train),
+        ("heldout", "unseen", unseen, read("heldout")[:unseen]),
+        ("train-more", "train", clips * (renditions - 1), more),
     ):
         if len(lines) < n:
             sys.exit(f"{speech / name}.jsonl has {len(lines)} clips, fewer than {n}")
@@ -108,9 +120,15 @@ def examples(work: Path, llm: Path, answer_form: str, renditions: int = 1) -> tu
                     speaker="espeak",
                 )
             )
-            if renditions > 1 and name == "train":
+            if (renditions > 1 or clips > N_TRAIN) and obj["id"] in first:
                 rows.append({**rows[-1], "example_id": f"{obj['id']}/asr/seen", "split": "seen"})
-    path = write_table(to_table(rows, EXAMPLES), work / f"examples-{answer_form}.parquet", EXAMPLES)
+    name = "-".join(
+        [
+            f"examples-{answer_form}",
+            *([f"{clips}x{renditions}+{unseen}"] if not few or renditions > 1 else []),
+        ]
+    )
+    path = write_table(to_table(rows, EXAMPLES), work / f"{name}.parquet", EXAMPLES)
     return path, rows
 
 
@@ -127,7 +145,7 @@ def answer_text(text: str, form: str) -> str:
 
 def seen_split(args) -> str:
     """The split whose validation figures are the 32's: their own when they are the whole train split."""
-    return "seen" if args.renditions > 1 else "train"
+    return "seen" if args.renditions > 1 or args.clips > N_TRAIN else "train"
 
 
 def train_config(args) -> dict:
@@ -149,13 +167,13 @@ def train_config(args) -> dict:
     train["validation"] = {
         "every": args.every,
         "splits": [seen_split(args), "unseen"],
-        "max_rows": N_TRAIN,
+        "max_rows": max(N_TRAIN, args.unseen),
         "keep_best": False,
     }
     return train
 
 
-def oracle(train: dict, whisper: Path, llm: Path, rows: list[dict]) -> dict:
+def oracle(train: dict, whisper: Path, llm: Path, rows: list[dict], split: str) -> dict:
     """The step-0 model's answer-token losses on the 32 with the transcript's own embeddings in the slot."""
     import torch
 
@@ -171,9 +189,9 @@ def oracle(train: dict, whisper: Path, llm: Path, rows: list[dict]) -> dict:
     collate = Collate.for_model(model)
     tok = model.tokenizer
     probe = SpeechProbe()
-    mine = [
-        r for r in rows if r["split"] == "train" and "~" not in r["utt_id"]
-    ]  # the 32, not their renditions
+    mine = [r for r in rows if r["split"] == split and "~" not in r["utt_id"]][
+        :N_TRAIN
+    ]  # not their renditions
     for i in range(0, len(mine), 8):
         part = mine[i : i + 8]
         batch = collate(part, [audio.load(r["audio_path"]) for r in part], with_answer=True)
@@ -182,8 +200,9 @@ def oracle(train: dict, whisper: Path, llm: Path, rows: list[dict]) -> dict:
     return probe.summary()
 
 
-def greedy_wer(checkpoint: Path, rows: list[dict]) -> dict[str, dict]:
-    """Greedy transcripts of each split's clips and their corpus WER (stages.evaluate's normalizer and jiwer)."""
+def greedy_wer(checkpoint: Path, rows: list[dict], seen: str) -> dict[str, dict]:
+    """Greedy transcripts of the 32 (split ``seen``) and the unseen clips, and their corpus WER (stages.evaluate's
+    normalizer and jiwer); keyed ``train`` and ``unseen``."""
     import torch
 
     from core.lsm.model import LSMForConditionalGeneration
@@ -195,8 +214,10 @@ def greedy_wer(checkpoint: Path, rows: list[dict]) -> dict[str, dict]:
     model = LSMForConditionalGeneration.from_pretrained(str(checkpoint)).eval()
     tok = model.tokenizer
     out = {}
-    for split in ("train", "unseen"):
-        mine = [r for r in rows if r["split"] == split and "~" not in r["utt_id"]]
+    for key, split in (("train", seen), ("unseen", "unseen")):
+        mine = [r for r in rows if r["split"] == split and "~" not in r["utt_id"]][
+            : N_TRAIN if key == "train" else None
+        ]
         items = [
             Item.of_row(r["example_id"], r, len(tok(r["answer"], add_special_tokens=False)["input_ids"]) + 16)
             for r in mine
@@ -210,7 +231,7 @@ def greedy_wer(checkpoint: Path, rows: list[dict]) -> dict[str, dict]:
             errs += c["substitutions"] + c["deletions"] + c["insertions"]
             n += c["substitutions"] + c["deletions"] + c["hits"]
             pairs.append((r["transcript"], hyp))
-        out[split] = {"wer": errs / n, "pairs": pairs}
+        out[key] = {"wer": errs / n, "pairs": pairs}
     return out
 
 
@@ -226,9 +247,14 @@ def main() -> None:
                     help="the ASR target: as a sentence (capital, full stop: build.asr_answer sentence, the default), as the transcript reads (transcript), or Whisper-normalized")  # fmt: skip
     ap.add_argument("--renditions", type=int, default=1, metavar="K",
                     help="train on each of the 32 transcripts in K espeak-ng voices, speeds and pitches (more speech)")  # fmt: skip
+    ap.add_argument("--clips", type=int, default=N_TRAIN, metavar="N",
+                    help="train on the first N training transcripts (the goals stay on the first 32)")  # fmt: skip
+    ap.add_argument("--unseen", type=int, default=N_UNSEEN, metavar="M", help="score M held-out transcripts")
     ap.add_argument("--label", default=None, help="the run's name (default: from the settings)")
     ap.add_argument("--workdir", type=Path, default=REPO / "work" / "overfit")
     args = ap.parse_args()
+    if args.clips < N_TRAIN or not 1 <= args.unseen <= 200:
+        ap.error(f"--clips is at least {N_TRAIN} (the goals' clips) and --unseen between 1 and 200")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from core.config import TrainConfig
     from core.paths import TrainPaths
@@ -238,11 +264,13 @@ def main() -> None:
     t0 = time.monotonic()
     work = args.workdir
     whisper, llm = models(work / "data")
-    table, rows = examples(work, llm, args.answer_form, args.renditions)
+    table, rows = examples(work, llm, args.answer_form, args.renditions, args.clips, args.unseen)
     train = train_config(args)
     label = args.label or "-".join(
         [args.answer_form, *(s.replace("train.", "") for s in args.set)]
         + ([f"renditions{args.renditions}"] if args.renditions > 1 else [])
+        + ([f"clips{args.clips}"] if args.clips != N_TRAIN else [])
+        + ([f"unseen{args.unseen}"] if args.unseen != N_UNSEEN else [])
     )
     out = work / "runs" / label.replace("/", "_")
     cfg = TrainConfig.model_validate(train)
@@ -250,13 +278,13 @@ def main() -> None:
     print(f"prepared in {prep_s:.0f}s; run {label} in {out}", flush=True)
 
     t1 = time.monotonic()
-    orc = oracle(train, whisper, llm, rows)
+    orc = oracle(train, whisper, llm, rows, seen_split(args))
     print(
         f"text oracle, step 0, the 32: first {orc['oracle_first']:.3f}, later {orc['oracle_later']:.3f} nats"
     )
     launcher.train(cfg, whisper, llm, table, out, encoder_cache=work / "cache" / "encoder")
     val = [r for r in read_metrics(TrainPaths(out)) if "validation" in r]
-    wer = greedy_wer(out / "checkpoint", rows)
+    wer = greedy_wer(out / "checkpoint", rows, seen_split(args))
     run_s = time.monotonic() - t1
 
     lines = [
@@ -265,7 +293,7 @@ def main() -> None:
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores; command: `{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
         f"- train settings changed: {', '.join(args.set) or 'none'}; CTC warm-start steps: {cfg.ctc_warmup_steps}; "
         f"answer form: {args.answer_form}; "
-        f"renditions of each of the 32: {args.renditions}; "
+        f"training transcripts: {args.clips}, renditions of each: {args.renditions}; unseen: {args.unseen}; "
         f"{cfg.max_steps} steps of {cfg.batch_size} x {cfg.nproc_per_node} processes",
         f"- text oracle at step 0 on the 32 (nats): first token {orc['oracle_first']:.3f}, later "
         f"{orc['oracle_later']:.3f}",
@@ -275,11 +303,14 @@ def main() -> None:
     ]
     for r in val:
         lines.append(
-            f"| {r['step']} | {'the 8 unseen' if r['validation'] == 'unseen' else 'the 32'} | {r['own_first']:.3f} | "
+            f"| {r['step']} | {f'the {args.unseen} unseen' if r['validation'] == 'unseen' else 'the 32'} | {r['own_first']:.3f} | "
             f"{r['own_later']:.3f} | {r['swapped_first']:.3f} | {r['swapped_later']:.3f} | {r['zeroed']:.3f} | "
             f"{r['swap_gap_later']:.3f} |"
         )
-    lines += ["", f"- greedy WER: the 32 {wer['train']['wer']:.1%}, the 8 unseen {wer['unseen']['wer']:.1%}"]
+    lines += [
+        "",
+        f"- greedy WER: the 32 {wer['train']['wer']:.1%}, the {args.unseen} unseen {wer['unseen']['wer']:.1%}",
+    ]
     for split in ("train", "unseen"):
         for ref, hyp in wer[split]["pairs"][:3]:
             lines.append(f"  - {split}: `{ref}` -> `{hyp}`")
