@@ -71,6 +71,11 @@ REFERENCE_RECIPE = {
     "train.qformer.dropout": 0.1,
     "build.asr_answer": "transcript",
     "train.ctc_warmup_steps": 0,  # the reference has no warm start: every step is an ordinary one
+    "train.qformer.proj_init": "torch_default",
+    "train.loader.batching": "shuffled",
+    "evaluate.asr_length": "cap",
+    "evaluate.asr_min_new_tokens": 1,
+    "evaluate.order": "dataset",
 }
 
 

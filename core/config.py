@@ -397,6 +397,10 @@ class LoaderConfig(Strict):
     batch_seconds: float = Field(360.0, gt=0)  # padded audio per batch (what the encoder really sees)
     shuffle_buffer: int = Field(2048, ge=1)  # examples held for the streaming shuffle
     bucket_batches: int = Field(16, ge=1)  # batches formed at once from duration-sorted examples
+    # Which clips share a batch. "duration": clips of similar length (the least padding; under per_batch windows
+    # a clip's speech tokens then come from windows sized for clips like it). "shuffled": the shuffled stream cut
+    # as it comes, so any clips may meet, as the reference's random batches did (configs/paper.yaml).
+    batching: Literal["duration", "shuffled"] = "duration"
     num_workers: int = Field(4, ge=0)  # decoding processes per rank; 0: in the training process
     prefetch_batches: int = Field(2, ge=1)  # per worker
 
@@ -429,6 +433,10 @@ class QFormerConfig(Strict):
     # the speech tokens start at the scale of the text tokens the LLM reads (Ultravox's connector ends so); it
     # trains with the projection. "none" (the reference's): the projection's output as it comes.
     output_norm: Literal["none", "rms"] = "none"
+    # The Q-Former-to-LLM projection's initial weights. "normal": N(0, init_std) with a zero bias, as every other
+    # new linear of the connector. "torch_default": PyTorch's nn.Linear default (uniform within 1/sqrt(fan_in),
+    # bias too), which the reference's speech_llama_proj keeps: its _init_weights never reaches it.
+    proj_init: Literal["normal", "torch_default"] = "normal"
 
     @model_validator(mode="after")
     def _check(self):
@@ -627,6 +635,15 @@ class EvaluateConfig(Strict):
     # Speech runs at 2-4 words/s; a model that loops would otherwise decode to the cap on every row.
     tokens_per_s: float = Field(8.0, gt=0)
     length_slack: int = Field(10, ge=0)
+    # "duration": that bound; "cap": max_new_tokens for every clip, the reference's plain limit
+    asr_length: Literal["duration", "cap"] = "duration"
+    # ASR answers shorter than this cannot end (eos is masked until then): the reference's 1, which forbids an
+    # empty transcript; 0: the model may answer nothing
+    asr_min_new_tokens: int = Field(0, ge=0)
+    # Which clips share a batch. "duration": each eval set's clips longest first, so a batch pads least; under
+    # per_batch windows a clip's speech tokens then depend on clips of about its length. "dataset": each eval
+    # set's rows in the examples table's order, as the reference's evaluation read its test file.
+    order: Literal["duration", "dataset"] = "duration"
     # The ASR prompt: "example" (each eval row's own, an ASR instruction drawn from the catalog as in training)
     # or "fixed" (one for every clip: core.prompts.asr_eval_prompt, the reference's own string in its layout)
     asr_prompt: Literal["example", "fixed"] = "example"

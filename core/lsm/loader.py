@@ -39,7 +39,8 @@ Guarantees:
   slice seeded by (seed, epoch, slice): the same for the same arguments, different each epoch.
 - **Batching by duration**: ``bucket_batches`` batches' worth of rows are sorted by duration and cut
   into batches whose padded audio (B x 30 s, or B x the longest clip) stays within ``batch_seconds``
-  and ``max_batch_size`` rows, then those batches are shuffled.
+  and ``max_batch_size`` rows, then those batches are shuffled. With ``batching="shuffled"`` (the reference's
+  random batches) the rows are cut into batches in the shuffled order they arrive in, under the same limits.
 - **Exact resume**: batches come out in a fixed order (round-robin over workers, whatever the process
   timing), and ``state_dict`` counts the batches each worker has delivered; a resumed loader replays
   each worker's plan from the row metadata without reading audio and continues with the next batch.
@@ -69,6 +70,9 @@ from core.tables import read_table
 from schemas import EXAMPLES, SHARDS, check
 
 STATE_VERSION = 1
+
+
+BATCHINGS = ("duration", "shuffled")  # core.config.LoaderConfig.batching
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,8 @@ class _Stream(IterableDataset):
             if not pool:
                 return
             chunk = ld.chunk_s
-            pool.sort(key=lambda r: (min(r["duration_s"], chunk), r["example_id"]))
+            if ld.batching == "duration":  # "shuffled": as they came out of the shuffle
+                pool.sort(key=lambda r: (min(r["duration_s"], chunk), r["example_id"]))
             batches, cur = [], []
             for r in pool:
                 cand = len(cur) + 1
@@ -246,6 +251,7 @@ class ExampleLoader:
         max_batch_size: int = 64,
         shuffle_buffer: int = 2048,
         bucket_batches: int = 16,
+        batching: str = "duration",
         n_mels: int = 80,
         pad_to: str = "30s",
         tokenizer=None,
@@ -256,6 +262,9 @@ class ExampleLoader:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}, not {batching!r}")
+        self.batching = batching
         if pad_to not in ("30s", "longest"):
             raise ValueError(f"pad_to must be '30s' or 'longest', not {pad_to!r}")
         self.split, self.rank, self.world_size, self.seed = split, rank, world_size, seed
@@ -285,6 +294,7 @@ class ExampleLoader:
             batch_seconds=cfg.batch_seconds,
             shuffle_buffer=cfg.shuffle_buffer,
             bucket_batches=cfg.bucket_batches,
+            batching=cfg.batching,
             prefetch_batches=cfg.prefetch_batches,
             **kw,
         )

@@ -93,6 +93,7 @@ class LSMConfig(PretrainedConfig):
         "none"  # "rms": an RMSNorm after the projection (core.config.QFormerConfig.output_norm)
     )
     output_rms: float = 1.0  # its gain at initialization: the RMS of the LLM's input embeddings
+    proj_init: str = "normal"  # or "torch_default" (core.config.QFormerConfig.proj_init)
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -228,6 +229,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
             freeze_llm=freeze_llm,
             lora=dict(lora) if lora else None,
             output_norm=qformer.output_norm,
+            proj_init=qformer.proj_init,
             output_rms=float(llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt()),
             attn_implementation=attn,
         )
@@ -269,6 +271,12 @@ class LSMForConditionalGeneration(PreTrainedModel):
         std = self.config.qformer_config.initializer_range
         if module is self:
             init.normal_(self.query_tokens, mean=0.0, std=std)
+        elif module is self.proj and self.config.proj_init == "torch_default":
+            # nn.Linear.reset_parameters, through the init functions that leave loaded weights alone
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:

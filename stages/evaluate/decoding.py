@@ -81,6 +81,14 @@ class Decoded:
     decode_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
+def asr_length(duration_s: float, cfg) -> int:
+    """The most tokens an ASR answer may have under ``cfg`` (``core.config.EvaluateConfig``): the cap for every
+    clip (``asr_length: cap``, the reference's), or a bound from the clip's duration under the cap."""
+    if cfg.asr_length == "cap":
+        return cfg.max_new_tokens
+    return length_bound(duration_s, cfg.tokens_per_s, cfg.length_slack, cfg.max_new_tokens)
+
+
 def length_bound(duration_s: float, tokens_per_s: float, slack: int, cap: int) -> int:
     """Tokens an ASR answer may take for a clip: proportional to its duration, never over the cap."""
     return max(1, min(cap, math.ceil(tokens_per_s * duration_s) + slack))
@@ -109,10 +117,20 @@ def loaded_batches(order: list[Item], batch_size: int, failed: dict, load=audio.
         yield len(chunk), groups
 
 
-def decode(model, items: list[Item], batch_size: int, num_beams: int = 1, label: str = "decode") -> Decoded:
+def decode(
+    model,
+    items: list[Item],
+    batch_size: int,
+    num_beams: int = 1,
+    label: str = "decode",
+    min_new_tokens: int = 0,
+    order: str = "duration",
+) -> Decoded:
     """Decode every item; an item whose audio cannot be loaded lands in ``failed``, never silently dropped.
 
-    Batches are made by ``core.lsm.batch.Collate``, the function the training loader uses."""
+    Batches are made by ``core.lsm.batch.Collate``, the function the training loader uses. ``order``: which
+    items share a batch (``core.config.EvaluateConfig.order``): each group's longest first (``duration``), or
+    each group's items as given (``dataset``). ``min_new_tokens``: no answer ends before that many tokens."""
     import torch
 
     from core.lsm.batch import Collate
@@ -121,12 +139,18 @@ def decode(model, items: list[Item], batch_size: int, num_beams: int = 1, label:
 
     device = next(model.parameters()).device
     res = Decoded()
-    order = sorted(items, key=lambda it: (it.group, -it.duration_s, it.utt_id, it.key))
+    if order not in ("duration", "dataset"):
+        raise ValueError(f"decode: order {order!r} is neither duration nor dataset")
+    groups = {g: i for i, g in enumerate(dict.fromkeys(it.group for it in items))}
+    if order == "dataset":  # a stable sort keeps each group's items in the order given
+        order_ = sorted(items, key=lambda it: groups[it.group])
+    else:
+        order_ = sorted(items, key=lambda it: (it.group, -it.duration_s, it.utt_id, it.key))
     _clip.cache_clear()
     with progress() as bar:
-        task = bar.add_task(label, total=len(order), status="")
-        for n, groups in loaded_batches(order, batch_size, res.failed, _clip):
-            for group, rows in groups.items():
+        task = bar.add_task(label, total=len(order_), status="")
+        for n, batch_groups in loaded_batches(order_, batch_size, res.failed, _clip):
+            for group, rows in batch_groups.items():
                 t0 = time.perf_counter()
                 batch = collate(
                     [dict(prefix=it.prefix, suffix=it.suffix) for it, _ in rows],
@@ -142,6 +166,7 @@ def decode(model, items: list[Item], batch_size: int, num_beams: int = 1, label:
                     bound,
                     num_beams,
                     clip_digests=batch.clip_digests,
+                    **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}),
                 )
                 if device.type == "cuda":
                     torch.cuda.synchronize()

@@ -205,12 +205,14 @@ def evaluate(
         decoding.Item.of_row(
             f"asr/{i}",
             r,
-            decoding.length_bound(r["duration_s"], cfg.tokens_per_s, cfg.length_slack, cfg.max_new_tokens),
+            decoding.asr_length(r["duration_s"], cfg),
             prompt=fixed,
         )
         for i, r in enumerate(rows)
     ]
-    dec = decoding.decode(model, asr_items, cfg.batch_size, cfg.num_beams, "evaluate asr")
+    dec = decoding.decode(
+        model, asr_items, cfg.batch_size, cfg.num_beams, "evaluate asr", cfg.asr_min_new_tokens, cfg.order
+    )
     rejects = [
         _reject("asr", r["split"], r["audio_path"], r["utt_id"], dec.failed[f"asr/{i}"])
         for i, r in enumerate(rows)
@@ -271,7 +273,9 @@ def evaluate(
         )
         for q in unknown
     ]
-    extra = decoding.decode(model, p_items + q_items, cfg.batch_size, cfg.num_beams, "evaluate probe+qa")
+    extra = decoding.decode(
+        model, p_items + q_items, cfg.batch_size, cfg.num_beams, "evaluate probe+qa", order=cfg.order
+    )
     for it in p_items + q_items:
         if it.key in extra.failed:
             part = (
@@ -317,8 +321,15 @@ def evaluate(
     report.write_plots(out, metrics, probe_m, base_rows, worst)
     settings = (
         ("greedy" if cfg.num_beams == 1 else f"beam search, {cfg.num_beams} beams")
-        + f", batch {cfg.batch_size}, ASR answers at most min({cfg.max_new_tokens}, "
-        f"{cfg.tokens_per_s:g}/s x duration + {cfg.length_slack}) tokens, on {device}"
+        + f", batch {cfg.batch_size} ({'each set in its table order' if cfg.order == 'dataset' else 'longest first'}), "
+        + (
+            f"ASR answers at most {cfg.max_new_tokens} tokens"
+            if cfg.asr_length == "cap"
+            else f"ASR answers at most min({cfg.max_new_tokens}, {cfg.tokens_per_s:g}/s x duration + "
+            f"{cfg.length_slack}) tokens"
+        )
+        + (f" and at least {cfg.asr_min_new_tokens}" if cfg.asr_min_new_tokens else "")
+        + f", on {device}"
     )
     md = report.report_markdown(
         dict(
