@@ -62,7 +62,7 @@ RECIPES = ("default", "reference")
 REFERENCE_RECIPE = {
     "generate.prompt_format": "reference",
     "generate.catalog": "reference",
-    "generate.transcript_form": "whisper_normalized",
+    "generate.transcript_form": "reference",
     "build.answer_tokens_between": [5, 2048],
     "train.qformer.window_mode": "per_batch",
     "train.lr_schedule": "warmup_decay",

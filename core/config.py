@@ -269,7 +269,9 @@ class GenerateConfig(Strict):
     prompt_format: Literal["vicuna_v1.1", "reference", "reference_llama3", "chat_template"] = "vicuna_v1.1"
     # What the LLM reads and what the ASR target is: "readable" (casing and spacing repaired, the default) or
     # "whisper_normalized" (openai-whisper's English normalizer, the form the reference's LLM read)
-    transcript_form: Literal["readable", "whisper_normalized"] = "readable"
+    # or "reference" (the reference's manifest corpus by corpus: LibriSpeech Whisper-normalized, GigaSpeech lower-cased
+    # with spaced punctuation, Common Voice as it is; core.text.reference_form)
+    transcript_form: Literal["readable", "whisper_normalized", "reference"] = "readable"
     max_new_tokens: int = Field(225, ge=1)  # cap; a catalog category may ask for fewer
     temperature: float = Field(0.0, ge=0.0)  # 0: greedy, as the reference
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -684,6 +686,11 @@ class ExperimentConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     source: Path | None = None  # the file this config came from
+
+    @property
+    def corpus_kinds(self) -> dict[str, str]:
+        """Each corpus's name (the transcripts table's ``corpus``) -> its kind."""
+        return {c.name: c.kind for c in self.corpora}
 
     @model_validator(mode="after")
     def _across_sections(self):

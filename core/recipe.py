@@ -20,6 +20,7 @@ def recipe_prompts(
     instruction: str | None = None,
     utt_id: str = "example",
     tokenizer=None,
+    corpus_kind: str = "librispeech",
 ) -> dict:
     """For transcript ``text`` (as harvested) and ``task``: the LLM's generation prompt (None for ASR, whose
     answer is the transcript), the training example's text around the speech tokens, and the ASR evaluation
@@ -37,7 +38,7 @@ def recipe_prompts(
         instruction, instruction_id = drawn.text, drawn.id
     else:
         instruction_id = next((i.id for i in category.instructions if i.text == instruction), None)
-    transcript = fed_transcript(text, g.transcript_form)
+    transcript = fed_transcript(text, g.transcript_form, corpus_kind)
     is_asr = category.answer_source == "transcript"
     speech = speech_prompt(instruction, g.prompt_format, tokenizer)
     if e.asr_prompt == "fixed":

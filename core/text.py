@@ -63,18 +63,60 @@ def garbage_tags(text: str) -> list[str]:
     return [t for t in GIGASPEECH_GARBAGE if t in text]
 
 
-# What the LLM reads and what the ASR target is, by ``generate.transcript_form``: the transcripts table's column.
+# What the LLM reads and what the ASR target is, by ``generate.transcript_form``: the transcripts table's column,
+# or None where the form is made from the corpus's own line (``reference_form``).
 TRANSCRIPT_FORMS = {
     "readable": "text",  # the project's default: casing and spacing repaired (``readable``)
-    "whisper_normalized": "text_norm",  # the reference's: its LibriSpeech manifest text is Whisper-normalized
+    "whisper_normalized": "text_norm",  # Whisper's normalizer on every corpus
+    "reference": None,  # the reference's manifest, corpus by corpus (``reference_form``)
+}
+# The reference's manifest writes GigaSpeech's tags so: its sample (raw_manifest_example.jsonl) has "," "。" "?"; no
+# "!" occurs there, and the tag keeps GigaSpeech's own character.
+REFERENCE_GIGASPEECH_PUNCTUATION = {
+    "<COMMA>": ",",
+    "<PERIOD>": "\u3002",
+    "<QUESTIONMARK>": "?",
+    "<EXCLAMATIONPOINT>": "!",
 }
 
 
 def transcript_column(form: str) -> str:
-    """The transcripts-table column that holds the transcript in ``form``."""
+    """The transcripts-table column that holds the transcript in ``form`` (not ``reference``: ``transcript_of``)."""
     if form not in TRANSCRIPT_FORMS:
         raise ValueError(f"unknown transcript form {form!r}; known: {', '.join(TRANSCRIPT_FORMS)}")
+    if TRANSCRIPT_FORMS[form] is None:
+        raise ValueError(
+            f"transcript form {form!r} is made per corpus (core.text.transcript_of), not a column"
+        )
     return TRANSCRIPT_FORMS[form]
+
+
+def reference_form(text_raw: str, kind: str | None) -> str:
+    """The transcript as the reference's manifest holds it, by corpus kind (issue 31's audit of its 2,098 rows):
+
+    - ``librispeech``: Whisper-normalized (``it was her husband is 1500 men``), 355 of its 356 rows;
+    - ``gigaspeech``: GigaSpeech's line lower-cased, its tags as spaced punctuation (``but these people used
+      trabucos , or blunderbusses ,``; ``<PERIOD>`` as the ideographic full stop), garbage tags dropped;
+    - ``commonvoice`` and every other kind (a Whisper label too): the line as it is, its casing and punctuation
+      kept (``In twenty-twenty-seven I will old enough to drive.``); only runs of spaces become one.
+    """
+    if kind == "librispeech":
+        return normalize(readable(text_raw.strip()))
+    t = text_raw
+    if kind == "gigaspeech":
+        for tag in GIGASPEECH_GARBAGE:
+            t = t.replace(tag, " ")
+        t = _GIGA_TAG.sub(lambda m: REFERENCE_GIGASPEECH_PUNCTUATION[m.group(0)], t).lower()
+    return " ".join(t.split())
+
+
+def transcript_of(row, form: str, kinds=None) -> str:
+    """A transcripts-table row's transcript in ``form``; ``kinds`` maps its ``corpus`` (the config's corpus name)
+    to the corpus's kind, which the ``reference`` form depends on."""
+    if form != "reference":
+        return row[transcript_column(form)]
+    kind = (kinds or {}).get(row["corpus"]) if row.get("text_source", "corpus") == "corpus" else None
+    return reference_form(row["text_raw"], kind)
 
 
 def transcript_forms(text_raw: str) -> tuple[str, str]:
@@ -84,10 +126,12 @@ def transcript_forms(text_raw: str) -> tuple[str, str]:
     return text, normalize(text)
 
 
-def fed_transcript(text_raw: str, form: str) -> str:
-    """The transcript as the recipe feeds it to the LLM and as the ASR target, in ``form``."""
+def fed_transcript(text_raw: str, form: str, kind: str = "librispeech") -> str:
+    """The transcript as the recipe feeds it to the LLM and as the ASR target, in ``form``, for a line of a corpus
+    of ``kind`` (which only the ``reference`` form reads)."""
     text, norm = transcript_forms(text_raw)
-    return {"text": text, "text_norm": norm}[transcript_column(form)]
+    row = {"text": text, "text_norm": norm, "text_raw": text_raw, "corpus": "c"}
+    return transcript_of(row, form, {"c": kind})
 
 
 def as_sentence(text: str) -> str:

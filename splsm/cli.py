@@ -185,6 +185,12 @@ def model_init(whisper: Path, llm: Path, out: Path, config_path: Path | None) ->
 @click.option(
     "--utt-id", default="example", show_default=True, help="The utterance id the draw is seeded on."
 )
+@click.option(
+    "--corpus-kind",
+    default="librispeech",
+    show_default=True,
+    help="The kind of corpus the line comes from (the reference transcript form depends on it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the readable view.")
 @workdir_opt
 def prompts(
@@ -193,6 +199,7 @@ def prompts(
     text: str,
     instruction: str | None,
     utt_id: str,
+    corpus_kind: str,
     as_json: bool,
     workdir: Path,
 ) -> None:
@@ -213,7 +220,7 @@ def prompts(
                 "point --workdir at a work directory that has it"
             )
     try:
-        view = recipe_prompts(cfg, task, text, instruction, utt_id, tokenizer)
+        view = recipe_prompts(cfg, task, text, instruction, utt_id, tokenizer, corpus_kind)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     if as_json:

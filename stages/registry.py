@@ -18,6 +18,7 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         PRETRAINED,
+        REFERENCE_CHECKPOINT,  # a trained model from elsewhere: evaluate reads it with --checkpoint
         HARVEST,
         TINY_MODELS,
         GENERATE,
@@ -25,7 +26,6 @@ STAGES: dict[str, Stage] = {
         BUILD,
         TRAIN,
         EVALUATE,
-        REFERENCE_CHECKPOINT,
     )
 }
 

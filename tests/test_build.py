@@ -163,6 +163,30 @@ def test_whisper_normalized_transcripts_are_the_asr_target(harvested, tmp_path):
     assert any(tr[e["utt_id"]]["text_norm"] != tr[e["utt_id"]]["text"] for e in ex)  # the forms differ here
 
 
+def test_reference_transcripts_are_each_corpus_line_in_the_references_own_form(
+    harvested, tmp_path, tiny_config
+):
+    """transcript_form reference: the ASR target and what the LLM reads are core.text.reference_form of the corpus's
+    own line, by the corpus's kind (the config's corpora), not the readable or normalized columns."""
+    from core.text import reference_form
+
+    b = BuildConfig(tasks=["asr"], eval_splits=["test-clean"], asr_answer="transcript")
+    kinds = tiny_config.corpus_kinds
+    build(
+        _transcripts(harvested), None, tmp_path, b, load_catalog(), transcript_form="reference", kinds=kinds
+    )
+    tr = {t["utt_id"]: t for t in read_table(_transcripts(harvested), TRANSCRIPTS).to_pylist()}
+    ex = read_table(tmp_path / "examples.parquet", EXAMPLES).to_pylist()
+    want = {
+        e["utt_id"]: reference_form(tr[e["utt_id"]]["text_raw"], kinds[tr[e["utt_id"]]["corpus"]]) for e in ex
+    }
+    assert ex and all(e["answer"] == e["transcript"] == want[e["utt_id"]] for e in ex)
+    by_kind = {kinds[tr[e["utt_id"]]["corpus"]] for e in ex}
+    assert {"librispeech", "jsonl"} <= by_kind  # a normalized corpus and one kept as it is
+    assert any(want[u] == tr[u]["text_norm"] != tr[u]["text"] for u in want)
+    assert any(want[u] != tr[u]["text_norm"] for u in want)
+
+
 def test_sentence_asr_answers_are_the_transcript_capitalised_and_ended(harvested, tmp_path):
     """build.asr_answer: sentence: the ASR target as SmolLM2 writes a sentence; the words, and so the normalized
     form every WER reads, are the transcript's."""

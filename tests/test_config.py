@@ -33,7 +33,7 @@ def test_paper_config_carries_the_reference_settings():
     assert (g.prompt_format, g.catalog.stem, g.transcript_form, g.tasks_per_utterance) == (
         "reference",
         "reference",
-        "whisper_normalized",
+        "reference",
         1,
     )
     assert t.qformer.window_mode == "per_batch" and cfg.evaluate.asr_prompt == "fixed"

@@ -25,6 +25,7 @@ def test_every_stage_has_the_same_contract_a_command_and_a_flow_task():
 
     assert list(STAGES) == [
         "pretrained",
+        "reference-checkpoint",
         "harvest",
         "models",
         "generate",

@@ -41,7 +41,7 @@ from core.log import console
 from core.paths import BuildPaths
 from core.prompts import load_tokenizer, speech_prompt
 from core.tables import read_table, read_transcripts, write_table
-from core.text import as_sentence, transcript_column
+from core.text import as_sentence, transcript_of
 from schemas import EXAMPLES, REJECTS, RESPONSES, reject_row, to_table
 from stages.build.dedup import dedup_utterances, near_duplicates
 from stages.build.mix import mix_split
@@ -103,6 +103,7 @@ def build(
     sampled: Callable[[str], list[str]] | None = None,
     transcript_form: str = "readable",
     llm_tokenizer=None,
+    kinds: dict[str, str] | None = None,
 ) -> BuildSummary:
     """Write the examples table, its shards and the rejects (``BuildPaths``, or a folder to hold them).
 
@@ -122,9 +123,9 @@ def build(
     dup_utts = len(rejects)
 
     rows, missing, imported, filtered = [], 0, 0, 0
-    column = transcript_column(transcript_form)
     for t in tr:
         split = assign_split(t["split"], t["speaker"], t["utt_id"], b)
+        fed = transcript_of(t, transcript_form, kinds)  # what the LLM read and the ASR target
         asked = None if sampled is None else set(sampled(t["utt_id"]))
         for task in b.tasks:
             if (
@@ -135,7 +136,7 @@ def build(
             ):
                 continue  # generate never asked this pair: not a missing answer
             if task == "asr":
-                answer = as_sentence(t[column]) if b.asr_answer == "sentence" else t[column]
+                answer = as_sentence(fed) if b.asr_answer == "sentence" else fed
                 found = [
                     ("", {"instruction": catalog.draw("asr", t["utt_id"], b.seed).text, "answer": answer})
                 ]
@@ -180,7 +181,7 @@ def build(
                         prefix=p.prefix,
                         suffix=p.suffix,
                         answer=r["answer"],
-                        transcript=t[column],
+                        transcript=fed,
                         audio_path=t["audio_path"],
                         offset_s=t["offset_s"],
                         duration_s=t["duration_s"],

@@ -83,6 +83,7 @@ def body(ctx: Context) -> dict:
         _sampled(ctx),
         ctx.cfg.generate.transcript_form,
         _llm_dir(ctx),
+        ctx.cfg.corpus_kinds,
     )
     print_summary(s)
     return s.__dict__

@@ -38,7 +38,7 @@ from core.paths import MARKER, GeneratePaths
 from core.prompts import text_prompt
 from core.stage import StageError
 from core.tables import read_table, read_transcripts, write_table
-from core.text import transcript_column
+from core.text import transcript_of
 from schemas import GENERATE_STATS, RESPONSES, to_table
 from stages.generate.backends.base import BackendError, Meter, Request, ServerDied
 from stages.generate.cache import Answer, AnswerCache, request_key
@@ -76,16 +76,21 @@ def _local_tokenizer(llm_dir: Path | None):
 
 
 def plan_requests(
-    transcripts: Path, catalog: Catalog, g: GenerateConfig, model: str, revision: str, tokenizer=None
+    transcripts: Path,
+    catalog: Catalog,
+    g: GenerateConfig,
+    model: str,
+    revision: str,
+    tokenizer=None,
+    kinds: dict[str, str] | None = None,
 ) -> list[Request]:
-    """One request per (utterance, task), in transcript order then task order."""
+    """One request per (utterance, task), in transcript order then task order. ``kinds``: each corpus's kind
+    (``ExperimentConfig.corpus_kinds``), which the ``reference`` transcript form reads."""
     table = read_transcripts(transcripts)
+    cols = ["utt_id", "corpus", "text_raw", "text", "text_norm", "text_source"]
     reqs = []
-    for utt_id, text in zip(
-        table.column("utt_id").to_pylist(),
-        table.column(transcript_column(g.transcript_form)).to_pylist(),
-        strict=True,
-    ):
+    for row in table.select(cols).to_pylist():
+        utt_id, text = row["utt_id"], transcript_of(row, g.transcript_form, kinds)
         for task in sample_tasks(utt_id, g.tasks, g.tasks_per_utterance, g.seed):
             ins = catalog.draw(task, utt_id, g.seed)
             prompt = text_prompt(ins.text, text, g.prompt_format, tokenizer)
@@ -266,6 +271,7 @@ def generate(
     llm_dir: Path | None,
     worker: int = 0,
     workers: int = 1,
+    kinds: dict[str, str] | None = None,
 ) -> GenerateSummary:
     """Answer this worker's (utterance, task) pairs; merge them into the responses table when every
     worker's shards are there. ``out``: the generate paths (``WorkPaths.generate``), or a folder."""
@@ -280,7 +286,7 @@ def generate(
     model_id = Path(llm_dir).name if llm_dir is not None and model == str(llm_dir) else model
     revision = model_revision(g, llm_dir, model)
     tok = _local_tokenizer(llm_dir)
-    reqs = plan_requests(transcripts, catalog, g, model_id, revision, tok)
+    reqs = plan_requests(transcripts, catalog, g, model_id, revision, tok, kinds)
     skipped: set[str] = set()
     n_tokens: dict[str, int] = {}
     if tok is not None:  # without a local tokenizer the server's count decides, after the answer

@@ -85,6 +85,7 @@ def body(ctx: Context) -> dict:
         llm if llm is not None and llm.exists() else None,
         o.worker,
         o.workers,
+        ctx.cfg.corpus_kinds,
     )
     console.print(
         f"generate: {s.requests} answers ({s.requested} requested, {s.cached} cached, "

@@ -17,7 +17,7 @@ from core.catalog import Catalog
 from core.paths import ImportPaths
 from core.prompts import text_prompt
 from core.tables import read_transcripts, write_table
-from core.text import transcript_column
+from core.text import transcript_of
 from schemas import REJECTS, RESPONSES, reject_row, to_table
 from stages.import_reference.mapper import InstructionMapper
 
@@ -40,6 +40,7 @@ def import_reference(
     prompt_format: str = "vicuna_v1.1",
     tokenizer=None,
     transcript_form: str = "readable",
+    kinds: dict[str, str] | None = None,
 ) -> ImportSummary:
     """The reference's ``{instruction, audio, text}`` lines -> a responses table and a rejects table
     (``ImportPaths``, or a folder to hold them).
@@ -111,7 +112,7 @@ def import_reference(
             continue
         seen.add((t["utt_id"], task, rec["instruction"]))
         prompt = text_prompt(
-            rec["instruction"], t[transcript_column(transcript_form)], prompt_format, tokenizer
+            rec["instruction"], transcript_of(t, transcript_form, kinds), prompt_format, tokenizer
         )
         rows.append(
             dict(

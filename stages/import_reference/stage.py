@@ -72,6 +72,7 @@ def body(ctx: Context) -> dict:
         ctx.cfg.generate.prompt_format,
         _tokenizer_dir(ctx),
         ctx.cfg.generate.transcript_form,
+        ctx.cfg.corpus_kinds,
     )
     console.print(
         f"import-reference: {s.lines} lines -> {s.answers} answers {s.by_task}, {s.rejects} rejects "
