@@ -375,6 +375,8 @@ def main() -> None:
         "--lora", action="store_true", help="train the LLM through LoRA instead of keeping it frozen"
     )
     ap.add_argument("--rerun-lr", type=float, default=None, help="rerun with only this learning rate changed")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any setting of both arms' configs, dotted (train.qformer.window_s=0.2); repeatable")  # fmt: skip
     ap.add_argument(
         "--report-only",
         action="store_true",
@@ -401,6 +403,13 @@ def main() -> None:
         overrides.update({"train.freeze_llm": False, "train.lora": {"r": 8, "alpha": 16, "dropout": 0.05}})
     if args.rerun_lr is not None:
         overrides["train.lr"] = args.rerun_lr
+    import yaml
+
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            ap.error(f"--set {item!r}: give SECTION.KEY=VALUE, e.g. train.lr=1e-3")
+        overrides[key] = yaml.safe_load(value)
     timings = {name: float("nan") for name in CONFIGS}
     works = {name: args.workdir / name for name in CONFIGS}
     WORKS.update(works)
