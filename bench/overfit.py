@@ -12,7 +12,9 @@ train section; ``--set`` changes any train setting, dotted). Printed:
   slot (what a perfect connector could give the LLM);
 - every ``--every`` steps (train.validation), on the 32 and on the 8: the answer-token loss with own, swapped
   (another clip's) and zeroed speech, the first answer token and the later ones apart;
-- at the end, greedy WER on the 32 and on the 8.
+- at the end, greedy WER on the 32 and on the 8, and the connector's own transcript's WER (``ctc_greedy``: each
+  speech token read as the nearest LLM token, CTC's way): whether the windows carry the words before the LLM reads
+  them.
 
 Goals: greedy WER on the 32 under 10%; on the later tokens of the 32, swapped speech at least 2 nats above own
 speech (the speech carries the words, not only the choice of a sentence); within 20 minutes on 2 cores. The
@@ -235,6 +237,42 @@ def greedy_wer(checkpoint: Path, rows: list[dict], seen: str) -> dict[str, dict]
     return out
 
 
+def ctc_wer(checkpoint: Path, rows: list[dict], seen: str) -> dict[str, float]:
+    """Corpus WER of the connector's CTC readout (``LSMForConditionalGeneration.ctc_greedy``) on the 32 and the
+    unseen clips, against the transcripts (Whisper's normalizer on both sides)."""
+    import torch
+
+    from core import audio
+    from core.lsm.batch import Collate
+    from core.lsm.model import LSMForConditionalGeneration
+    from core.text import normalize
+    from stages.evaluate.wer import word_errors
+
+    torch.set_num_threads(2)
+    model = LSMForConditionalGeneration.from_pretrained(str(checkpoint)).eval()
+    collate, tok = Collate.for_model(model), model.tokenizer
+    out = {}
+    for key, split in (("train", seen), ("unseen", "unseen")):
+        mine = [r for r in rows if r["split"] == split and "~" not in r["utt_id"]][
+            : N_TRAIN if key == "train" else None
+        ]
+        errs = n = 0
+        for i in range(0, len(mine), 8):
+            part = mine[i : i + 8]
+            batch = collate(part, [audio.load(r["audio_path"]) for r in part], with_answer=False)
+            speech = model.encode_speech(batch.input_features, batch.durations_s)
+            for r, ids in zip(
+                part, model.ctc_greedy(speech, model.speech_token_counts(batch.durations_s)), strict=True
+            ):
+                c = word_errors(
+                    normalize(r["transcript"]), normalize(tok.decode(ids, skip_special_tokens=True))
+                )
+                errs += c["substitutions"] + c["deletions"] + c["insertions"]
+                n += c["substitutions"] + c["deletions"] + c["hits"]
+        out[key] = errs / n
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=400)
@@ -285,6 +323,7 @@ def main() -> None:
     launcher.train(cfg, whisper, llm, table, out, encoder_cache=work / "cache" / "encoder")
     val = [r for r in read_metrics(TrainPaths(out)) if "validation" in r]
     wer = greedy_wer(out / "checkpoint", rows, seen_split(args))
+    ctc = ctc_wer(out / "checkpoint", rows, seen_split(args))
     run_s = time.monotonic() - t1
 
     lines = [
@@ -311,6 +350,10 @@ def main() -> None:
         "",
         f"- greedy WER: the 32 {wer['train']['wer']:.1%}, the {args.unseen} unseen {wer['unseen']['wer']:.1%}",
     ]
+    lines.append(
+        f"- the connector's CTC readout (each speech token as its nearest LLM token): WER the 32 {ctc['train']:.1%}, "
+        f"the {args.unseen} unseen {ctc['unseen']:.1%}"
+    )
     for split in ("train", "unseen"):
         for ref, hyp in wer[split]["pairs"][:3]:
             lines.append(f"  - {split}: `{ref}` -> `{hyp}`")

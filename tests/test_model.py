@@ -385,3 +385,18 @@ def test_ctc_warm_start_loss_reads_the_llm_vocabulary_in_order_and_leaves_the_ll
     # a transcript that spells out the eos string holds the blank's token: that row is left out, not the run
     spelt = m.ctc_loss(slot(lambda t: t), counts, [[m.ctc_blank_id, *targets[0][1:]], targets[1]])
     assert m.ctc_rows == (1, 2) and math.isfinite(spelt.item())
+
+
+def test_ctc_greedy_reads_each_speech_token_as_its_nearest_llm_token_merging_repeats_and_dropping_blanks(parts):
+    """The connector's own transcript (bench/overfit.py's CTC readout): per speech token the best-scoring vocabulary
+    entry, a run of one entry read once, the blank (eos) never, and nothing past the row's own count."""
+    m = LSMForConditionalGeneration.from_parts(*parts, TINY_QFORMER).eval()
+    table = m.llm.get_input_embeddings().weight.detach()
+    unit = table / table.pow(2).sum(-1, keepdim=True)  # scores 1 with its own row
+    clear = [i for i in range(table.shape[0]) if int((table @ unit[i]).argmax()) == i and i != m.ctc_blank_id]
+    a, b, c = clear[:3]
+    blank = m.ctc_blank_id
+    assert int((table @ unit[blank]).argmax()) == blank
+    rows = [[a, a, blank, a, b, b, c], [c, blank, blank, b, a, a, a]]
+    speech = torch.stack([unit[torch.tensor(r)] for r in rows])
+    assert m.ctc_greedy(speech, [7, 4]) == [[a, a, b, c], [c, b]]

@@ -614,6 +614,19 @@ class LSMForConditionalGeneration(PreTrainedModel):
             return logp.sum() * 0.0
         return (per_row[ok] / lengths[ok]).mean()
 
+    @torch.inference_mode()
+    def ctc_greedy(self, speech: torch.Tensor, counts: list[int]) -> list[list[int]]:
+        """What the speech tokens say read as CTC over the LLM's vocabulary (``ctc_loss``'s logits): each row's
+        most likely entry per token, repeats merged, blanks dropped. The connector's own transcript, before the
+        LLM reads anything: whether the windows carry the words, apart from what the LLM makes of them."""
+        table = self.llm.get_input_embeddings().weight
+        best = (speech.to(table.dtype) @ table.T).argmax(-1).tolist()  # [B, W]
+        blank, out = self.ctc_blank_id, []
+        for row, n in zip(best, counts, strict=True):
+            ids = [t for i, t in enumerate(row[:n]) if i == 0 or t != row[i - 1]]
+            out.append([t for t in ids if t != blank])
+        return out
+
     def _answer_logits_ok(self) -> bool:
         # An LLM that rescales or caps its logits after the head (Gemma 2, Cohere) goes through its own forward, and
         # so does one whose attention takes no explicit mask (packing and kept prefixes need one).
