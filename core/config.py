@@ -538,6 +538,10 @@ class TrainConfig(Strict):
     # after them are the usual ones. Counted in max_steps. CTC needs a speech token per transcript token: at the
     # 0.333-s windows espeak's speech gives about as many of each, and a row with too few adds nothing.
     ctc_warmup_steps: int = Field(0, ge=0)
+    # After the warm start, this times the CTC loss is added to the answers' loss on the same speech tokens: it keeps
+    # each token near the embedding of the word spoken in its window, which a frozen LLM reads as it reads text,
+    # where the answers' loss alone may drift them into codes that only the trained sentences decode. 0: none.
+    ctc_weight: float = Field(0.0, ge=0.0)
     qformer: QFormerConfig = Field(default_factory=QFormerConfig)
     # How the build stage's shards are streamed (ExampleLoader): padded audio per batch, worker processes per
     # rank, shuffle buffer. The rows per batch are capped by batch_size; mel bins and chunk follow the Whisper.

@@ -400,3 +400,21 @@ def test_ctc_greedy_reads_each_speech_token_as_its_nearest_llm_token_merging_rep
     rows = [[a, a, blank, a, b, b, c], [c, blank, blank, b, a, a, a]]
     speech = torch.stack([unit[torch.tensor(r)] for r in rows])
     assert m.ctc_greedy(speech, [7, 4]) == [[a, a, b, c], [c, b]]
+
+
+def test_ctc_weight_adds_the_weighted_ctc_loss_of_the_same_speech_to_the_answers_loss(parts, eval_rows):
+    """train.ctc_weight after the warm start: one pass, the answers' loss plus w x the CTC loss on the very speech
+    tokens the LLM read; the gradient of both reaches the connector."""
+    torch.manual_seed(0)
+    short = TINY_QFORMER.model_copy(update={"window_s": 0.06, "stride_s": 0.06})  # enough tokens for CTC to align
+    m = LSMForConditionalGeneration.from_parts(*parts, short, freeze_llm=True).eval()
+    rows, clips = eval_rows
+    batch = Collate.for_model(m)(rows[:2], clips[:2], with_answer=True)
+    speech = m.encode_speech(batch.input_features, batch.durations_s)
+    answers = m(**batch.kwargs(), speech=speech).loss
+    ctc = m(**batch.kwargs(), speech=speech, ctc_targets=batch.transcript_ids).loss
+    both = m(**batch.kwargs(), speech=speech, ctc_targets=batch.transcript_ids, ctc_weight=0.3).loss
+    assert ctc.item() > 0 and m.ctc_rows == (2, 2) and both.item() == pytest.approx(answers.item() + 0.3 * ctc.item(), rel=1e-5)
+    m.zero_grad()
+    m(**batch.kwargs(), ctc_targets=batch.transcript_ids, ctc_weight=0.3).loss.backward()
+    assert m.proj.weight.grad is not None and m.proj.weight.grad.abs().sum() > 0

@@ -516,10 +516,12 @@ class LSMForConditionalGeneration(PreTrainedModel):
         speech: torch.Tensor | None = None,
         speech_counts: list[int] | None = None,
         ctc_targets: list[list[int]] | None = None,
+        ctc_weight: float | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Teacher-forced pass; with ``answer_ids`` (answer + eos) the loss is the mean over answer tokens.
-        With ``ctc_targets`` (token ids per row) the loss is ``ctc_loss``'s instead and the LLM does not run.
+        With ``ctc_targets`` (token ids per row) the loss is ``ctc_loss``'s instead and the LLM does not run; with
+        ``ctc_weight`` too, the answers' loss plus ``ctc_weight`` x ``ctc_loss`` on the same speech tokens.
 
         ``speech`` [B, N, llm hidden] puts given embeddings in the speech slot instead of the clips' own
         (``core.lsm.probes``: another clip's, zeros, the transcript's token embeddings), ``speech_counts`` how many
@@ -541,7 +543,15 @@ class LSMForConditionalGeneration(PreTrainedModel):
             speech = self.encode_speech(input_features, durations_s, clip_digests)
         if ctc_targets is not None:
             counts = speech_counts or self.speech_token_counts(durations_s)
-            return CausalLMOutputWithPast(loss=self.ctc_loss(speech, counts, ctc_targets))
+            ctc = self.ctc_loss(speech, counts, ctc_targets)
+            if ctc_weight is None:
+                return CausalLMOutputWithPast(loss=ctc)
+            out = self(
+                input_features, durations_s, prefix_ids, suffix_ids, answer_ids, clip_digests, logits, speech,
+                speech_counts, **kwargs,
+            )  # fmt: skip
+            out.loss = out.loss + ctc_weight * ctc
+            return out
         n = speech_counts
         if answer_ids is None or logits == "all" or kwargs or not self._answer_logits_ok():
             embeds, mask, labels = self.assemble(

@@ -504,15 +504,16 @@ class Trainer:
                     with amp:
                         # the CTC warm start's steps (train.ctc_warmup_steps) score the connector alone
                         ctc = step < cfg.ctc_warmup_steps
-                        loss = self.wrapped(
-                            **batch.kwargs(), **({"ctc_targets": batch.transcript_ids} if ctc else {})
-                        ).loss
+                        extra = {"ctc_targets": batch.transcript_ids} if ctc or cfg.ctc_weight else {}
+                        if not ctc and cfg.ctc_weight:  # the answers' loss plus the CTC loss, weighted
+                            extra["ctc_weight"] = cfg.ctc_weight
+                        loss = self.wrapped(**batch.kwargs(), **extra).loss
                     # Mean over micro-batches: scale so the accumulated gradient is the average, not the sum.
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach() / cfg.grad_accum
                 counts[0] += len(batch)
                 counts[1] += self.tokens(batch)
-                if ctc:
+                if ctc or cfg.ctc_weight:
                     counts[3:5] += torch.tensor(model.ctc_rows, device=self.device)
             # clip_grad_norm_ with an infinite bound measures the norm (logged) and changes nothing
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf)
