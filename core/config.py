@@ -439,6 +439,11 @@ class QFormerConfig(Strict):
     # new linear of the connector. "torch_default": PyTorch's nn.Linear default (uniform within 1/sqrt(fan_in),
     # bias too), which the reference's speech_llama_proj keeps: its _init_weights never reaches it.
     proj_init: Literal["normal", "torch_default"] = "normal"
+    # Soundwave's shrinking: the LLM reads only the speech tokens CTC would keep. Each token is read as its nearest
+    # LLM input embedding (the CTC warm start's logits); tokens read as the blank are dropped and each run of
+    # tokens read as one entry is averaged into one token. The LLM then sees about one token per spoken token, not
+    # one per window with blanks between (which a frozen LLM cannot read: docs/levers.md). Needs the warm start.
+    ctc_shrink: bool = False
 
     @model_validator(mode="after")
     def _check(self):

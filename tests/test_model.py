@@ -387,7 +387,9 @@ def test_ctc_warm_start_loss_reads_the_llm_vocabulary_in_order_and_leaves_the_ll
     assert m.ctc_rows == (1, 2) and math.isfinite(spelt.item())
 
 
-def test_ctc_greedy_reads_each_speech_token_as_its_nearest_llm_token_merging_repeats_and_dropping_blanks(parts):
+def test_ctc_greedy_reads_each_speech_token_as_its_nearest_llm_token_merging_repeats_and_dropping_blanks(
+    parts,
+):
     """The connector's own transcript (bench/overfit.py's CTC readout): per speech token the best-scoring vocabulary
     entry, a run of one entry read once, the blank (eos) never, and nothing past the row's own count."""
     m = LSMForConditionalGeneration.from_parts(*parts, TINY_QFORMER).eval()
@@ -406,7 +408,9 @@ def test_ctc_weight_adds_the_weighted_ctc_loss_of_the_same_speech_to_the_answers
     """train.ctc_weight after the warm start: one pass, the answers' loss plus w x the CTC loss on the very speech
     tokens the LLM read; the gradient of both reaches the connector."""
     torch.manual_seed(0)
-    short = TINY_QFORMER.model_copy(update={"window_s": 0.06, "stride_s": 0.06})  # enough tokens for CTC to align
+    short = TINY_QFORMER.model_copy(
+        update={"window_s": 0.06, "stride_s": 0.06}
+    )  # enough tokens for CTC to align
     m = LSMForConditionalGeneration.from_parts(*parts, short, freeze_llm=True).eval()
     rows, clips = eval_rows
     batch = Collate.for_model(m)(rows[:2], clips[:2], with_answer=True)
@@ -414,7 +418,46 @@ def test_ctc_weight_adds_the_weighted_ctc_loss_of_the_same_speech_to_the_answers
     answers = m(**batch.kwargs(), speech=speech).loss
     ctc = m(**batch.kwargs(), speech=speech, ctc_targets=batch.transcript_ids).loss
     both = m(**batch.kwargs(), speech=speech, ctc_targets=batch.transcript_ids, ctc_weight=0.3).loss
-    assert ctc.item() > 0 and m.ctc_rows == (2, 2) and both.item() == pytest.approx(answers.item() + 0.3 * ctc.item(), rel=1e-5)
+    assert (
+        ctc.item() > 0
+        and m.ctc_rows == (2, 2)
+        and both.item() == pytest.approx(answers.item() + 0.3 * ctc.item(), rel=1e-5)
+    )
     m.zero_grad()
     m(**batch.kwargs(), ctc_targets=batch.transcript_ids, ctc_weight=0.3).loss.backward()
     assert m.proj.weight.grad is not None and m.proj.weight.grad.abs().sum() > 0
+
+
+def test_ctc_shrink_keeps_one_token_per_run_drops_blanks_and_is_what_the_llm_reads(parts, eval_rows):
+    """train.qformer.ctc_shrink (Soundwave's shrinking): a run of tokens read as one entry becomes their mean, a
+    token read as the blank goes; training, the probes and decoding all read the kept tokens."""
+    shrinking = TINY_QFORMER.model_copy(update={"ctc_shrink": True})
+    m = LSMForConditionalGeneration.from_parts(*parts, shrinking).eval()
+    table = m.llm.get_input_embeddings().weight.detach()
+    unit = table / table.pow(2).sum(-1, keepdim=True)
+    clear = [i for i in range(table.shape[0]) if int((table @ unit[i]).argmax()) == i and i != m.ctc_blank_id]
+    a, b, c = clear[:3]
+    blank = m.ctc_blank_id
+    speech = torch.stack([unit[torch.tensor(r)] for r in ([a, a, blank, a, b, b, c], [blank] * 7)])
+    speech[0, 1] *= 1.01  # one run's tokens differ a little: the kept token is their mean
+    kept, counts = m.shrink(speech, [7, 7])
+    assert counts == [4, 0] and kept.shape == (2, 4, table.shape[1])
+    assert torch.allclose(kept[0, 0], (speech[0, 0] + speech[0, 1]) / 2)
+    assert torch.equal(kept[0, 1:], torch.stack([unit[a], (unit[b] + unit[b]) / 2, unit[c]]))
+    assert counts == [4, 0] and m.shrink(speech, [2, 7])[1] == [1, 0]  # nothing past a row's own count
+
+    rows, clips = eval_rows
+    batch = Collate.for_model(m)(rows[:2], clips[:2], with_answer=True)
+    full = m.encode_speech(batch.input_features, batch.durations_s)
+    mine, n = m.shrink(full, m.speech_token_counts(batch.durations_s))
+    assert m(**batch.kwargs()).loss.item() == pytest.approx(
+        m(**batch.kwargs(), speech=mine, speech_counts=n).loss.item()
+    )
+    assert m(**batch.kwargs()).loss.item() != pytest.approx(m(**batch.kwargs(), speech=full).loss.item())
+    out = m.generate(batch.input_features, batch.durations_s, batch.prefix_ids, batch.suffix_ids, 3)
+    assert len(out) == 2
+    from core.lsm.probes import SpeechProbe, probe_batch
+
+    probe = SpeechProbe()
+    probe_batch(m, batch, probe)
+    assert math.isfinite(probe.summary()["own_later"]) and math.isfinite(probe.summary()["swapped_later"])

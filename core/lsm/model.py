@@ -94,6 +94,7 @@ class LSMConfig(PretrainedConfig):
     )
     output_rms: float = 1.0  # its gain at initialization: the RMS of the LLM's input embeddings
     proj_init: str = "normal"  # or "torch_default" (core.config.QFormerConfig.proj_init)
+    ctc_shrink: bool = False  # the LLM reads the tokens CTC keeps (core.config.QFormerConfig.ctc_shrink)
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -230,6 +231,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
             lora=dict(lora) if lora else None,
             output_norm=qformer.output_norm,
             proj_init=qformer.proj_init,
+            ctc_shrink=qformer.ctc_shrink,
             output_rms=float(llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt()),
             attn_implementation=attn,
         )
@@ -539,13 +541,19 @@ class LSMForConditionalGeneration(PreTrainedModel):
           kept (``prefix_states``); only [speech][suffix][answer] goes through the LLM with gradient, attending to
           them. The loss and the gradients are those of the whole sequence (``tests/test_model_fast_paths.py``).
         """
-        if speech is None:
+        own = speech is None
+        if own:
             speech = self.encode_speech(input_features, durations_s, clip_digests)
         if ctc_targets is not None:
             counts = speech_counts or self.speech_token_counts(durations_s)
             ctc = self.ctc_loss(speech, counts, ctc_targets)
             if ctc_weight is None:
                 return CausalLMOutputWithPast(loss=ctc)
+        if own and self.config.ctc_shrink:  # CTC reads every token; the LLM only those it keeps
+            speech, speech_counts = self.shrink(
+                speech, speech_counts or self.speech_token_counts(durations_s)
+            )
+        if ctc_targets is not None:
             out = self(
                 input_features, durations_s, prefix_ids, suffix_ids, answer_ids, clip_digests, logits, speech,
                 speech_counts, **kwargs,
@@ -623,6 +631,32 @@ class LSMForConditionalGeneration(PreTrainedModel):
         if not ok.any():
             return logp.sum() * 0.0
         return (per_row[ok] / lengths[ok]).mean()
+
+    def shrink(self, speech: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """The speech tokens CTC keeps (``QFormerConfig.ctc_shrink``, Soundwave's shrinking): each of a row's first
+        ``counts[i]`` tokens is read as its nearest LLM input embedding (``ctc_loss``'s logits); a token read as
+        the blank is dropped, and each run of tokens read as one entry becomes their mean. Returns the kept tokens,
+        [B, most kept, H] with zeros past a row's own, and how many each row kept (0 where CTC hears only blanks).
+        The choice takes no gradient; the kept tokens carry theirs."""
+        table = self.llm.get_input_embeddings().weight.detach()
+        best = (speech.detach().to(table.dtype) @ table.T).argmax(-1).tolist()  # [B, W]
+        blank, rows = self.ctc_blank_id, []
+        for i, n in enumerate(counts):
+            ids, kept, j = best[i][:n], [], 0
+            while j < n:
+                k = j + 1
+                while k < n and ids[k] == ids[j]:
+                    k += 1
+                if ids[j] != blank:
+                    kept.append(speech[i, j:k].mean(0))
+                j = k
+            rows.append(kept)
+        new = [len(r) for r in rows]
+        out = speech.new_zeros(speech.shape[0], max(max(new), 1), speech.shape[-1])
+        for i, r in enumerate(rows):
+            if r:
+                out[i, : len(r)] = torch.stack(r)
+        return out, new
 
     @torch.inference_mode()
     def ctc_greedy(self, speech: torch.Tensor, counts: list[int]) -> list[list[int]]:
@@ -790,6 +824,9 @@ class LSMForConditionalGeneration(PreTrainedModel):
         for the rows still decoding. Otherwise (beam search, logits processors) the LLM's own ``generate`` decodes
         the left-padded rows with its KV cache. Both give the same tokens (``tests/test_model_fast_paths.py``)."""
         speech = self.encode_speech(input_features, durations_s, clip_digests)
+        counts = None
+        if self.config.ctc_shrink:
+            speech, counts = self.shrink(speech, self.speech_token_counts(durations_s))
         tok = getattr(self, "tokenizer", None)
         eos = kwargs.pop("eos_token_id", None)
         if eos is None:
@@ -809,8 +846,9 @@ class LSMForConditionalGeneration(PreTrainedModel):
                 max_new_tokens,
                 eos_ids,
                 kwargs.get("min_new_tokens") or 0,
+                counts,
             )
-        embeds, mask, _ = self.assemble(speech, durations_s, prefix_ids, suffix_ids, None, "left")
+        embeds, mask, _ = self.assemble(speech, durations_s, prefix_ids, suffix_ids, None, "left", counts)
         out = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -862,12 +900,15 @@ class LSMForConditionalGeneration(PreTrainedModel):
         max_new_tokens: int,
         eos_ids: list[int],
         min_new_tokens: int = 0,
+        speech_counts: list[int] | None = None,
     ) -> list[list[int]]:
         """Greedy decoding after the kept prompt prefixes (``prefix_states``): [speech][suffix] of every row in one
         pass, then one token per step for the rows that have not reached eos; a row that reaches it leaves the
         batch (its keys and values too), so a batch costs what its rows need, not its longest row times B."""
         b = speech.shape[0]
-        embeds, mask, _ = self.assemble(speech, durations_s, [[]] * b, suffix_ids, None, "right")
+        embeds, mask, _ = self.assemble(
+            speech, durations_s, [[]] * b, suffix_ids, None, "right", speech_counts
+        )
         hidden, cache, plen, held = self._run_after_prefix(embeds, mask, prefix_ids)
         rest = mask.sum(-1)
         last = hidden[torch.arange(b, device=hidden.device), rest - 1]

@@ -93,9 +93,12 @@ def probe_batch(
     (a batch of one adds nothing to it); ``oracle`` needs ``transcript_ids`` (each row's transcript tokens)."""
     kw = batch.kwargs()
     own = model.encode_speech(batch.input_features, batch.durations_s, batch.clip_digests)
+    own_counts = model.speech_token_counts(batch.durations_s)
+    if model.config.ctc_shrink:  # what the LLM reads: the tokens CTC keeps
+        own, own_counts = model.shrink(own, own_counts)
     b = own.shape[0]
     for v in variants:
-        counts = None
+        counts = own_counts
         if v == "own":
             speech = own
         elif v == "swapped":
@@ -103,7 +106,7 @@ def probe_batch(
                 continue
             perm = torch.roll(torch.arange(b), 1)
             speech = own[perm]
-            counts = [model.speech_token_counts(batch.durations_s)[int(j)] for j in perm]
+            counts = [own_counts[int(j)] for j in perm]
         elif v == "zeroed":
             speech = torch.zeros_like(own)
         elif v == "oracle":
