@@ -252,6 +252,8 @@ def ctc_wer(checkpoint: Path, rows: list[dict], seen: str) -> dict[str, float]:
     model = LSMForConditionalGeneration.from_pretrained(str(checkpoint)).eval()
     collate, tok = Collate.for_model(model), model.tokenizer
     out = {}
+    table = model.llm.get_input_embeddings().weight.detach()
+    norms, cosines = [], []
     for key, split in (("train", seen), ("unseen", "unseen")):
         mine = [r for r in rows if r["split"] == split and "~" not in r["utt_id"]][
             : N_TRAIN if key == "train" else None
@@ -261,6 +263,12 @@ def ctc_wer(checkpoint: Path, rows: list[dict], seen: str) -> dict[str, float]:
             part = mine[i : i + 8]
             batch = collate(part, [audio.load(r["audio_path"]) for r in part], with_answer=False)
             speech = model.encode_speech(batch.input_features, batch.durations_s)
+            if key == "unseen":  # how far the tokens are from the embeddings the LLM reads as text
+                counts = model.speech_token_counts(batch.durations_s)
+                toks = torch.cat([speech[i, :k] for i, k in enumerate(counts)]).detach()
+                nearest = table[(toks @ table.T).argmax(-1)]
+                norms.append(toks.norm(dim=-1))
+                cosines.append(torch.nn.functional.cosine_similarity(toks, nearest, dim=-1))
             for r, ids in zip(
                 part, model.ctc_greedy(speech, model.speech_token_counts(batch.durations_s)), strict=True
             ):
@@ -270,6 +278,9 @@ def ctc_wer(checkpoint: Path, rows: list[dict], seen: str) -> dict[str, float]:
                 errs += c["substitutions"] + c["deletions"] + c["insertions"]
                 n += c["substitutions"] + c["deletions"] + c["hits"]
         out[key] = errs / n
+    out["token_norm"] = float(torch.cat(norms).median())
+    out["embedding_norm"] = float(table.norm(dim=-1).median())
+    out["cosine"] = float(torch.cat(cosines).median())
     return out
 
 
@@ -352,7 +363,9 @@ def main() -> None:
     ]
     lines.append(
         f"- the connector's CTC readout (each speech token as its nearest LLM token): WER the 32 {ctc['train']:.1%}, "
-        f"the {args.unseen} unseen {ctc['unseen']:.1%}"
+        f"the {args.unseen} unseen {ctc['unseen']:.1%}; on the unseen clips the speech tokens' median norm is "
+        f"{ctc['token_norm']:.2f} (the LLM's embeddings: {ctc['embedding_norm']:.2f}) and their median cosine to the "
+        f"nearest embedding {ctc['cosine']:.2f}"
     )
     for split in ("train", "unseen"):
         for ref, hyp in wer[split]["pairs"][:3]:
