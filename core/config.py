@@ -444,6 +444,12 @@ class QFormerConfig(Strict):
     # tokens read as one entry is averaged into one token. The LLM then sees about one token per spoken token, not
     # one per window with blanks between (which a frozen LLM cannot read: docs/levers.md). Needs the warm start.
     ctc_shrink: bool = False
+    # How a speech token scores each vocabulary entry for CTC (the warm start, ctc_weight, shrinking, the readout).
+    # "dot": its dot product with the entry's input embedding; a long token pointing roughly the right way wins, so
+    # CTC can be right while the token is far from the embedding the LLM reads (docs/levers.md: norm 14 against 3,
+    # cosine 0.2). "cosine": ctc_cosine_scale x the cosine, which only the token's direction can win.
+    ctc_logits: Literal["dot", "cosine"] = "dot"
+    ctc_cosine_scale: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self):

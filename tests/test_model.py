@@ -461,3 +461,19 @@ def test_ctc_shrink_keeps_one_token_per_run_drops_blanks_and_is_what_the_llm_rea
     probe = SpeechProbe()
     probe_batch(m, batch, probe)
     assert math.isfinite(probe.summary()["own_later"]) and math.isfinite(probe.summary()["swapped_later"])
+
+
+def test_cosine_ctc_logits_are_won_by_direction_not_length(parts):
+    """train.qformer.ctc_logits cosine: a token scores each entry by ctc_cosine_scale x the cosine with its
+    embedding, so lengthening a token changes nothing; under dot products the same lengthening does."""
+    m = LSMForConditionalGeneration.from_parts(
+        *parts, TINY_QFORMER.model_copy(update={"ctc_logits": "cosine", "ctc_cosine_scale": 10.0})
+    )
+    table = m.llm.get_input_embeddings().weight.detach()
+    x = torch.randn(1, 3, table.shape[1])
+    got = m.vocab_logits(x)
+    want = 10.0 * torch.nn.functional.cosine_similarity(x[0, :, None], table[None], dim=-1)
+    assert torch.allclose(got[0], want, atol=1e-4) and torch.allclose(m.vocab_logits(7 * x), got, atol=1e-4)
+    assert int(m.vocab_logits(table[None, 5:6]).argmax()) == 5  # an embedding is its own best entry
+    dot = LSMForConditionalGeneration.from_parts(*parts, TINY_QFORMER)
+    assert not torch.allclose(dot.vocab_logits(7 * x), dot.vocab_logits(x))

@@ -95,6 +95,8 @@ class LSMConfig(PretrainedConfig):
     output_rms: float = 1.0  # its gain at initialization: the RMS of the LLM's input embeddings
     proj_init: str = "normal"  # or "torch_default" (core.config.QFormerConfig.proj_init)
     ctc_shrink: bool = False  # the LLM reads the tokens CTC keeps (core.config.QFormerConfig.ctc_shrink)
+    ctc_logits: str = "dot"  # or "cosine" (core.config.QFormerConfig.ctc_logits)
+    ctc_cosine_scale: float = 30.0
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -232,6 +234,8 @@ class LSMForConditionalGeneration(PreTrainedModel):
             output_norm=qformer.output_norm,
             proj_init=qformer.proj_init,
             ctc_shrink=qformer.ctc_shrink,
+            ctc_logits=qformer.ctc_logits,
+            ctc_cosine_scale=qformer.ctc_cosine_scale,
             output_rms=float(llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt()),
             attn_implementation=attn,
         )
@@ -596,18 +600,28 @@ class LSMForConditionalGeneration(PreTrainedModel):
             raise ValueError("ctc_loss: the LLM has no eos token to stand for the blank")
         return int(blank)
 
+    def vocab_logits(self, speech: torch.Tensor) -> torch.Tensor:
+        """Each speech token's score for each vocabulary entry, as CTC reads it (``QFormerConfig.ctc_logits``): its
+        dot product with the entry's input embedding, or ``ctc_cosine_scale`` x their cosine. The embeddings are
+        taken as they are, without gradient: the LLM is not touched."""
+        table = self.llm.get_input_embeddings().weight.detach()
+        x = speech.to(table.dtype)
+        if self.config.ctc_logits == "cosine":
+            unit = nn.functional.normalize
+            return self.config.ctc_cosine_scale * (unit(x, dim=-1) @ unit(table, dim=-1).T)
+        return x @ table.T
+
     def ctc_loss(self, speech: torch.Tensor, counts: list[int], targets: list[list[int]]) -> torch.Tensor:
-        """CTC over the LLM's vocabulary (Soundwave's alignment stage): each speech token's logits are its dot
-        products with the LLM's input embeddings (taken as they are, no gradient: the LLM is not touched), the eos
-        entry standing for the blank (``ctc_blank_id``). The loss pulls each token toward the embedding of the
-        transcript token spoken in its window, the form the frozen LLM reads best (the text oracle).
+        """CTC over the LLM's vocabulary (Soundwave's alignment stage): each speech token's logits are its scores
+        against the LLM's input embeddings (``vocab_logits``: dot products, or scaled cosines), the eos entry
+        standing for the blank (``ctc_blank_id``). The loss pulls each token toward the embedding of the transcript
+        token spoken in its window, the form the frozen LLM reads best (the text oracle).
 
         Per target token, averaged over the rows CTC can align: a row needs a speech token per transcript token
         and one more between repeats. A row with fewer adds nothing (``ctc_rows`` says how many did), nor does one
         whose transcript holds the blank's token (its text spells out the eos string); a batch with none gives 0
         with no gradient."""
-        table = self.llm.get_input_embeddings().weight.detach()
-        logits = speech.to(table.dtype) @ table.T  # [B, W, V]
+        logits = self.vocab_logits(speech)  # [B, W, V]
         logp = logits.float().log_softmax(-1).transpose(0, 1)  # [W, B, V]: ctc_loss's layout
         device = speech.device
         blank = self.ctc_blank_id
@@ -638,8 +652,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
         the blank is dropped, and each run of tokens read as one entry becomes their mean. Returns the kept tokens,
         [B, most kept, H] with zeros past a row's own, and how many each row kept (0 where CTC hears only blanks).
         The choice takes no gradient; the kept tokens carry theirs."""
-        table = self.llm.get_input_embeddings().weight.detach()
-        best = (speech.detach().to(table.dtype) @ table.T).argmax(-1).tolist()  # [B, W]
+        best = self.vocab_logits(speech.detach()).argmax(-1).tolist()  # [B, W]
         blank, rows = self.ctc_blank_id, []
         for i, n in enumerate(counts):
             ids, kept, j = best[i][:n], [], 0
@@ -663,8 +676,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
         """What the speech tokens say read as CTC over the LLM's vocabulary (``ctc_loss``'s logits): each row's
         most likely entry per token, repeats merged, blanks dropped. The connector's own transcript, before the
         LLM reads anything: whether the windows carry the words, apart from what the LLM makes of them."""
-        table = self.llm.get_input_embeddings().weight
-        best = (speech.to(table.dtype) @ table.T).argmax(-1).tolist()  # [B, W]
+        best = self.vocab_logits(speech).argmax(-1).tolist()  # [B, W]
         blank, out = self.ctc_blank_id, []
         for row, n in zip(best, counts, strict=True):
             ids = [t for i, t in enumerate(row[:n]) if i == 0 or t != row[i - 1]]
