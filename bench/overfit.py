@@ -266,7 +266,7 @@ def ctc_wer(checkpoint: Path, rows: list[dict], seen: str) -> dict[str, float]:
             if key == "unseen":  # how far the tokens are from the embeddings the LLM reads as text
                 counts = model.speech_token_counts(batch.durations_s)
                 toks = torch.cat([speech[i, :k] for i, k in enumerate(counts)]).detach()
-                nearest = table[(toks @ table.T).argmax(-1)]
+                nearest = table[model.vocab_logits(toks).argmax(-1)]  # the entry CTC reads it as
                 norms.append(toks.norm(dim=-1))
                 cosines.append(torch.nn.functional.cosine_similarity(toks, nearest, dim=-1))
             for r, ids in zip(
