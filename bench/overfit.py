@@ -208,9 +208,7 @@ def greedy_wer(checkpoint: Path, rows: list[dict], seen: str) -> dict[str, dict]
     import torch
 
     from core.lsm.model import LSMForConditionalGeneration
-    from core.text import normalize
     from stages.evaluate.decoding import Item, decode
-    from stages.evaluate.wer import word_errors
 
     torch.set_num_threads(2)
     model = LSMForConditionalGeneration.from_pretrained(str(checkpoint)).eval()
@@ -225,16 +223,22 @@ def greedy_wer(checkpoint: Path, rows: list[dict], seen: str) -> dict[str, dict]
             for r in mine
         ]
         d = decode(model, items, 8, label=f"greedy {split}")
-        errs = n = 0
-        pairs = []
-        for r in mine:
-            hyp = d.texts.get(r["example_id"], "")
-            c = word_errors(normalize(r["transcript"]), normalize(hyp))
-            errs += c["substitutions"] + c["deletions"] + c["insertions"]
-            n += c["substitutions"] + c["deletions"] + c["hits"]
-            pairs.append((r["transcript"], hyp))
-        out[key] = {"wer": errs / n, "pairs": pairs}
+        pairs = [(r["transcript"], d.texts.get(r["example_id"], "")) for r in mine]
+        out[key] = {"wer": corpus_wer(pairs), "pairs": pairs}
     return out
+
+
+def corpus_wer(pairs: list[tuple[str, str]]) -> float:
+    """Errors over reference words, summed over (transcript, hypothesis) pairs, both Whisper-normalized."""
+    from core.text import normalize
+    from stages.evaluate.wer import word_errors
+
+    errs = n = 0
+    for ref, hyp in pairs:
+        c = word_errors(normalize(ref), normalize(hyp))
+        errs += c["substitutions"] + c["deletions"] + c["insertions"]
+        n += c["substitutions"] + c["deletions"] + c["hits"]
+    return errs / n
 
 
 def ctc_wer(checkpoint: Path, rows: list[dict], seen: str) -> dict[str, float]:
@@ -245,8 +249,6 @@ def ctc_wer(checkpoint: Path, rows: list[dict], seen: str) -> dict[str, float]:
     from core import audio
     from core.lsm.batch import Collate
     from core.lsm.model import LSMForConditionalGeneration
-    from core.text import normalize
-    from stages.evaluate.wer import word_errors
 
     torch.set_num_threads(2)
     model = LSMForConditionalGeneration.from_pretrained(str(checkpoint)).eval()
@@ -258,26 +260,20 @@ def ctc_wer(checkpoint: Path, rows: list[dict], seen: str) -> dict[str, float]:
         mine = [r for r in rows if r["split"] == split and "~" not in r["utt_id"]][
             : N_TRAIN if key == "train" else None
         ]
-        errs = n = 0
+        pairs = []
         for i in range(0, len(mine), 8):
             part = mine[i : i + 8]
             batch = collate(part, [audio.load(r["audio_path"]) for r in part], with_answer=False)
             speech = model.encode_speech(batch.input_features, batch.durations_s)
+            counts = model.speech_token_counts(batch.durations_s)
             if key == "unseen":  # how far the tokens are from the embeddings the LLM reads as text
-                counts = model.speech_token_counts(batch.durations_s)
                 toks = torch.cat([speech[i, :k] for i, k in enumerate(counts)]).detach()
                 nearest = table[model.vocab_logits(toks).argmax(-1)]  # the entry CTC reads it as
                 norms.append(toks.norm(dim=-1))
                 cosines.append(torch.nn.functional.cosine_similarity(toks, nearest, dim=-1))
-            for r, ids in zip(
-                part, model.ctc_greedy(speech, model.speech_token_counts(batch.durations_s)), strict=True
-            ):
-                c = word_errors(
-                    normalize(r["transcript"]), normalize(tok.decode(ids, skip_special_tokens=True))
-                )
-                errs += c["substitutions"] + c["deletions"] + c["insertions"]
-                n += c["substitutions"] + c["deletions"] + c["hits"]
-        out[key] = errs / n
+            for r, ids in zip(part, model.ctc_greedy(speech, counts), strict=True):
+                pairs.append((r["transcript"], tok.decode(ids, skip_special_tokens=True)))
+        out[key] = corpus_wer(pairs)
     out["token_norm"] = float(torch.cat(norms).median())
     out["embedding_norm"] = float(table.norm(dim=-1).median())
     out["cosine"] = float(torch.cat(cosines).median())
