@@ -141,9 +141,9 @@ def decode(
     res = Decoded()
     if order not in ("duration", "dataset"):
         raise ValueError(f"decode: order {order!r} is neither duration nor dataset")
-    groups = {g: i for i, g in enumerate(dict.fromkeys(it.group for it in items))}
     if order == "dataset":  # a stable sort keeps each group's items in the order given
-        order_ = sorted(items, key=lambda it: groups[it.group])
+        first = {g: i for i, g in enumerate(dict.fromkeys(it.group for it in items))}
+        order_ = sorted(items, key=lambda it: first[it.group])
     else:
         order_ = sorted(items, key=lambda it: (it.group, -it.duration_s, it.utt_id, it.key))
     _clip.cache_clear()
