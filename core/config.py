@@ -450,6 +450,12 @@ class QFormerConfig(Strict):
     # cosine 0.2). "cosine": ctc_cosine_scale x the cosine, which only the token's direction can win.
     ctc_logits: Literal["dot", "cosine"] = "dot"
     ctc_cosine_scale: float = Field(30.0, gt=0)
+    # LegoSLM's connector, on top of shrinking: the LLM reads each kept speech token as its CTC posterior over the
+    # vocabulary (the blank left out) times the LLM's input embeddings. Where CTC is sure that is the word's own
+    # embedding, the form the frozen LLM reads best (the text oracle); where unsure, a blend of the candidates.
+    # Without it the kept tokens are the projection's outputs, which CTC can read right while the LLM reads them as
+    # other words (docs/levers.md). Needs ctc_shrink: a blank window has no word to stand for.
+    ctc_mix: bool = False
 
     @model_validator(mode="after")
     def _check(self):
@@ -465,6 +471,11 @@ class QFormerConfig(Strict):
                 raise ValueError(
                     f"train.qformer.{key}: {v} s is longer than Whisper's {WHISPER_CHUNK_S:.0f} s input"
                 )
+        if self.ctc_mix and not self.ctc_shrink:
+            raise ValueError(
+                "train.qformer.ctc_mix: needs train.qformer.ctc_shrink (the LLM reads a mix only for the tokens CTC "
+                "keeps; a blank window has no word to stand for)"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"train.qformer.hidden_size: {self.hidden_size} is not a multiple of num_heads ({self.num_heads})"

@@ -463,6 +463,55 @@ def test_ctc_shrink_keeps_one_token_per_run_drops_blanks_and_is_what_the_llm_rea
     assert math.isfinite(probe.summary()["own_later"]) and math.isfinite(probe.summary()["swapped_later"])
 
 
+def test_ctc_mix_reads_each_kept_token_as_ctc_posterior_times_the_llm_embeddings(parts, eval_rows):
+    """train.qformer.ctc_mix (LegoSLM's connector): a kept token becomes softmax(its vocabulary logits, the blank
+    left out) @ the LLM's input embeddings: a token CTC is sure of becomes that word's own embedding, none becomes
+    the blank's; the gradient reaches the connector through the posterior; training, probes and decoding read it."""
+    with pytest.raises(ValueError, match="ctc_mix: needs train.qformer.ctc_shrink"):
+        type(TINY_QFORMER).model_validate({**TINY_QFORMER.model_dump(), "ctc_mix": True})
+    torch.manual_seed(0)
+    mixing = TINY_QFORMER.model_copy(update={"ctc_shrink": True, "ctc_mix": True})
+    m = LSMForConditionalGeneration.from_parts(*parts, mixing).eval()
+    assert m.config.ctc_mix
+    table = m.llm.get_input_embeddings().weight.detach()
+    unit = table / table.pow(2).sum(-1, keepdim=True)
+    clear = [i for i in range(table.shape[0]) if int((table @ unit[i]).argmax()) == i and i != m.ctc_blank_id]
+    a, blank = clear[0], m.ctc_blank_id
+    x = torch.randn(1, 3, table.shape[1]) * 0.05
+    x[0, 0] = 1e4 * unit[a]  # CTC is sure: the word's own embedding
+    x[0, 1] = 1e4 * unit[blank]  # a blank-heavy token still becomes a word's mix, never the blank's embedding
+    got = m.mix(x)
+    logits = x[0] @ table.T
+    logits[:, blank] = float("-inf")
+    assert torch.allclose(got[0], logits.softmax(-1) @ table, atol=1e-5)
+    assert torch.allclose(got[0, 0], table[a], atol=1e-4)
+    assert not torch.allclose(got[0, 1], table[blank], atol=1e-2)
+    x.requires_grad_(True)
+    m.mix(x).pow(2).sum().backward()
+    assert x.grad is not None and x.grad[0, 2].abs().sum() > 0
+
+    rows, clips = eval_rows
+    batch = Collate.for_model(m)(rows[:2], clips[:2], with_answer=True)
+    full = m.encode_speech(batch.input_features, batch.durations_s)
+    kept, n = m.shrink(full, m.speech_token_counts(batch.durations_s))
+    read, n2 = m.llm_reads(full, m.speech_token_counts(batch.durations_s))
+    assert n2 == n and torch.allclose(read, m.mix(kept))
+    assert sum(n) > 0 and not torch.allclose(
+        read, kept
+    )  # seeded: the untrained connector keeps a token a row
+    assert m(**batch.kwargs()).loss.item() == pytest.approx(
+        m(**batch.kwargs(), speech=read, speech_counts=n).loss.item()
+    )
+    assert (
+        len(m.generate(batch.input_features, batch.durations_s, batch.prefix_ids, batch.suffix_ids, 3)) == 2
+    )
+    from core.lsm.probes import SpeechProbe, probe_batch
+
+    probe = SpeechProbe()
+    probe_batch(m, batch, probe)
+    assert math.isfinite(probe.summary()["own_later"])
+
+
 def test_cosine_ctc_logits_are_won_by_direction_not_length(parts):
     """train.qformer.ctc_logits cosine: a token scores each entry by ctc_cosine_scale x the cosine with its
     embedding, so lengthening a token changes nothing; under dot products the same lengthening does."""

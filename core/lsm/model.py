@@ -97,6 +97,7 @@ class LSMConfig(PretrainedConfig):
     ctc_shrink: bool = False  # the LLM reads the tokens CTC keeps (core.config.QFormerConfig.ctc_shrink)
     ctc_logits: str = "dot"  # or "cosine" (core.config.QFormerConfig.ctc_logits)
     ctc_cosine_scale: float = 30.0
+    ctc_mix: bool = False  # the LLM reads kept tokens as CTC's mix of its embeddings (QFormerConfig.ctc_mix)
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -236,6 +237,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
             ctc_shrink=qformer.ctc_shrink,
             ctc_logits=qformer.ctc_logits,
             ctc_cosine_scale=qformer.ctc_cosine_scale,
+            ctc_mix=qformer.ctc_mix,
             output_rms=float(llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt()),
             attn_implementation=attn,
         )
@@ -553,8 +555,8 @@ class LSMForConditionalGeneration(PreTrainedModel):
             ctc = self.ctc_loss(speech, counts, ctc_targets)
             if ctc_weight is None:
                 return CausalLMOutputWithPast(loss=ctc)
-        if own and self.config.ctc_shrink:  # CTC reads every token; the LLM only those it keeps
-            speech, speech_counts = self.shrink(
+        if own and self.config.ctc_shrink:  # CTC reads every token; the LLM only what it keeps
+            speech, speech_counts = self.llm_reads(
                 speech, speech_counts or self.speech_token_counts(durations_s)
             )
         if ctc_targets is not None:
@@ -670,6 +672,22 @@ class LSMForConditionalGeneration(PreTrainedModel):
             if r:
                 out[i, : len(r)] = torch.stack(r)
         return out, new
+
+    def mix(self, speech: torch.Tensor) -> torch.Tensor:
+        """Each speech token as CTC's posterior over the vocabulary, the blank left out, times the LLM's input
+        embeddings (``QFormerConfig.ctc_mix``, LegoSLM's connector): [B, N, H] -> [B, N, H], every token a point
+        among the embeddings the LLM reads as text. The gradient reaches the tokens through the posterior; the
+        embeddings take theirs only when the LLM's own embeddings train."""
+        table = self.llm.get_input_embeddings().weight
+        logits = self.vocab_logits(speech).float()
+        logits[..., self.ctc_blank_id] = float("-inf")
+        return (logits.softmax(-1) @ table.float()).to(speech.dtype)
+
+    def llm_reads(self, speech: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """What the LLM reads of a batch's speech tokens under ``ctc_shrink`` (``shrink``), each kept token then
+        mixed (``mix``) under ``ctc_mix``; returns them and how many each row has."""
+        speech, counts = self.shrink(speech, counts)
+        return (self.mix(speech) if self.config.ctc_mix else speech), counts
 
     @torch.inference_mode()
     def ctc_greedy(self, speech: torch.Tensor, counts: list[int]) -> list[list[int]]:
@@ -838,7 +856,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
         speech = self.encode_speech(input_features, durations_s, clip_digests)
         counts = None
         if self.config.ctc_shrink:
-            speech, counts = self.shrink(speech, self.speech_token_counts(durations_s))
+            speech, counts = self.llm_reads(speech, self.speech_token_counts(durations_s))
         tok = getattr(self, "tokenizer", None)
         eos = kwargs.pop("eos_token_id", None)
         if eos is None:

@@ -95,7 +95,7 @@ def probe_batch(
     own = model.encode_speech(batch.input_features, batch.durations_s, batch.clip_digests)
     own_counts = model.speech_token_counts(batch.durations_s)
     if model.config.ctc_shrink:  # what the LLM reads: the tokens CTC keeps
-        own, own_counts = model.shrink(own, own_counts)
+        own, own_counts = model.llm_reads(own, own_counts)
     b = own.shape[0]
     for v in variants:
         counts = own_counts
