@@ -5,7 +5,7 @@ transcript (speech anchor bias); one tuned on its own LLM's answers (self-powere
     .venv/bin/python bench/reproduce.py --rerun-lr 5e-4       # then: only the training settings change
     .venv/bin/python bench/reproduce.py --quick               # a smoke run: 200 utterances, a few steps
 
-1. Speech: espeak-ng (``-s 140``, en-us) reads the 2,098 real transcripts of the reference's own manifest
+1. Speech: espeak-ng (``-s 140``, en-us) reads the 2,099 real transcripts of the reference's own manifest
    (``../shared/seed-data/raw_manifest_example.jsonl``; GigaSpeech's spaced punctuation and tags made plain
    first, ``core.text.readable``), once, into ``data/reproduce/``; about 10% are held out by utterance hash.
    The bundled real clips (LibriSpeech dev-clean and test-clean) are a second held-out set.

@@ -92,7 +92,7 @@ def transcript_column(form: str) -> str:
 
 
 def reference_form(text_raw: str, kind: str | None) -> str:
-    """The transcript as the reference's manifest holds it, by corpus kind (issue 31's audit of its 2,098 rows):
+    """The transcript as the reference's manifest holds it, by corpus kind (issue 31's audit of its 2,099 rows):
 
     - ``librispeech``: Whisper-normalized (``it was her husband is 1500 men``), 355 of its 356 rows;
     - ``gigaspeech``: GigaSpeech's line lower-cased, its tags as spaced punctuation (``but these people used

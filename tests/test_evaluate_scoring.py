@@ -242,6 +242,21 @@ def test_question_file_errors_name_file_line_and_field(tmp_path):
         p.write_text(text)
         with pytest.raises(qa.QAFileError, match=msg.replace("?", r"\?").replace("[", r"\[")):
             qa.load_questions(p)
+    for text, msg in [
+        ('{"audio_path": "a.wav", "audio": "a.wav", "passage": "P", "answer": true}', "not both"),
+        ('{"audio_path": "a.wav", "passage": "P", "answer": "maybe"}', "field 'answer'"),
+    ]:
+        p.write_text(text)
+        with pytest.raises(qa.QAFileError, match=msg):
+            qa.load_questions(p)
+    # the reference's BoolQA lines as its evaluate_BoolQA.py reads them: audio_path, a string answer, no question
+    p.write_text('{"passage": "P", "audio_path": "clips/a.wav", "answer": "False"}\n')
+    assert qa.load_questions(p) == [
+        dict(
+            id="line-1", utt_id="boolqa:line-1", question="", answer=False, passage="P",
+            audio=str((tmp_path / "clips" / "a.wav").resolve()),
+        )
+    ]  # fmt: skip
     p.write_text(
         json.dumps({"utt_id": "u", "question": "Q?", "answer": False, "passage": "ignored"}) + "\n\n"
     )

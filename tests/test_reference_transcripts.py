@@ -1,4 +1,4 @@
-"""The reference's transcript form (``generate.transcript_form: reference``) against its own manifest: the 2,098
+"""The reference's transcript form (``generate.transcript_form: reference``) against its own manifest: the 2,099
 transcripts of ``../shared/seed-data/raw_manifest_example.jsonl``, as its code fed them to the LLM."""
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ question spoken, true or false,
     {"id": "q2", "passage": "Persian is ...", "audio": "boolqa/q2.wav", "question": "is persian ...", "answer": true}
 
 where ``audio`` (relative to the question file) holds the spoken question and ``question`` its text, kept for
-the report only. The prompt is ``core.prompts.boolqa_prompt`` in the run's layout (the reference's strings in
+the report only. The reference's own lines are read as they are: the audio under ``audio_path``, the answer the
+string ``"true"`` or ``"false"``, no ``question`` (``src/evaluate_BoolQA.py:31-45`` reads only ``passage``,
+``audio_path`` and ``answer``). The prompt is ``core.prompts.boolqa_prompt`` in the run's layout (the reference's strings in
 ``reference``), and these questions are scored as their own set, ``boolqa``.
 
 Without a file, ``word_presence_questions`` makes a small set from the eval transcripts themselves,
@@ -120,10 +122,18 @@ def load_questions(path: Path) -> list[dict]:
             raise QAFileError(f"{path}:{n}: not a JSON object ({e})") from e
         if not isinstance(obj, dict):
             raise QAFileError(f"{path}:{n}: expected a JSON object, found {type(obj).__name__}")
-        if not isinstance(obj.get("answer"), bool):
+        answer = obj.get("answer")
+        if isinstance(answer, str) and answer.strip().lower() in ("true", "false"):
+            answer = answer.strip().lower() == "true"  # the reference's: a string it appends eos to
+        if not isinstance(answer, bool):
             raise QAFileError(
                 f"{path}:{n}: field 'answer': expected true or false, found {obj.get('answer')!r}"
             )
+        obj["answer"] = answer
+        if "audio_path" in obj:  # the reference's name for the spoken question (src/evaluate_BoolQA.py:37)
+            if "audio" in obj:
+                raise QAFileError(f"{path}:{n}: give 'audio' or 'audio_path' (the same field), not both")
+            obj["audio"] = obj.pop("audio_path")
         qid = str(obj.get("id", f"line-{n}"))
         if qid in seen:
             raise QAFileError(f"{path}:{n}: field 'id': {qid!r} appears twice")
