@@ -31,3 +31,14 @@ def test_layers_import_downward_only():
         text=True,
     )
     assert r.returncode == 0 and "0 broken" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_every_stage_package_is_in_the_independence_contract():
+    """A stage package left out of the contract could import another stage unnoticed (stages.reference_checkpoint
+    was, for a while)."""
+    import tomllib
+
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    listed = {m for c in contracts if c["type"] == "independence" for m in c["modules"]}
+    packages = {f"stages.{p.parent.name}" for p in (REPO / "stages").glob("*/__init__.py")}
+    assert packages <= listed, f"missing from the independence contract: {sorted(packages - listed)}"
