@@ -447,8 +447,11 @@ class QFormerConfig(Strict):
     # How a speech token scores each vocabulary entry for CTC (the warm start, ctc_weight, shrinking, the readout).
     # "dot": its dot product with the entry's input embedding; a long token pointing roughly the right way wins, so
     # CTC can be right while the token is far from the embedding the LLM reads (docs/levers.md: norm 14 against 3,
-    # cosine 0.2). "cosine": ctc_cosine_scale x the cosine, which only the token's direction can win.
-    ctc_logits: Literal["dot", "cosine"] = "dot"
+    # cosine 0.2). "cosine": ctc_cosine_scale x the cosine, which only the token's direction can win. "head": a
+    # linear layer of its own from the speech token to the vocabulary (LegoSLM's CTC head), free of the embeddings'
+    # geometry, where the other two can tell two entries apart only as far as their embeddings differ; it adds
+    # hidden x vocabulary weights to the connector (28M for SmolLM2) and is the classifier ctc_mix reads.
+    ctc_logits: Literal["dot", "cosine", "head"] = "dot"
     ctc_cosine_scale: float = Field(30.0, gt=0)
     # LegoSLM's connector, on top of shrinking: the LLM reads each kept speech token as its CTC posterior over the
     # vocabulary (the blank left out) times the LLM's input embeddings. Where CTC is sure that is the word's own

@@ -512,6 +512,27 @@ def test_ctc_mix_reads_each_kept_token_as_ctc_posterior_times_the_llm_embeddings
     assert math.isfinite(probe.summary()["own_later"])
 
 
+def test_a_ctc_head_scores_the_vocabulary_with_weights_of_its_own_that_ctc_trains_and_the_llm_never_sees(
+    parts, eval_rows
+):
+    """train.qformer.ctc_logits head: CTC's logits are a linear layer of the connector's (LegoSLM's CTC head), not
+    the embeddings; the CTC loss trains it and it freezes with the projection (the checkpoint: tests/test_train.py)."""
+    m = LSMForConditionalGeneration.from_parts(*parts, TINY_QFORMER.model_copy(update={"ctc_logits": "head"}))
+    vocab = m.llm.get_input_embeddings().weight.shape[0]
+    assert m.ctc_head.weight.shape == (vocab, m.config.llm_config.hidden_size)
+    x = torch.randn(2, 3, m.config.llm_config.hidden_size)
+    assert torch.allclose(m.vocab_logits(x), x @ m.ctc_head.weight.T + m.ctc_head.bias)
+    rows, clips = eval_rows
+    short = TINY_QFORMER.model_copy(update={"ctc_logits": "head", "window_s": 0.06, "stride_s": 0.06})
+    m = LSMForConditionalGeneration.from_parts(*parts, short, freeze_llm=True)
+    batch = Collate.for_model(m)(rows[:2], clips[:2], with_answer=True)
+    m(**batch.kwargs(), ctc_targets=batch.transcript_ids).loss.backward()
+    assert m.ctc_head.weight.grad is not None and m.ctc_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.llm.parameters())
+    frozen = LSMForConditionalGeneration.from_parts(*parts, short, freeze_proj=True)
+    assert not frozen.ctc_head.weight.requires_grad
+
+
 def test_cosine_ctc_logits_are_won_by_direction_not_length(parts):
     """train.qformer.ctc_logits cosine: a token scores each entry by ctc_cosine_scale x the cosine with its
     embedding, so lengthening a token changes nothing; under dot products the same lengthening does."""

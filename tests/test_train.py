@@ -254,3 +254,33 @@ def test_ctc_warm_start_trains_the_connector_and_leaves_a_trainable_llm_as_it_wa
     )
     with pytest.raises(ValueError, match="ctc_warmup_steps"):
         TrainConfig(max_steps=5, ctc_warmup_steps=5)
+
+
+@pytest.mark.slow
+def test_a_ctc_head_trains_in_the_warm_start_and_is_kept_in_the_checkpoint(trained, tmp_path):
+    """train.qformer.ctc_logits head: the connector's own CTC head learns in the CTC steps, an answers step that
+    reads no CTC (no ctc_mix, no ctc_weight) leaves it out without stopping DDP, and the checkpoint holds it."""
+    from helpers_lsm import TINY_QFORMER
+
+    from core.paths import TrainPaths
+
+    q = TINY_QFORMER.model_copy(update={"window_s": 0.1, "stride_s": 0.1, "ctc_logits": "head"}).model_dump()
+    cfg = experiment(
+        max_steps=4, freeze_llm=True, ctc_warmup_steps=2, checkpoint_every=1, keep_checkpoints=4, qformer=q
+    ).train  # two answers steps: DDP notices a parameter that took no gradient at the step after
+    out = TrainPaths(tmp_path / "out")
+    train.train(cfg, trained["whisper"], trained["llm"], trained["examples"], out.dir)
+    recs = [json.loads(x) for x in out.metrics.read_text().splitlines() if '"objective"' in x]
+    assert [(r["step"], r["objective"]) for r in recs] == [
+        (1, "ctc"),
+        (2, "ctc"),
+        (3, "answers"),
+        (4, "answers"),
+    ]
+    from safetensors.torch import load_file
+
+    heads = [load_file(out.step(k) / "model.safetensors")["ctc_head.weight"] for k in (1, 2)]
+    assert not torch.equal(heads[0], heads[1]), "a CTC step left the head as it was"
+    last = LSMForConditionalGeneration.from_pretrained(out.checkpoint)  # after the answers steps
+    assert last.ctc_head is not None
+    assert torch.equal(last.ctc_head.weight, heads[1]), "an answers step that reads no CTC moved the head"

@@ -95,7 +95,7 @@ class LSMConfig(PretrainedConfig):
     output_rms: float = 1.0  # its gain at initialization: the RMS of the LLM's input embeddings
     proj_init: str = "normal"  # or "torch_default" (core.config.QFormerConfig.proj_init)
     ctc_shrink: bool = False  # the LLM reads the tokens CTC keeps (core.config.QFormerConfig.ctc_shrink)
-    ctc_logits: str = "dot"  # or "cosine" (core.config.QFormerConfig.ctc_logits)
+    ctc_logits: str = "dot"  # or "cosine", "head" (core.config.QFormerConfig.ctc_logits)
     ctc_cosine_scale: float = 30.0
     ctc_mix: bool = False  # the LLM reads kept tokens as CTC's mix of its embeddings (QFormerConfig.ctc_mix)
     tie_word_embeddings: bool = False
@@ -155,6 +155,11 @@ class LSMForConditionalGeneration(PreTrainedModel):
         self.proj = nn.Linear(config.qformer_config.hidden_size, config.llm_config.hidden_size)
         self.out_norm = (
             nn.RMSNorm(config.llm_config.hidden_size, eps=1e-6) if config.output_norm == "rms" else None
+        )
+        self.ctc_head = (
+            nn.Linear(config.llm_config.hidden_size, config.llm_config.vocab_size)
+            if config.ctc_logits == "head"
+            else None
         )
 
         frames = config.encoder_config.max_source_positions  # 1500 encoder frames per 30 s
@@ -301,7 +306,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
         if c.freeze_qformer:
             parts += [self.qformer, self.ln_speech]
         if c.freeze_proj:
-            parts += [self.proj] + ([self.out_norm] if self.out_norm is not None else [])
+            parts += [self.proj] + [m for m in (self.out_norm, self.ctc_head) if m is not None]
         if c.freeze_llm:
             parts.append(self.llm)
         return parts
@@ -604,8 +609,10 @@ class LSMForConditionalGeneration(PreTrainedModel):
 
     def vocab_logits(self, speech: torch.Tensor) -> torch.Tensor:
         """Each speech token's score for each vocabulary entry, as CTC reads it (``QFormerConfig.ctc_logits``): its
-        dot product with the entry's input embedding, or ``ctc_cosine_scale`` x their cosine. The embeddings are
-        taken as they are, without gradient: the LLM is not touched."""
+        dot product with the entry's input embedding, ``ctc_cosine_scale`` x their cosine, or the connector's own
+        CTC head. The embeddings are taken as they are, without gradient: the LLM is not touched."""
+        if self.ctc_head is not None:
+            return self.ctc_head(speech)
         table = self.llm.get_input_embeddings().weight.detach()
         x = speech.to(table.dtype)
         if self.config.ctc_logits == "cosine":

@@ -321,11 +321,14 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # DDP all-reduces only parameters that require grad. Every trainable parameter takes part in every
-        # forward, so no unused-parameter search; but a CTC warm-up step leaves a trainable LLM out.
+        # forward, so no unused-parameter search; but a CTC warm-up step leaves a trainable LLM out, and an answers
+        # step leaves out a CTC head that neither ctc_mix nor ctc_weight reads.
+        q = self.cfg.qformer
+        idle_head = q.ctc_logits == "head" and not q.ctc_mix and not self.cfg.ctc_weight
         return DDP(
             model,
             device_ids=[self.local_rank] if self.device.type == "cuda" else None,
-            find_unused_parameters=self.cfg.ctc_warmup_steps > 0 and not self.cfg.freeze_llm,
+            find_unused_parameters=(self.cfg.ctc_warmup_steps > 0 and not self.cfg.freeze_llm) or idle_head,
         )
 
     def _load_training_state(self, ckpt: Path) -> None:
