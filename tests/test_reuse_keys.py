@@ -87,6 +87,7 @@ OVERRIDES = {
 # alone changes to the second value (path: ({path: value}, value)).
 BESIDE = {
     "train.rdzv_endpoint": ({"train.nnodes": 2, "train.rdzv_endpoint": "node0:29400"}, "node1:29500"),
+    "train.qformer.ctc_mix": ({"train.qformer.ctc_shrink": True}, True),
 }
 
 
