@@ -124,17 +124,17 @@ class Recipe:
             return None
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            fmt, cat, ins = raw["prompt_format"], raw["catalog"], raw["instructions"]
-            ok = (
-                fmt in PROMPT_FORMATS
-                and isinstance(cat.get("name"), str)
-                and isinstance(ins, dict)
-                and all(
-                    isinstance(v, list) and v and all(isinstance(t, str) for t in v) for v in ins.values()
-                )
-            )
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RecipeError(f"{path} cannot be read as a recipe: {type(e).__name__}: {e}") from e
+        raw = raw if isinstance(raw, dict) else {}
+        fmt, cat, ins = raw.get("prompt_format"), raw.get("catalog"), raw.get("instructions")
+        ok = (
+            fmt in PROMPT_FORMATS
+            and isinstance(cat, dict)
+            and isinstance(cat.get("name"), str)
+            and isinstance(ins, dict)
+            and all(isinstance(v, list) and v and all(isinstance(t, str) for t in v) for v in ins.values())
+        )
         if not ok:
             raise RecipeError(
                 f"{path} is not a recipe: it needs prompt_format (one of {', '.join(PROMPT_FORMATS)}), "

@@ -258,6 +258,75 @@ def compare(workdir_a: Path, workdir_b: Path, out: Path | None) -> None:
             console.print(f"wrote {path}")
 
 
+def _recipe_of(config_path: Path | None):
+    """The recipe a --config gives (None: the checkpoint's own recipe.json)."""
+    from core.recipe import Recipe
+
+    return Recipe.of_config(_cfg(config_path), f"config {config_path}") if config_path else None
+
+
+recipe_config_opt = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Lay prompts out as this config's recipe does (default: the checkpoint's recipe.json).",
+)
+device_opt = click.option(
+    "--device", default=None, help="torch device (default: cuda where there is one, else cpu)."
+)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("audio", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--instruction", default=None, help="What to ask about each clip (default: the recipe's ASR wording)."
+)
+@click.option("--task", default=None, help="Ask the first wording of this category of the recipe's catalog.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object per clip instead of the readable view."
+)
+@recipe_config_opt
+@device_opt
+def ask(
+    checkpoint: Path,
+    audio: tuple[Path, ...],
+    instruction: str | None,
+    task: str | None,
+    max_new_tokens: int,
+    batch_size: int,
+    as_json: bool,
+    config_path: Path | None,
+    device: str | None,
+) -> None:
+    """Ask CHECKPOINT about each AUDIO clip (wav, flac, mp3, ogg; any rate; at most the model's 30 s window):
+    one answer per clip, a single clip's streamed as it decodes."""
+    from splsm.serving.ask import AskError
+    from splsm.serving.ask import ask as run_ask
+
+    def note(line: str) -> None:
+        click.echo(f"ask: note: {line}", err=True)
+
+    try:
+        run_ask(
+            checkpoint,
+            list(audio),
+            instruction,
+            task,
+            max_new_tokens,
+            batch_size,
+            as_json,
+            _recipe_of(config_path),
+            device,
+            note=note,
+        )
+    except AskError as e:
+        raise click.ClickException(f"ask: {e}") from e
+
+
 def _run_flow(config_path: Path, workdir: Path, force: bool) -> dict:
     _cfg(config_path)  # a bad config fails here, before Prefect starts
     # No telemetry from a command line run: Prefect's temporary server sends it to a host that a cluster node
