@@ -327,6 +327,102 @@ def ask(
         raise click.ClickException(f"ask: {e}") from e
 
 
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--api-key-env",
+    default=None,
+    help="The environment variable holding the API key clients send (Authorization: Bearer KEY).",
+)
+@click.option("--no-api-key", is_flag=True, help="Ask no key: only on a loopback host.")
+@click.option(
+    "--served-model-name",
+    default=None,
+    help="The model name requests give and /v1/models lists (default: CHECKPOINT as given).",
+)
+@click.option(
+    "--max-tokens", default=1024, show_default=True, type=click.IntRange(min=1), help="Cap on max_tokens."
+)
+@click.option(
+    "--default-max-tokens",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="max_tokens of a request that gives none.",
+)
+@click.option(
+    "--max-audio-s",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Longest clip taken (default and at most: the model's window, 30 s).",
+)
+@click.option("--max-body-mb", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option(
+    "--max-concurrent",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests held at once (queued or decoding); the next gets HTTP 429.",
+)
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--batch-wait-ms",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="How long the first request of a batch waits for others.",
+)
+@recipe_config_opt
+@device_opt
+def serve(
+    checkpoint: Path,
+    host: str,
+    port: int,
+    api_key_env: str | None,
+    no_api_key: bool,
+    served_model_name: str | None,
+    max_tokens: int,
+    default_max_tokens: int,
+    max_audio_s: float | None,
+    max_body_mb: float,
+    max_concurrent: int,
+    max_batch: int,
+    batch_wait_ms: float,
+    config_path: Path | None,
+    device: str | None,
+) -> None:
+    """Serve CHECKPOINT over the OpenAI chat-completions protocol (input_audio parts, streaming), batching
+    requests that arrive together."""
+    from splsm.serving.app import ServeSettings
+    from splsm.serving.engine import Engine
+    from splsm.serving.server import ServeError, api_key
+    from splsm.serving.server import serve as run_serve
+
+    try:
+        key = api_key(api_key_env, no_api_key, host)
+        engine = Engine(checkpoint, device, _recipe_of(config_path), max_tokens, load=False)
+    except (ServeError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(f"serve: {e}") from e
+    if engine.recipe_note:
+        click.echo(f"serve: note: {engine.recipe_note}", err=True)
+    settings = ServeSettings(
+        served_model_name=served_model_name or str(checkpoint),
+        api_key=key,
+        max_body_bytes=int(max_body_mb * 2**20),
+        max_audio_s=max_audio_s,
+        max_pending=max_concurrent,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        default_max_tokens=default_max_tokens,
+    )
+    try:
+        run_serve(engine, settings, host, port, say=lambda line: click.echo(line, err=True))
+    except ServeError as e:
+        raise click.ClickException(f"serve: {e}") from e
+
+
 def _run_flow(config_path: Path, workdir: Path, force: bool) -> dict:
     _cfg(config_path)  # a bad config fails here, before Prefect starts
     # No telemetry from a command line run: Prefect's temporary server sends it to a host that a cluster node

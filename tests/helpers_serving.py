@@ -68,14 +68,12 @@ class Reference:
     def __init__(self, checkpoint: Path):
         self.model = LSMForConditionalGeneration.from_pretrained(checkpoint).eval()
 
-    def answer(
-        self, clip: np.ndarray, instruction: str, max_new_tokens: int, fmt: str = "vicuna_v1.1"
-    ) -> str:
+    def tokens(self, clip: np.ndarray, instruction: str, n: int, fmt: str = "vicuna_v1.1") -> list[int]:
         p = speech_prompt(instruction, fmt, self.model.tokenizer)
-        b = Collate.for_model(self.model)(
-            [{"prefix": p.prefix, "suffix": p.suffix}], [clip], with_answer=False
-        )
-        ids = self.model.generate(
-            b.input_features, b.durations_s, b.prefix_ids, b.suffix_ids, max_new_tokens
-        )[0]
+        rows = [{"prefix": p.prefix, "suffix": p.suffix}]
+        b = Collate.for_model(self.model)(rows, [clip], with_answer=False)
+        return self.model.generate(b.input_features, b.durations_s, b.prefix_ids, b.suffix_ids, n)[0]
+
+    def answer(self, clip: np.ndarray, instruction: str, n: int, fmt: str = "vicuna_v1.1") -> str:
+        ids = self.tokens(clip, instruction, n, fmt)
         return self.model.tokenizer.decode(ids, skip_special_tokens=True).strip()
