@@ -464,9 +464,16 @@ def run(config_path: Path, workdir: Path, force: bool) -> None:
 @force_opt
 def demo(workdir: Path, force: bool) -> None:
     """Run the whole DAG on the bundled demo data with the real pretrained models (Whisper tiny.en and
-    SmolLM2-135M-Instruct), then show WER and lineage."""
+    SmolLM2-135M-Instruct), then show WER, lineage, and the commands that ask the checkpoint."""
     _run_flow(DEMO_CONFIG, workdir, force)
     _show_results(workdir)
+    ckpt = WorkPaths(workdir).train.checkpoint
+    if ckpt.is_dir():
+        from splsm.serving.ask import commands_to_try
+
+        console.print("Ask the checkpoint yourself (README: Asking a checkpoint):")
+        for line in commands_to_try(ckpt):
+            console.print(f"  {line}", markup=False, highlight=False)
 
 
 def _show_results(workdir: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from helpers_serving import (
 )
 
 from core import audio
+from core.paths import REPO_ROOT, WorkPaths
 from splsm.cli import main
 from splsm.serving.ask import ask
 
@@ -136,3 +139,28 @@ def test_a_clip_of_exactly_the_window_is_heard_and_an_empty_one_is_refused(setup
     sf.write(str(empty), np.zeros(0, dtype="float32"), 16000)
     r = _cli(setup["ckpt"], empty)
     assert r.exit_code == 1 and "empty.wav" in r.stderr and "Traceback" not in r.output
+
+
+def test_the_demo_ends_with_ask_and_serve_commands_that_work_on_its_checkpoint(setup, tmp_path, monkeypatch):
+    import splsm.cli as cli
+    import splsm.serving.server as server
+
+    work = tmp_path / "work"
+    shutil.copytree(setup["ckpt"], WorkPaths(work).train.checkpoint)
+    monkeypatch.setattr(cli, "_run_flow", lambda *a: {})  # the DAG itself is tests/test_demo.py's
+    monkeypatch.setattr(cli, "_show_results", lambda w: None)
+    monkeypatch.chdir(REPO_ROOT)
+    r = CliRunner().invoke(main, ["demo", "--workdir", str(work)])
+    assert r.exit_code == 0, r.output
+    lines = [shlex.split(ln) for ln in r.stdout.splitlines() if ln.startswith("  splsm ")]
+    assert [ln[1] for ln in lines] == ["ask", "ask", "serve"]
+    for argv in lines[:2]:  # as printed, they answer
+        done = CliRunner().invoke(main, [*argv[1:], "--max-new-tokens", "3"])
+        assert done.exit_code == 0 and done.stdout.strip(), (argv, done.output)
+    served = {}
+    monkeypatch.setattr(
+        server, "serve", lambda engine, settings, host, port, say: served.update(e=engine, h=host)
+    )
+    done = CliRunner().invoke(main, lines[2][1:])
+    assert done.exit_code == 0, done.output
+    assert served["e"].checkpoint == WorkPaths(work).train.checkpoint and served["h"] == "127.0.0.1"

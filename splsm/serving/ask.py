@@ -8,11 +8,14 @@ Clips are decoded in batches of ``batch_size`` in the order given.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import TextIO
 
 from core.audio import AudioError
+from core.paths import REPO_ROOT
 from core.prompts import PromptError
 from core.recipe import Recipe, RecipeError
 from splsm.serving.engine import Engine, QueryError
@@ -86,3 +89,32 @@ def ask(
                 out.write(f"==> {path} <==\n{a.text}\n\n")
         out.flush()
     return answers
+
+
+DEMO_CLIP = (
+    REPO_ROOT / "data" / "demo" / "test-clean" / "1089-134686-0001.wav"
+)  # held out of the demo's training
+
+
+def commands_to_try(checkpoint: Path, program: str | None = None) -> list[str]:
+    """The ``splsm ask`` and ``splsm serve`` command lines for ``checkpoint`` (``splsm demo`` prints them), with
+    paths as the user can type them from where they are. ``program``: how splsm was invoked (default: argv[0]
+    when it is splsm, else ``splsm``)."""
+    if program is None:
+        argv0 = Path(sys.argv[0])
+        program = _shown(argv0) if argv0.name == "splsm" else "splsm"
+    ckpt, clip = shlex.quote(_shown(checkpoint)), shlex.quote(_shown(DEMO_CLIP))
+    return [
+        f"{program} ask {ckpt} {clip}",
+        f"{program} ask {ckpt} {clip} --task sentiment",
+        f"{program} serve {ckpt} --no-api-key",
+    ]
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it lies under it, else absolute."""
+    path = Path(os.path.abspath(path))
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
