@@ -183,6 +183,7 @@ def _bad_requests(tmp_path):
     return [  # (name, body (bytes: sent as they are), status, words the message holds, param)
         ("not JSON", b"{not json", 400, ["not JSON"], None),
         ("a JSON list", b"[1, 2]", 400, ["JSON object"], None),
+        ("JSON nested too deep", b"[" * 100_000 + b"]" * 100_000, 400, ["too deep"], None),
         ("no model", {"messages": message(wav)}, 400, ["'model' is required"], "model"),
         ("unknown model", {**with_audio(wav), "model": "gpt-4o"}, 404, ["'gpt-4o'", MODEL], "model"),
         ("messages not a list", {"model": MODEL, "messages": "hi"}, 400, ["'messages'"], "messages"),
@@ -246,6 +247,8 @@ def test_every_bad_request_gets_a_4xx_with_an_openai_error_naming_it(setup, tmp_
 
 def test_max_tokens_is_capped_and_temperature_changes_nothing(setup):
     c, engine = setup["client"], setup["engine"]
+    r = c.chat.completions.create(model=MODEL, messages=message(b64(WAV2)), max_completion_tokens=1)
+    assert r.usage.completion_tokens == 1 and r.choices[0].finish_reason == "length"
     r = c.chat.completions.create(
         model=MODEL, messages=message(b64(WAV2)), max_tokens=10_000, temperature=1.3
     )

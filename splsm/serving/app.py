@@ -144,7 +144,9 @@ def parse_request(body: object, settings: ServeSettings) -> Parsed:
         raise _bad("'user' must be a string", "user")
     if body.get("modalities") not in (None, ["text"]):
         raise _bad("'modalities' can only be [\"text\"]: the model answers in text", "modalities")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     if max_tokens is None:
         max_tokens = settings.default_max_tokens
     if max_tokens < 1:
@@ -325,11 +327,17 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def chat_completions(request: Request):
         authorize(request)
         raw = await _read_body(request, settings.max_body_bytes)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _bad(f"the request body is not JSON: {e}") from e
-        p = parse_request(body, settings)
+
+        def parse() -> Parsed:  # megabytes of base64: off the event loop, as the audio's decoding is
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise _bad(f"the request body is not JSON: {e}") from e
+            except RecursionError as e:
+                raise _bad("the request body is JSON nested too deep to read") from e
+            return parse_request(body, settings)
+
+        p = await run_in_threadpool(parse)
 
         def prepare():
             data = _audio_bytes(p.audio, p.audio_param)
