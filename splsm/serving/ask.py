@@ -38,19 +38,16 @@ def ask(
     out: TextIO | None = None,
     note=None,
 ) -> list[str]:
-    """Answer each clip; print the answers to ``out`` (a single clip's as it decodes, unless ``as_json``) and
-    return them (``out``: default stdout). ``note(line)`` hears what the user should know (a checkpoint without a recipe). Raises AskError.
-    """
+    """Answer each clip; print the answers to ``out`` (default stdout; a single clip's as it decodes, unless
+    ``as_json``) and return them. ``note(line)`` hears what the user should know (a checkpoint without a recipe).
+    Raises AskError."""
     out = out or sys.stdout
     if instruction is not None and task is not None:
         raise AskError("give --instruction or --task, not both")
     try:
         engine = Engine(checkpoint, device, recipe, max_new_tokens, load=False)
         question = engine.instruction_for(instruction, task)
-    except (
-        FileNotFoundError,
-        ValueError,
-    ) as e:  # EvaluateInputError, RecipeError, QueryError are ValueErrors
+    except (FileNotFoundError, ValueError) as e:  # EvaluateInputError, RecipeError, QueryError: ValueErrors
         raise AskError(str(e)) from e
     loaded = []
     for path in clips:
