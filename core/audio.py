@@ -1,12 +1,13 @@
 """The shared audio loader: every stage that touches audio goes through here.
 
-Reads whatever libsndfile reads (wav, flac, ogg/opus, mp3 with libsndfile >= 1.1), a segment of a
-long file by seeking rather than decoding from the start, downmixes to mono and resamples to
-16 kHz with soxr. Probing reads the header only.
+Reads whatever libsndfile reads (wav, flac, ogg/opus, mp3 with libsndfile >= 1.1), from a file or from bytes
+in memory (an upload), a segment of a long file by seeking rather than decoding from the start, downmixes to
+mono and resamples to 16 kHz with soxr. Probing reads the header only.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,12 +104,17 @@ def probe(path: str | Path, head: bytes | None = None) -> AudioInfo:
 
 
 def load(
-    path: str | Path, offset_s: float = 0.0, duration_s: float | None = None, sr: int = TARGET_SR
+    path: str | Path,
+    offset_s: float = 0.0,
+    duration_s: float | None = None,
+    sr: int = TARGET_SR,
+    max_s: float | None = None,
 ) -> np.ndarray:
     """Mono float32 samples at ``sr``, from ``offset_s`` for ``duration_s`` seconds (to the end if None).
 
     Every way this can fail (no file, a segment no file has, bytes libsndfile or soxr cannot decode) is an
     ``AudioError`` with a reject reason, so a caller that counts skips never meets another exception.
+    ``max_s``: what is read may not be longer (``too_long``, found from the header before any sample is decoded).
     """
     path = Path(path)
     for name, v in (("offset", offset_s), ("duration", duration_s)):
@@ -118,21 +124,40 @@ def load(
             raise AudioError("bad_segment", f"{path}: {name} {v!r} s is not a finite number of seconds >= 0")
     if not path.is_file():
         raise AudioError("missing_audio", f"{path} does not exist")
+    return _read(str(path), str(path), offset_s, duration_s, sr, max_s)
+
+
+def decode(data: bytes, label: str, sr: int = TARGET_SR, max_s: float | None = None) -> np.ndarray:
+    """``load`` for a whole file held in memory (an upload): ``label`` names it in every ``AudioError``."""
+    if not data:
+        raise AudioError("empty_audio", f"{label} is empty (0 bytes)")
+    return _read(io.BytesIO(data), label, 0.0, None, sr, max_s)
+
+
+def _read(source, label: str, offset_s: float, duration_s: float | None, sr: int, max_s: float | None):
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(source) as f:
             native = f.samplerate
             start = int(round(offset_s * native))
             if start:
                 f.seek(start)
             frames = -1 if duration_s is None else int(round(duration_s * native))
+            if max_s is not None:
+                n = f.frames - start if frames < 0 else min(frames, f.frames - start)
+                if n > round(max_s * native):
+                    raise AudioError(
+                        "too_long", f"{label} is {n / native:.1f} s long, over the {max_s:g} s limit"
+                    )
             x = f.read(frames, dtype="float32", always_2d=True)
         if x.shape[0] == 0:
-            raise AudioError("empty_audio", f"{path} has no samples at {offset_s}s")
+            raise AudioError("empty_audio", f"{label} has no samples at {offset_s}s")
         x = x.mean(axis=1)
         if native != sr:
             x = soxr.resample(x, native, sr, quality="HQ")
     except AudioError:
         raise
     except DECODE_ERRORS as e:
-        raise AudioError("corrupt_audio", f"{path}: {type(e).__name__}: {e}") from e
+        # libsndfile names an in-memory file by its repr (<_io.BytesIO object at 0x...>): name it by its label
+        detail = str(e) if isinstance(source, str) else str(e).replace(repr(source), label)
+        raise AudioError("corrupt_audio", f"{label}: {type(e).__name__}: {detail}") from e
     return np.ascontiguousarray(x, dtype=np.float32)

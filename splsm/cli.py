@@ -258,6 +258,171 @@ def compare(workdir_a: Path, workdir_b: Path, out: Path | None) -> None:
             console.print(f"wrote {path}")
 
 
+def _recipe_of(config_path: Path | None):
+    """The recipe a --config gives (None: the checkpoint's own recipe.json)."""
+    from core.recipe import Recipe
+
+    return Recipe.of_config(_cfg(config_path), f"config {config_path}") if config_path else None
+
+
+recipe_config_opt = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Lay prompts out as this config's recipe does (default: the checkpoint's recipe.json).",
+)
+device_opt = click.option(
+    "--device", default=None, help="torch device (default: cuda where there is one, else cpu)."
+)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("audio", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--instruction", default=None, help="What to ask about each clip (default: the recipe's ASR wording)."
+)
+@click.option("--task", default=None, help="Ask the first wording of this category of the recipe's catalog.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object per clip instead of the readable view."
+)
+@recipe_config_opt
+@device_opt
+def ask(
+    checkpoint: Path,
+    audio: tuple[Path, ...],
+    instruction: str | None,
+    task: str | None,
+    max_new_tokens: int,
+    batch_size: int,
+    as_json: bool,
+    config_path: Path | None,
+    device: str | None,
+) -> None:
+    """Ask CHECKPOINT about each AUDIO clip (wav, flac, mp3, ogg; any rate; at most the model's 30 s window):
+    one answer per clip, a single clip's streamed as it decodes."""
+    from splsm.serving.ask import AskError
+    from splsm.serving.ask import ask as run_ask
+
+    def note(line: str) -> None:
+        click.echo(f"ask: note: {line}", err=True)
+
+    try:
+        run_ask(
+            checkpoint,
+            list(audio),
+            instruction,
+            task,
+            max_new_tokens,
+            batch_size,
+            as_json,
+            _recipe_of(config_path),
+            device,
+            note=note,
+        )
+    except AskError as e:
+        raise click.ClickException(f"ask: {e}") from e
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--api-key-env",
+    default=None,
+    help="The environment variable holding the API key clients send (Authorization: Bearer KEY).",
+)
+@click.option("--no-api-key", is_flag=True, help="Ask no key: only on a loopback host.")
+@click.option(
+    "--served-model-name",
+    default=None,
+    help="The model name requests give and /v1/models lists (default: CHECKPOINT as given).",
+)
+@click.option(
+    "--max-tokens", default=1024, show_default=True, type=click.IntRange(min=1), help="Cap on max_tokens."
+)
+@click.option(
+    "--default-max-tokens",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="max_tokens of a request that gives none.",
+)
+@click.option(
+    "--max-audio-s",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Longest clip taken (default and at most: the model's window, 30 s).",
+)
+@click.option("--max-body-mb", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option(
+    "--max-concurrent",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests held at once (queued or decoding); the next gets HTTP 429.",
+)
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--batch-wait-ms",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="How long the first request of a batch waits for others.",
+)
+@recipe_config_opt
+@device_opt
+def serve(
+    checkpoint: Path,
+    host: str,
+    port: int,
+    api_key_env: str | None,
+    no_api_key: bool,
+    served_model_name: str | None,
+    max_tokens: int,
+    default_max_tokens: int,
+    max_audio_s: float | None,
+    max_body_mb: float,
+    max_concurrent: int,
+    max_batch: int,
+    batch_wait_ms: float,
+    config_path: Path | None,
+    device: str | None,
+) -> None:
+    """Serve CHECKPOINT over the OpenAI chat-completions protocol (input_audio parts, streaming), batching
+    requests that arrive together."""
+    from splsm.serving.app import ServeSettings
+    from splsm.serving.engine import Engine
+    from splsm.serving.server import ServeError, api_key
+    from splsm.serving.server import serve as run_serve
+
+    try:
+        key = api_key(api_key_env, no_api_key, host)
+        engine = Engine(checkpoint, device, _recipe_of(config_path), max_tokens, load=False)
+    except (ServeError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(f"serve: {e}") from e
+    if engine.recipe_note:
+        click.echo(f"serve: note: {engine.recipe_note}", err=True)
+    settings = ServeSettings(
+        served_model_name=served_model_name or str(checkpoint),
+        api_key=key,
+        max_body_bytes=int(max_body_mb * 2**20),
+        max_audio_s=max_audio_s,
+        max_pending=max_concurrent,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        default_max_tokens=default_max_tokens,
+    )
+    try:
+        run_serve(engine, settings, host, port, say=lambda line: click.echo(line, err=True))
+    except ServeError as e:
+        raise click.ClickException(f"serve: {e}") from e
+
+
 def _run_flow(config_path: Path, workdir: Path, force: bool) -> dict:
     _cfg(config_path)  # a bad config fails here, before Prefect starts
     # No telemetry from a command line run: Prefect's temporary server sends it to a host that a cluster node
@@ -299,9 +464,16 @@ def run(config_path: Path, workdir: Path, force: bool) -> None:
 @force_opt
 def demo(workdir: Path, force: bool) -> None:
     """Run the whole DAG on the bundled demo data with the real pretrained models (Whisper tiny.en and
-    SmolLM2-135M-Instruct), then show WER and lineage."""
+    SmolLM2-135M-Instruct), then show WER, lineage, and the commands that ask the checkpoint."""
     _run_flow(DEMO_CONFIG, workdir, force)
     _show_results(workdir)
+    ckpt = WorkPaths(workdir).train.checkpoint
+    if ckpt.is_dir():
+        from splsm.serving.ask import commands_to_try
+
+        console.print("Ask the checkpoint yourself (README: Asking a checkpoint):")
+        for line in commands_to_try(ckpt):
+            console.print(f"  {line}", markup=False, highlight=False)
 
 
 def _show_results(workdir: Path) -> None:

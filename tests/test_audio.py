@@ -125,3 +125,26 @@ def test_flac_header_fast_path_agrees_with_libsndfile_on_real_files():
     head = JFK.read_bytes()
     assert audio.flac_info(head[:40]) is None  # too short to settle: libsndfile decides
     assert audio.flac_info(CV_MP3.read_bytes()) is None  # not FLAC
+
+
+def test_bytes_in_memory_decode_as_the_same_file_on_disk_does(tmp_path):
+    for path in (JFK, CV_MP3, FLAC):
+        np.testing.assert_array_equal(audio.decode(path.read_bytes(), "upload"), audio.load(path))
+    ogg = tmp_path / "tone.ogg"  # Ogg Vorbis at 22.05 kHz
+    sf.write(str(ogg), 0.1 * np.sin(np.arange(22050) / 10).astype("float32"), 22050, format="OGG")
+    assert len(audio.decode(ogg.read_bytes(), "upload")) == pytest.approx(16000, abs=2)
+
+
+def test_bytes_that_are_no_audio_or_too_long_raise_naming_the_label():
+    for data, reason in ((b"", "empty_audio"), (b"not audio at all", "corrupt_audio")):
+        with pytest.raises(audio.AudioError) as e:
+            audio.decode(data, "messages[0].content[1]")
+        assert e.value.reason == reason
+        assert "messages[0].content[1]" in str(e.value) and "BytesIO" not in str(e.value)
+    with pytest.raises(audio.AudioError) as e:
+        audio.decode(JFK.read_bytes(), "jfk", max_s=10.0)  # 11 s
+    assert e.value.reason == "too_long" and "11.0 s" in e.value.detail
+    assert len(audio.load(JFK, max_s=11.0)) == pytest.approx(11.0 * 16000, abs=2)
+    with pytest.raises(audio.AudioError) as e:
+        audio.load(JFK, 1.0, max_s=9.5)  # from 1 s to the end: 10 s
+    assert e.value.reason == "too_long"

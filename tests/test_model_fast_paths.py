@@ -325,6 +325,31 @@ def test_greedy_decoding_gives_the_llms_own_generate_tokens(parts, rows_clips, w
             assert alone[0] == fast[i]
 
 
+# the LLM's own generate refuses max_new_tokens 0
+@pytest.mark.parametrize(
+    "fast_decode, max_new_tokens", [(True, 0), (True, 1), (True, 12), (False, 1), (False, 12)]
+)
+def test_on_token_streams_each_rows_tokens_then_one_end_as_decoded(
+    parts, rows_clips, fast_decode, max_new_tokens
+):
+    model = lsm(parts, freeze_llm=True)
+    rows, clips = rows_clips
+    batch = Collate.for_model(model)(rows, clips, with_answer=False)
+    args = (batch.input_features, batch.durations_s, batch.prefix_ids, batch.suffix_ids, max_new_tokens)
+    events: list[tuple[int, int | None]] = []
+    model.fast_decode = fast_decode
+    try:
+        got = model.generate(*args, on_token=lambda r, t: events.append((r, t)))
+    finally:
+        model.fast_decode = True
+    assert got == model.generate(*args)  # the hook changes nothing
+    for i, row in enumerate(got):
+        mine = [t for r, t in events if r == i]
+        assert mine == row + [None]  # its tokens in order, then exactly one end
+    if fast_decode and max_new_tokens == 12:  # greedy streams step by step: rows interleave
+        assert [r for r, _ in events[: len(rows)]] == list(range(len(rows)))
+
+
 def test_a_generation_option_or_logits_processor_goes_through_the_llms_generate(parts, rows_clips):
     model = lsm(parts, freeze_llm=True)
     assert model._greedy_ok()

@@ -37,6 +37,8 @@ CROSS = {
         ("generate", "seed"),
     ],
     "evaluate": [("generate", "prompt_format")],
+    # the checkpoint's recipe.json (core.recipe.Recipe): the layout and the catalog's wordings
+    "train": [("generate", "prompt_format"), ("generate", "catalog")],
 }
 
 # Settings of a stage's section that do not change its outputs: how fast or how often, not what.

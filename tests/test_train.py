@@ -10,10 +10,12 @@ import torch
 from helpers_lsm import build_models, demo_rows, experiment, write_examples
 
 from conftest import run_stage
+from core.catalog import load_catalog
 from core.config import TrainConfig
 from core.lineage.store import LineageStore
 from core.lsm.model import LSMForConditionalGeneration
 from core.paths import WorkPaths
+from core.recipe import Recipe
 from stages.train import launcher as train
 from stages.train.trainer import lr_at
 
@@ -61,6 +63,16 @@ def test_train_stage_writes_metrics_and_a_loadable_checkpoint(trained):
 
     ckpt = WorkPaths(work).train.checkpoint
     model = LSMForConditionalGeneration.from_pretrained(ckpt).eval()
+    # the checkpoint says how its prompts were laid out, for splsm ask and serve
+    recipe, made = Recipe.read(ckpt), Recipe.of_config(cfg)
+    assert (recipe.prompt_format, recipe.catalog_hash, recipe.instructions) == (
+        made.prompt_format,
+        made.catalog_hash,
+        made.instructions,
+    )
+    assert (
+        recipe.instruction("asr") == load_catalog(cfg.generate.catalog).categories["asr"].instructions[0].text
+    )
     assert not list((work / "train").glob(".checkpoint*"))  # no temp dirs left behind
     # Training moved the connector and the LLM but not the frozen encoder.
     fresh = LSMForConditionalGeneration.from_parts(trained["whisper"], trained["llm"], cfg.train.qformer)

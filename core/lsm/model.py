@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -852,9 +853,14 @@ class LSMForConditionalGeneration(PreTrainedModel):
         max_new_tokens: int = 128,
         num_beams: int = 1,
         clip_digests: list[str] | None = None,
+        on_token: Callable[[int, int | None], None] | None = None,
         **kwargs,
     ) -> list[list[int]]:
         """Each row's new tokens up to (not including) eos.
+
+        ``on_token(row, token)`` is called with each row's tokens as they are decoded, then ``(row, None)`` when
+        the row is done (eos or ``max_new_tokens``): what streaming needs. Greedy decoding calls it at every
+        step; the LLM's own ``generate`` (below) only once it has finished, for each token in turn.
 
         Greedy decoding (``num_beams`` 1, no other generation option but ``min_new_tokens``, and an LLM whose
         generation config changes no logits) runs ``greedy``: the kept prompt prefixes, then one step per token
@@ -884,6 +890,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
                 eos_ids,
                 kwargs.get("min_new_tokens") or 0,
                 counts,
+                on_token,
             )
         embeds, mask, _ = self.assemble(speech, durations_s, prefix_ids, suffix_ids, None, "left", counts)
         out = self.llm.generate(
@@ -901,6 +908,11 @@ class LSMForConditionalGeneration(PreTrainedModel):
         for row in out.tolist():
             cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
             result.append(row[:cut])
+        if on_token is not None:
+            for i, row in enumerate(result):
+                for t in row:
+                    on_token(i, t)
+                on_token(i, None)
         return result
 
     def _greedy_ok(self) -> bool:
@@ -938,10 +950,12 @@ class LSMForConditionalGeneration(PreTrainedModel):
         eos_ids: list[int],
         min_new_tokens: int = 0,
         speech_counts: list[int] | None = None,
+        on_token: Callable[[int, int | None], None] | None = None,
     ) -> list[list[int]]:
         """Greedy decoding after the kept prompt prefixes (``prefix_states``): [speech][suffix] of every row in one
         pass, then one token per step for the rows that have not reached eos; a row that reaches it leaves the
-        batch (its keys and values too), so a batch costs what its rows need, not its longest row times B."""
+        batch (its keys and values too), so a batch costs what its rows need, not its longest row times B.
+        ``on_token``: as ``generate``'s, called at every step."""
         b = speech.shape[0]
         embeds, mask, _ = self.assemble(
             speech, durations_s, [[]] * b, suffix_ids, None, "right", speech_counts
@@ -956,6 +970,7 @@ class LSMForConditionalGeneration(PreTrainedModel):
         eos = torch.tensor(eos_ids, device=hidden.device)
         rows = torch.arange(b, device=hidden.device)  # which original row each active row is
         out: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b  # which rows on_token has been told are done
         for step in range(max_new_tokens):
             logits = head(last)
             if step < min_new_tokens:
@@ -965,6 +980,9 @@ class LSMForConditionalGeneration(PreTrainedModel):
             for r, t, e in zip(rows.tolist(), nxt.tolist(), ended.tolist(), strict=True):
                 if not e:
                     out[r].append(t)
+                if on_token is not None:
+                    on_token(r, None if e else t)
+                    done[r] = e
             if step == max_new_tokens - 1:
                 break
             if ended.any():  # finished rows leave the batch
@@ -983,6 +1001,10 @@ class LSMForConditionalGeneration(PreTrainedModel):
             ).last_hidden_state
             last = h[:, -1]
             pos = pos + 1
+        if on_token is not None:  # the rows cut at max_new_tokens
+            for r in range(b):
+                if not done[r]:
+                    on_token(r, None)
         return out
 
 

@@ -53,10 +53,12 @@ def write_args(
     run_name: str | None = None,
     node_rank: int = 0,
     encoder_cache: Path | None = None,
+    recipe: str | None = None,
 ) -> Path:
     """The arguments every worker reads; resumable checkpoints of other settings are cleared. ``run_name``:
     the experiment's name, the trackers' name for the run (default: the work directory's name). A following
-    node (``node_rank`` > 0) only writes its workers' arguments, in its own folder: node 0 clears."""
+    node (``node_rank`` > 0) only writes its workers' arguments, in its own folder: node 0 clears. ``recipe``:
+    the ``recipe.json`` every Hugging Face checkpoint gets (``core.recipe.Recipe``), or None for none."""
     paths = out if isinstance(out, TrainPaths) else TrainPaths(Path(out))
     args = paths.args if node_rank == 0 else paths.node(node_rank) / paths.args.name
     args.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +75,7 @@ def write_args(
                 "run_name": run_name,
                 # where frozen encoder outputs are kept (WorkPaths.encoder_cache), or None: computed every time
                 "encoder_cache": str(Path(encoder_cache).resolve()) if encoder_cache else None,
+                "recipe": recipe,
                 # with epochs the workers count the steps; a max_steps beside it would contradict them
                 "train": cfg.model_dump(mode="json", exclude={"max_steps"} if cfg.epochs else None),
             },
@@ -151,6 +154,7 @@ def train(
     run_name: str | None = None,
     node_rank: int = 0,
     encoder_cache: Path | None = None,
+    recipe: str | None = None,
 ) -> dict:
     """Run torchrun with ``cfg.nproc_per_node`` workers (on node ``node_rank`` of ``cfg.nnodes``); return rank
     0's summary. Raises TrainError.
@@ -161,7 +165,8 @@ def train(
     if not 0 <= node_rank < cfg.nnodes:
         raise TrainError(f"train: node rank {node_rank} is not one of 0..{cfg.nnodes - 1} (train.nnodes)")
     cmd = torchrun_command(
-        cfg, write_args(cfg, whisper_dir, llm_dir, examples, paths, run_name, node_rank, encoder_cache)
+        cfg,
+        write_args(cfg, whisper_dir, llm_dir, examples, paths, run_name, node_rank, encoder_cache, recipe),
     )
     console.print(f"train: {' '.join(cmd)}", markup=False, highlight=False)
     if cfg.nnodes > 1:

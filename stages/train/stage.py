@@ -76,7 +76,19 @@ def _encoder_cache(ctx: Context) -> list[Artifact]:
 
 def params(ctx: Context) -> dict:
     # How long we wait and how often we checkpoint do not change what we train: kept out of the reuse key.
-    return ctx.cfg.train.model_dump(mode="json", exclude=TrainConfig.RESUME_EXEMPT)
+    # The recipe's layout and wordings go into the checkpoint's recipe.json, so they are keyed too.
+    r = _recipe(ctx)
+    return {
+        **ctx.cfg.train.model_dump(mode="json", exclude=TrainConfig.RESUME_EXEMPT),
+        "recipe": {"prompt_format": r.prompt_format, "catalog": r.catalog_hash},
+    }
+
+
+def _recipe(ctx: Context):
+    """How the checkpoint's prompts were laid out (its ``recipe.json``: what ``splsm ask`` and ``serve`` read)."""
+    from core.recipe import Recipe
+
+    return Recipe.of_config(ctx.cfg)
 
 
 def body(ctx: Context) -> dict:
@@ -100,6 +112,7 @@ def body(ctx: Context) -> dict:
         ctx.paths.train,
         run_name=ctx.cfg.name,
         encoder_cache=ctx.paths.encoder_cache if _encoder_cache(ctx) else None,
+        recipe=_recipe(ctx).to_json(),
     )
     console.print(
         f"train: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
@@ -163,6 +176,7 @@ def follow(
         run_name=ctx.cfg.name,
         node_rank=k,
         encoder_cache=ctx.paths.encoder_cache if _encoder_cache(ctx) else None,
+        recipe=_recipe(ctx).to_json(),  # global rank 0, which writes the checkpoint, may run on any node
     )
     console.print(f"train: node {k} done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}")
     write_text(

@@ -388,8 +388,12 @@ class Trainer:
         return self._save_hf(self.paths.checkpoint)
 
     def _save_hf(self, dest: Path, extra: dict[str, str] | None = None) -> Path:
-        """The whole model as a Hugging Face checkpoint at ``dest`` (and ``extra`` files beside it), written by
-        rank 0 whole or not at all; a collective (under FSDP every rank gathers its shards)."""
+        """The whole model as a Hugging Face checkpoint at ``dest`` (and ``extra`` files beside it, and the run's
+        ``recipe.json``), written by rank 0 whole or not at all; a collective (under FSDP every rank gathers)."""
+        from core.recipe import RECIPE_FILE
+
+        if self.args.get("recipe"):
+            extra = {**(extra or {}), RECIPE_FILE: self.args["recipe"]}
         msd = self.full_model_state() if self.cfg.strategy == "fsdp" else None
         if self.master:
             with atomic_dir(dest) as tmp:
