@@ -567,6 +567,10 @@ class TrainConfig(Strict):
     # each token near the embedding of the word spoken in its window, which a frozen LLM reads as it reads text,
     # where the answers' loss alone may drift them into codes that only the trained sentences decode. 0: none.
     ctc_weight: float = Field(0.0, ge=0.0)
+    # The learning rate across the two phases. "shared": one warm-up and decay over all max_steps, so the answer
+    # steps after a long warm start run at the schedule's tail (docs/levers.md: below 6e-4 of 3e-3 after 1,000 of
+    # 1,400 steps). "restart": the warm start and the answer steps each get the whole schedule over their own steps.
+    ctc_schedule: Literal["shared", "restart"] = "shared"
     qformer: QFormerConfig = Field(default_factory=QFormerConfig)
     # How the build stage's shards are streamed (ExampleLoader): padded audio per batch, worker processes per
     # rank, shuffle buffer. The rows per batch are capped by batch_size; mel bins and chunk follow the Whisper.

@@ -203,6 +203,22 @@ def test_lr_warms_up_then_decays_to_zero():
     assert lr_at(5, mid) == pytest.approx(0.5)
 
 
+def test_a_restarted_schedule_runs_whole_over_the_ctc_steps_and_again_over_the_answer_steps():
+    """train.ctc_schedule restart: the warm start's 10 steps and the answer steps' 30 each warm up and decay to 0 as
+    a training of their own would; shared (the default) runs one schedule over all 40."""
+    kw = dict(lr=1.0, warmup_steps=2, max_steps=40, ctc_warmup_steps=10, lr_schedule="cosine")
+    restart, shared = TrainConfig(**kw, ctc_schedule="restart"), TrainConfig(**kw)
+    ctc_alone = TrainConfig(**{**kw, "max_steps": 10, "ctc_warmup_steps": 0})
+    answers_alone = TrainConfig(**{**kw, "max_steps": 30, "ctc_warmup_steps": 0})
+    assert [lr_at(s, restart) for s in range(10)] == [lr_at(s, ctc_alone) for s in range(10)]
+    assert [lr_at(s, restart) for s in range(10, 41)] == [lr_at(s, answers_alone) for s in range(31)]
+    assert lr_at(9, restart) < 0.05 and lr_at(12, restart) == pytest.approx(1.0)
+    assert lr_at(12, shared) < lr_at(2, shared) == pytest.approx(1.0)
+    assert [
+        lr_at(s, TrainConfig(**{**kw, "ctc_warmup_steps": 0}, ctc_schedule="restart")) for s in range(41)
+    ] == [lr_at(s, TrainConfig(**{**kw, "ctc_warmup_steps": 0})) for s in range(41)]
+
+
 def test_warmup_decay_is_deepspeeds_warmupdecaylr_as_the_reference_ran_it():
     # DeepSpeed's WarmupDecayLR, warmup_type "log" (its default), min lr 0: gamma = log(step + 1) / log(W) while
     # step < W, then (T - step) / (T - W). Values worked out by hand for W = 100, T = 1000.

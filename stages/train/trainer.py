@@ -52,16 +52,21 @@ def _first_rows(batch, n: int):
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The learning rate of 0-based ``step``. cosine and linear: linear warm-up from 0 over ``warmup_steps``, then
     that decay to 0 at ``max_steps``. warmup_decay: DeepSpeed's WarmupDecayLR with its default logarithmic
-    warm-up (0 at step 0, the full rate at ``warmup_steps``), then linear decay to 0 at ``max_steps``."""
+    warm-up (0 at step 0, the full rate at ``warmup_steps``), then linear decay to 0 at ``max_steps``. Under
+    ``ctc_schedule: restart`` the CTC warm start's steps and the answer steps after them each run the schedule
+    over their own steps, as if each were a training of its own."""
+    ctc, total = cfg.ctc_warmup_steps, cfg.max_steps
+    if ctc and cfg.ctc_schedule == "restart":
+        step, total = (step, ctc) if step < ctc else (step - ctc, total - ctc)
     if cfg.lr_schedule == "warmup_decay":
         if step < cfg.warmup_steps:
             return (
                 cfg.lr * math.log(step + 1) / math.log(cfg.warmup_steps) if cfg.warmup_steps > 1 else cfg.lr
             )
-        return cfg.lr * max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.lr * max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    span = max(1, total - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     if cfg.lr_schedule == "linear":
         return cfg.lr * (1.0 - progress)
