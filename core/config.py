@@ -571,6 +571,12 @@ class TrainConfig(Strict):
     # steps after a long warm start run at the schedule's tail (docs/levers.md: below 6e-4 of 3e-3 after 1,000 of
     # 1,400 steps). "restart": the warm start and the answer steps each get the whole schedule over their own steps.
     ctc_schedule: Literal["shared", "restart"] = "shared"
+    # A checkpoint to start from instead of a fresh connector: a training's ``checkpoint/`` or one of its resumable
+    # ``checkpoints/step-N``, or an imported one (``splsm models import-reference``). Every weight it holds is
+    # loaded (the connector's, and the LLM's or its adapters' where that training saved them); the optimizer, the
+    # schedule and the data position start anew. For a warm start that several trainings share (bench/reproduce.py's
+    # two arms) or to go on from a released model. Relative to the config file; its content is in the reuse key.
+    init_from: Path | None = None
     qformer: QFormerConfig = Field(default_factory=QFormerConfig)
     # How the build stage's shards are streamed (ExampleLoader): padded audio per batch, worker processes per
     # rank, shuffle buffer. The rows per batch are capped by batch_size; mel bins and chunk follow the Whisper.
@@ -808,7 +814,7 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
     uri = cfg.train.mlflow_uri
     if uri is not None and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_absolute():
         uri = f"sqlite:///{res(Path(uri[len('sqlite:///') :]))}"  # the workers run elsewhere (the repo root)
-    train = cfg.train.model_copy(update={"mlflow_uri": uri})
+    train = cfg.train.model_copy(update={"mlflow_uri": uri, "init_from": res(cfg.train.init_from)})
     return cfg.model_copy(
         update={
             "corpora": corpora,
@@ -829,7 +835,7 @@ def paths_read(cfg: ExperimentConfig) -> list[Path]:
         out.append(c.root)
         out += c.manifest_files().values()
     out += [cfg.models.whisper, cfg.models.llm, cfg.generate.catalog, cfg.harvest.whisper_checkpoint]
-    out += [cfg.evaluate.qa_file, cfg.evaluate.baseline]
+    out += [cfg.evaluate.qa_file, cfg.evaluate.baseline, cfg.train.init_from]
     return [p for p in out if p is not None]
 
 

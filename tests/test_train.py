@@ -312,3 +312,63 @@ def test_a_ctc_head_trains_in_the_warm_start_and_is_kept_in_the_checkpoint(train
     last = LSMForConditionalGeneration.from_pretrained(out.checkpoint)  # after the answers steps
     assert last.ctc_head is not None
     assert torch.equal(last.ctc_head.weight, heads[1]), "an answers step that reads no CTC moved the head"
+
+
+def test_init_from_loads_every_weight_a_checkpoint_holds_and_refuses_one_of_another_layout(trained, tmp_path):
+    """train.init_from (stages.train.checkpoint.init_from): the trained connector replaces a fresh one; weights this
+    model has no place for, of other shapes, or a checkpoint without the connector, are errors that say so."""
+    from helpers_lsm import TINY_QFORMER
+    from safetensors.torch import load_file, save_file
+
+    from stages.train.checkpoint import init_from
+
+    src = WorkPaths(trained["work"]).train.checkpoint
+    held = load_file(src / "model.safetensors")
+    torch.manual_seed(123)
+    fresh = LSMForConditionalGeneration.from_parts(trained["whisper"], trained["llm"], TINY_QFORMER)
+    assert not torch.equal(fresh.query_tokens, held["query_tokens"])
+    assert init_from(fresh, src) == len(held)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in held.items())
+
+    def errs(sd: dict, match: str, model=None):
+        d = tmp_path / f"ckpt-{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        if sd is not None:
+            save_file({k: v.contiguous() for k, v in sd.items()}, d / "model.safetensors")
+        with pytest.raises(RuntimeError, match=match):
+            init_from(model or fresh, d)
+
+    errs(None, "holds no model")
+    errs({**held, "ctc_head.weight": torch.zeros(3, 3)}, r"no place for: \['ctc_head.weight'\]")
+    errs({k: v for k, v in held.items() if k != "proj.weight"}, r"lacks the connector's \['proj.weight'\]")
+    wider = LSMForConditionalGeneration.from_parts(
+        trained["whisper"],
+        trained["llm"],
+        TINY_QFORMER.model_copy(update={"hidden_size": 2 * TINY_QFORMER.hidden_size}),
+    )
+    errs(held, "other shapes", wider)
+
+
+@pytest.mark.slow
+def test_a_training_with_init_from_starts_where_the_checkpoint_ended(trained, tmp_path):
+    """One optimizer step from a checkpoint whose queries sit 1.0 away from where a fresh connector's start: they
+    end a step (lr 1e-4) from the checkpoint's; and the checkpoint's content is an input of the train stage."""
+    from safetensors.torch import load_file, save_file
+
+    from core.paths import TrainPaths
+
+    held = load_file(WorkPaths(trained["work"]).train.checkpoint / "model.safetensors")
+    held["query_tokens"] = held["query_tokens"] + 1.0
+    src = tmp_path / "moved"
+    src.mkdir()
+    save_file(held, src / "model.safetensors")
+    cfg = experiment(max_steps=1, init_from=str(src), lr=1e-4, warmup_steps=0)
+    out = TrainPaths(tmp_path / "out")
+    train.train(cfg.train, trained["whisper"], trained["llm"], trained["examples"], out.dir)
+    after = load_file(out.checkpoint / "model.safetensors")["query_tokens"]
+    assert (after - held["query_tokens"]).abs().max() < 5e-4
+    from stages.registry import STAGES
+
+    s = STAGES["train"]
+    roles = [a.role for a in s.inputs(s.context(cfg, tmp_path / "w"))]
+    assert "init_from" in roles

@@ -174,6 +174,36 @@ def load_model(model, ckpt: Path, want_settings: dict) -> dict:
     return {k: state[k] for k in STATE_KEYS}
 
 
+CONNECTOR = ("query_tokens", "ln_speech.", "qformer.", "proj.")
+
+
+def init_from(model, ckpt: Path) -> int:
+    """Load every weight a checkpoint holds into ``model`` (``train.init_from``); returns how many tensors. The
+    checkpoint must hold the whole connector, and nothing this model has no place for or holds in another shape:
+    a different ``train.qformer`` or adapter layout is an error that names the first such weights."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(ckpt).glob("model*.safetensors"))
+    if not files:
+        raise RuntimeError(f"train.init_from: {ckpt} holds no model*.safetensors (is it a training's checkpoint?)")
+    sd = {k: v for f in files for k, v in load_file(f).items()}
+    own = model.state_dict()
+    extra = sorted(k for k in sd if k not in own)
+    if extra:
+        raise RuntimeError(
+            f"train.init_from: {ckpt} holds weights this model has no place for: {extra[:4]} (another "
+            "train.qformer, ctc_logits or LoRA layout?)"
+        )
+    shapes = [f"{k} {tuple(sd[k].shape)} here {tuple(own[k].shape)}" for k in sd if sd[k].shape != own[k].shape]
+    if shapes:
+        raise RuntimeError(f"train.init_from: {ckpt} holds weights of other shapes: {shapes[:3]}")
+    missing = sorted(k for k in own if k.startswith(CONNECTOR) and k not in sd)
+    if missing:
+        raise RuntimeError(f"train.init_from: {ckpt} lacks the connector's {missing[:4]}")
+    model.load_state_dict(sd, strict=False)
+    return len(sd)
+
+
 def load_optimizer(ckpt: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -53,6 +53,7 @@ def inputs(ctx: Context) -> list[Artifact]:
         Artifact("examples", ctx.paths.build.examples, "table", made_by="build"),
         Artifact("whisper", whisper, "model", made_by=made_by),
         Artifact("llm", llm, "model", made_by=made_by),
+        *([Artifact("init_from", ctx.cfg.train.init_from, "checkpoint")] if ctx.cfg.train.init_from else []),
         *_encoder_cache(ctx),
     ]
 

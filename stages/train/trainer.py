@@ -169,6 +169,9 @@ class Trainer:
         model = LSMForConditionalGeneration.from_parts(
             a["whisper_dir"], a["llm_dir"], cfg.qformer, **part_flags(cfg)
         )
+        if cfg.init_from is not None:  # first: a resumed run's checkpoint then replaces what it trained
+            n = checkpoint.init_from(model, cfg.init_from)
+            self.say(f"model: {n} tensors from {cfg.init_from} (train.init_from)")
         self.resume_from = checkpoint.latest(self.paths) if cfg.resume else None
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0}
         if self.resume_from is not None:
