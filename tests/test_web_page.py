@@ -61,12 +61,17 @@ def _state(driver) -> str:
 
 @pytest.fixture(scope="module")
 def page(site):
-    """The page open in chromium, its key given (it asks for it: nothing loads before)."""
+    """The page open in chromium, its key given (it asks for it: nothing loads before, a wrong one is refused)."""
     with chromium() as driver:
         driver.get(site["url"] + "/")
         _until(driver, lambda d: d.find_element("id", "key-box").is_displayed())
         assert "API key" in driver.find_element("id", "model-line").text
         assert len(driver.find_elements("css selector", "#clip option")) == 1  # nothing listed yet
+        driver.find_element("id", "key").send_keys("wrong")
+        driver.find_element("id", "key-go").click()
+        _until(driver, lambda d: "refused" in d.find_element("id", "model-line").text)
+        assert "the API key is wrong" in driver.find_element("id", "model-line").text
+        driver.find_element("id", "key").clear()
         driver.find_element("id", "key").send_keys(KEY)
         driver.find_element("id", "key-go").click()
         _until(driver, lambda d: len(d.find_elements("css selector", "#clip option")) > 1)

@@ -141,27 +141,27 @@ def card(engine: Engine, settings: ServeSettings) -> dict:
     except Exception as e:  # a locked, corrupt or foreign store: the page still serves, and says so
         return {
             "checkpoint": {"path": str(engine.checkpoint)},
-            "store": str(settings.lineage_store),
+            "store": None if settings.lineage_store is None else str(settings.lineage_store),
             "notes": [f"the lineage store could not be read: {type(e).__name__}: {e}"],
         }
 
 
 def add_page(
-    app: FastAPI, authorize: Callable[[Request], None], info: dict, card: dict, clips: list[Clip]
+    app: FastAPI, authorize: Callable[[Request], None], about: dict, card: dict, clips: list[Clip]
 ) -> None:
-    """Add the page's routes to ``app``; ``authorize`` is the API's key check, ``info`` what ``/web/info``
-    answers besides the clips, ``card`` the lineage card."""
-    by_id = {c.id: c for c in clips}
-    listed = []
+    """Add the page's routes to ``app``; ``authorize`` is the API's key check, ``about`` what ``/web/info``
+    answers besides the clips (``info``), ``card`` the lineage card (``card``)."""
+    by_id, listed = {}, []
     for c in clips:
         try:
             seconds = round(audio.probe(c.path).duration_s, 2)
-        except audio.AudioError:
+        except audio.AudioError:  # an unreadable file is not offered
             continue
+        by_id[c.id] = c
         listed.append(
             {"id": c.id, "label": c.label, "format": c.format, "seconds": seconds, "transcript": c.transcript}
         )
-    body = {**info, "clips": listed}
+    body = {**about, "clips": listed}
 
     def static(name: str) -> Response:
         return Response((STATIC / name).read_bytes(), media_type=STATIC_FILES[name], headers=HEADERS)

@@ -153,6 +153,7 @@ async function toggleRecord() {
     try {
       const wav = await toWav(new Blob(chunks, { type: chunks.length ? chunks[0].type : "" }));
       $("clip").value = "";
+      $("file").value = "";
       $("clip-transcript").textContent = "";
       useAudio(wav, "wav", "Your recording");
     } catch (e) {
@@ -357,7 +358,8 @@ async function load() {
   try {
     info = await (await get("/web/info")).json();
   } catch (e) {
-    $("model-line").textContent = e instanceof KeyNeeded ? "Give the API key to start." : "Error: " + e.message;
+    if (!(e instanceof KeyNeeded)) $("model-line").textContent = "Error: " + e.message;
+    else $("model-line").textContent = apiKey ? "The API key was refused: " + e.message : "Give the API key to start.";
     return;
   }
   $("key-box").hidden = true;
@@ -377,6 +379,9 @@ async function load() {
     const o = el("option", t.name + ": " + t.instruction);
     o.value = t.name;
     taskSel.appendChild(o);
+  }
+  if (info.default_instruction) {
+    $("instruction").placeholder = "Empty: the recipe's ASR wording, \u201c" + info.default_instruction + "\u201d";
   }
   $("max-tokens").value = info.default_max_tokens;
   $("max-tokens").max = info.max_tokens;
