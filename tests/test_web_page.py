@@ -248,3 +248,12 @@ def test_the_lineage_store_is_found_beside_the_checkpoint_or_where_told(site, tm
     assert card["training"] is None and "has no record of" in card["notes"][0]
     card = checkpoint_card(copy, None)
     assert card["training"] is None and "no lineage store" in card["notes"][0]
+
+
+def test_a_store_that_cannot_be_read_is_a_note_not_a_failed_server(site, tmp_path):
+    from splsm.serving.page import card
+
+    broken = tmp_path / "lineage.duckdb"
+    broken.write_bytes(b"not a DuckDB file" * 100)
+    got = card(site["engine"], ServeSettings(MODEL, lineage_store=broken))
+    assert got["notes"][0].startswith("the lineage store could not be read:") and "training" not in got
