@@ -13,7 +13,7 @@
                  train_args.json summary.json errors/rankR.txt
       cache/encoder/ENCODER/KK/KEY.safetensors  a frozen encoder's outputs per clip (core.lsm.encoder_cache)
       evaluate/  predictions metrics probe probe_metrics qa qa_metrics rejects (.parquet)
-                 report.md report.html qa_questions.jsonl *.png
+                 report.md report.html qa_questions.jsonl *.png audio/*.flac (the clips the report plays)
 
 Stages, the CLI, the flows and the tests name these through ``WorkPaths``; no other module joins a
 work directory with a literal file name. A stage's ``_stage.json`` is the marker its reuse check reads.
@@ -254,6 +254,11 @@ class EvaluatePaths:
     @property
     def qa_questions(self) -> Path:
         return self.dir / "qa_questions.jsonl"
+
+    @property
+    def audio(self) -> Path:
+        """The clips the report plays (16 kHz FLAC), linked from it by relative path."""
+        return self.dir / "audio"
 
     def plot(self, role: str) -> Path:
         return self.dir / self.PLOTS[role]

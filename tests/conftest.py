@@ -101,6 +101,32 @@ def pretrained(tmp_path_factory):
     return work, WorkPaths(work).models
 
 
+@pytest.fixture(scope="session")
+def evaluated(tmp_path_factory) -> Path:
+    """A work directory through the whole DAG, every stage run as the CLI runs it (lineage recorded): the tiny
+    config on the bundled clips, cut to what a checkpoint with a real history needs (the tiny LLM answers one
+    category in-process, 2 training steps on one process, the probe on the 3 test-clean clips, no QA), about
+    30 s on 2 cores. The page's lineage panel and the report's audio are tested on it."""
+    import yaml
+
+    from core.config import load_config
+
+    work = tmp_path_factory.mktemp("evaluated")
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    for c in raw["corpora"]:
+        for key in ("root", "manifest"):
+            if key in c:
+                c[key] = str((REPO / "configs" / c[key]).resolve())
+    raw["generate"].update(backend={"kind": "transformers"}, max_new_tokens=8, tasks=["sentiment"])
+    raw["train"].update(nproc_per_node=1, max_steps=2, checkpoint_every=2)
+    raw["evaluate"].update(probe_max_new_tokens=8, qa=False)
+    (work / "config.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(work / "config.yaml")
+    for name in ("harvest", "models", "generate", "build", "train", "evaluate"):
+        run_stage(name, cfg, work)
+    return work
+
+
 # ----- every harvest reject reason is produced by some test -----------------------------------------------
 # Each Reject made in this process is counted by reason; when the whole suite ran (no file, -k or -m given),
 # a reason in REASONS that no test produced fails the run (a reject path nobody exercises may no longer

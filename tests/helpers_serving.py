@@ -1,14 +1,19 @@
-"""Shared by the ask and serve tests: a tiny random checkpoint, clips, and the answer greedy decoding gives."""
+"""Shared by the ask, serve and page tests: a tiny random checkpoint, clips, the answer greedy decoding gives,
+and a running server."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
+import uvicorn
 from helpers_lsm import DEMO, TINY_QFORMER, build_models
 
 from core.catalog import load_catalog
@@ -21,6 +26,24 @@ WAV = DEMO / "test-clean" / "1089-134686-0001.wav"  # 16 kHz mono, 6.6 s
 WAV2 = DEMO / "test-clean" / "1221-135766-0002.wav"  # 16 kHz mono, 4.8 s
 FLAC = FIXTURES / "jfk-openai_whisper" / "jfk.flac"  # 44.1 kHz stereo, 11 s
 MP3 = FIXTURES / "commonvoice-lhotse_mp3" / "clips" / "common_voice_en_651325.mp3"  # 48 kHz mono, 2.4 s
+
+
+@contextmanager
+def running(app):
+    """The app under a real uvicorn server on a free loopback port, in a thread: its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def first_wording(task: str) -> str:

@@ -439,7 +439,8 @@ def test_report_says_the_data_is_partial_and_has_tables_and_plots(setup):
     for cat in PROBE_TASKS:
         assert f"| test-clean | {cat} | 3 |" in md
     html = (out / "report.html").read_text()
-    assert html.count("<table>") == 4 and "lost-0001" in html
+    # WER, probe, QA, worst utterances; and "What the model answered": asr and each probe category
+    assert html.count("<table>") == 4 + 1 + len(PROBE_TASKS) and "lost-0001" in html
     for name in ("wer_per_set.png", "anchor_rate.png", "worst_utterances.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name})" in md
     assert setup["result"].summary["partial"] is True

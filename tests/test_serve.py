@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from click.testing import CliRunner
-from helpers_serving import FLAC, MP3, WAV, WAV2, Reference, first_wording, long_wav, make_checkpoint
+from helpers_serving import (
+    FLAC,
+    MP3,
+    WAV,
+    WAV2,
+    Reference,
+    first_wording,
+    long_wav,
+    make_checkpoint,
+    running,
+)
 
 from core import audio
 from splsm.cli import main
@@ -26,24 +33,6 @@ from splsm.serving.engine import Engine
 KEY = "test-key-123"
 MODEL = "tiny-lsm"
 N = 8
-
-
-@contextmanager
-def running(app):
-    """The app under a real uvicorn server on a free loopback port, in a thread: its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def b64(path) -> str:

@@ -9,5 +9,6 @@ and decodes with the model's own batched greedy ``generate``. Nothing below it i
 - ``ask``: the command-line use of it;
 - ``batcher``: the queue that decodes requests arriving together as one batch;
 - ``app``: the FastAPI app (``create_app``), on which other pages can be mounted;
+- ``page``: the web page at ``/`` (``static/``), a client of the app's own API, and the lineage beside it;
 - ``server``: settings, the API-key rule and uvicorn.
 """

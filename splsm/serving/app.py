@@ -3,7 +3,8 @@
 - ``POST /v1/chat/completions``: one user message whose content holds one ``input_audio`` part (base64 ``wav``,
   ``mp3``, ``flac`` or ``ogg``) and any ``text`` parts (the instruction; none: the recipe's ASR wording);
   ``stream: true`` answers as server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``;
-- ``GET /v1/models``: the one model served; ``GET /health``: ``{"status": "ok"}``, without a key.
+- ``GET /v1/models``: the one model served; ``GET /health``: ``{"status": "ok"}``, without a key;
+- ``GET /``: the web page (``splsm.serving.page``), a client of this API, unless ``settings.page`` is off.
 
 Decoding is greedy: ``temperature``, ``top_p`` and ``seed`` are accepted and have no effect; ``n`` must be 1;
 ``max_tokens`` (or ``max_completion_tokens``) is honoured up to the server's cap. Every request the server
@@ -23,6 +24,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -65,6 +67,8 @@ class ServeSettings:
     max_batch: int = 8
     batch_wait_ms: float = 10.0
     default_max_tokens: int = 256
+    page: bool = True  # the web page at /
+    lineage_store: Path | None = None  # where the page's lineage panel reads the checkpoint's history
 
 
 class ApiError(Exception):
@@ -311,6 +315,13 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    if settings.page:
+        from splsm.serving import page
+
+        page.add_page(
+            app, authorize, page.info(engine, settings), page.card(engine, settings), page.bundled_clips()
+        )
 
     @app.get("/v1/models")
     async def models(request: Request):

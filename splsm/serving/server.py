@@ -72,5 +72,6 @@ def serve(engine: Engine, settings: ServeSettings, host: str, port: int, say=pri
     say(
         f"serve: {engine.checkpoint} as model {settings.served_model_name!r} on http://{url_host}:{port}/v1 "
         f"({key}; batches of up to {app.state.batcher.max_batch}, greedy, on {engine.device})"
+        + (f"; the web page at http://{url_host}:{port}/" if settings.page else "")
     )
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

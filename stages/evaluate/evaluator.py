@@ -15,8 +15,8 @@ not a speech-text checkpoint is an error before anything loads; a row whose audi
 reject (``rejects.parquet``), counted per set in every table and flagged at the top of the report.
 
 Outputs in ``WORKDIR/evaluate``: predictions, metrics, probe, probe_metrics, qa, qa_metrics and rejects
-(Parquet, schemas in ``schemas``), qa_questions.jsonl (the question set asked), report.md, report.html
-and the report's PNG plots. ``publish_artifacts`` makes Prefect artifacts of them (the flow calls it).
+(Parquet, schemas in ``schemas``), qa_questions.jsonl (the question set asked), report.md, report.html,
+the report's PNG plots and the clips it plays (``audio/``). ``publish_artifacts`` makes Prefect artifacts of them (the flow calls it).
 """
 
 from __future__ import annotations
@@ -319,6 +319,14 @@ def evaluate(
     lsm = [p for p in preds if p["system"] == "lsm"]
     worst = report.worst_utterances(lsm, cfg.worst_n)
     report.write_plots(out, metrics, probe_m, base_rows, worst)
+    # the clips the report plays: the worst utterances' and those of the answers it shows per category
+    answers = report.answer_examples(lsm, probe_rows)
+    links = report.write_clips(
+        out.audio,
+        [(p["eval_set"], p["utt_id"]) for p in worst]
+        + [(r["eval_set"], r["utt_id"]) for shown in answers.values() for r in shown],
+        {(r["split"], r["utt_id"]): (r["audio_path"], r["offset_s"], r["duration_s"]) for r in rows},
+    )
     settings = (
         ("greedy" if cfg.num_beams == 1 else f"beam search, {cfg.num_beams} beams")
         + f", batch {cfg.batch_size} ({'each set in its table order' if cfg.order == 'dataset' else 'longest first'}), "
@@ -349,10 +357,12 @@ def evaluate(
             baseline=base_rows,
             baseline_name=Path(baseline).name if baseline is not None else "",
             worst=worst,
+            answers=answers,
+            audio_links=links,
         )
     )
     write_text(out.report, md)
-    write_text(out.report_html, report.report_html(md))
+    write_text(out.report_html, report.report_html(md, audio_links=set(links.values())))
     print_table(metrics, probe_m, qa_m)
     by = {sys_: [m for m in metrics if m["system"] == sys_] for sys_ in ("lsm", "whisper")}
     return {

@@ -1,18 +1,24 @@
 """The evaluation report: Markdown and HTML with tables and PNG plots, and Prefect artifacts in a flow.
 
 Everything here reads the stage's tables (or rows shaped like them); nothing is computed that the
-tables do not hold, so the report and the Parquet files cannot disagree.
+tables do not hold, so the report and the Parquet files cannot disagree. Beside each worst utterance and each
+example answer the HTML has an audio player: the clip as the model heard it (16 kHz mono FLAC) in the folder
+``audio/`` beside the report, linked by relative path so the report plays when opened from disk.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 from pathlib import Path
 
-from core.atomic import atomic_file
+from core import audio
+from core.atomic import atomic_dir, atomic_file
 from core.paths import EvaluatePaths
 
 PLOTS = EvaluatePaths.PLOTS  # role -> file name; the report links them by name, side by side with it
+EXAMPLES_PER_CATEGORY = 3  # answers shown per category ("What the model answered")
 
 
 def pct(x: float | None) -> str:
@@ -43,7 +49,58 @@ def worst_utterances(preds: list[dict], n: int) -> list[dict]:
     return sorted(scored, key=lambda p: (-p["errors"] / p["ref_words"], -p["errors"], p["utt_id"]))[:n]
 
 
-def _bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], title: str, ylabel: str) -> None:
+def answer_examples(preds: list[dict], probe_rows: list[dict], n: int = EXAMPLES_PER_CATEGORY) -> dict:
+    """A few answers per category, the first ``n`` by (eval set, utterance): ``asr`` from the model's
+    transcripts (``preds``), each probe category from ``probe_rows`` (the probe table's rows)."""
+    out = {"asr": sorted(preds, key=lambda p: (p["eval_set"], p["utt_id"]))[:n]}
+    for r in sorted(probe_rows, key=lambda r: (r["eval_set"], r["utt_id"])):
+        rows = out.setdefault(r["category"], [])
+        if len(rows) < n:
+            rows.append(r)
+    return out
+
+
+def _clip_name(n: int, utt_id: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", utt_id)[:60].strip("._") or "clip"
+    return f"{n:03d}-{safe}.flac"
+
+
+def write_clips(folder: Path, wanted: list[tuple[str, str]], where: dict[tuple[str, str], tuple]) -> dict:
+    """Write each wanted (eval set, utterance)'s clip as the model heard it (16 kHz mono, 16-bit FLAC) into
+    ``folder``, replaced whole; ``where`` maps a key to (audio path, offset s, duration s). Returns key -> the
+    link relative to the report; a clip that cannot be read gets none."""
+    import soundfile as sf
+
+    links: dict[tuple[str, str], str] = {}
+    with atomic_dir(folder) as tmp:
+        for key in dict.fromkeys(wanted):
+            if key not in where:
+                continue
+            path, offset_s, duration_s = where[key]
+            try:
+                x = audio.load(path, offset_s, duration_s)
+            except audio.AudioError:
+                continue
+            name = _clip_name(len(links), key[1])
+            sf.write(str(tmp / name), x, audio.TARGET_SR, format="FLAC", subtype="PCM_16")
+            links[key] = f"{folder.name}/{name}"
+    return links
+
+
+def _listen(links: dict, eval_set: str, utt_id: str) -> str:
+    href = links.get((eval_set, utt_id))
+    return f"[listen]({href})" if href else "n/a"
+
+
+def bar_figure(
+    labels: list[str],
+    series: dict[str, list[float]],
+    title: str,
+    ylabel: str,
+    ylim: tuple[float, float] | None = None,
+):
+    """A bar chart (a matplotlib Figure) of ``series`` per label, each bar labelled with its value. ``ylim``:
+    the y range (a rate's 0 to 100); by default 0 to a little over the highest bar, at least 0 to 5."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,27 +131,36 @@ def _bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], tit
         ax.set_xticklabels(labels, rotation=30 if slant else 0, ha="right" if slant else "center")
         if len(series) > 1:
             ax.legend(fontsize=8)
-    ax.set_title(title)
+    if ylim is None:
+        values = [v for vs in series.values() for v in vs if v is not None and v == v]
+        ylim = (0.0, max(5.0, 1.15 * max(values, default=0.0)))
+    ax.set_ylim(*ylim)
+    ax.set_title("\n".join(textwrap.wrap(title, 55)))  # a narrow figure keeps all of a long title
     ax.set_ylabel(ylabel)
     fig.tight_layout()
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
-def plot_wer(path: Path, metrics: list[dict]) -> None:
+def wer_figure(metrics: list[dict]):
     """WER per eval set: the speech-text model, and its Whisper alone beside it where there is that row."""
     sets = list(dict.fromkeys(m["eval_set"] for m in metrics))
     by = {(m["eval_set"], m["system"]): m["wer"] for m in metrics}
     series = {"LSM WER %": [100 * by.get((s, "lsm"), float("nan")) for s in sets]}
     if any(sys_ == "whisper" for _, sys_ in by):
         series["Whisper alone WER %"] = [100 * by.get((s, "whisper"), float("nan")) for s in sets]
-    _bar_plot(path, sets, series, "WER per eval set", "WER %")
+    return bar_figure(sets, series, "WER per eval set", "WER %")
 
 
-def plot_anchor(
-    path: Path, probe: list[dict], baseline: list[dict] | None, names=("this model", "baseline")
-) -> None:
+def anchor_figure(probe: list[dict], baseline: list[dict] | None, names=("this model", "baseline")):
+    """Anchor rate per category on 0 to 100% (beside a baseline's where given)."""
     labels = [
         f"{r['category']}" if len({p["eval_set"] for p in probe}) < 2 else f"{r['eval_set']}/{r['category']}"
         for r in probe
@@ -103,18 +169,17 @@ def plot_anchor(
     if baseline is not None:
         base = {(r["eval_set"], r["category"]): r["anchor_rate"] for r in baseline}
         series[names[1]] = [100 * base.get((r["eval_set"], r["category"]), float("nan")) for r in probe]
-    _bar_plot(
-        path,
+    return bar_figure(
         labels,
         series,
         "Speech anchor rate per category (lower follows the instruction)",
         "anchor rate %",
+        ylim=(0.0, 100.0),  # a rate: 0 to 100 whatever the values (all zero too)
     )
 
 
-def plot_worst(path: Path, worst: list[dict]) -> None:
-    _bar_plot(
-        path,
+def worst_figure(worst: list[dict]):
+    return bar_figure(
         [p["utt_id"] for p in worst],
         {"WER %": [100 * p["errors"] / p["ref_words"] for p in worst]},
         "Worst utterances",
@@ -122,16 +187,24 @@ def plot_worst(path: Path, worst: list[dict]) -> None:
     )
 
 
+def plot_anchor(
+    path: Path, probe: list[dict], baseline: list[dict] | None, names=("this model", "baseline")
+) -> None:
+    _save(anchor_figure(probe, baseline, names), path)
+
+
 def write_plots(out: EvaluatePaths, metrics, probe, baseline, worst) -> None:
-    plot_wer(out.plot("wer_plot"), metrics)
-    plot_anchor(out.plot("anchor_plot"), probe, baseline)
-    plot_worst(out.plot("worst_plot"), worst)
+    _save(wer_figure(metrics), out.plot("wer_plot"))
+    _save(anchor_figure(probe, baseline), out.plot("anchor_plot"))
+    _save(worst_figure(worst), out.plot("worst_plot"))
 
 
 def report_markdown(ctx: dict) -> str:
     """ctx: checkpoint, examples, examples_hash, settings, metrics, preds (the LSM's), reference_note, probe,
-    probe_note, qa, qa_note, rejects, missing_sets, baseline (probe metrics or None), baseline_name, worst."""
+    probe_note, qa, qa_note, rejects, missing_sets, baseline (probe metrics or None), baseline_name, worst;
+    optional: answers (``answer_examples``), audio_links ((eval set, utterance) -> link, ``write_clips``)."""
     m, rejects = ctx["metrics"], ctx["rejects"]
+    links = ctx.get("audio_links") or {}
     lines = ["# Evaluation report", ""]
     partial = []
     if rejects:
@@ -243,6 +316,7 @@ def report_markdown(ctx: dict) -> str:
         lines += ["", f"![Anchor rate per category]({PLOTS['anchor_plot']})"]
     else:
         lines += [f"Not run: {ctx['probe_note']}"]
+    lines += _answers_md(ctx.get("answers") or {}, links)
     lines += ["", "## Spoken yes/no QA", ""]
     if ctx["qa"]:
         lines += table_md(
@@ -266,11 +340,20 @@ def report_markdown(ctx: dict) -> str:
     lines += ["", "## Worst utterances", ""]
     if ctx["worst"]:
         lines += table_md(
-            ["utterance", "eval set", "WER %", "errors", "reference (normalized)", "hypothesis (normalized)"],
+            [
+                "utterance",
+                "eval set",
+                "audio",
+                "WER %",
+                "errors",
+                "reference (normalized)",
+                "hypothesis (normalized)",
+            ],
             [
                 [
                     p["utt_id"],
                     p["eval_set"],
+                    _listen(links, p["eval_set"], p["utt_id"]),
                     pct(p["errors"] / p["ref_words"]),
                     p["errors"],
                     p["reference_norm"],
@@ -278,7 +361,7 @@ def report_markdown(ctx: dict) -> str:
                 ]
                 for p in ctx["worst"]
             ],
-            "llrrll",
+            "lllrrll",
         )
         lines += ["", f"![Worst utterances]({PLOTS['worst_plot']})"]
     else:
@@ -290,22 +373,102 @@ def report_markdown(ctx: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_html(markdown_text: str, title: str = "Evaluation report") -> str:
+def _answers_md(answers: dict, links: dict) -> list[str]:
+    """The section "What the model answered": a few answers per category, each beside its clip."""
+    if not answers:
+        return []
+    lines = [
+        "",
+        "## What the model answered",
+        "",
+        f"The first {EXAMPLES_PER_CATEGORY} eval utterances of each category (by utterance id), with the clip as "
+        "the model heard it. ASR: the model's transcript beside the reference. Other categories: the model's "
+        "answer from the speech beside the LLM's own answer from the transcript (what it was taught to give); "
+        "anchored: the answer is the transcript (see the probe above).",
+    ]
+    for category, rows in answers.items():
+        lines += ["", f"### {category}", ""]
+        if not rows:
+            lines.append("No answers.")
+        elif category == "asr":
+            lines += table_md(
+                ["utterance", "eval set", "audio", "WER %", "reference", "the model's transcript"],
+                [
+                    [
+                        p["utt_id"],
+                        p["eval_set"],
+                        _listen(links, p["eval_set"], p["utt_id"]),
+                        pct(p["errors"] / p["ref_words"]) if p["ref_words"] else "n/a",
+                        p["reference"],
+                        p["hypothesis"],
+                    ]
+                    for p in rows
+                ],
+                "lllrll",
+            )
+        else:
+            lines += table_md(
+                [
+                    "utterance",
+                    "audio",
+                    "instruction",
+                    "transcript",
+                    "the LLM's answer (from the text)",
+                    "the model's answer (from the speech)",
+                    "anchored",
+                ],
+                [
+                    [
+                        r["utt_id"],
+                        _listen(links, r["eval_set"], r["utt_id"]),
+                        r["instruction"],
+                        r["transcript"],
+                        r["llm_answer"],
+                        r["answer"],
+                        "yes" if r["anchored"] else "no",
+                    ]
+                    for r in rows
+                ],
+                "lllllll",
+            )
+    return lines
+
+
+def report_html(
+    markdown_text: str, title: str = "Evaluation report", audio_links: frozenset[str] | set[str] = frozenset()
+) -> str:
+    """The Markdown report as one HTML page; each link to one of ``audio_links`` (the clips ``write_clips``
+    wrote) becomes an audio player."""
     import html
+    import xml.etree.ElementTree as ET
 
     import markdown
+    from markdown.treeprocessors import Treeprocessor
+
+    class Players(Treeprocessor):
+        def run(self, root):
+            for a in list(root.iter("a")):
+                href = a.get("href")
+                if href in audio_links:
+                    a.tag, a.text = "audio", None
+                    a.attrib.clear()
+                    a.attrib.update(controls="controls", preload="metadata", src=href)
+                    fallback = ET.SubElement(a, "a", href=href)  # where audio does not play: the file
+                    fallback.text = "listen"
 
     # The report quotes data (reject details, ids, model answers): none of it may become markup in the page.
     # Python-Markdown passes raw HTML through; without its two raw-HTML rules it escapes it as text.
     md = markdown.Markdown(extensions=["tables"])
     md.preprocessors.deregister("html_block")
     md.inlinePatterns.deregister("html")
+    md.treeprocessors.register(Players(md), "players", 5)  # after the inline patterns made the links
     body = md.convert(markdown_text)
     title = html.escape(title)
     style = (
         "body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em}"
         "th{background:#f3f3f3}blockquote{background:#fff4e0;border-left:4px solid #e90;margin:0;padding:.5em 1em}"
+        "audio{height:2em;width:16em;vertical-align:middle}"
     )
     return f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{style}</style></head>\n<body>\n{body}\n</body></html>\n'
 

@@ -63,6 +63,7 @@ def outputs(ctx: Context) -> list[Artifact]:
     arts += [
         Artifact("report", out.report, "file"),
         Artifact("report_html", out.report_html, "file"),
+        Artifact("report_audio", out.audio, "file"),  # a folder: its fingerprint
         Artifact("qa_questions", out.qa_questions, "file"),
     ]
     arts += [Artifact(role, out.plot(role), "file") for role in out.PLOTS]
