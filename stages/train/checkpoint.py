@@ -185,7 +185,9 @@ def init_from(model, ckpt: Path) -> int:
 
     files = sorted(Path(ckpt).glob("model*.safetensors"))
     if not files:
-        raise RuntimeError(f"train.init_from: {ckpt} holds no model*.safetensors (is it a training's checkpoint?)")
+        raise RuntimeError(
+            f"train.init_from: {ckpt} holds no model*.safetensors (is it a training's checkpoint?)"
+        )
     sd = {k: v for f in files for k, v in load_file(f).items()}
     own = model.state_dict()
     extra = sorted(k for k in sd if k not in own)
@@ -194,7 +196,9 @@ def init_from(model, ckpt: Path) -> int:
             f"train.init_from: {ckpt} holds weights this model has no place for: {extra[:4]} (another "
             "train.qformer, ctc_logits or LoRA layout?)"
         )
-    shapes = [f"{k} {tuple(sd[k].shape)} here {tuple(own[k].shape)}" for k in sd if sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} here {tuple(own[k].shape)}" for k in sd if sd[k].shape != own[k].shape
+    ]
     if shapes:
         raise RuntimeError(f"train.init_from: {ckpt} holds weights of other shapes: {shapes[:3]}")
     missing = sorted(k for k in own if k.startswith(CONNECTOR) and k not in sd)
