@@ -561,7 +561,8 @@ class TrainConfig(Strict):
     # logits are its dot products with the LLM's input embeddings, eos standing for the blank; the target is the
     # row's transcript whatever its task; core.lsm.model.ctc_loss); the LLM does not run in them, and the steps
     # after them are the usual ones. Counted in max_steps. CTC needs a speech token per transcript token: at the
-    # 0.333-s windows espeak's speech gives about as many of each, and a row with too few adds nothing.
+    # 0.333-s windows espeak's speech gives about as many of each, and a row with too few adds nothing. Equal to
+    # max_steps: the training is the warm start alone, a checkpoint for other trainings' ``init_from``.
     ctc_warmup_steps: int = Field(0, ge=0)
     # After the warm start, this times the CTC loss is added to the answers' loss on the same speech tokens: it keeps
     # each token near the embedding of the word spoken in its window, which a frozen LLM reads as it reads text,
@@ -652,10 +653,10 @@ class TrainConfig(Strict):
                 "train.ctc_warmup_steps: the CTC warm start trains the Q-Former and the projection, and both are "
                 "frozen (freeze_qformer, freeze_proj)"
             )
-        if self.ctc_warmup_steps and self.epochs is None and self.ctc_warmup_steps >= self.max_steps:
+        if self.ctc_warmup_steps and self.epochs is None and self.ctc_warmup_steps > self.max_steps:
             raise ValueError(
-                f"train.ctc_warmup_steps: {self.ctc_warmup_steps} CTC steps leave none of max_steps "
-                f"({self.max_steps}) for the answers"
+                f"train.ctc_warmup_steps: {self.ctc_warmup_steps} CTC steps are more than max_steps "
+                f"({self.max_steps}); equal to it, the training is the warm start alone"
             )
         if self.freeze_encoder and self.freeze_qformer and self.freeze_proj and self.freeze_llm:
             raise ValueError(

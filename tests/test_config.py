@@ -203,6 +203,7 @@ def test_a_ctc_warm_start_needs_a_connector_that_trains_and_steps_after_it():
 
     with pytest.raises(ValueError, match="both are frozen"):
         TrainConfig(max_steps=5, ctc_warmup_steps=2, freeze_qformer=True, freeze_proj=True)
-    with pytest.raises(ValueError, match="leave none of max_steps"):
-        TrainConfig(max_steps=5, ctc_warmup_steps=5)
+    with pytest.raises(ValueError, match="more than max_steps"):
+        TrainConfig(max_steps=5, ctc_warmup_steps=6)
+    assert TrainConfig(max_steps=5, ctc_warmup_steps=5).ctc_warmup_steps == 5  # the warm start alone
     assert TrainConfig(max_steps=5, ctc_warmup_steps=4, freeze_qformer=True).ctc_warmup_steps == 4

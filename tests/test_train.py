@@ -280,8 +280,34 @@ def test_ctc_warm_start_trains_the_connector_and_leaves_a_trainable_llm_as_it_wa
     assert any(not torch.equal(last[k], pretrained[k]) for k in pretrained), (
         "the answer step left the LLM as is"
     )
-    with pytest.raises(ValueError, match="ctc_warmup_steps"):
-        TrainConfig(max_steps=5, ctc_warmup_steps=5)
+    with pytest.raises(ValueError, match="more than max_steps"):
+        TrainConfig(max_steps=5, ctc_warmup_steps=6)
+
+
+def test_a_training_that_is_the_warm_start_alone_leaves_a_connector_another_training_starts_from(
+    trained, tmp_path
+):
+    """ctc_warmup_steps equal to max_steps: every step is CTC, the LLM never trains, and the checkpoint is one that
+    ``train.init_from`` loads (bench/reproduce.py's warm start, shared by its two arms)."""
+    from helpers_lsm import TINY_QFORMER
+    from safetensors.torch import load_file
+
+    from core.paths import TrainPaths
+    from stages.train.checkpoint import init_from
+
+    q = TINY_QFORMER.model_copy(update={"window_s": 0.1, "stride_s": 0.1}).model_dump()
+    cfg = experiment(max_steps=2, freeze_llm=True, ctc_warmup_steps=2, qformer=q).train
+    out = TrainPaths(tmp_path / "out")
+    train.train(cfg, trained["whisper"], trained["llm"], trained["examples"], out.dir)
+    recs = [json.loads(x) for x in out.metrics.read_text().splitlines() if '"objective"' in x]
+    assert [(r["step"], r["objective"]) for r in recs] == [(1, "ctc"), (2, "ctc")]
+    held = load_file(out.checkpoint / "model.safetensors")
+    fresh = LSMForConditionalGeneration.from_parts(
+        trained["whisper"], trained["llm"], TINY_QFORMER.model_copy(update={"window_s": 0.1, "stride_s": 0.1})
+    )
+    assert not all(torch.equal(fresh.state_dict()[k], v) for k, v in held.items())
+    assert init_from(fresh, out.checkpoint) == len(held)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in held.items())
 
 
 @pytest.mark.slow
