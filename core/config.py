@@ -572,6 +572,10 @@ class TrainConfig(Strict):
     # steps after a long warm start run at the schedule's tail (docs/levers.md: below 6e-4 of 3e-3 after 1,000 of
     # 1,400 steps). "restart": the warm start and the answer steps each get the whole schedule over their own steps.
     ctc_schedule: Literal["shared", "restart"] = "shared"
+    # The CTC warm start's peak learning rate; None: train.lr. The two phases want different rates: CTC learnt at
+    # 3e-3, and answer steps at 3e-3 right after a warm start erased what it taught within 100 steps, where 5e-4
+    # kept it (docs/levers.md). With ctc_schedule restart, each phase then warms up to and decays from its own.
+    ctc_lr: float | None = Field(None, gt=0)
     # A checkpoint to start from instead of a fresh connector: a training's ``checkpoint/`` or one of its resumable
     # ``checkpoints/step-N``, or an imported one (``splsm models import-reference``). Every weight it holds is
     # loaded (the connector's, and the LLM's or its adapters' where that training saved them); the optimizer, the

@@ -219,6 +219,19 @@ def test_a_restarted_schedule_runs_whole_over_the_ctc_steps_and_again_over_the_a
     ] == [lr_at(s, TrainConfig(**{**kw, "ctc_warmup_steps": 0})) for s in range(41)]
 
 
+def test_ctc_lr_is_the_warm_starts_peak_and_the_answer_steps_keep_train_lr():
+    kw = dict(lr=0.5, warmup_steps=2, max_steps=40, ctc_warmup_steps=10, lr_schedule="cosine")
+    own = TrainConfig(**kw, ctc_schedule="restart", ctc_lr=3.0)
+    ctc_alone = TrainConfig(**{**kw, "lr": 3.0, "max_steps": 10, "ctc_warmup_steps": 0})
+    answers_alone = TrainConfig(**{**kw, "max_steps": 30, "ctc_warmup_steps": 0})
+    assert [lr_at(s, own) for s in range(10)] == [lr_at(s, ctc_alone) for s in range(10)]
+    assert [lr_at(s, own) for s in range(10, 41)] == [lr_at(s, answers_alone) for s in range(31)]
+    assert max(lr_at(s, own) for s in range(10)) == pytest.approx(3.0)
+    assert max(lr_at(s, own) for s in range(10, 41)) == pytest.approx(0.5)
+    unset = TrainConfig(**kw, ctc_schedule="restart")
+    assert max(lr_at(s, unset) for s in range(10)) == pytest.approx(0.5)  # None: train.lr for both
+
+
 def test_warmup_decay_is_deepspeeds_warmupdecaylr_as_the_reference_ran_it():
     # DeepSpeed's WarmupDecayLR, warmup_type "log" (its default), min lr 0: gamma = log(step + 1) / log(W) while
     # step < W, then (T - step) / (T - W). Values worked out by hand for W = 100, T = 1000.

@@ -54,23 +54,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     that decay to 0 at ``max_steps``. warmup_decay: DeepSpeed's WarmupDecayLR with its default logarithmic
     warm-up (0 at step 0, the full rate at ``warmup_steps``), then linear decay to 0 at ``max_steps``. Under
     ``ctc_schedule: restart`` the CTC warm start's steps and the answer steps after them each run the schedule
-    over their own steps, as if each were a training of its own."""
+    over their own steps, as if each were a training of its own. The CTC steps' rate peaks at ``ctc_lr`` where
+    that is set."""
     ctc, total = cfg.ctc_warmup_steps, cfg.max_steps
+    peak = cfg.ctc_lr if step < ctc and cfg.ctc_lr is not None else cfg.lr
     if ctc and cfg.ctc_schedule == "restart":
         step, total = (step, ctc) if step < ctc else (step - ctc, total - ctc)
     if cfg.lr_schedule == "warmup_decay":
         if step < cfg.warmup_steps:
-            return (
-                cfg.lr * math.log(step + 1) / math.log(cfg.warmup_steps) if cfg.warmup_steps > 1 else cfg.lr
-            )
-        return cfg.lr * max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
+            return peak * math.log(step + 1) / math.log(cfg.warmup_steps) if cfg.warmup_steps > 1 else peak
+        return peak * max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+        return peak * (step + 1) / (cfg.warmup_steps + 1)
     span = max(1, total - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     if cfg.lr_schedule == "linear":
-        return cfg.lr * (1.0 - progress)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return peak * (1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def param_groups(params: list, cfg: TrainConfig) -> list[dict]:
