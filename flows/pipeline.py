@@ -10,6 +10,7 @@ deployment's) before the run starts, and the config file is validated before any
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow
 
@@ -24,21 +25,32 @@ def _prepare(config: str, workdir: str):
     return cfg, str(Path(config).resolve()), str(Path(workdir).resolve())
 
 
+Until = Literal["harvest", "generate", "build", "train", "evaluate"]
+
+
 @flow(name="self_powered_pipeline", log_prints=True)
 def self_powered_pipeline(
-    config: str, workdir: str = "work", force: bool = False, execution: ExecutionConfig | None = None
+    config: str,
+    workdir: str = "work",
+    force: bool = False,
+    execution: ExecutionConfig | None = None,
+    until: Until = "evaluate",
 ) -> dict:
-    """Run every stage of the recipe on one experiment config; returns the evaluation summary."""
+    """Run the stages of the recipe on one experiment config, every one or those up to ``until``; returns the
+    evaluation summary, or ``{until: that stage's result}`` when the run stops before evaluation."""
     execution = execution or ExecutionConfig()
     cfg, config, workdir = _prepare(config, workdir)
     if cfg.models.pretrained is not None:  # before harvest, whose pseudo-labels may come from its Whisper
         TASKS["pretrained"](config, workdir, force, execution)
-    TASKS["harvest"](config, workdir, force, execution)
+    result = TASKS["harvest"](config, workdir, force, execution)
+    if until == "harvest":
+        return {until: result}
     if cfg.models.tiny is not None:
         TASKS["models"](config, workdir, force, execution)
-    TASKS["generate"](config, workdir, force, execution)
-    TASKS["build"](config, workdir, force, execution)
-    TASKS["train"](config, workdir, force, execution)
+    for stage in ("generate", "build", "train"):
+        result = TASKS[stage](config, workdir, force, execution)
+        if until == stage:
+            return {until: result}
     return TASKS["evaluate"](config, workdir, force, execution)
 
 

@@ -436,7 +436,7 @@ def serve(
         raise click.ClickException(f"serve: {e}") from e
 
 
-def _run_flow(config_path: Path, workdir: Path, force: bool) -> dict:
+def _run_flow(config_path: Path, workdir: Path, force: bool, until: str = "evaluate") -> dict:
     _cfg(config_path)  # a bad config fails here, before Prefect starts
     # No telemetry from a command line run: Prefect's temporary server sends it to a host that a cluster node
     # or a laptop offline cannot reach, and logs the failure (and, racing its own SQLite file, a traceback).
@@ -458,7 +458,7 @@ def _run_flow(config_path: Path, workdir: Path, force: bool) -> dict:
     from flows.pipeline import self_powered_pipeline
 
     return self_powered_pipeline(
-        config=str(config_path.resolve()), workdir=str(workdir.resolve()), force=force
+        config=str(config_path.resolve()), workdir=str(workdir.resolve()), force=force, until=until
     )
 
 
@@ -466,9 +466,16 @@ def _run_flow(config_path: Path, workdir: Path, force: bool) -> dict:
 @click.argument("config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @workdir_opt
 @force_opt
-def run(config_path: Path, workdir: Path, force: bool) -> None:
+@click.option(
+    "--until",
+    type=click.Choice(["harvest", "generate", "build", "train", "evaluate"]),
+    default="evaluate",
+    show_default=True,
+    help="The last stage to run (the stages before it run as usual).",
+)
+def run(config_path: Path, workdir: Path, force: bool, until: str) -> None:
     """Run the whole DAG on CONFIG as a Prefect flow."""
-    _run_flow(config_path, workdir, force)
+    _run_flow(config_path, workdir, force, until)
     _show_results(workdir)
 
 

@@ -114,3 +114,21 @@ def test_rerun_with_nothing_changed_does_no_stage_work(demo_run):
     self_powered_pipeline(config=str(REPO / "configs" / "tiny.yaml"), workdir=str(work))
     assert store.query("SELECT count(*) FROM runs")[0][0] == before
     assert (WorkPaths(work).evaluate.table("metrics")).read_bytes() == metrics
+
+
+def test_until_stops_the_flow_after_that_stage(tmp_path, prefect_api):
+    """``splsm run --until build`` (the flow's ``until``): the stages up to it run and are recorded, none after."""
+    from flows.pipeline import self_powered_pipeline
+    from splsm.cli import main
+
+    work = tmp_path / "w"
+    result = self_powered_pipeline(
+        config=str(REPO / "configs" / "tiny.yaml"), workdir=str(work), until="build"
+    )
+    assert set(result) == {"build"}
+    assert read_table(WorkPaths(work).build.examples, EXAMPLES).num_rows == 17 * 7
+    assert not WorkPaths(work).train.dir.exists() and not WorkPaths(work).evaluate.dir.exists()
+    rows = LineageStore(work / "lineage.duckdb").query("SELECT stage FROM runs ORDER BY started_at")
+    assert [r[0] for r in rows] == ["harvest", "models", "generate", "build"]
+    out = CliRunner().invoke(main, ["run", str(REPO / "configs" / "tiny.yaml"), "--until", "deploy"])
+    assert out.exit_code == 2 and "--until" in out.output
