@@ -209,13 +209,15 @@ def experiment_config(name: str, work: Path, overrides: dict) -> Path:
     return path
 
 
-def run_experiment(config: Path, work: Path) -> float:
-    """The whole DAG through ``splsm run`` in its own process (a Prefect flow); returns its wall seconds."""
+def run_experiment(config: Path, work: Path, until: str = "evaluate") -> float:
+    """The DAG, whole or up to ``until``, through ``splsm run`` in its own process (a Prefect flow); returns its
+    wall seconds."""
     t0 = time.monotonic()
     log = work / "run.log"
     with open(log, "w") as f:
         proc = subprocess.run(
-            [str(Path(sys.executable).with_name("splsm")), "run", str(config), "--workdir", str(work)],
+            [str(Path(sys.executable).with_name("splsm")), "run", str(config), "--workdir", str(work)]
+            + ["--until", until],
             cwd=REPO,
             stdout=f,
             stderr=subprocess.STDOUT,
@@ -242,6 +244,27 @@ def share_cached_work(src: Path, dst: Path) -> None:
 def _link_new(src: str, dst: str) -> None:
     if not os.path.exists(dst):
         os.link(src, dst)
+
+
+def shared_warm_start(train, warm: Path) -> tuple[dict, dict] | None:
+    """The overrides of a CTC warm start trained once (a training that is the warm start alone, on the ASR-only
+    examples: CTC's target is each row's transcript whatever its task) and of the two arms that start from its
+    checkpoint (``train.init_from``) and run only the answer steps. The same trainings as each arm's own warm start
+    when the schedule restarts after it (``train.ctc_schedule: restart``), so None otherwise, and without one."""
+    k = train.ctc_warmup_steps
+    if not k or train.ctc_schedule != "restart" or train.epochs is not None:
+        return None
+    warm_start = {
+        "train.max_steps": k,
+        # the warm start's curve: the held-out rows' losses with the CTC posteriors mixed in, every 250 steps
+        "train.validation.every": max(1, min(250, k)),
+    }
+    arms = {
+        "train.ctc_warmup_steps": 0,
+        "train.max_steps": train.max_steps - k,
+        "train.init_from": str(warm / "train" / "checkpoint"),
+    }
+    return warm_start, arms
 
 
 def llm_ceiling(work: Path, eval_sets: list[str], threshold: float) -> dict[str, float]:
@@ -271,7 +294,7 @@ SHARED = (
     "pretrained",
     "harvest",
     "generate",
-)  # run once, in the self-powered experiment; the other reuses them
+)  # run once, in the first experiment (the warm start's, or the self-powered one); the others reuse them
 RERUN = ("train", "evaluate")  # what a change of training settings alone runs again, in both experiments
 
 
@@ -292,13 +315,15 @@ def stage_seconds(work: Path) -> dict[str, float]:
 
 
 def costs(works: dict[str, Path], speech: dict) -> dict:
-    """Minutes of a cold run and of a training-settings rerun, each the sum of the stage runs it needs."""
+    """Minutes of a cold run and of a training-settings rerun, each the sum of the stage runs it needs. The first
+    experiment run (``works``' first) makes the shared stages' outputs; a shared warm start counts as training."""
     per = {name: stage_seconds(w) for name, w in works.items()}
+    first = next(iter(works))
     cold = speech["seconds"] + sum(
         s
         for name, stages in per.items()
         for stage, s in stages.items()
-        if name == "self-powered" or stage not in SHARED
+        if name == first or stage not in SHARED
     )
     rerun = sum(s for stages in per.values() for stage, s in stages.items() if stage in RERUN)
     return {"stages": per, "cold_s": cold, "rerun_s": rerun}
@@ -375,6 +400,11 @@ def main() -> None:
         "--lora", action="store_true", help="train the LLM through LoRA instead of keeping it frozen"
     )
     ap.add_argument("--rerun-lr", type=float, default=None, help="rerun with only this learning rate changed")
+    ap.add_argument(
+        "--own-warm-start",
+        action="store_true",
+        help="each arm trains its own CTC warm start (default: one, shared, where train.ctc_schedule is restart)",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any setting of both arms' configs, dotted (train.qformer.window_s=0.2); repeatable")  # fmt: skip
     ap.add_argument(
@@ -410,22 +440,34 @@ def main() -> None:
         if not sep or "." not in key:
             ap.error(f"--set {item!r}: give SECTION.KEY=VALUE, e.g. train.lr=1e-3")
         overrides[key] = yaml.safe_load(value)
-    timings = {name: float("nan") for name in CONFIGS}
+    from core.config import load_config
+
+    # the configs as given: what the report describes
+    cfg = load_config(experiment_config("self-powered", args.workdir, overrides))
+    warm = args.workdir / "warm-start"
+    plan = None if args.own_warm_start else shared_warm_start(cfg.train, warm)
     works = {name: args.workdir / name for name in CONFIGS}
+    if plan is not None:
+        works = {"warm-start": warm, **works}
+    timings = {name: float("nan") for name in works}
     WORKS.update(works)
-    for name in () if args.report_only else ("self-powered", "asr-only"):
-        if name == "asr-only":
-            share_cached_work(works["self-powered"], works[name])
-        config = experiment_config(name, works[name], overrides)
-        timings[name] = run_experiment(config, works[name])
+    names = list(works)
+    for i, name in enumerate(() if args.report_only else names):
+        if (
+            i
+        ):  # each experiment starts from the one before: models, harvest, answers and encoder cache made once
+            share_cached_work(works[names[i - 1]], works[name])
+        if name == "warm-start":
+            config = experiment_config("asr-only", warm, {**overrides, **plan[0]})
+            timings[name] = run_experiment(config, warm, until="train")
+        else:
+            config = experiment_config(name, works[name], {**overrides, **(plan[1] if plan else {})})
+            timings[name] = run_experiment(config, works[name])
         print(f"{name}: {timings[name] / 60:.1f} min ({works[name]})")
     total = time.monotonic() - t_start
 
-    from core.config import load_config
-
-    cfg = load_config(experiment_config("self-powered", works["self-powered"], overrides))
     eval_sets, threshold = cfg.evaluate.eval_sets, cfg.evaluate.anchor_wer_threshold
-    res = {name: collect(w) for name, w in works.items()}
+    res = {name: collect(works[name]) for name in CONFIGS}
     ceiling = llm_ceiling(works["self-powered"], eval_sets, threshold)
     report(res, ceiling, eval_sets, timings, total, speech, args, cfg, costs(works, speech))
 
@@ -474,9 +516,18 @@ def report(
         (
             "- report rebuilt from the work dirs (--report-only)"
             if args.report_only
-            else f"- this invocation's wall time: self-powered {timings['self-powered'] / 60:.1f} min, ASR-only "
-            f"{timings['asr-only'] / 60:.1f} min, in all {total / 60:.1f} min (stages whose outputs were up to "
-            "date were reused)"
+            else "- this invocation's wall time: "
+            + ", ".join(f"{name} {sec / 60:.1f} min" for name, sec in timings.items())
+            + f", in all {total / 60:.1f} min (stages whose outputs were up to date were reused)"
+        ),
+        *(
+            [
+                f"- the CTC warm start ({cfg.train.ctc_warmup_steps} steps) trained once, in `warm-start/` on the "
+                "ASR-only examples, and both arms started from its checkpoint (`train.init_from`) for their "
+                f"{cfg.train.max_steps - cfg.train.ctc_warmup_steps} answer steps"
+            ]
+            if "warm-start" in WORKS
+            else []
         ),
         f"- what each stage's current outputs cost when they were made (minutes, from the lineage store; speech "
         f"synthesis {speech['seconds'] / 60:.1f}): "
@@ -546,7 +597,11 @@ def report(
                 f"| {s} | {name} | {g['own']:.3f} | {g['swapped']:.3f} | {g['zeroed']:.3f} | {g['own_later']:.3f} | "
                 f"{g['swapped_later']:.3f} | {g['swap_gap']:.3f} | {g['swap_gap_later']:.3f} | {g['n']} |"
             )
-    curves = {name: learning_curve(WORKS[name]) for name in ("asr-only", "self-powered")}
+    curves = {
+        name: learning_curve(WORKS[name])
+        for name in ("warm-start", "asr-only", "self-powered")
+        if name in WORKS
+    }
     if any(curves.values()):
         lines += [
             "",

@@ -14,7 +14,7 @@ from core.catalog import load_catalog
 from core.config import TrainConfig
 from core.lineage.store import LineageStore
 from core.lsm.model import LSMForConditionalGeneration
-from core.paths import WorkPaths
+from core.paths import REPO_ROOT, WorkPaths
 from core.recipe import Recipe
 from stages.train import launcher as train
 from stages.train.trainer import lr_at
@@ -411,3 +411,30 @@ def test_a_training_with_init_from_starts_where_the_checkpoint_ended(trained, tm
     s = STAGES["train"]
     roles = [a.role for a in s.inputs(s.context(cfg, tmp_path / "w"))]
     assert "init_from" in roles
+
+
+def test_the_reproductions_shared_warm_start_gives_each_arm_the_rates_of_its_own(tmp_path):
+    """bench/reproduce.py trains a restarted CTC warm start once and starts both arms from it (init_from): the warm
+    start alone and an arm's answer steps run, step for step, at the rates of one training holding both; a shared
+    schedule, where the answer steps run at the schedule's tail, is not split."""
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from reproduce import set_dotted, shared_warm_start
+
+    one = TrainConfig(max_steps=140, ctc_warmup_steps=100, ctc_schedule="restart", ctc_lr=3e-3, lr=5e-4)
+
+    def split(overrides: dict) -> TrainConfig:
+        d = one.model_dump()
+        for k, v in overrides.items():
+            set_dotted(d, k.removeprefix("train."), v)
+        return TrainConfig(**d)
+
+    warm, arms = (split(o) for o in shared_warm_start(one, tmp_path / "warm-start"))
+    assert warm.ctc_warmup_steps == warm.max_steps == 100 and arms.ctc_warmup_steps == 0
+    assert arms.init_from == tmp_path / "warm-start" / "train" / "checkpoint"
+    assert [lr_at(s, one) for s in range(140)] == [lr_at(s, warm) for s in range(100)] + [
+        lr_at(s, arms) for s in range(40)
+    ]
+    assert shared_warm_start(one.model_copy(update={"ctc_schedule": "shared"}), tmp_path) is None
+    assert shared_warm_start(TrainConfig(max_steps=10), tmp_path) is None
