@@ -76,6 +76,16 @@ REFERENCE_RECIPE = {
     "evaluate.asr_length": "cap",
     "evaluate.asr_min_new_tokens": 1,
     "evaluate.order": "dataset",
+    # the LLM and the connector as the reference trains them: the whole LLM at its lr, no overlapping windows, no
+    # CTC anywhere (the defaults' LoRA, warm start and CTC mixing are this project's, docs/levers.md)
+    "train.freeze_llm": False,
+    "train.lora": None,
+    "train.lr": 2.0e-5,
+    "train.ctc_lr": None,
+    "train.ctc_schedule": "shared",
+    "train.qformer.stride_s": 0.33333,
+    "train.qformer.ctc_shrink": False,
+    "train.qformer.ctc_mix": False,
 }
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
-import yaml
 from helpers_lsm import example_row
 
 from core.catalog import load_catalog
@@ -74,7 +74,12 @@ def test_swapped_speech_costs_more_on_later_tokens_after_a_few_dozen_steps(pretr
         rows.append({**row, "instruction": instruction, "prefix": prompt.prefix, "suffix": prompt.suffix})
     examples = write_table(to_table(rows, EXAMPLES), tmp_path / "examples.parquet", EXAMPLES)
 
-    train = yaml.safe_load((REPO_ROOT / "configs" / "reproduce.yaml").read_text())["train"]
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from overfit import (
+        BASE_TRAIN,
+    )  # the overfit bench's frozen-LLM settings, of which this is the small version
+
+    train = json.loads(json.dumps(BASE_TRAIN))
     train.update(
         max_steps=STEPS,
         ctc_warmup_steps=0,  # every step an ordinary one: the check is of the answer loss's path to the speech

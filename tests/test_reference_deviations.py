@@ -47,7 +47,8 @@ def test_paper_yaml_names_each_of_the_references_behaviours_and_the_reproduction
 
     raw = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
     for key in ("train.qformer.proj_init", "train.loader.batching", "evaluate.asr_length",
-                "evaluate.asr_min_new_tokens", "evaluate.order"):  # fmt: skip
+                "evaluate.asr_min_new_tokens", "evaluate.order", "train.freeze_llm", "train.lr",
+                "train.qformer.stride_s"):  # fmt: skip
         node = raw
         for part in key.split("."):
             node = node[part]
