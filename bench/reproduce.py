@@ -10,7 +10,9 @@ transcript (speech anchor bias); one tuned on its own LLM's answers (self-powere
    first, ``core.text.readable``), once, into ``data/reproduce/``; about 10% are held out by utterance hash.
    The bundled real clips (LibriSpeech dev-clean and test-clean) are a second held-out set.
 2. Two experiments, identical but for their data (``configs/reproduce.yaml``, ``configs/reproduce-asr-only.yaml``):
-   Whisper tiny.en's encoder frozen, a window-level Q-Former and projection trained, SmolLM2-135M-Instruct frozen.
+   Whisper tiny.en's encoder frozen; a window-level Q-Former and projection first learn CTC over SmolLM2's
+   vocabulary (the warm start, trained once and shared), then they and LoRA on SmolLM2-135M-Instruct learn the
+   answers.
    The self-powered one trains on ASR plus SmolLM2's answer to one instruction per utterance (drawn with the
    seed, as the reference's per-category manifests); the ASR-only one on ASR alone. The second experiment
    takes the first's harvest and answer cache, so SmolLM2 answers each prompt once.
@@ -407,7 +409,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="200 utterances, 20 steps: checks the bench runs")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the configs')")
     ap.add_argument(
-        "--lora", action="store_true", help="train the LLM through LoRA instead of keeping it frozen"
+        "--freeze-llm", action="store_true", help="keep SmolLM2 as it is (no LoRA): only the connector learns"
     )
     ap.add_argument("--rerun-lr", type=float, default=None, help="rerun with only this learning rate changed")
     ap.add_argument(
@@ -439,8 +441,8 @@ def main() -> None:
         overrides.setdefault("train.ctc_warmup_steps", 5)  # the reference recipe's 0 stays
     if args.steps:
         overrides["train.max_steps"] = args.steps
-    if args.lora:
-        overrides.update({"train.freeze_llm": False, "train.lora": {"r": 8, "alpha": 16, "dropout": 0.05}})
+    if args.freeze_llm:
+        overrides.update({"train.freeze_llm": True, "train.lora": None})
     if args.rerun_lr is not None:
         overrides["train.lr"] = args.rerun_lr
     import yaml
@@ -520,9 +522,9 @@ def report(
         f"- speech: espeak-ng -s 140 en-us, {speech['utterances']} utterances of the reference's manifest; "
         "held out by utterance hash (`heldout`); the bundled real clips (`real`)",
         f"- models: Whisper tiny.en (encoder frozen) + Q-Former + SmolLM2-135M-Instruct "
-        f"({'LoRA' if cfg.train.lora else 'frozen'}); {cfg.train.max_steps} steps of {cfg.train.batch_size} x "
+        f"({f'LoRA r{cfg.train.lora.r}' if cfg.train.lora else 'frozen' if cfg.train.freeze_llm else 'fully fine-tuned'}); {cfg.train.max_steps} steps of {cfg.train.batch_size} x "
         f"{cfg.train.nproc_per_node} processes ({cfg.train.ctc_warmup_steps} of them the connector's CTC warm start), "
-        f"lr {cfg.train.lr:g}, Q-Former dropout {cfg.train.qformer.dropout:g}; ASR answers as `{cfg.build.asr_answer}`",
+        f"lr {cfg.train.lr:g}{f' (the warm start: {cfg.train.ctc_lr:g})' if cfg.train.ctc_lr else ''}, Q-Former dropout {cfg.train.qformer.dropout:g}; ASR answers as `{cfg.build.asr_answer}`",
         (
             "- report rebuilt from the work dirs (--report-only)"
             if args.report_only
