@@ -198,7 +198,7 @@ def test_an_answer_length_rule_that_keeps_no_length_is_an_error(bounds):
     BuildConfig(answer_tokens_between=(5, 2048))  # the reference's keeps 6 to 2047 tokens
 
 
-def test_a_ctc_warm_start_needs_a_connector_that_trains_and_steps_after_it():
+def test_a_ctc_warm_start_needs_a_connector_that_trains_and_at_most_max_steps():
     from core.config import TrainConfig
 
     with pytest.raises(ValueError, match="both are frozen"):
