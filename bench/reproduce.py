@@ -465,9 +465,8 @@ def main() -> None:
     WORKS.update(works)
     names = list(works)
     for i, name in enumerate(() if args.report_only else names):
-        if (
-            i
-        ):  # each experiment starts from the one before: models, harvest, answers and encoder cache made once
+        # each experiment starts from the one before: models, harvest, answers and encoder cache made once
+        if i:
             share_cached_work(works[names[i - 1]], works[name])
         if name == "warm-start":
             config = experiment_config("asr-only", warm, {**overrides, **plan[0]})
