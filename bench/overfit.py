@@ -31,6 +31,7 @@ first 32, which are then also copied into a split ``seen`` that validation and t
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -172,7 +173,7 @@ def train_config(args) -> dict:
     train = (
         yaml.safe_load(args.train_config.read_text())["train"]
         if args.train_config
-        else json.loads(json.dumps(BASE_TRAIN))
+        else copy.deepcopy(BASE_TRAIN)
     )
     train.update(
         max_steps=args.steps,

@@ -14,6 +14,7 @@ the gap at 0. Slow: about 3 minutes on 2 cores; no time is asserted.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -79,7 +80,7 @@ def test_swapped_speech_costs_more_on_later_tokens_after_a_few_dozen_steps(pretr
         BASE_TRAIN,
     )  # the overfit bench's frozen-LLM settings, of which this is the small version
 
-    train = json.loads(json.dumps(BASE_TRAIN))
+    train = copy.deepcopy(BASE_TRAIN)
     train.update(
         max_steps=STEPS,
         ctc_warmup_steps=0,  # every step an ordinary one: the check is of the answer loss's path to the speech
